@@ -1,0 +1,290 @@
+"""``gradscope.audit``: one or a few forward+backward passes, recorded and diagnosed.
+
+The audit leaves the model exactly as it found it: train/eval flags of every
+module, every buffer (BatchNorm running statistics included), every
+parameter's ``.grad``, the global grad mode and the global RNG state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradscope.errors import GradscopeError, InputError
+from gradscope.inputs import InputSpec, compute_loss, infer_input, parse_dtype, synthetic_input
+from gradscope.recorder import Recorder
+from gradscope.report import Report
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Restore modes, buffers, ``.grad``, grad mode and RNG state on exit."""
+    modes = {m: m.training for m in model.modules()}
+    grads = {p: p.grad for p in model.parameters()}
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    grad_enabled = torch.is_grad_enabled()
+    cuda_devices = sorted({b.device.index or 0 for b in buffers_and_params(model) if b.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=cuda_devices):
+            yield
+    finally:
+        with torch.no_grad():
+            for buf, saved in buffers:
+                buf.copy_(saved)
+        for p, g in grads.items():
+            p.grad = g
+        for m, mode in modes.items():
+            m.training = mode
+        torch.set_grad_enabled(grad_enabled)
+
+
+def buffers_and_params(model: nn.Module) -> Iterator[torch.Tensor]:
+    yield from model.parameters()
+    yield from model.buffers()
+
+
+class _LayerTracker:
+    """Knows which module is running, so an exception can name the layer.
+
+    Pre- and post-hooks keep a stack of module names; used only around the
+    audit's forward, removed with the rest.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.stack: list[str] = []
+        self.failed_in: str | None = None
+        self._handles: list[Any] = []
+        for name, module in model.named_modules():
+            self._handles.append(module.register_forward_pre_hook(self._enter(name, module)))
+            self._handles.append(module.register_forward_hook(self._leave()))
+
+    def _enter(self, name: str, module: nn.Module) -> Callable[..., None]:
+        label = f"{name or 'model'} ({type(module).__name__})"
+
+        def hook(mod: nn.Module, args: tuple) -> None:
+            self.stack.append(label)
+
+        return hook
+
+    def _leave(self) -> Callable[..., None]:
+        def hook(mod: nn.Module, args: tuple, output: Any) -> None:
+            if self.stack:
+                self.stack.pop()
+
+        return hook
+
+    def innermost(self) -> str | None:
+        return self.stack[-1] if self.stack else None
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _call_model(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _to_device(inputs: Any, device: torch.device) -> Any:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, dict):
+        return {k: _to_device(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_to_device(v, device) for v in inputs)
+    return inputs
+
+
+def _describe_inputs(inputs: Any) -> tuple[list[int] | None, str | None]:
+    from gradscope.outputs import first_float_tensor
+
+    if isinstance(inputs, torch.Tensor):
+        return list(inputs.shape), str(inputs.dtype).removeprefix("torch.")
+    found = first_float_tensor(inputs)
+    if found is not None:
+        return list(found[0].shape), str(found[0].dtype).removeprefix("torch.")
+    for value in (inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (list, tuple)) else []):
+        if isinstance(value, torch.Tensor):
+            return list(value.shape), str(value.dtype).removeprefix("torch.")
+    return None, None
+
+
+def audit(
+    model: nn.Module,
+    inputs: Any = None,
+    *,
+    input_shape: Sequence[int] | None = None,
+    input_dtype: torch.dtype | str = torch.float32,
+    vocab: int | None = None,
+    loss: str | Callable[[Any], torch.Tensor] = "ce",
+    batches: int = 1,
+    seed: int = 0,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    formats: Sequence[str] = ("fp16",),
+    mode: str = "train",
+    diagnose: bool = True,
+    source: str | None = None,
+    model_format: str = "module",
+) -> Report:
+    """Record one or more forward+backward passes of ``model`` and diagnose them.
+
+    Args:
+        model: the module to audit.  It is left exactly as it was.
+        inputs: a tensor, a tuple of positional inputs or a dict of keyword
+            inputs.  When None, synthetic inputs are drawn (see ``inputs.py``).
+        input_shape: shape of the synthetic input, batch first; inferred from
+            the first layer when it is unambiguous.
+        input_dtype: float32 (N(0,1)) or int64 (ids in [0, vocab)).
+        vocab: vocabulary size for int64 inputs (default: the Embedding's size).
+        loss: "ce", "mse", "mean", or a callable output -> scalar.
+        batches: number of forward+backward passes merged into the statistics.
+        seed: seeds the synthetic inputs and targets and the model's own
+            randomness (dropout) during the audit.
+        include, exclude: fnmatch patterns choosing the layers (see Recorder).
+        formats: low-precision formats whose range findings to report, among
+            fp16, bf16, fp8_e4m3, fp8_e5m2.
+        mode: "train" (default: dropout on, BatchNorm on batch statistics) or "eval".
+
+    Returns:
+        A Report; ``report.to_dict()`` is JSON schema 1.
+
+    Raises:
+        InputError: the inputs do not fit the model, or its forward raises.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+        >>> report = audit(model)
+        >>> [layer.name for layer in report.layers], report.run["input_shape"]
+        (['0', '1', '2'], [32, 784])
+    """
+    if batches < 1:
+        raise InputError("--batches must be at least 1")
+    if mode not in ("train", "eval"):
+        raise InputError(f"mode must be 'train' or 'eval', not {mode!r}")
+    parameters = sum(p.numel() for p in model.parameters())
+    if parameters == 0:
+        raise InputError("the model has no parameters: there is no gradient to audit")
+    device = model_device(model)
+    dtype = parse_dtype(input_dtype)
+    spec: InputSpec | None = None
+    if inputs is None:
+        if input_shape is not None:
+            spec = InputSpec(tuple(int(s) for s in input_shape), dtype, vocab)
+        else:
+            spec = infer_input(model)
+            if vocab is not None:
+                spec.vocab = vocab
+        if not spec.dtype.is_floating_point and spec.vocab is None:
+            embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+            if embedding is None:
+                raise InputError("integer inputs need a vocabulary size; pass --vocab N")
+            spec.vocab = embedding.num_embeddings
+    else:
+        inputs = _to_device(inputs, device)
+
+    generator = torch.Generator().manual_seed(seed)
+    loss_description = ""
+    with preserved_state(model):
+        torch.manual_seed(seed)
+        model.train(mode == "train")
+        for p in model.parameters():
+            p.grad = None
+        with Recorder(model, include=include, exclude=exclude, record_inputs=True) as recorder:
+            for _ in range(batches):
+                batch = inputs if spec is None else synthetic_input(spec, generator, device)
+                loss_description = _one_pass(model, recorder, batch, loss, generator)
+            record = recorder.finish()
+
+    shape, dtype_name = (list(spec.shape), str(spec.dtype).removeprefix("torch.")) if spec else _describe_inputs(inputs)
+    run: dict[str, Any] = {
+        "input_shape": shape,
+        "input_dtype": dtype_name,
+        "loss": loss if isinstance(loss, str) else "custom",
+        "loss_from": loss_description,
+        "batches": batches,
+        "seed": seed,
+        "mode": mode,
+        "device": str(device),
+        "formats": list(formats),
+        "inputs": "synthetic" if spec is not None else "given",
+    }
+    if spec is not None and spec.vocab is not None:
+        run["vocab"] = spec.vocab
+    if spec is not None and spec.inferred_from:
+        run["input_inferred_from"] = spec.inferred_from
+    report = Report(
+        record=record,
+        model={
+            "source": source or type(model).__name__,
+            "format": model_format,
+            "type": type(model).__name__,
+            "parameters": parameters,
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        },
+        run=run,
+    )
+    if diagnose:
+        from gradscope.diagnose import diagnose as run_diagnosis
+
+        run_diagnosis(report, model=model)
+    return report
+
+
+def _one_pass(
+    model: nn.Module,
+    recorder: Recorder,
+    batch: Any,
+    loss: str | Callable[[Any], torch.Tensor],
+    generator: torch.Generator,
+) -> str:
+    """Forward, loss, backward, parameter capture; errors become one-line InputErrors."""
+    tracker = _LayerTracker(model)
+    recorder.start()
+    try:
+        with torch.enable_grad():
+            output = _call_model(model, batch)
+    except (GradscopeError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        where = tracker.innermost()
+        at = f" in {where}" if where else ""
+        raise InputError(f"the model's forward raised{at}: {type(exc).__name__}: {_first_line(exc)}") from exc
+    finally:
+        recorder.stop()
+        tracker.close()
+    with torch.enable_grad():
+        result = compute_loss(output, loss, generator)
+    del output
+    if not result.loss.requires_grad:
+        recorder.record.note("the loss does not require grad: no parameter is trainable, so no gradient was recorded")
+    else:
+        try:
+            result.loss.backward()
+        except Exception as exc:
+            raise InputError(f"the backward pass raised: {type(exc).__name__}: {_first_line(exc)}") from exc
+    recorder.capture_parameters()
+    recorder.flush()
+    return result.description
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"

@@ -1,0 +1,150 @@
+"""Synthetic inputs and losses for an audit, as DESIGN.md specifies them.
+
+Float inputs ~ N(0, 1); int64 inputs uniform over [0, vocab); ``ce`` targets
+uniform class indices over the output's last dimension; ``mse`` targets
+N(0, 1) of the output's shape; ``mean`` is the mean of the output.  All drawn
+from a generator seeded with ``seed`` on the CPU, then moved to the model's
+device, so the same seed gives the same inputs on every device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradscope.errors import InputError
+from gradscope.outputs import loss_source
+
+LOSSES = ("ce", "mse", "mean")
+DEFAULT_BATCH = 32
+DEFAULT_SEQUENCE = 16
+
+
+@dataclass
+class InputSpec:
+    """How to build synthetic inputs: shape (batch first), dtype, vocabulary."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+    vocab: int | None = None
+    inferred_from: str | None = None  # the layer the shape was read from, when inferred
+
+    def describe(self) -> str:
+        text = f"{list(self.shape)} {str(self.dtype).removeprefix('torch.')}"
+        if self.vocab is not None:
+            text += f" ids in [0, {self.vocab})"
+        return text
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'32,784' or '32x784' -> (32, 784)."""
+    parts = [p for p in text.replace("x", ",").replace(" ", "").split(",") if p]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise InputError(f"input shape {text!r} is not a list of integers such as 32,784") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise InputError(f"input shape {text!r} must be positive integers such as 32,784")
+    return shape
+
+
+def parse_dtype(text: str | torch.dtype) -> torch.dtype:
+    if isinstance(text, torch.dtype):
+        return text
+    names = {"float32": torch.float32, "float": torch.float32, "int64": torch.int64, "long": torch.int64,
+             "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+    if text not in names:
+        raise InputError(f"input dtype {text!r} is not one of float32, int64, float16, bfloat16, float64")
+    return names[text]
+
+
+def first_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The first Linear, Conv or Embedding in registration order (a guess at the
+    layer that sees the input; exact for Sequential-style models)."""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding, nn.EmbeddingBag, nn.modules.conv._ConvNd,
+                               nn.RNNBase, nn.Bilinear)):
+            return name, module
+    return None
+
+
+def infer_input(model: nn.Module, batch: int = DEFAULT_BATCH) -> InputSpec:
+    """An input spec read from the first layer where that is unambiguous.
+
+    Linear(in_features) -> float (batch, in_features); Embedding(num, dim) ->
+    int64 ids (batch, 16) over [0, num); RNNs with batch_first -> (batch, 16,
+    input_size).  Convolutions leave the spatial size open: that raises
+    InputError naming the flag to pass.
+    """
+    found = first_layer(model)
+    if found is None:
+        raise InputError("cannot infer the input shape (no Linear, Conv or Embedding layer found); pass --input-shape, e.g. --input-shape 32,784")
+    name, layer = found
+    where = f"{name or 'model'} ({type(layer).__name__})"
+    if isinstance(layer, nn.Linear):
+        return InputSpec((batch, layer.in_features), torch.float32, None, where)
+    if isinstance(layer, (nn.Embedding, nn.EmbeddingBag)):
+        return InputSpec((batch, DEFAULT_SEQUENCE), torch.int64, layer.num_embeddings, where)
+    if isinstance(layer, nn.RNNBase) and layer.batch_first:
+        return InputSpec((batch, DEFAULT_SEQUENCE, layer.input_size), torch.float32, None, where)
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        dims = len(layer.kernel_size)
+        example = ",".join([str(batch), str(layer.in_channels)] + ["32"] * dims)
+        raise InputError(f"cannot infer the spatial size for {where}; pass --input-shape, e.g. --input-shape {example}")
+    raise InputError(f"cannot infer the input shape from {where}; pass --input-shape")
+
+
+def synthetic_input(spec: InputSpec, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    if spec.dtype.is_floating_point:
+        x = torch.randn(spec.shape, generator=generator, dtype=torch.float32).to(spec.dtype)
+    else:
+        if spec.vocab is None:
+            raise InputError("integer inputs need a vocabulary size; pass --vocab N")
+        x = torch.randint(0, spec.vocab, spec.shape, generator=generator, dtype=spec.dtype)
+    return x.to(device)
+
+
+@dataclass
+class LossResult:
+    loss: torch.Tensor
+    description: str  # e.g. "ce on output['logits']"
+
+
+def compute_loss(
+    output: Any,
+    kind: str | Callable[[Any], torch.Tensor],
+    generator: torch.Generator,
+) -> LossResult:
+    """Reduce a model output to a scalar loss, saying which part was used."""
+    if callable(kind):
+        loss = kind(output)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise InputError("the loss callable must return a scalar tensor")
+        return LossResult(loss.reshape(()), "custom loss")
+    found = loss_source(output)
+    if found is None:
+        raise InputError(f"the model returned no floating-point tensor to build a loss from (got {type(output).__name__})")
+    tensor, path, already_loss = found
+    where = f"output{path}"
+    if already_loss:
+        return LossResult(tensor.reshape(()), f"the model's own loss ({where})")
+    out = tensor.float()
+    if kind == "ce":
+        if out.dim() < 2 or out.shape[-1] < 2:
+            target = torch.randn(out.shape, generator=generator).to(out.device)
+            loss = nn.functional.mse_loss(out, target)
+            return LossResult(loss, f"mse on {where} (ce needs a class dimension; shape {list(out.shape)})")
+        classes = out.shape[-1]
+        target = torch.randint(0, classes, out.shape[:-1], generator=generator).to(out.device)
+        loss = nn.functional.cross_entropy(out.reshape(-1, classes), target.reshape(-1))
+        return LossResult(loss, f"ce on {where} ({classes} classes)")
+    if kind == "mse":
+        target = torch.randn(out.shape, generator=generator).to(out.device)
+        return LossResult(nn.functional.mse_loss(out, target), f"mse on {where}")
+    if kind == "mean":
+        return LossResult(out.mean(), f"mean of {where}")
+    raise InputError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)} or pass a callable")

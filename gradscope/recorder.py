@@ -1,0 +1,321 @@
+"""The recorder: forward hooks plus tensor hooks that feed per-call-site statistics.
+
+Why tensor hooks and not ``register_full_backward_hook``: the latter wraps the
+output in a ``BackwardHookFunction`` view and breaks as soon as the next op is
+in place (``nn.ReLU(inplace=True)``: pytorch/pytorch#61519).  A forward hook
+that calls ``output.register_hook`` survives it (the captum/torch-cam pattern).
+
+Hot-path rules: hooks only enqueue device work (``tensor_stats``); nothing is
+read back until ``flush()``, which moves every pending vector to the host in
+one transfer per device.  No hook keeps a reference to an activation or a
+gradient; the tensor hooks live on the autograd graph and die with it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradscope.outputs import first_float_tensor
+from gradscope.record import LayerRecord, Record
+from gradscope.stats import Stats, tensor_stats
+
+ROOT_NAME = "model"  # the name given to the model itself when it is a leaf
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass on this thread.
+
+    A forward hook firing then is a recomputation (activation checkpointing)
+    whose statistics were already counted in the real forward.
+    """
+    graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return graph_task_id is not None and graph_task_id() != -1
+
+
+def _display_name(name: str) -> str:
+    return name if name else ROOT_NAME
+
+
+def main_weight(module: nn.Module) -> tuple[str, nn.Parameter] | None:
+    """The parameter that stands for a layer's weight: ``weight``, else the first
+    matrix-shaped one (``weight_ih_l0`` of an LSTM), else the first one."""
+    params = dict(module.named_parameters(recurse=False))
+    if not params:
+        return None
+    if "weight" in params and params["weight"] is not None:
+        return "weight", params["weight"]
+    for pname, p in params.items():
+        if p.dim() >= 2:
+            return pname, p
+    pname = next(iter(params))
+    return pname, params[pname]
+
+
+def fans(weight: torch.Tensor) -> tuple[int | None, int | None]:
+    """(fan_in, fan_out) with the convention of ``torch.nn.init``, so that the
+    init call gradscope recommends computes the same numbers."""
+    if weight.dim() < 2:
+        return None, None
+    receptive = 1
+    for size in weight.shape[2:]:
+        receptive *= int(size)
+    return int(weight.shape[1]) * receptive, int(weight.shape[0]) * receptive
+
+
+def select_modules(
+    model: nn.Module,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    types: Sequence[type] | None = None,
+) -> list[tuple[str, nn.Module]]:
+    """The modules to hook, as (qualified name, module).
+
+    Default: leaf modules plus modules that own parameters directly (such as
+    ``nn.MultiheadAttention``, whose ``in_proj_weight`` no leaf owns).
+    ``include`` / ``exclude`` are fnmatch patterns on qualified names (the
+    model itself is called ``model``); ``types`` keeps only those classes.
+    """
+    chosen: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        shown = _display_name(name)
+        if include:
+            if not any(fnmatch.fnmatchcase(shown, pat) for pat in include):
+                continue
+        else:
+            is_leaf = next(module.children(), None) is None
+            owns_params = next(module.parameters(recurse=False), None) is not None
+            if not (is_leaf or owns_params):
+                continue
+        if exclude and any(fnmatch.fnmatchcase(shown, pat) for pat in exclude):
+            continue
+        if types and not isinstance(module, tuple(types)):
+            continue
+        chosen.append((name, module))
+    return chosen
+
+
+class Recorder:
+    """Records per-layer statistics of a model's forward and backward passes.
+
+    Use it as a context manager: hooks are attached on entry and every one of
+    them is removed on exit, whatever happened inside.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> with Recorder(model) as rec:
+        ...     rec.start()
+        ...     model(torch.randn(16, 4)).sum().backward()
+        ...     rec.capture_parameters()
+        ...     record = rec.finish()
+        >>> [layer.name for layer in record.layers]
+        ['0', '1', '2']
+        >>> any(m._forward_hooks for m in model.modules())
+        False
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        types: Sequence[type] | None = None,
+        record_inputs: bool = False,
+    ) -> None:
+        self.model = model
+        self.record_inputs = record_inputs
+        self._selected = select_modules(model, include, exclude, types)
+        self._handles: list[Any] = []
+        self._active = False
+        self._closed = False
+        self._calls: dict[str, int] = {}
+        self._sites: dict[str, LayerRecord] = {}
+        self._weights: dict[str, nn.Parameter] = {}  # site name -> weight parameter
+        self._pending: list[tuple[str, str, torch.Tensor]] = []
+        self._input_pending: list[torch.Tensor] = []
+        self.record = Record()
+
+    # -- lifecycle --------------------------------------------------------------
+    def attach(self) -> Recorder:
+        """Register the hooks.  On any failure, whatever was registered is removed."""
+        if self._handles:
+            return self
+        self._closed = False
+        try:
+            root = self.model.register_forward_pre_hook(self._on_root_forward, with_kwargs=True)
+            self._handles.append(root)
+            for name, module in self._selected:
+                self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        """Remove every hook.  Safe to call twice."""
+        self._active = False
+        self._closed = True
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+
+    def __enter__(self) -> Recorder:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def start(self) -> None:
+        """Record from the next forward on."""
+        self._active = True
+        self._calls.clear()
+
+    def stop(self) -> None:
+        """Stop recording forwards (gradients of forwards already recorded still arrive)."""
+        self._active = False
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    # -- hooks ------------------------------------------------------------------
+    def _on_root_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self._active or _in_backward():
+            return
+        self._calls.clear()  # a new forward: call sites count from 1 again
+        found = first_float_tensor((args, kwargs))
+        if found is not None:
+            self._input_pending.append(tensor_stats(found[0]))
+
+    def _forward_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if not self._active or _in_backward():
+                return
+            self._on_forward(name, module, args, output)
+
+        return hook
+
+    def _on_forward(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
+        call = self._calls.get(name, 0) + 1
+        self._calls[name] = call
+        shown = _display_name(name)
+        key = shown if call == 1 else f"{shown}#{call}"
+        found = first_float_tensor(output)
+        site = self._sites.get(key)
+        if site is None:
+            site = self._new_site(key, shown, module, call, found)
+        if found is None:
+            self.record.note(f"{key} ({type(module).__name__}): no floating-point output to record")
+            return
+        tensor, _ = found
+        self._pending.append((key, "activation", tensor_stats(tensor)))
+        if self.record_inputs and key in self._weights:
+            arg = first_float_tensor(args)
+            if arg is not None:
+                self._pending.append((key, "input", tensor_stats(arg[0])))
+        if tensor.requires_grad and torch.is_grad_enabled():
+            tensor.register_hook(self._gradient_hook(key))
+
+    def _gradient_hook(self, key: str) -> Any:
+        def hook(grad: torch.Tensor) -> None:
+            if self._closed:
+                return
+            self._pending.append((key, "gradient", tensor_stats(grad)))
+
+        return hook
+
+    def _new_site(
+        self,
+        key: str,
+        shown: str,
+        module: nn.Module,
+        call: int,
+        found: tuple[torch.Tensor, str] | None,
+    ) -> LayerRecord:
+        site = LayerRecord(
+            name=key,
+            module=shown,
+            type=type(module).__name__,
+            index=len(self.record.layers),
+            call=call,
+            parameters=sum(p.numel() for p in module.parameters(recurse=False)),
+        )
+        if found is not None:
+            site.output_path = found[1]
+            site.output_shape = list(found[0].shape)
+            site.output_dtype = str(found[0].dtype).removeprefix("torch.")
+        if call > 1:
+            site.shares_weights_with = shown
+        else:
+            weight = main_weight(module)
+            if weight is not None:
+                site.weight_name, param = weight
+                site.weight_shape = list(param.shape)
+                site.fan_in, site.fan_out = fans(param)
+                self._weights[key] = param
+        self._sites[key] = site
+        self.record.layers.append(site)
+        return site
+
+    # -- parameters and flushing ------------------------------------------------
+    def capture_parameters(self, weights: bool = True, grads: bool = True) -> None:
+        """Enqueue statistics of each recorded layer's weight and its ``.grad``.
+
+        Call after backward (and, in training, before ``optimizer.step()``),
+        when ``.grad`` holds the gradient the optimizer is about to use.
+        """
+        for key, param in self._weights.items():
+            if weights:
+                self._pending.append((key, "weight", tensor_stats(param)))
+            if grads and param.grad is not None:
+                self._pending.append((key, "weight_grad", tensor_stats(param.grad)))
+
+    def flush(self) -> None:
+        """Move pending statistics to the host (one transfer per device) and merge them."""
+        pending, self._pending = self._pending, []
+        inputs, self._input_pending = self._input_pending, []
+        rows = _to_host([v for _, _, v in pending] + inputs)
+        for (key, role, _), row in zip(pending, rows):
+            self._sites[key].add(role, Stats(row))
+        for row in rows[len(pending) :]:
+            stats = Stats(row)
+            self.record.input = stats if self.record.input is None else self.record.input.merge(stats)
+        if pending or inputs:
+            self.record.steps += 1
+
+    def finish(self) -> Record:
+        """Flush and return the record, with the hooked modules that never ran."""
+        self.flush()
+        ran = {layer.module for layer in self.record.layers}
+        self.record.not_executed = [
+            _display_name(name) for name, _ in self._selected if _display_name(name) not in ran
+        ]
+        return self.record
+
+    def pending_count(self) -> int:
+        return len(self._pending) + len(self._input_pending)
+
+
+def _to_host(vectors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """Stack vectors per device and copy each stack to the host once."""
+    vectors = list(vectors)
+    if not vectors:
+        return []
+    by_device: dict[torch.device, list[int]] = {}
+    for i, v in enumerate(vectors):
+        by_device.setdefault(v.device, []).append(i)
+    rows: list[torch.Tensor | None] = [None] * len(vectors)
+    for indices in by_device.values():
+        stacked = torch.stack([vectors[i] for i in indices]).to("cpu", torch.float64)
+        for i, row in zip(indices, stacked):
+            rows[i] = row
+    return [r for r in rows if r is not None]
