@@ -22,7 +22,7 @@ from torch import nn
 
 from gradscope.outputs import first_float_tensor
 from gradscope.record import LayerRecord, Record
-from gradscope.stats import Stats, tensor_stats
+from gradscope.stats import Stats, finalize, raw_stats
 
 ROOT_NAME = "model"  # the name given to the model itself when it is a leaf
 
@@ -126,9 +126,11 @@ class Recorder:
         exclude: Sequence[str] | None = None,
         types: Sequence[type] | None = None,
         record_inputs: bool = False,
+        sample: int | None = None,
     ) -> None:
         self.model = model
         self.record_inputs = record_inputs
+        self.sample = sample  # histogram sample size per tensor (see stats.tensor_stats); None = exact
         self._selected = select_modules(model, include, exclude, types)
         self._handles: list[Any] = []
         self._active = False
@@ -194,7 +196,7 @@ class Recorder:
         self._calls.clear()  # a new forward: call sites count from 1 again
         found = first_float_tensor((args, kwargs))
         if found is not None:
-            self._input_pending.append(tensor_stats(found[0]))
+            self._input_pending.append(raw_stats(found[0], self.sample))
 
     def _forward_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -217,11 +219,11 @@ class Recorder:
             self.record.note(f"{key} ({type(module).__name__}): no floating-point output to record")
             return
         tensor, _ = found
-        self._pending.append((key, "activation", tensor_stats(tensor)))
+        self._pending.append((key, "activation", raw_stats(tensor, self.sample)))
         if self.record_inputs and key in self._weights:
             arg = first_float_tensor(args)
             if arg is not None:
-                self._pending.append((key, "input", tensor_stats(arg[0])))
+                self._pending.append((key, "input", raw_stats(arg[0], self.sample)))
         if tensor.requires_grad and torch.is_grad_enabled():
             tensor.register_hook(self._gradient_hook(key))
 
@@ -229,7 +231,7 @@ class Recorder:
         def hook(grad: torch.Tensor) -> None:
             if self._closed:
                 return
-            self._pending.append((key, "gradient", tensor_stats(grad)))
+            self._pending.append((key, "gradient", raw_stats(grad, self.sample)))
 
         return hook
 
@@ -275,9 +277,9 @@ class Recorder:
         """
         for key, param in self._weights.items():
             if weights:
-                self._pending.append((key, "weight", tensor_stats(param)))
+                self._pending.append((key, "weight", raw_stats(param, self.sample)))
             if grads and param.grad is not None:
-                self._pending.append((key, "weight_grad", tensor_stats(param.grad)))
+                self._pending.append((key, "weight_grad", raw_stats(param.grad, self.sample)))
 
     def flush(self) -> None:
         """Move pending statistics to the host (one transfer per device) and merge them."""
@@ -315,7 +317,7 @@ def _to_host(vectors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
         by_device.setdefault(v.device, []).append(i)
     rows: list[torch.Tensor | None] = [None] * len(vectors)
     for indices in by_device.values():
-        stacked = torch.stack([vectors[i] for i in indices]).to("cpu", torch.float64)
+        stacked = finalize(torch.stack([vectors[i] for i in indices]).to("cpu", torch.float64))
         for i, row in zip(indices, stacked):
             rows[i] = row
     return [r for r in rows if r is not None]

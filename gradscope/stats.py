@@ -12,7 +12,12 @@ MCOUNT     elements behind the moments (COUNT, or 0 when the tensor held a
 MEAN       mean of the elements
 M2         sum of squared deviations from the mean (Welford/Chan's M2)
 MIN, MAX   smallest and largest element (NaN-propagating, as torch.aminmax)
-NAN, INF   counts of NaN and of ±inf
+NONFINITE  exact count of NaN and ±inf elements
+NANSEEN    number of merged tensors that held a NaN (read from MIN/MAX, which
+           propagate NaN); NaN and inf are not counted apart because each
+           extra boolean reduction costs more than all the moments together
+HSAMPLES   elements behind the histogram: COUNT, or the size of the strided
+           sample when ``tensor_stats(x, sample=k)`` was asked for one
 HIST       256 counts indexed by the biased exponent ``b`` of ``|x| * 2^23``
            in float32: ``b == 0`` holds exact zeros, ``1 <= b <= 254`` holds
            values with ``floor(log2|x|) == b - 150`` (binades -149 … 104, so
@@ -26,6 +31,14 @@ range, so one integer shift yields the binade of every element, subnormals
 included, without ``frexp`` (ten times slower on CPU).  The price is that
 values above 2^105 ≈ 4e31 share the top bin; no fp16/fp8 question needs more,
 and bf16 only overflows beyond fp32's own range.
+
+Sampling (``sample=k``, used by ``watch``): the histogram is the costliest
+part (a scalar bincount), so for tensors above ``k`` elements it is taken on a
+strided sample of between k and 2k elements.  Fractions read from it (zero,
+fp16 overflow/underflow, ...) then carry a sampling error of at most
+sqrt(p(1-p)/k) (<= 0.002 for k = 65536); counts, moments, min, max and the
+non-finite count stay exact, so a single NaN or an overflow past ``max`` is
+never missed.
 
 Moments come from shifted power sums (shift = the tensor's first element), so
 the variance keeps its precision when |mean| >> std; sums accumulate in
@@ -45,8 +58,8 @@ from gradscope.jsonsafe import json_float, json_safe
 if TYPE_CHECKING:
     import torch
 
-COUNT, MCOUNT, MEAN, M2, MIN, MAX, NAN, INF = range(8)
-HIST = 8
+COUNT, MCOUNT, MEAN, M2, MIN, MAX, NONFINITE, NANSEEN, HSAMPLES = range(9)
+HIST = 9
 HIST_BINS = 256
 SIZE = HIST + HIST_BINS
 
@@ -77,17 +90,40 @@ def _exponent_histogram(biased: torch.Tensor) -> torch.Tensor:
     return hist.index_add_(0, flat.long(), ones)
 
 
-def tensor_stats(x: torch.Tensor) -> torch.Tensor:
-    """Statistics of ``x`` as a vector of SIZE elements on ``x``'s device.
+# torch.linalg.vector_norm on CPU loses precision with length in float32 (measured
+# on torch 2.13: relative error of the sum of squares 1.6e-5 at 1e6 elements,
+# 1.4e-3 at 1.6e7), so long tensors are reduced in chunks of this many elements
+# (error ~1e-8 at every length measured) and the chunk sums added in ``dtype``.
+_NORM_CHUNK = 4096
 
-    No value is read back to the host: everything, including the choice of
-    whether the moments are valid, is device arithmetic.  ``x`` is not kept.
 
-    Example:
-        >>> import torch
-        >>> s = Stats(tensor_stats(torch.tensor([0.0, 1.0, -3.0, float("nan")])))
-        >>> s.count, s.zero_count, s.nan_count, s.moments_valid
-        (4, 1, 1, False)
+def _sum_of_squares(centred: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """sum(centred**2) in ``dtype`` without a full-size temporary; ``centred`` is 1-D contiguous."""
+    import torch
+
+    n = centred.numel()  # shape metadata: no host sync
+    if n <= _NORM_CHUNK:
+        return torch.linalg.vector_norm(centred).to(dtype).square()
+    rows = n // _NORM_CHUNK
+    head = centred[: rows * _NORM_CHUNK].view(rows, _NORM_CHUNK)
+    total = torch.linalg.vector_norm(head, dim=1).to(dtype).square().sum()
+    return total + torch.linalg.vector_norm(centred[rows * _NORM_CHUNK :]).to(dtype).square()
+
+
+# The raw vector that the hot path produces (see raw_stats); ``finalize`` turns
+# a stack of them into the documented layout in one vectorised host-side pass,
+# so that each hooked tensor costs as few small device ops as possible.
+R_COUNT, R_SHIFT, R_S1, R_MIN, R_MAX, R_S2, R_NONFINITE = range(7)
+R_HIST = 7
+RAW_SIZE = R_HIST + HIST_BINS
+
+
+def raw_stats(x: torch.Tensor, sample: int | None = None) -> torch.Tensor:
+    """The hot-path half of ``tensor_stats``: RAW_SIZE numbers on ``x``'s device.
+
+    ``[count, shift, sum(x - shift), min, max, sum((x - shift)^2),
+    non-finite count in the histogrammed elements, histogram...]``.  Only
+    device work is queued; ``x`` is not kept.
     """
     import torch
 
@@ -98,39 +134,94 @@ def tensor_stats(x: torch.Tensor) -> torch.Tensor:
         dtype = _stats_dtype(x.device)
         n = x.numel()
         if n == 0:
-            return torch.zeros(SIZE, dtype=dtype, device=x.device)
+            return torch.zeros(RAW_SIZE, dtype=dtype, device=x.device)
         flat = x.reshape(-1)
-
-        scaled_bits = (flat * _SCALE).view(torch.int32)
-        biased = (scaled_bits >> 23) & 0xFF
-        hist = _exponent_histogram(biased)
-
-        nan = torch.isnan(flat).sum()
-        inf = torch.isinf(flat).sum()
-        lo, hi = torch.aminmax(flat)
-
-        shift = flat[0]
-        centred = flat - shift
-        s1 = centred.sum(dtype=torch.float32).to(dtype)
-        s2 = torch.linalg.vector_norm(centred).to(dtype).square()
-        mean_c = s1 / n
-        m2 = (s2 - s1 * mean_c).clamp_min(0.0)
-        mean = shift.to(dtype) + mean_c
-        valid = torch.isfinite(m2) & torch.isfinite(mean) & (nan + inf == 0)
-        zero = torch.zeros((), dtype=dtype, device=x.device)
-        head = torch.stack(
+        lo, hi = torch.aminmax(flat)  # NaN-propagating: exact presence of NaN/inf for free
+        if sample is None or n <= 2 * sample:
+            histogrammed = flat
+            # Shifted by one element so that the variance keeps its precision
+            # when |mean| >> std.
+            shift = flat[0]
+            centred = flat - shift
+        else:
+            # Sampled tier for large tensors: no full-size temporary.  The power
+            # sums are unshifted (relative variance error ~1e-7 * (1 + mean^2/var)).
+            histogrammed = flat[:: n // sample]
+            shift = torch.zeros((), dtype=flat.dtype, device=flat.device)
+            centred = flat
+        # x * 0 is 0 for finite x and NaN for NaN and ±inf: an exact count.
+        nonfinite = torch.count_nonzero(histogrammed * 0.0)
+        scaled_bits = (histogrammed * _SCALE).view(torch.int32)
+        hist = _exponent_histogram((scaled_bits >> 23) & 0xFF)
+        s1 = centred.sum(dtype=torch.float32)
+        s2 = _sum_of_squares(centred, dtype)
+        return torch.cat(
             [
-                torch.full_like(zero, n),  # a fill kernel, not a host-to-device copy
-                torch.where(valid, torch.full_like(zero, n), zero),
-                torch.where(valid, mean, zero),
-                torch.where(valid, m2, zero),
-                lo.to(dtype),
-                hi.to(dtype),
-                nan.to(dtype),
-                inf.to(dtype),
+                torch.full((1,), n, dtype=dtype, device=x.device),  # a fill kernel, no host copy
+                torch.stack([shift, s1, lo, hi]).to(dtype),
+                s2.reshape(1),
+                nonfinite.reshape(1).to(dtype),
+                hist.to(dtype),
             ]
         )
-        return torch.cat([head, hist.to(dtype)])
+
+
+def finalize(raw: torch.Tensor) -> torch.Tensor:
+    """Raw vectors (``(..., RAW_SIZE)``) to statistics vectors (``(..., SIZE)``).
+
+    Vectorised over any leading dimensions; runs wherever ``raw`` is (the
+    recorder calls it once per flush on the host).
+    """
+    import torch
+
+    raw = raw.to(torch.float64) if raw.dtype != torch.float32 else raw
+    n = raw[..., R_COUNT]
+    hist = raw[..., R_HIST:]
+    hsamples = hist.sum(dim=-1)
+    lo, hi = raw[..., R_MIN], raw[..., R_MAX]
+    any_nonfinite = ~(torch.isfinite(lo) & torch.isfinite(hi))
+    safe_n = torch.where(n > 0, n, torch.ones_like(n))
+    safe_h = torch.where(hsamples > 0, hsamples, torch.ones_like(hsamples))
+    # The sample's count, scaled to the whole tensor; at least 1 when min/max saw one.
+    nonfinite = torch.maximum((raw[..., R_NONFINITE] * n / safe_h).round(), any_nonfinite.to(raw.dtype))
+    s1, s2 = raw[..., R_S1], raw[..., R_S2]
+    mean_c = s1 / safe_n
+    m2 = (s2 - s1 * mean_c).clamp_min(0.0)
+    mean = raw[..., R_SHIFT] + mean_c
+    valid = torch.isfinite(m2) & torch.isfinite(mean) & ~any_nonfinite & (n > 0)
+    zero = torch.zeros_like(n)
+    head = torch.stack(
+        [
+            n,
+            torch.where(valid, n, zero),
+            torch.where(valid, mean, zero),
+            torch.where(valid, m2, zero),
+            lo,
+            hi,
+            nonfinite,
+            torch.isnan(hi).to(raw.dtype),
+            hsamples,
+        ],
+        dim=-1,
+    )
+    return torch.cat([head, hist], dim=-1)
+
+
+def tensor_stats(x: torch.Tensor, sample: int | None = None) -> torch.Tensor:
+    """Statistics of ``x`` as a vector of SIZE elements on ``x``'s device.
+
+    No value is read back to the host: everything, including the choice of
+    whether the moments are valid, is device arithmetic.  ``x`` is not kept.
+    ``sample``: histogram a strided sample of about ``sample`` elements of a
+    larger tensor; None histograms every element.
+
+    Example:
+        >>> import torch
+        >>> s = Stats(tensor_stats(torch.tensor([0.0, 1.0, -3.0, float("nan")])))
+        >>> s.count, s.zero_count, s.nonfinite_count, s.has_nan, s.moments_valid
+        (4, 1, 1, True, False)
+    """
+    return finalize(raw_stats(x, sample))
 
 
 def merge_stats(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -150,8 +241,11 @@ def merge_stats(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     out[..., M2] = a[..., M2] + b[..., M2] + delta * delta * na * nb / safe_n
     # An empty side (count 0) must not contribute its placeholder min/max of 0.
     a_empty, b_empty = a[..., COUNT] == 0, b[..., COUNT] == 0
-    lo = torch.fmin(a[..., MIN], b[..., MIN])
-    hi = torch.fmax(a[..., MAX], b[..., MAX])
+    # NaN-propagating like torch.aminmax in tensor_stats, so that merging the
+    # parts of a tensor gives the same min/max as the whole (fmin/fmax dropped
+    # a side's NaN: whole min NaN, merged min finite).
+    lo = torch.minimum(a[..., MIN], b[..., MIN])
+    hi = torch.maximum(a[..., MAX], b[..., MAX])
     out[..., MIN] = torch.where(a_empty, b[..., MIN], torch.where(b_empty, a[..., MIN], lo))
     out[..., MAX] = torch.where(a_empty, b[..., MAX], torch.where(b_empty, a[..., MAX], hi))
     return out
@@ -220,45 +314,74 @@ class Stats:
         return max(abs(self.min), abs(self.max)) if self.count else 0.0
 
     @property
-    def nan_count(self) -> int:
-        return int(self._get(NAN))
-
-    @property
-    def inf_count(self) -> int:
-        return int(self._get(INF))
-
-    @property
     def nonfinite_count(self) -> int:
-        return self.nan_count + self.inf_count
+        """Exact number of NaN and ±inf elements."""
+        return int(self._get(NONFINITE))
+
+    @property
+    def has_nan(self) -> bool:
+        return self._get(NANSEEN) > 0
+
+    @property
+    def has_inf(self) -> bool:
+        """An inf was seen (min/max are ±inf; a NaN, which hides the extremes, may hide one too)."""
+        return math.isinf(self.min) or math.isinf(self.max) or (self.nonfinite_count > 0 and not self.has_nan)
+
+    @property
+    def sampled(self) -> bool:
+        """True when the histogram was taken on a sample (fractions are estimates)."""
+        return self._get(HSAMPLES) < self._get(COUNT)
+
+    @property
+    def hist_samples(self) -> int:
+        return int(self._get(HSAMPLES))
+
+    def _hist_nonfinite(self) -> float:
+        """Non-finite values inside the histogram's (possibly sampled) top bin."""
+        if not self.sampled:
+            return float(self.nonfinite_count)
+        top = self._get(HIST + HIST_BINS - 1)
+        return min(top, self.nonfinite_count * self._get(HSAMPLES) / max(self._get(COUNT), 1.0))
+
+    @property
+    def zero_frac(self) -> float:
+        return self.hist_frac(self._get(HIST))
 
     @property
     def zero_count(self) -> int:
-        return int(self._get(HIST))
+        """Exact zeros (estimated from the sample when the histogram was sampled)."""
+        return round(self.zero_frac * self.count)
 
-    def _frac(self, k: float) -> float:
-        return k / self.count if self.count else 0.0
+    @property
+    def nonfinite_frac(self) -> float:
+        return self.nonfinite_count / self.count if self.count else 0.0
+
+    def hist_frac(self, k: float) -> float:
+        """A histogram count as a fraction of the elements the histogram saw."""
+        total = self._get(HSAMPLES)
+        return k / total if total else 0.0
 
     def binade_counts(self) -> dict[int, int]:
-        """{floor(log2|x|): count} over finite non-zero values; 105 means ">= 2^105"."""
+        """{floor(log2|x|): count} over finite non-zero histogrammed values; 105 means ">= 2^105"."""
         counts: dict[int, int] = {}
         for b in range(1, HIST_BINS):
-            c = int(self.vector[HIST + b])
+            c = float(self.vector[HIST + b])
             if b == HIST_BINS - 1:
-                c -= self.nonfinite_count
-            if c > 0:
-                counts[b - EXPONENT_OFFSET] = c
+                c -= self._hist_nonfinite()
+            if c > 0.5:
+                counts[b - EXPONENT_OFFSET] = round(c)
         return counts
 
     def count_exponents(self, lo: int | None = None, hi: int | None = None) -> int:
-        """Finite non-zero values whose binade e satisfies lo <= e <= hi."""
+        """Histogrammed finite non-zero values whose binade e satisfies lo <= e <= hi."""
         lo_b = 1 if lo is None else max(1, lo + EXPONENT_OFFSET)
         hi_b = HIST_BINS - 1 if hi is None else min(HIST_BINS - 1, hi + EXPONENT_OFFSET)
         if lo_b > hi_b:
             return 0
-        total = int(self.vector[HIST + lo_b : HIST + hi_b + 1].sum())
+        total = float(self.vector[HIST + lo_b : HIST + hi_b + 1].sum())
         if hi_b == HIST_BINS - 1:
-            total -= self.nonfinite_count
-        return total
+            total -= self._hist_nonfinite()
+        return max(0, round(total))
 
     @property
     def max_exponent(self) -> int | None:
@@ -287,12 +410,14 @@ class Stats:
         absmax = self.absmax
         if math.isnan(absmax) or absmax == 0:
             headroom = math.nan if math.isnan(absmax) else math.inf
+        elif math.isinf(absmax):
+            headroom = -math.inf  # already overflowed (log2(max / inf) raised ValueError)
         else:
             headroom = math.log2(fmt.max / absmax)
         return {
-            f"{name}_overflow_frac": self._frac(over),
-            f"{name}_subnormal_frac": self._frac(sub),
-            f"{name}_underflow_frac": self._frac(under),
+            f"{name}_overflow_frac": self.hist_frac(over),
+            f"{name}_subnormal_frac": self.hist_frac(sub),
+            f"{name}_underflow_frac": self.hist_frac(under),
             f"{name}_headroom_binades": headroom,
         }
 
@@ -306,17 +431,25 @@ class Stats:
             "min": self.min,
             "max": self.max,
             "absmax": self.absmax,
-            "zero_frac": self._frac(self.zero_count),
-            "nonfinite_frac": self._frac(self.nonfinite_count),
-            "nan_count": self.nan_count,
-            "inf_count": self.inf_count,
+            "zero_frac": self.zero_frac,
+            "nonfinite_frac": self.nonfinite_frac,
+            "nonfinite_count": self.nonfinite_count,
+            "has_nan": self.has_nan,
             "zero_count": self.zero_count,
+            "hist_samples": self.hist_samples,
             "moment_count": int(self._get(MCOUNT)),
             "m2": self._get(M2),
         }
         for name in FORMAT_NAMES:
             out.update(self.format_fractions(name))
-        out["exponent_hist"] = [[e, c] for e, c in sorted(self.binade_counts().items())]
+        # The raw histogram, sparse: [binade, count] for finite non-zero values
+        # below 2^105, plus the two special bins, so that from_dict round-trips.
+        raw = self.vector[HIST : HIST + HIST_BINS]
+        out["exponent_hist"] = [
+            [b - EXPONENT_OFFSET, int(raw[b])] for b in range(1, HIST_BINS - 1) if raw[b] > 0
+        ]
+        out["zero_hist"] = int(raw[0])
+        out["top_hist"] = int(raw[HIST_BINS - 1])  # non-finite values and values >= 2^105
         return json_safe(out)
 
     @classmethod
@@ -330,12 +463,13 @@ class Stats:
         v[M2] = data["m2"]
         v[MIN] = json_float(data["min"])
         v[MAX] = json_float(data["max"])
-        v[NAN] = data["nan_count"]
-        v[INF] = data["inf_count"]
-        v[HIST] = data["zero_count"]
+        v[NONFINITE] = data["nonfinite_count"]
+        v[NANSEEN] = 1.0 if data["has_nan"] else 0.0
+        v[HSAMPLES] = data.get("hist_samples", data["count"])
+        v[HIST] = data["zero_hist"]
         for e, c in data["exponent_hist"]:
             v[HIST + e + EXPONENT_OFFSET] += c
-        v[HIST + HIST_BINS - 1] += data["nan_count"] + data["inf_count"]
+        v[HIST + HIST_BINS - 1] = data["top_hist"]
         return cls(v)
 
 

@@ -1,0 +1,202 @@
+"""Step-time overhead of gradscope, as a ratio to the same training step unwatched.
+
+Every monitor runs interleaved in one process (rounds of A B C ...), so machine
+noise hits them all alike; the script reports the median step time per monitor
+over rounds, the ratio to "none", and the min–max ratio across rounds.
+
+    python benchmarks/overhead.py                  # all models, all monitors
+    python benchmarks/overhead.py --models mlp --rounds 5 --markdown out.md
+
+Monitors:
+  none          the training step alone
+  floor         a hook that reads every activation and gradient once (a sum), no sync:
+                the least any per-layer monitor can cost
+  handwritten   per-leaf ``output.std().item()`` forward hook + ``grad.std().item()``
+                tensor hook (what people write by hand; one host sync per tensor)
+  recorder      gradscope's Recorder every step: full statistics of activations,
+                ∂ℓ/∂h, weights and weight gradients, flushed every step
+  watch-1       ``gradscope.watch(every=1)`` (training signals included)
+  watch-10      ``gradscope.watch(every=10)``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models import WORKLOADS, Workload  # noqa: E402
+
+Monitor = Callable[[nn.Module, torch.optim.Optimizer], contextlib.AbstractContextManager]
+
+
+def _leaves(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if next(m.children(), None) is None]
+
+
+class _Hooks:
+    """Forward hooks on leaves that call ``on_output`` and ``on_grad`` (tensor hook)."""
+
+    def __init__(self, model: nn.Module, on_output: Callable, on_grad: Callable) -> None:
+        self.handles = []
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor) and output.is_floating_point():
+                on_output(output)
+                if output.requires_grad:
+                    output.register_hook(on_grad)
+
+        for m in _leaves(model):
+            self.handles.append(m.register_forward_hook(hook))
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def no_monitor(model: nn.Module, opt: torch.optim.Optimizer) -> Iterator[Callable[[], None]]:
+    yield lambda: None
+
+
+@contextlib.contextmanager
+def floor_monitor(model: nn.Module, opt: torch.optim.Optimizer) -> Iterator[Callable[[], None]]:
+    sink: list[torch.Tensor] = []
+    hooks = _Hooks(model, lambda t: sink.append(t.detach().sum()), lambda g: sink.append(g.sum()))
+    try:
+        yield sink.clear
+    finally:
+        hooks.close()
+
+
+@contextlib.contextmanager
+def handwritten_monitor(model: nn.Module, opt: torch.optim.Optimizer) -> Iterator[Callable[[], None]]:
+    values: list[float] = []
+    hooks = _Hooks(
+        model,
+        lambda t: values.append(t.detach().std().item()),
+        lambda g: values.append(g.std().item()),
+    )
+    try:
+        yield values.clear
+    finally:
+        hooks.close()
+
+
+@contextlib.contextmanager
+def recorder_monitor(model: nn.Module, opt: torch.optim.Optimizer) -> Iterator[Callable[[], None]]:
+    from gradscope.recorder import Recorder
+
+    with Recorder(model, sample=65536) as rec:
+        rec.start()
+
+        def before_step() -> None:
+            rec.capture_parameters()
+            rec.flush()
+            rec.start()
+
+        yield before_step
+
+
+def _watch_monitor(every: int) -> Monitor:
+    @contextlib.contextmanager
+    def monitor(model: nn.Module, opt: torch.optim.Optimizer) -> Iterator[Callable[[], None]]:
+        import gradscope
+
+        with gradscope.watch(model, every=every, raise_on=()) as scope:
+            yield lambda: scope.step(opt)
+
+    return monitor
+
+
+MONITORS: dict[str, Monitor] = {
+    "none": no_monitor,
+    "floor": floor_monitor,
+    "handwritten": handwritten_monitor,
+    "recorder": recorder_monitor,
+    "watch-1": _watch_monitor(1),
+    "watch-10": _watch_monitor(10),
+}
+
+
+def _time_steps(work: Workload, opt: torch.optim.Optimizer, before_step: Callable[[], None], steps: int) -> float:
+    x, y = work.make_batch()
+    start = time.perf_counter()
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = work.loss_fn(work.model(x), y)
+        loss.backward()
+        before_step()
+        opt.step()
+    return (time.perf_counter() - start) / steps
+
+
+def measure(work: Workload, monitors: list[str], rounds: int, steps: int) -> dict[str, list[float]]:
+    # A tiny learning rate keeps the numbers steady over many steps.
+    opt = torch.optim.SGD(work.model.parameters(), lr=1e-6)
+    times: dict[str, list[float]] = {m: [] for m in monitors}
+    for name in monitors:  # warm-up, also of each monitor's first-use costs
+        with MONITORS[name](work.model, opt) as before_step:
+            _time_steps(work, opt, before_step, 2)
+    for _ in range(rounds):
+        for name in monitors:
+            with MONITORS[name](work.model, opt) as before_step:
+                times[name].append(_time_steps(work, opt, before_step, steps))
+    return times
+
+
+def _available(monitors: list[str]) -> list[str]:
+    import gradscope
+
+    try:
+        gradscope.watch  # noqa: B018
+    except AttributeError:
+        monitors = [m for m in monitors if not m.startswith("watch")]
+    return monitors
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="mlp,cnn,transformer")
+    parser.add_argument("--monitors", default=",".join(MONITORS))
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=10, help="steps per monitor per round (a multiple of 10)")
+    parser.add_argument("--markdown", type=Path, help="also write the table to this Markdown file")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    monitors = _available(args.monitors.split(","))
+    header = (
+        f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {platform.machine()}, "
+        f"{torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps"
+    )
+    lines = [header, "", "| model | " + " | ".join(monitors[1:]) + " |", "|---" * len(monitors) + "|"]
+    for key in args.models.split(","):
+        work = WORKLOADS[key]()
+        times = measure(work, monitors, args.rounds, args.steps)
+        base = statistics.median(times["none"])
+        cells = []
+        for m in monitors[1:]:
+            ratios = [t / b for t, b in zip(times[m], times["none"])]
+            cells.append(f"{statistics.median(times[m]) / base:.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
+        lines.append(f"| {work.name} ({base * 1e3:.0f} ms/step) | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    text = "\n".join(lines)
+    print()
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
