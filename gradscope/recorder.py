@@ -14,7 +14,7 @@ gradient; the tensor hooks live on the autograd graph and die with it.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -22,7 +22,8 @@ from torch import nn
 
 from gradscope.outputs import first_float_tensor
 from gradscope.record import LayerRecord, Record
-from gradscope.stats import Stats, finalize, raw_stats
+from gradscope.distributed import REDUCED_ROLES, is_distributed, merge_across_ranks, world_size
+from gradscope.stats import SIZE, Stats, finalize, merge_stats, raw_stats
 
 ROOT_NAME = "model"  # the name given to the model itself when it is a leaf
 
@@ -127,10 +128,12 @@ class Recorder:
         types: Sequence[type] | None = None,
         record_inputs: bool = False,
         sample: int | None = None,
+        reduce_ranks: bool = True,
     ) -> None:
         self.model = model
         self.record_inputs = record_inputs
         self.sample = sample  # histogram sample size per tensor (see stats.tensor_stats); None = exact
+        self.reduce_ranks = reduce_ranks  # merge statistics across torch.distributed ranks at flush
         self._selected = select_modules(model, include, exclude, types)
         self._handles: list[Any] = []
         self._active = False
@@ -282,16 +285,39 @@ class Recorder:
                 self._pending.append((key, "weight_grad", raw_stats(param.grad, self.sample)))
 
     def flush(self) -> None:
-        """Move pending statistics to the host (one transfer per device) and merge them."""
+        """Move pending statistics to the host (one transfer per device) and merge them.
+
+        Under torch.distributed this is a collective: every rank must flush at
+        the same steps.  Activation, ``∂ℓ/∂h`` and input statistics are merged
+        across ranks; weights and weight gradients (identical on every DDP
+        rank) are not.
+        """
         pending, self._pending = self._pending, []
         inputs, self._input_pending = self._input_pending, []
-        rows = _to_host([v for _, _, v in pending] + inputs)
-        for (key, role, _), row in zip(pending, rows):
-            self._sites[key].add(role, Stats(row))
-        for row in rows[len(pending) :]:
-            stats = Stats(row)
-            self.record.input = stats if self.record.input is None else self.record.input.merge(stats)
-        if pending or inputs:
+        keys: list[tuple[str, str]] = [(key, role) for key, role, _ in pending]
+        keys += [("", "model_input")] * len(inputs)
+        reduce = self.reduce_ranks and is_distributed()
+        if not keys and not reduce:
+            return
+        merged = _finalize_and_merge(keys, [v for _, _, v in pending] + inputs)
+        if reduce:
+            shared = [k for k in merged if k[1] in REDUCED_ROLES]
+            stacked = torch.stack([merged[k] for k in shared]) if shared else torch.zeros(0, SIZE)
+            union, rows = merge_across_ranks(shared, stacked)
+            merged.update(zip(union, rows))
+            self.record.note(
+                f"activation and gradient statistics merged over {world_size()} ranks; "
+                "weights and weight gradients are rank 0's (all-reduced under DDP)"
+            )
+        for (key, role), row in _to_host(merged).items():
+            if role == "model_input":
+                stats = Stats(row)
+                self.record.input = stats if self.record.input is None else self.record.input.merge(stats)
+            elif key in self._sites:
+                self._sites[key].add(role, Stats(row))
+            else:
+                self.record.note(f"{key}: recorded on another rank only; not in this rank's report")
+        if keys:
             self.record.steps += 1
 
     def finish(self) -> Record:
@@ -307,17 +333,32 @@ class Recorder:
         return len(self._pending) + len(self._input_pending)
 
 
-def _to_host(vectors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """Stack vectors per device and copy each stack to the host once."""
-    vectors = list(vectors)
-    if not vectors:
-        return []
+def _finalize_and_merge(keys: list[tuple[str, str]], raws: list[torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
+    """Finalise raw vectors on their own devices and merge repeats of a key
+    (several micro-batches, several batches of an audit) into one row."""
+    if not raws:
+        return {}
     by_device: dict[torch.device, list[int]] = {}
-    for i, v in enumerate(vectors):
+    for i, v in enumerate(raws):
         by_device.setdefault(v.device, []).append(i)
-    rows: list[torch.Tensor | None] = [None] * len(vectors)
+    rows: list[torch.Tensor] = [raws[0]] * len(raws)
     for indices in by_device.values():
-        stacked = finalize(torch.stack([vectors[i] for i in indices]).to("cpu", torch.float64))
+        stacked = finalize(torch.stack([raws[i] for i in indices]))
         for i, row in zip(indices, stacked):
             rows[i] = row
-    return [r for r in rows if r is not None]
+    merged: dict[tuple[str, str], torch.Tensor] = {}
+    for key, row in zip(keys, rows):
+        merged[key] = row if key not in merged else merge_stats(merged[key], row)
+    return merged
+
+
+def _to_host(rows: dict[tuple[str, str], torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
+    """Copy rows to the host as float64: one stacked transfer per device."""
+    by_device: dict[torch.device, list[tuple[str, str]]] = {}
+    for key, row in rows.items():
+        by_device.setdefault(row.device, []).append(key)
+    host: dict[tuple[str, str], torch.Tensor] = {}
+    for device_keys in by_device.values():
+        stacked = torch.stack([rows[k] for k in device_keys]).to("cpu", torch.float64)
+        host.update(zip(device_keys, stacked))
+    return {k: host[k] for k in rows}
