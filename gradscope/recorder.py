@@ -28,14 +28,18 @@ from gradscope.stats import SIZE, Stats, finalize, merge_stats, raw_stats
 ROOT_NAME = "model"  # the name given to the model itself when it is a leaf
 
 
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass on this thread.
+def _graph_task() -> int:
+    """The id of the backward pass running on this thread, or -1 outside backward.
 
-    A forward hook firing then is a recomputation (activation checkpointing)
-    whose statistics were already counted in the real forward.
+    A forward hook firing inside backward is a recomputation (activation
+    checkpointing) whose activation statistics were already counted.
     """
     graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return graph_task_id is not None and graph_task_id() != -1
+    return -1 if graph_task_id is None else int(graph_task_id())
+
+
+def _in_backward() -> bool:
+    return _graph_task() != -1
 
 
 def _display_name(name: str) -> str:
@@ -139,6 +143,12 @@ class Recorder:
         self._active = False
         self._closed = False
         self._calls: dict[str, int] = {}
+        # Activation checkpointing: sites whose output got a gradient hook in
+        # this forward, and call counters of the recomputation in backward.
+        self._grad_hooked: set[str] = set()
+        self._recompute_calls: dict[str, int] = {}
+        self._recompute_task = -1
+        self._forward_recorded = False
         self._sites: dict[str, LayerRecord] = {}
         self._weights: dict[str, nn.Parameter] = {}  # site name -> weight parameter
         self._pending: list[tuple[str, str, torch.Tensor]] = []
@@ -194,22 +204,31 @@ class Recorder:
 
     # -- hooks ------------------------------------------------------------------
     def _on_root_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not self._active or _in_backward():
+        if _in_backward():
+            return
+        self._forward_recorded = self._active  # whether a recomputation in backward may hook
+        if not self._active:
             return
         self._calls.clear()  # a new forward: call sites count from 1 again
+        self._grad_hooked.clear()
         found = first_float_tensor((args, kwargs))
         if found is not None:
             self._input_pending.append(raw_stats(found[0], self.sample))
 
     def _forward_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if not self._active or _in_backward():
+            if self._closed:
                 return
-            self._on_forward(name, module, args, output)
+            task = _graph_task()
+            if task != -1:
+                self._on_recompute(task, name, output)
+            elif self._active:
+                self._on_forward(name, module, args, output)
 
         return hook
 
     def _on_forward(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
+        self._forward_recorded = True
         call = self._calls.get(name, 0) + 1
         self._calls[name] = call
         shown = _display_name(name)
@@ -229,6 +248,29 @@ class Recorder:
                 self._pending.append((key, "input", raw_stats(arg[0], self.sample)))
         if tensor.requires_grad and torch.is_grad_enabled():
             tensor.register_hook(self._gradient_hook(key))
+            self._grad_hooked.add(key)
+
+    def _on_recompute(self, task: int, name: str, output: Any) -> None:
+        """A forward re-run inside backward by activation checkpointing.
+
+        Its activations were counted in the real forward.  With the reentrant
+        checkpoint the real forward ran under no_grad and the gradient flows
+        through this recomputed graph instead, so the gradient hook the real
+        forward could not register is registered here (once per site).
+        """
+        if task != self._recompute_task:
+            self._recompute_task = task
+            self._recompute_calls.clear()
+        call = self._recompute_calls.get(name, 0) + 1
+        self._recompute_calls[name] = call
+        shown = _display_name(name)
+        key = shown if call == 1 else f"{shown}#{call}"
+        if not self._forward_recorded or key not in self._sites or key in self._grad_hooked:
+            return
+        found = first_float_tensor(output)
+        if found is not None and found[0].requires_grad and torch.is_grad_enabled():
+            found[0].register_hook(self._gradient_hook(key))
+            self._grad_hooked.add(key)
 
     def _gradient_hook(self, key: str) -> Any:
         def hook(grad: torch.Tensor) -> None:
