@@ -126,6 +126,14 @@ class Record:
                 return layer
         raise KeyError(name)
 
+    def state_bytes(self) -> int:
+        """Bytes held by the statistics vectors: gradscope's per-run state, which
+        depends on the number of layers, never on the batch size."""
+        total = self.input.vector.nbytes if self.input is not None else 0
+        for layer in self.layers:
+            total += sum(s.vector.nbytes for s in layer.stats.values())
+        return total
+
     def note(self, text: str) -> None:
         if text not in self.notes:
             self.notes.append(text)
