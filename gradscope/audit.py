@@ -8,6 +8,8 @@ parameter's ``.grad``, the global grad mode and the global RNG state.
 from __future__ import annotations
 
 import contextlib
+import sys
+import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -288,3 +290,20 @@ def _one_pass(
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else "(no message)"
+
+
+class _CallableModule(types.ModuleType):
+    """``gradscope.audit`` names both this submodule and its function.
+
+    The lazy ``gradscope.__getattr__`` returns the function the first time,
+    but importing the submodule makes Python bind the package attribute
+    ``gradscope.audit`` to the module, so a second ``gradscope.audit(model)``
+    raised "'module' object is not callable".  Making the module callable
+    keeps ``gradscope.audit(...)`` working whatever was imported first.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Report:
+        return audit(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

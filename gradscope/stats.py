@@ -113,15 +113,18 @@ def _sum_of_squares(centred: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # The raw vector that the hot path produces (see raw_stats); ``finalize`` turns
 # a stack of them into the documented layout in one vectorised host-side pass,
 # so that each hooked tensor costs as few small device ops as possible.
-R_COUNT, R_SHIFT, R_S1, R_MIN, R_MAX, R_S2, R_NONFINITE = range(7)
-R_HIST = 7
+R_COUNT, R_SHIFT, R_S1, R_MIN, R_MAX, R_SCALE, R_S2, R_NONFINITE = range(8)
+R_HIST = 8
 RAW_SIZE = R_HIST + HIST_BINS
 
 
 def raw_stats(x: torch.Tensor, sample: int | None = None) -> torch.Tensor:
     """The hot-path half of ``tensor_stats``: RAW_SIZE numbers on ``x``'s device.
 
-    ``[count, shift, sum(x - shift), min, max, sum((x - shift)^2),
+    ``[count, shift, sum(c), min, max, scale, sum(c^2),'' with
+    ``c = (x - shift) * scale``, ``scale = 2^-floor(log2 absmax)`` (so that
+    squares neither underflow for tiny gradients nor overflow for huge
+    activations in float32), then ``
     non-finite count in the histogrammed elements, histogram...]``.  Only
     device work is queued; ``x`` is not kept.
     """
@@ -137,18 +140,21 @@ def raw_stats(x: torch.Tensor, sample: int | None = None) -> torch.Tensor:
             return torch.zeros(RAW_SIZE, dtype=dtype, device=x.device)
         flat = x.reshape(-1)
         lo, hi = torch.aminmax(flat)  # NaN-propagating: exact presence of NaN/inf for free
+        # A power of two bringing |x| to [1, 2): exact to apply and to undo.
+        _, exponent = torch.frexp(torch.maximum(lo.abs(), hi.abs()))
+        scale = torch.exp2((1 - exponent).clamp(-126, 126).to(flat.dtype))
         if sample is None or n <= 2 * sample:
             histogrammed = flat
             # Shifted by one element so that the variance keeps its precision
             # when |mean| >> std.
             shift = flat[0]
-            centred = flat - shift
+            centred = (flat - shift).mul_(scale)
         else:
-            # Sampled tier for large tensors: no full-size temporary.  The power
-            # sums are unshifted (relative variance error ~1e-7 * (1 + mean^2/var)).
+            # Sampled tier for large tensors.  The power sums are unshifted
+            # (relative variance error ~1e-7 * (1 + mean^2/var)).
             histogrammed = flat[:: n // sample]
             shift = torch.zeros((), dtype=flat.dtype, device=flat.device)
-            centred = flat
+            centred = flat * scale
         # x * 0 is 0 for finite x and NaN for NaN and ±inf: an exact count.
         nonfinite = torch.count_nonzero(histogrammed * 0.0)
         scaled_bits = (histogrammed * _SCALE).view(torch.int32)
@@ -158,7 +164,7 @@ def raw_stats(x: torch.Tensor, sample: int | None = None) -> torch.Tensor:
         return torch.cat(
             [
                 torch.full((1,), n, dtype=dtype, device=x.device),  # a fill kernel, no host copy
-                torch.stack([shift, s1, lo, hi]).to(dtype),
+                torch.stack([shift, s1, lo, hi, scale]).to(dtype),
                 s2.reshape(1),
                 nonfinite.reshape(1).to(dtype),
                 hist.to(dtype),
@@ -184,7 +190,9 @@ def finalize(raw: torch.Tensor) -> torch.Tensor:
     safe_h = torch.where(hsamples > 0, hsamples, torch.ones_like(hsamples))
     # The sample's count, scaled to the whole tensor; at least 1 when min/max saw one.
     nonfinite = torch.maximum((raw[..., R_NONFINITE] * n / safe_h).round(), any_nonfinite.to(raw.dtype))
-    s1, s2 = raw[..., R_S1], raw[..., R_S2]
+    scale = raw[..., R_SCALE]
+    safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    s1, s2 = raw[..., R_S1] / safe_scale, raw[..., R_S2] / (safe_scale * safe_scale)
     mean_c = s1 / safe_n
     m2 = (s2 - s1 * mean_c).clamp_min(0.0)
     mean = raw[..., R_SHIFT] + mean_c

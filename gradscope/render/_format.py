@@ -1,0 +1,429 @@
+"""Formatting shared by the console and Markdown renderers.
+
+Everything here reads a :class:`~gradscope.report.Report` defensively: the
+analysis may be missing (``{}`` when the diagnosis did not run), and after a
+JSON round trip its non-finite numbers are the strings ``"nan"``/``"inf"``
+(strict JSON has no NaN literal), so every number goes through
+:func:`as_float` before it is printed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gradscope.report import Finding, Report, Severity
+
+MISSING = "—"  # shown wherever a number could not be measured or was not analysed
+
+# Short per-layer flags for the layer table, one per finding code, plus the raw
+# facts read straight from the statistics (nan, inf, ovf) so that the table is
+# informative even when no diagnosis ran.
+FLAG_BY_CODE: dict[str, str] = {
+    "nonfinite": "nan",
+    "vanishing-gradient": "vg",
+    "exploding-gradient": "eg",
+    "vanishing-activations": "va",
+    "exploding-activations": "ea",
+    "fp16-overflow": "ovf",
+    "fp16-underflow": "unf",
+    "bf16-overflow": "ovf",
+    "bf16-underflow": "unf",
+    "dead-units": "dead",
+    "saturated-units": "sat",
+    "poor-init": "init",
+    "gradient-spike": "spike",
+    "update-ratio": "upd",
+}
+
+FLAG_MEANING: dict[str, str] = {
+    "nan": "NaN in an activation, gradient or weight",
+    "inf": "inf in an activation, gradient or weight",
+    "ovf": "values beyond the format's maximum (or too little headroom)",
+    "unf": "gradients below the format's range (flush to zero)",
+    "vg": "vanishing gradient",
+    "eg": "exploding gradient",
+    "va": "vanishing activations",
+    "ea": "exploding activations",
+    "dead": "dead ReLU units",
+    "sat": "saturated units",
+    "init": "poor init",
+    "spike": "gradient spike",
+    "upd": "update ratio",
+}
+
+SEVERITY_ORDER = (Severity.ERROR, Severity.WARNING, Severity.INFO)
+SEVERITY_TITLE = {Severity.ERROR: "Errors", Severity.WARNING: "Warnings", Severity.INFO: "Info"}
+
+# The healthy range of gradient values, from the course material (DESIGN.md):
+# roughly [1e-6, 1e3].  Used only to draw the depth profile's guide marks; the
+# verdicts themselves come from gradscope.diagnose.
+HEALTHY_LOG10 = (-6.0, 3.0)
+
+
+def as_float(value: Any) -> float | None:
+    """A number from a report field, or None when it is absent or not numeric.
+
+    Accepts ints, floats and the strings that ``json_safe`` writes for
+    non-finite values ("nan", "inf", "-inf").
+    """
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def sci(value: Any) -> str:
+    """3 significant digits in scientific notation with a short exponent: ``1.23e-4``."""
+    x = as_float(value)
+    if x is None:
+        return MISSING
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if x == 0:
+        return "0"
+    mantissa, exponent = f"{x:.2e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def binades(value: Any) -> str:
+    """Headroom in binades, signed, one decimal (negative means overflow)."""
+    x = as_float(value)
+    if x is None:
+        return MISSING
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:+.1f}"
+
+
+def number(value: Any) -> str:
+    """A number for prose and evidence: plain when moderate, scientific otherwise."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return f"{value:,}" if abs(value) >= 10_000 else str(value)
+    x = as_float(value)
+    if x is None:
+        return MISSING if value is None else str(value)
+    if math.isfinite(x) and x != 0 and 1e-3 <= abs(x) < 1e4:
+        return f"{x:.4g}"
+    if math.isfinite(x) and x == int(x) and abs(x) < 1e4:
+        return str(int(x))
+    return sci(x)
+
+
+def evidence_value(value: Any, *, limit: int = 6) -> str:
+    """An evidence entry: numbers via :func:`number`, short lists, one level of dicts."""
+    if isinstance(value, Mapping):
+        items = [f"{k}={evidence_value(v, limit=limit)}" for k, v in value.items()]
+        return "{" + ", ".join(items) + "}"
+    if isinstance(value, (list, tuple)):
+        shown = [evidence_value(v, limit=limit) for v in value[:limit]]
+        more = len(value) - limit
+        return "[" + ", ".join(shown) + (f", … +{more}" if more > 0 else "") + "]"
+    if isinstance(value, str) and as_float(value) is None:
+        return value
+    return number(value)
+
+
+def is_threshold_key(key: str) -> bool:
+    """Evidence keys that state the threshold a finding crossed."""
+    return "threshold" in key or key in ("limit", "bound", "healthy_range")
+
+
+def split_evidence(evidence: Mapping[str, Any]) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+    """(measurements, thresholds) in the evidence's own order."""
+    measured = [(k, v) for k, v in evidence.items() if not is_threshold_key(str(k))]
+    thresholds = [(k, v) for k, v in evidence.items() if is_threshold_key(str(k))]
+    return measured, thresholds
+
+
+def layer_list(names: list[str], *, limit: int = 4) -> str:
+    """``a, b, c … z (30 layers)`` for long lists; the first and last layers matter most."""
+    if not names:
+        return MISSING
+    if len(names) <= limit:
+        return ", ".join(names)
+    head = ", ".join(names[: limit - 1])
+    return f"{head} … {names[-1]} ({len(names)} layers)"
+
+
+def truncate_middle(text: str, width: int) -> str:
+    """Keep both ends of a long dotted name: ``enc…out_proj``, ``encoder.…f_attn.out_proj``.
+
+    The tail (the leaf module) is what tells layers apart and the head says
+    where in the model they sit, so the middle is what goes.  Whole trailing
+    components are kept when they fit beside at least three leading characters.
+    """
+    if width <= 0:
+        return ""
+    if len(text) <= width:
+        return text
+    if width <= 2:
+        return text[:width]
+    parts = text.split(".")
+    tail = ""
+    for i in range(len(parts) - 1, 0, -1):
+        candidate = ".".join(parts[i:])
+        if len(candidate) + 1 + 3 > width:
+            break
+        tail = candidate
+    if not tail or (width - 1 - len(tail)) > 2 * len(tail):
+        # no whole component fits, or keeping whole ones would waste the room: cut by characters
+        tail_len = (width - 1) * 2 // 3
+        tail = text[len(text) - tail_len :]
+    return text[: width - 1 - len(tail)] + "…" + tail
+
+
+def truncate_end(text: str, width: int) -> str:
+    if len(text) <= width:
+        return text
+    return text[: max(0, width - 1)] + "…" if width > 0 else ""
+
+
+def grouped(findings: Iterable[Finding]) -> list[tuple[Severity, list[Finding]]]:
+    """Findings by severity, most severe first, each group in the report's order."""
+    groups: dict[Severity, list[Finding]] = {s: [] for s in SEVERITY_ORDER}
+    for finding in findings:
+        groups[Severity(finding.severity)].append(finding)
+    return [(s, fs) for s, fs in groups.items() if fs]
+
+
+def summary_text(report: Report) -> str:
+    """``2 errors · 1 warning · 0 advice — unhealthy``, from ``report.summary()``."""
+    s = report.summary()
+    parts = [
+        _plural(s["errors"], "error", "errors"),
+        _plural(s["warnings"], "warning", "warnings"),
+        _plural(s["infos"], "info", "infos"),
+    ]
+    verdict = "healthy" if s["healthy"] else "unhealthy"
+    return " · ".join(parts) + f" — {verdict}"
+
+
+def _plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def primary_format(report: Report) -> str:
+    """The low-precision format whose headroom the layer table shows (fp16 unless the run asked otherwise)."""
+    formats = report.run.get("formats") or ["fp16"]
+    return str(formats[0])
+
+
+@dataclass
+class LayerRow:
+    """One row of the per-layer table, already formatted."""
+
+    index: str
+    name: str
+    type: str
+    activation_std: str
+    gradient_rms: str
+    weight_std: str
+    recommended_std: str
+    headroom: str
+    flags: list[str]
+    log10_gradient_rms: float | None
+
+
+def init_by_name(report: Report) -> dict[str, Mapping[str, Any]]:
+    entries = report.analysis.get("init") if isinstance(report.analysis, Mapping) else None
+    out: dict[str, Mapping[str, Any]] = {}
+    for entry in entries or []:
+        if isinstance(entry, Mapping) and "name" in entry:
+            out[str(entry["name"])] = entry
+    return out
+
+
+def _stat(stats: Any, attribute: str) -> float | None:
+    if stats is None or stats.count == 0:
+        return None
+    return float(getattr(stats, attribute))
+
+
+def _headroom(layer: Any, fmt: str) -> float | None:
+    """The smaller headroom of the layer's output and of ∂ℓ/∂h: the tighter of the two limits fp16 use."""
+    values = []
+    for stats in (layer.activation, layer.gradient):
+        if stats is None or stats.count == 0:
+            continue
+        try:
+            h = stats.format_fractions(fmt)[f"{fmt}_headroom_binades"]
+        except ValueError:  # an unknown format name in the run: nothing to show
+            return None
+        values.append(h)
+    finite_or_not = [v for v in values if not math.isnan(v)]
+    if not finite_or_not:
+        return math.nan if values else None
+    return min(finite_or_not)
+
+
+def _raw_flags(layer: Any, fmt: str) -> list[str]:
+    """Facts visible in the statistics alone, independent of any rule."""
+    flags = []
+    roles = [layer.get(r) for r in ("activation", "gradient", "weight", "weight_grad")]
+    if any(s is not None and s.has_nan for s in roles):
+        flags.append("nan")
+    if any(s is not None and s.has_inf for s in roles):
+        flags.append("inf")
+    for stats in (layer.activation, layer.gradient):
+        if stats is None or stats.count == 0:
+            continue
+        try:
+            if stats.format_fractions(fmt)[f"{fmt}_overflow_frac"] > 0:
+                flags.append("ovf")
+                break
+        except ValueError:
+            break
+    return flags
+
+
+def layer_rows(report: Report) -> list[LayerRow]:
+    """The per-layer table: statistics, the recommended init std and the flags."""
+    fmt = primary_format(report)
+    init = init_by_name(report)
+    flags_by_layer: dict[str, list[str]] = {}
+    for finding in report.findings:
+        flag = FLAG_BY_CODE.get(finding.code)
+        if flag is None:
+            flag = finding.code.split("-")[0][:5]
+        for name in finding.layers:
+            flags_by_layer.setdefault(name, []).append(flag)
+    rows = []
+    for layer in report.layers:
+        entry = init.get(layer.name, {})
+        weight_std = _stat(layer.weight, "std")
+        if weight_std is None:
+            weight_std = as_float(entry.get("weight_std"))
+        rms = _stat(layer.gradient, "rms")
+        log10 = math.log10(rms) if rms is not None and math.isfinite(rms) and rms > 0 else None
+        flags: list[str] = []
+        for flag in _raw_flags(layer, fmt) + flags_by_layer.get(layer.name, []):
+            if flag not in flags:
+                flags.append(flag)
+        rows.append(
+            LayerRow(
+                index=str(layer.index),
+                name=layer.name,
+                type=layer.type,
+                activation_std=sci(_stat(layer.activation, "std")),
+                gradient_rms=sci(rms),
+                weight_std=sci(weight_std),
+                recommended_std=sci(entry.get("recommended_std")),
+                headroom=binades(_headroom(layer, fmt)),
+                flags=flags,
+                log10_gradient_rms=log10,
+            )
+        )
+    return rows
+
+
+def header_items(report: Report) -> list[tuple[str, str]]:
+    """(label, text) pairs describing the model and the run."""
+    model, run = report.model, report.run
+    items: list[tuple[str, str]] = []
+    source = str(model.get("source") or MISSING)
+    kind = [str(model[k]) for k in ("type",) if model.get(k) and model.get(k) != model.get("source")]
+    if model.get("format"):
+        kind.append(f"format {model['format']}")
+    items.append(("model", source + (f" ({', '.join(kind)})" if kind else "")))
+    params = model.get("parameters")
+    if params is not None:
+        text = f"{number(int(params))} parameters" if isinstance(params, int) else f"{params} parameters"
+        trainable = model.get("trainable_parameters")
+        if isinstance(trainable, int) and isinstance(params, int) and trainable != params:
+            text += f" ({number(trainable)} trainable)"
+        items.append(("size", text))
+    shape = run.get("input_shape")
+    dtype = run.get("input_dtype")
+    inputs = " ".join(x for x in (str(dtype) if dtype else "", str(list(shape)) if shape else "") if x) or MISSING
+    details = []
+    if run.get("inputs"):
+        details.append(str(run["inputs"]))
+    if run.get("vocab") is not None:
+        details.append(f"vocab {run['vocab']}")
+    if run.get("seed") is not None and run.get("inputs", "synthetic") == "synthetic":
+        details.append(f"seed {run['seed']}")
+    if run.get("input_inferred_from"):
+        details.append(f"shape inferred from {run['input_inferred_from']}")
+    items.append(("inputs", inputs + (f" ({'; '.join(details)})" if details else "")))
+    loss = run.get("loss")
+    loss_from = run.get("loss_from")
+    items.append(("loss", (str(loss) if loss else MISSING) + (f": {loss_from}" if loss_from else "")))
+    run_bits = []
+    if run.get("batches") is not None:
+        run_bits.append(f"{run['batches']} batch" + ("" if run["batches"] == 1 else "es"))
+    for key in ("mode", "device"):
+        if run.get(key):
+            run_bits.append(f"{key} {run[key]}")
+    if run.get("formats"):
+        run_bits.append("formats " + ", ".join(str(f) for f in run["formats"]))
+    if run_bits:
+        items.append(("run", " · ".join(run_bits)))
+    return items
+
+
+@dataclass
+class AnalysisItem:
+    """One fact from the depth analysis: a title, sentences, and an optional snippet."""
+
+    title: str
+    lines: list[str]
+    code: str = ""
+
+
+def _recommendation(title: str, value: Mapping[str, Any], headline: str | None) -> AnalysisItem:
+    """A loss-scale or clipping recommendation: headline, comparison, method, snippet.
+
+    Known keys (those of ``gradscope.advice``) read as sentences; the other
+    numbers stay in the JSON report.  A dict with none of the known keys is
+    listed as ``key=value`` rather than dropped.
+    """
+    known = {"code", "method", "comparison", "format", "exponent", "scale", "threshold"}
+    lines = [headline] if headline else []
+    if value.get("comparison"):
+        lines.append(str(value["comparison"]))
+    if value.get("method"):
+        lines.append(f"how: {value['method']}")
+    if not lines:  # an analysis of a shape this renderer does not know: show it raw rather than nothing
+        lines.append(", ".join(f"{k}={evidence_value(v)}" for k, v in value.items() if k not in known))
+    return AnalysisItem(title, lines, str(value.get("code") or ""))
+
+
+def analysis_items(report: Report) -> list[AnalysisItem]:
+    """Facts from the depth analysis: first unhealthy layers, the loss scale, the clipping threshold."""
+    analysis = report.analysis if isinstance(report.analysis, Mapping) else {}
+    items = []
+    if "first_unhealthy_forward" in analysis or "first_unhealthy_backward" in analysis:
+        fwd = analysis.get("first_unhealthy_forward") or "none"
+        bwd = analysis.get("first_unhealthy_backward") or "none"
+        items.append(AnalysisItem("First layer out of the healthy range", [f"forward: {fwd} · backward: {bwd}"]))
+    scale = analysis.get("loss_scale")
+    if isinstance(scale, Mapping) and scale:
+        exponent, value = scale.get("exponent"), scale.get("scale")
+        fmt = scale.get("format") or primary_format(report)
+        headline = None
+        if exponent is not None or value is not None:
+            power = f"2^{exponent}" if exponent is not None else ""
+            amount = number(value) if value is not None else ""
+            headline = f"{fmt}: " + " = ".join(x for x in (power, amount) if x)
+        items.append(_recommendation("Loss scale", scale, headline))
+    clip = analysis.get("clip")
+    if isinstance(clip, Mapping) and clip:
+        threshold = clip.get("threshold")
+        headline = f"clip the global gradient norm at {number(threshold)}" if threshold is not None else None
+        items.append(_recommendation("Gradient clipping", clip, headline))
+    return items
