@@ -273,6 +273,11 @@ class Stats:
 
     vector: Any  # a CPU float64 torch.Tensor of SIZE elements
 
+    def __post_init__(self) -> None:
+        # One conversion to Python floats: every accessor below reads this list,
+        # since indexing a tensor element by element costs microseconds each.
+        object.__setattr__(self, "_values", self.vector.tolist())
+
     @classmethod
     def merged(cls, vectors: Iterable[Stats]) -> Stats:
         items = [v.vector for v in vectors]
@@ -282,7 +287,7 @@ class Stats:
         return Stats(merge_stats(self.vector, other.vector))
 
     def _get(self, index: int) -> float:
-        return float(self.vector[index])
+        return self._values[index]  # type: ignore[attr-defined,no-any-return]
 
     @property
     def count(self) -> int:
@@ -373,7 +378,7 @@ class Stats:
         """{floor(log2|x|): count} over finite non-zero histogrammed values; 105 means ">= 2^105"."""
         counts: dict[int, int] = {}
         for b in range(1, HIST_BINS):
-            c = float(self.vector[HIST + b])
+            c = self._get(HIST + b)
             if b == HIST_BINS - 1:
                 c -= self._hist_nonfinite()
             if c > 0.5:
@@ -386,7 +391,7 @@ class Stats:
         hi_b = HIST_BINS - 1 if hi is None else min(HIST_BINS - 1, hi + EXPONENT_OFFSET)
         if lo_b > hi_b:
             return 0
-        total = float(self.vector[HIST + lo_b : HIST + hi_b + 1].sum())
+        total = float(sum(self._values[HIST + lo_b : HIST + hi_b + 1]))  # type: ignore[attr-defined]
         if hi_b == HIST_BINS - 1:
             total -= self._hist_nonfinite()
         return max(0, round(total))
@@ -452,7 +457,7 @@ class Stats:
             out.update(self.format_fractions(name))
         # The raw histogram, sparse: [binade, count] for finite non-zero values
         # below 2^105, plus the two special bins, so that from_dict round-trips.
-        raw = self.vector[HIST : HIST + HIST_BINS]
+        raw = self._values[HIST : HIST + HIST_BINS]  # type: ignore[attr-defined]
         out["exponent_hist"] = [
             [b - EXPONENT_OFFSET, int(raw[b])] for b in range(1, HIST_BINS - 1) if raw[b] > 0
         ]
