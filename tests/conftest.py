@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+import torch
 from torch import nn
+
+# One intra-op thread for the whole suite: the models in the tests are small,
+# and on a shared 2-core machine torch's spinning thread pool made them up to
+# 15x slower.  Tests that need more threads set them locally.
+torch.set_num_threads(1)
 
 
 def _hook_counts(model: nn.Module) -> dict[str, int]:

@@ -1,10 +1,118 @@
-"""Diagnosis: rules that turn a Record into Findings.  (Filled in by the diagnosis work.)"""
+"""Diagnosis: small independent rules that turn a Record into Findings with Fixes.
+
+``diagnose(report, model=None)`` fills ``report.findings`` (sorted: severity
+first, then the first layer's position) and ``report.analysis`` (the depth
+profile, the init analysis, the loss scale and the clipping threshold).
+``diagnose_record`` does the same for a bare Record (used by ``watch``).
+
+Each rule is a function ``Context -> list[Finding]`` in its own module; every
+threshold lives in ``thresholds.py`` with its source.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gradscope.record import Record
+    from gradscope.report import Finding, Report
+
+__all__ = ["diagnose", "diagnose_record"]
 
 
-def diagnose(report: Any, model: Any = None) -> None:
-    """Fill ``report.findings`` and ``report.analysis``."""
-    report.findings = []
+def _analysis(ctx: Any) -> dict[str, Any]:
+    from gradscope import advice
+    from gradscope.diagnose.depth import depth_rows, first_unhealthy
+    from gradscope.diagnose.init import analyse_init
+
+    layers = ctx.layers
+    grads = [s for x in layers for r in ("gradient", "weight_grad") if (s := x.stats.get(r)) is not None]
+    loss_scale = advice.loss_scale_from_stats(grads, "fp16") if "fp16" in ctx.formats else None
+    norm = advice.global_grad_norm((x.weight_grad for x in layers if x.weight_grad is not None), ctx.steps)
+    clip = advice.clip_threshold([norm]) if norm is not None else None
+    if clip is not None:
+        clip["global_norm"] = norm
+    first_f, first_b = first_unhealthy(ctx)
+    return {
+        "depth": depth_rows(ctx),
+        "first_unhealthy_forward": first_f,
+        "first_unhealthy_backward": first_b,
+        "init": analyse_init(ctx),
+        "loss_scale": loss_scale,
+        "clip": clip,
+    }
+
+
+def diagnose_record(
+    record: Record,
+    *,
+    formats: Sequence[str] = ("fp16",),
+    model: Any = None,
+    steps: int | None = None,
+) -> tuple[list[Finding], dict[str, Any]]:
+    """Findings (sorted) and the analysis dict for a Record.
+
+    Args:
+        record: what the recorder saw.
+        formats: low-precision formats to check (fp16, bf16, fp8_e4m3, fp8_e5m2).
+        model: the module, when at hand (used only to read details such as a
+            LeakyReLU's slope; the diagnosis never runs it).
+        steps: how many passes the statistics merge (default ``record.steps``),
+            to turn merged gradient sums into a per-step norm.
+    """
+    from gradscope.diagnose.depth import rule_activations, rule_gradient
+    from gradscope.diagnose.init import rule_poor_init
+    from gradscope.diagnose.layers import Context
+    from gradscope.diagnose.nonfinite import rule_nonfinite
+    from gradscope.diagnose.precision import rule_precision
+    from gradscope.diagnose.units import rule_dead_units, rule_saturated_units
+    from gradscope.formats import FORMAT_NAMES
+
+    unknown = [f for f in formats if f not in FORMAT_NAMES]
+    if unknown:
+        from gradscope.errors import InputError
+
+        raise InputError(f"unknown format {unknown[0]!r}; choose among {', '.join(FORMAT_NAMES)}")
+    ctx = Context(record, tuple(formats), model, steps if steps is not None else max(record.steps, 1))
+    ctx.analysis = _analysis(ctx)
+    findings: list[Finding] = []
+    # poor-init runs last: its severity depends on what the depth rules found.
+    for rule in (
+        rule_nonfinite,
+        rule_gradient,
+        rule_activations,
+        rule_precision,
+        rule_dead_units,
+        rule_saturated_units,
+        rule_poor_init,
+    ):
+        found = rule(ctx)
+        ctx.found.update(f.code for f in found)
+        findings.extend(found)
+    return sort_findings(findings, ctx.position), ctx.analysis
+
+
+def sort_findings(findings: list[Finding], position: dict[str, int]) -> list[Finding]:
+    """Severity descending, then the position of the finding's first layer."""
+    from gradscope.report import Severity
+
+    def key(f: Finding) -> tuple[int, int]:
+        first = min((position.get(name, 1 << 30) for name in f.layers), default=1 << 30)
+        return (-Severity(f.severity).rank, first)
+
+    return sorted(findings, key=key)
+
+
+def diagnose(report: Report, model: Any = None) -> None:
+    """Fill ``report.findings`` and ``report.analysis`` from ``report.record``."""
+    formats = report.run.get("formats") or ("fp16",)
+    batches = report.run.get("batches")
+    findings, analysis = diagnose_record(
+        report.record,
+        formats=tuple(formats),
+        model=model,
+        steps=int(batches) if batches else None,
+    )
+    report.findings = findings
+    report.analysis = analysis

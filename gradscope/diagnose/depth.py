@@ -1,0 +1,447 @@
+"""Depth analysis and the vanishing/exploding rules, as the course teaches them.
+
+Backprop multiplies one Jacobian per layer, so what matters is how the signal
+changes *across depth*: the forward gain ``Var[h^t] / Var[h^{t-1}]``, the
+backward gain of ``∂ℓ/∂h`` (its RMS), and their products.  The rules are judged
+on ``∂ℓ/∂h`` (each layer's ``gradient`` role), never on weight gradients: in a
+30-layer ReLU stack with Xavier init the weight-gradient norms stay nearly flat
+while ``∂ℓ/∂h`` shrinks by ~10^4.
+
+Robustness choices (the rules run on models nobody here has seen):
+
+* Only *parametrised* layers (a matrix-shaped weight: Linear, Conv, Embedding,
+  attention) are compared, so element-wise layers between them (activations,
+  Dropout, Identity, which legitimately halve a variance or rescale by 1/(1-p))
+  never trigger anything; residual and Transformer blocks are judged by what
+  their weights see.
+* Ratios are relative: the gradient of the last parametrised layer (the loss
+  end, whose scale is ~1/batch for a mean-reduced loss) is the reference for
+  the backward pass; the output of the first parametrised layer that is not
+  an Embedding for the forward pass.  Only the course's absolute range
+  [1e-6, 1e3] looks at raw values, and its lower end only when the network
+  itself shrank the gradient.
+* A layer followed by normalisation is judged by ``RMS(∂ℓ/∂h) · std(h)``:
+  the normalisation divides its gradient by its output's std, whatever the
+  depth.  Forward drift is measured only after the last normalisation layer,
+  which resets the forward scale.
+* The signal is judged where it *arrives*: vanishing means the run of layers
+  at the input end (backward) or output end (forward) is out of the band.  A
+  branch whose gradient is small by construction, such as attention's
+  query/key projections at init, does not make a network vanish while the
+  residual path around it carries a healthy gradient to the input.
+* Widths differ (784 → 128 → 10): Kaiming's fan_in mode keeps the per-element
+  RMS, its fan_out mode and the backward pass keep the per-example norm.  A
+  ratio counts as out of range only when it is out of range under both
+  normalisations.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from gradscope import advice
+from gradscope.diagnose import thresholds as th
+from gradscope.diagnose.init import init_fix, poor_init_layers
+from gradscope.diagnose.layers import EMBEDDING_TYPES, NORM_TYPES, Context, width
+from gradscope.record import LayerRecord
+from gradscope.report import Finding, Fix, Severity
+from gradscope.stats import Stats
+
+
+def _valid(stats: Stats | None) -> bool:
+    return stats is not None and stats.count > 0 and stats.moments_valid
+
+
+def _std(stats: Stats | None) -> float | None:
+    if not _valid(stats):
+        return None
+    value = stats.std  # type: ignore[union-attr]
+    return value if math.isfinite(value) else None
+
+
+def _rms(stats: Stats | None) -> float | None:
+    if not _valid(stats):
+        return None
+    value = stats.rms  # type: ignore[union-attr]
+    return value if math.isfinite(value) else None
+
+
+def _div(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den == 0:
+        return None
+    return num / den
+
+
+def depth_rows(ctx: Context) -> list[dict[str, Any]]:
+    """One row per layer in execution order: std, ∂ℓ/∂h RMS, gains and cumulative gains.
+
+    ``forward_gain`` divides by the variance of the layer's own input when it
+    was recorded (parametrised layers in an audit), else by the previous
+    layer's output; ``backward_gain`` is RMS(∂ℓ/∂h^{t-1}) / RMS(∂ℓ/∂h^t), how
+    much the gradient grows passing back through layer t.  The cumulative
+    values are the telescoped products: ``Var[h^t] / Var[model input]`` (the
+    first layer's output when the input is not floating point) and
+    ``RMS(∂ℓ/∂h^t) / RMS(∂ℓ/∂h)`` of the layer closest to the loss.
+    """
+    layers = ctx.layers
+    ref_var = None
+    if _valid(ctx.record.input):
+        ref_var = ctx.record.input.var  # type: ignore[union-attr]
+    if not ref_var:
+        ref_var = next((s**2 for s in (_std(x.activation) for x in layers) if s), None)
+    end_rms = next((r for r in (_rms(x.gradient) for x in reversed(layers)) if r), None)
+    rows: list[dict[str, Any]] = []
+    for i, layer in enumerate(layers):
+        std = _std(layer.activation)
+        rms = _rms(layer.gradient)
+        var = None if std is None else std**2
+        source = layer.input if _valid(layer.input) else (layers[i - 1].activation if i > 0 else ctx.record.input)
+        in_std = _std(source)
+        prev_rms = _rms(layers[i - 1].gradient) if i > 0 else None
+        rows.append(
+            {
+                "name": layer.name,
+                "index": layer.index,
+                "type": layer.type,
+                "activation_std": std,
+                "gradient_rms": rms,
+                "forward_gain": _div(var, None if in_std is None else in_std**2),
+                "backward_gain": _div(prev_rms, rms),
+                "cum_forward_gain": _div(var, ref_var),
+                "cum_backward_gain": _div(rms, end_rms),
+            }
+        )
+    return rows
+
+
+def _envelope(value: float, ref: float, layer: LayerRecord, ref_layer: LayerRecord) -> tuple[float, float]:
+    """(low, high) of the amplitude ratio under per-element and per-example normalisation."""
+    ratio = value / ref
+    w, w_ref = width(layer), width(ref_layer)
+    if not w or not w_ref:
+        return ratio, ratio
+    per_example = ratio * math.sqrt(w / w_ref)
+    return min(ratio, per_example), max(ratio, per_example)
+
+
+Item = tuple[LayerRecord, float, float, float]  # (layer, amplitude, low ratio, high ratio)
+
+
+def _scan(ctx: Context, role: str) -> tuple[list[Item], LayerRecord | None, float | None]:
+    """Compare parametrised layers with the reference end of the network.
+
+    Backward (``gradient``): the reference is the parametrised layer closest to
+    the loss, and the list runs from it towards the input.  Forward
+    (``activation``): the reference is the first parametrised layer that is not
+    an Embedding (a lookup table's scale is a choice, usually normalised right
+    after), and the list runs towards the output.
+    """
+    backward = role == "gradient"
+    measure = _rms if backward else _std
+    layers = ctx.parametrised()
+    if backward:
+        layers.reverse()
+    else:
+        layers = _unnormalised_tail([x for x in layers if x.type not in EMBEDDING_TYPES] or layers, ctx)
+    measured = [(x, v) for x in layers if (v := measure(x.stats.get(role))) is not None]
+    if backward:
+        measured = [(x, v * _norm_scale(ctx, x)) for x, v in measured]
+    if len(measured) < 2:
+        return [], None, None
+    ref_layer, ref = measured[0]
+    if ref <= 0:
+        return [], ref_layer, ref
+    items = [(layer, value, *_envelope(value, ref, layer, ref_layer)) for layer, value in measured[1:]]
+    return items, ref_layer, ref
+
+
+def _norm_scale(ctx: Context, layer: LayerRecord) -> float:
+    """The std of a layer's output when a normalisation layer follows it, else 1.
+
+    BatchNorm/LayerNorm divide their input by its std, and so divide the
+    gradient flowing back into it by the same std (Ioffe & Szegedy 2015): a
+    conv fed unnormalised pixels gets a gradient 100x smaller for that reason
+    alone.  ``RMS(∂ℓ/∂h) · std(h)`` is the gradient with respect to the
+    normalised tensor, which depth, not input scale, decides.
+    """
+    kind, _ = ctx.activation_after(layer)
+    if kind != "norm":
+        return 1.0
+    std = _std(layer.activation)
+    return std if std else 1.0
+
+
+def _unnormalised_tail(layers: list[LayerRecord], ctx: Context) -> list[LayerRecord]:
+    """The parametrised layers after the last normalisation layer before the output.
+
+    A normalisation layer (BatchNorm, LayerNorm...) resets the forward scale
+    (Ioffe & Szegedy 2015), so forward drift is only measured over the stretch
+    it cannot reach: a ResNet fed unnormalised pixels, or a Transformer whose
+    blocks each end in a LayerNorm, has no forward drift to report.
+    """
+    norms = [ctx.position[x.name] for x in ctx.layers if x.type in NORM_TYPES]
+    if not norms or not layers:
+        return layers
+    last_norm = max(norms)
+    return [x for x in layers if ctx.position[x.name] > last_norm]
+
+
+def _far_segment(items: list[Item], condition: Any) -> list[Item]:
+    """The run of items at the far end (input end backward, output end forward) that
+    all satisfy ``condition``, from the far end inwards.
+
+    The signal is judged where it *arrives*: a branch whose gradient is small by
+    construction (the query/key projections of attention at init) but whose
+    neighbours on the residual path are fine does not make the network vanish.
+    """
+    segment: list[Item] = []
+    for item in reversed(items):
+        if not condition(item):
+            break
+        segment.append(item)
+    return segment
+
+
+def _vanishing_gradient(item: Item) -> bool:
+    # The course's absolute floor counts only where the network itself shrank
+    # the gradient: the loss end of a big-batch mean loss is legitimately tiny.
+    return item[3] < th.DEPTH_WARN_LOW or (item[1] < th.GRADIENT_RMS_MIN and item[3] < 1.0)
+
+
+def _exploding(item: Item) -> bool:
+    return item[2] > th.DEPTH_WARN_HIGH
+
+
+def _vanishing(item: Item) -> bool:
+    return item[3] < th.DEPTH_WARN_LOW
+
+
+def first_unhealthy(ctx: Context) -> tuple[str | None, str | None]:
+    """Where the cumulative product leaves the healthy band for good: forward, the
+    first layer in execution order of the run that stays out until the output;
+    backward, the first layer in the gradient's order (from the loss) of the run
+    that stays out until the input."""
+    fwd, _, _ = _scan(ctx, "activation")
+    bwd, _, _ = _scan(ctx, "gradient")
+    first_f = first_b = None
+    for items, conditions, is_forward in (
+        (fwd, (_vanishing, _exploding), True),
+        (bwd, (_vanishing_gradient, _exploding), False),
+    ):
+        for condition in conditions:
+            segment = _far_segment(items, condition)
+            if segment:
+                if is_forward:
+                    first_f = segment[-1][0].name
+                else:
+                    first_b = segment[-1][0].name
+                break
+    if first_b is None:
+        # The absolute ceiling of the course's range also marks the backward pass.
+        for layer in reversed(ctx.parametrised()):
+            rms = _rms(layer.gradient)
+            if rms is not None and rms > th.GRADIENT_RMS_MAX:
+                first_b = layer.name
+                break
+    return first_f, first_b
+
+
+def _severity(extreme: float, low: bool) -> Severity:
+    if low:
+        return Severity.ERROR if extreme < th.DEPTH_ERROR_LOW else Severity.WARNING
+    return Severity.ERROR if extreme > th.DEPTH_ERROR_HIGH else Severity.WARNING
+
+
+def _hidden_squash(rows: list[dict[str, Any]]) -> str | None:
+    """Return "Sigmoid" or "Tanh" when it is the activation after most analysed layers
+    (a sigmoid stack, not one sigmoid at the output), else None."""
+    kinds = [row["activation_after"] for row in rows]
+    for kind, name in (("sigmoid", "Sigmoid"), ("tanh", "Tanh")):
+        if kinds and kinds.count(kind) * 2 >= len(kinds):
+            return name
+    return None
+
+
+def _depth_fix(ctx: Context, exploding: bool) -> Fix:
+    """Init calls when the init is at fault; an activation change for sigmoid/tanh
+    stacks; otherwise normalisation or residuals, with LSUV as the data-driven init."""
+    rows = ctx.analysis.get("init") or []
+    bad = poor_init_layers(rows)
+    squash = _hidden_squash(rows)
+    plain = not any(x.type in NORM_TYPES for x in ctx.layers)
+    deep = len(ctx.parametrised()) >= th.PLAIN_DEEP_LAYERS
+    tail = ""
+    if plain and deep:
+        tail = " For a plain stack this deep, also add normalisation (BatchNorm/LayerNorm) or residual connections."
+    clip = ctx.analysis.get("clip") if exploding else None
+    clip_code = f"\n# and cap spikes while training:\n# {clip['code']}" if clip else ""
+    if squash == "Sigmoid" and not exploding:
+        return Fix(
+            "Sigmoid's derivative is at most 0.25, so a deep sigmoid stack vanishes whatever the init: "
+            "use ReLU (or GELU) with Kaiming init." + tail,
+            advice.swap_activation_code("Sigmoid", "ReLU"),
+        )
+    if bad:
+        fix = init_fix(bad)
+        return Fix(fix.summary + tail, fix.code + clip_code)
+    if squash and not exploding:
+        return Fix(
+            f"{squash} saturates and shrinks the gradient at every layer: use ReLU (or GELU) with Kaiming init." + tail,
+            advice.swap_activation_code(squash, "ReLU"),
+        )
+    return Fix(
+        "Rescale each layer from data with LSUV (Mishkin & Matas 2016), and add normalisation "
+        "(BatchNorm/LayerNorm) or residual connections.",
+        "from gradscope.fix import apply_init\n\n"
+        'apply_init(model, scheme="lsuv", inputs=batch)  # batch: one input batch of your data' + clip_code,
+    )
+
+
+def _per_layer(ratio: float, steps: int) -> float | None:
+    if steps <= 0 or ratio <= 0 or not math.isfinite(ratio):
+        return None
+    return ratio ** (1.0 / steps)
+
+
+def _ordered(ctx: Context, items: list[Item]) -> list[str]:
+    return sorted({t[0].name for t in items}, key=lambda name: ctx.position[name])
+
+
+def rule_gradient(ctx: Context) -> list[Finding]:
+    """vanishing-gradient / exploding-gradient, on ∂ℓ/∂h across depth and the absolute range."""
+    scanned, ref_layer, ref = _scan(ctx, "gradient")
+    findings: list[Finding] = []
+    if ref_layer is None or ref is None or ref <= 0:
+        return findings
+    n = len(scanned) + 1
+    low = _far_segment(scanned, _vanishing_gradient)
+    if low:
+        worst = min(low, key=lambda t: t[3])
+        relative = [t for t in low if t[3] < th.DEPTH_WARN_LOW]
+        severity = _severity(min(t[3] for t in relative), low=True) if relative else Severity.WARNING
+        span = scanned.index(worst) + 1
+        ratio = worst[1] / ref
+        if ratio > 0:
+            message = (
+                f"∂ℓ/∂h shrinks {1 / ratio:.3g}x from {ref_layer.name} (next to the loss) to {worst[0].name}, "
+                f"{span} parametrised layers back ({_fmt_gain(_per_layer(ratio, span))} per layer): "
+                "the early layers barely learn."
+            )
+        else:
+            message = (
+                f"∂ℓ/∂h is exactly zero at {worst[0].name}, {span} parametrised layers back from "
+                f"{ref_layer.name} (next to the loss): the layers before it get no gradient at all."
+            )
+        findings.append(
+            Finding(
+                code="vanishing-gradient",
+                severity=severity,
+                layers=_ordered(ctx, low),
+                message=message,
+                evidence={
+                    "reference_layer": ref_layer.name,
+                    "reference_gradient_rms": ref,
+                    "worst_layer": worst[0].name,
+                    "worst_gradient_rms": worst[1],
+                    "ratio": ratio,
+                    "ratio_width_corrected": worst[3],
+                    "per_layer_gain": _per_layer(ratio, span),
+                    "parametrised_layers": n,
+                    "first_unhealthy_backward": low[-1][0].name,
+                    "threshold_warning": th.DEPTH_WARN_LOW,
+                    "threshold_error": th.DEPTH_ERROR_LOW,
+                    "absolute_floor": th.GRADIENT_RMS_MIN,
+                },
+                fix=_depth_fix(ctx, exploding=False),
+            )
+        )
+    high = _far_segment(scanned, _exploding)
+    every = [(ref_layer, ref, 1.0, 1.0), *scanned]
+    # The course's absolute ceiling: a gradient this large anywhere means huge updates.
+    huge = [t for t in every if t[1] > th.GRADIENT_RMS_MAX and all(t[0] is not h[0] for h in high)]
+    if high or huge:
+        worst = max(high + huge, key=lambda t: t[1])
+        severity = _severity(max((t[2] for t in high), default=0.0), low=False) if high else Severity.WARNING
+        if any(t[1] > th.GRADIENT_RMS_MAX * th.DEPTH_WARN_HIGH for t in high + huge):
+            severity = Severity.ERROR
+        ratio = worst[1] / ref
+        span = every.index(worst)
+        findings.append(
+            Finding(
+                code="exploding-gradient",
+                severity=severity,
+                layers=_ordered(ctx, high + huge),
+                message=(
+                    f"∂ℓ/∂h grows {ratio:.3g}x from {ref_layer.name} (next to the loss) to {worst[0].name} "
+                    f"(RMS {worst[1]:.3g}; healthy values stay within [{th.GRADIENT_RMS_MIN:g}, "
+                    f"{th.GRADIENT_RMS_MAX:g}]): updates will blow up."
+                ),
+                evidence={
+                    "reference_layer": ref_layer.name,
+                    "reference_gradient_rms": ref,
+                    "worst_layer": worst[0].name,
+                    "worst_gradient_rms": worst[1],
+                    "ratio": ratio,
+                    "per_layer_gain": _per_layer(ratio, span),
+                    "parametrised_layers": n,
+                    "threshold_warning": th.DEPTH_WARN_HIGH,
+                    "threshold_error": th.DEPTH_ERROR_HIGH,
+                    "absolute_ceiling": th.GRADIENT_RMS_MAX,
+                },
+                fix=_depth_fix(ctx, exploding=True),
+            )
+        )
+    return findings
+
+
+def rule_activations(ctx: Context) -> list[Finding]:
+    """vanishing-activations / exploding-activations: the forward std across depth."""
+    scanned, ref_layer, ref = _scan(ctx, "activation")
+    findings: list[Finding] = []
+    if ref_layer is None or ref is None or ref <= 0:
+        return findings
+    n = len(scanned) + 1
+    for code, condition, low in (
+        ("vanishing-activations", _vanishing, True),
+        ("exploding-activations", _exploding, False),
+    ):
+        picked = _far_segment(scanned, condition)
+        if not picked:
+            continue
+        worst = min(picked, key=lambda t: t[3]) if low else max(picked, key=lambda t: t[2])
+        extreme = worst[3] if low else worst[2]
+        ratio = worst[1] / ref
+        span = scanned.index(worst) + 1
+        verb = "collapses" if low else "blows up"
+        findings.append(
+            Finding(
+                code=code,
+                severity=_severity(extreme, low=low),
+                layers=_ordered(ctx, picked),
+                message=(
+                    f"The forward signal {verb}: output std goes from {ref:.3g} at {ref_layer.name} to "
+                    f"{worst[1]:.3g} at {worst[0].name} ({ratio:.3g}x over {span} parametrised layers, "
+                    f"{_fmt_gain(_per_layer(ratio, span))} per layer)."
+                ),
+                evidence={
+                    "reference_layer": ref_layer.name,
+                    "reference_std": ref,
+                    "worst_layer": worst[0].name,
+                    "worst_std": worst[1],
+                    "ratio": ratio,
+                    "ratio_width_corrected": extreme,
+                    "per_layer_gain": _per_layer(ratio, span),
+                    "parametrised_layers": n,
+                    "first_unhealthy_forward": picked[-1][0].name,
+                    "threshold_warning": th.DEPTH_WARN_LOW if low else th.DEPTH_WARN_HIGH,
+                    "threshold_error": th.DEPTH_ERROR_LOW if low else th.DEPTH_ERROR_HIGH,
+                },
+                fix=_depth_fix(ctx, exploding=not low),
+            )
+        )
+    return findings
+
+
+def _fmt_gain(gain: float | None) -> str:
+    return "gain n/a" if gain is None else f"gain {gain:.3g}"

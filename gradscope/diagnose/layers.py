@@ -1,0 +1,128 @@
+"""What kind of layer a call site is, read from its recorded type name.
+
+The diagnosis works on a Record (which may come from JSON, with no model), so
+layers are classified by class name.  Unknown types are treated as opaque:
+never assumed to be an activation or a normalisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from gradscope.record import LayerRecord, Record
+
+# ReLU family: Kaiming (He et al. 2015) is the init that keeps them at gain 1.
+RELU_TYPES = {"ReLU", "ReLU6", "RReLU"}
+LEAKY_TYPES = {"LeakyReLU", "PReLU"}
+SMOOTH_RELU_TYPES = {"GELU", "SiLU", "Mish", "ELU", "CELU", "SELU", "Hardswish", "Softplus"}
+# Bounded activations: Xavier (Glorot & Bengio 2010).
+SQUASH_TYPES = {"Tanh", "Sigmoid", "Hardtanh", "Hardsigmoid", "Softsign", "LogSigmoid", "Tanhshrink"}
+ACTIVATION_TYPES = RELU_TYPES | LEAKY_TYPES | SMOOTH_RELU_TYPES | SQUASH_TYPES
+# Activations that output exact zeros for negative inputs: they can die.
+DYING_TYPES = {"ReLU", "ReLU6"}
+# Activations with two asymptotes: they can saturate.
+SATURATING_TYPES = {"Tanh", "Sigmoid"}
+# Layers that normalise their input: the init scale before them does not
+# matter to the forward signal (Ioffe & Szegedy 2015).
+NORM_TYPES = {
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "LazyBatchNorm1d", "LazyBatchNorm2d",
+    "LazyBatchNorm3d", "LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+    "RMSNorm", "LocalResponseNorm",
+}  # fmt: skip
+# Layers that pass the signal through element-wise without changing its scale
+# in expectation: skipped when looking for "the activation after a layer".
+TRANSPARENT_TYPES = {
+    "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout", "Identity",
+    "Flatten", "Unflatten",
+}  # fmt: skip
+# Lookup tables: their output scale is a design choice, not a per-layer gain.
+EMBEDDING_TYPES = {"Embedding", "EmbeddingBag"}
+# Layers whose init gradscope analyses and can fix (fan_in/fan_out as torch.nn.init).
+INIT_TYPES = {"Linear", "Conv1d", "Conv2d", "Conv3d", "LazyLinear", "LazyConv1d", "LazyConv2d", "LazyConv3d"}
+
+
+def activation_kind(type_name: str) -> str:
+    """Return "relu", "leaky_relu", "identity" or the lower-case type name of another activation."""
+    if type_name in RELU_TYPES:
+        return "relu"
+    if type_name in LEAKY_TYPES:
+        return "leaky_relu"
+    return type_name.lower()
+
+
+def is_parametrised(layer: LayerRecord, by_name: dict[str, LayerRecord]) -> bool:
+    """A layer with a matrix-shaped weight (Linear, Conv, Embedding, attention...)."""
+    if layer.fan_in is not None:
+        return True
+    shared = by_name.get(layer.shares_weights_with or "")
+    return shared is not None and shared.fan_in is not None
+
+
+def width(layer: LayerRecord) -> int | None:
+    """Values per example in the layer's output (all but the leading dimension)."""
+    shape = layer.output_shape
+    if not shape or len(shape) < 2:
+        return None
+    n = 1
+    for s in shape[1:]:
+        n *= int(s)
+    return n or None
+
+
+@dataclass
+class Context:
+    """A record plus what every rule needs to know about it."""
+
+    record: Record
+    formats: tuple[str, ...] = ("fp16",)
+    model: Any = None  # the nn.Module, when the diagnosis runs next to it
+    steps: int = 1
+    analysis: dict[str, Any] = field(default_factory=dict)
+    found: set[str] = field(default_factory=set)  # codes found by the rules run so far
+
+    def __post_init__(self) -> None:
+        self.layers: list[LayerRecord] = sorted(self.record.layers, key=lambda x: x.index)
+        self.by_name: dict[str, LayerRecord] = {layer.name: layer for layer in self.layers}
+        self.position: dict[str, int] = {layer.name: i for i, layer in enumerate(self.layers)}
+
+    def parametrised(self) -> list[LayerRecord]:
+        return [layer for layer in self.layers if is_parametrised(layer, self.by_name)]
+
+    def previous(self, layer: LayerRecord) -> LayerRecord | None:
+        i = self.position[layer.name]
+        return self.layers[i - 1] if i > 0 else None
+
+    def activation_after(self, layer: LayerRecord) -> tuple[str, LayerRecord | None]:
+        """The kind of what follows ``layer`` in execution order, skipping transparent layers.
+
+        Returns ("relu" | "leaky_relu" | "tanh" | ... , the activation's record),
+        ("norm", the normalisation's record), or ("identity", None) when the next
+        layer is anything else (another Linear, the end of the model, an opaque
+        module): the signal goes on unchanged as far as gradscope can tell.
+        """
+        for nxt in self.layers[self.position[layer.name] + 1 :]:
+            if nxt.type in TRANSPARENT_TYPES:
+                continue
+            if nxt.type in ACTIVATION_TYPES:
+                return activation_kind(nxt.type), nxt
+            if nxt.type in NORM_TYPES:
+                return "norm", nxt
+            return "identity", None
+        return "identity", None
+
+    def negative_slope(self, activation: LayerRecord | None) -> float:
+        """The leaky ReLU's slope, read from the model when it is at hand (default 0.01)."""
+        if activation is None or self.model is None:
+            return 0.01
+        try:
+            module = self.model if activation.module == "model" else self.model.get_submodule(activation.module)
+        except AttributeError:
+            return 0.01
+        slope = getattr(module, "negative_slope", None)
+        if slope is None and hasattr(module, "weight"):  # PReLU: its learnt slope
+            try:
+                slope = float(module.weight.detach().float().mean())
+            except (RuntimeError, TypeError):
+                slope = None
+        return float(slope) if slope is not None else 0.01

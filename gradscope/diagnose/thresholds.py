@@ -1,0 +1,95 @@
+"""Every threshold the diagnosis uses, in one place, each with its source.
+
+Depth thresholds are *amplitude* ratios (gradient RMS, activation std), so the
+same numbers serve the forward and the backward pass.  They are deliberately
+wide: the rules are tried on models nobody here has seen, and a false alarm on
+a healthy ResNet or Transformer costs the user more trust than a late warning.
+"""
+
+from __future__ import annotations
+
+# -- depth: how far the signal may drift between the two ends of the network
+#    (backward: the parametrised layer next to the loss vs the one next to the
+#    input; forward: the first non-embedding parametrised layer vs the last) --
+# The course: a per-layer gain of 0.8 compounds to 0.8^100 ≈ 2e-10 (vanishing),
+# 1.5 to 1.5^100 ≈ 4e17 (exploding).  Two decades is what 20 layers at gain 0.8
+# (0.8^20 ≈ 1.2e-2) or 11 layers at 1.5 (1.5^11 ≈ 86) do: the first layers then
+# learn a hundred times slower (faster) than the last ones.
+DEPTH_WARN_LOW = 1e-2
+DEPTH_WARN_HIGH = 1e2
+# Four decades (0.8^41 ≈ 1e-4, 1.5^23 ≈ 1e4).  He et al. 2015 (Fig. 3): a
+# 30-layer plain ReLU net with Xavier init, whose ∂ℓ/∂h shrinks by √2 per layer
+# (2^-14.5 ≈ 4e-5 over 29 layers), does not train at all.
+DEPTH_ERROR_LOW = 1e-4
+DEPTH_ERROR_HIGH = 1e4
+# A plain stack (no normalisation layer) with at least this many parametrised
+# layers also gets the normalisation/residual advice: He et al. 2015 train a
+# 22-layer plain ReLU net with either init but a 30-layer one only with theirs,
+# and He et al. 2016 (ResNet) show plain stacks degrading beyond ~20 layers.
+PLAIN_DEEP_LAYERS = 20
+
+# -- absolute range of gradient values ---------------------------------------
+# The course: a healthy range for gradient values is roughly [1e-6, 1e3].
+GRADIENT_RMS_MIN = 1e-6
+GRADIENT_RMS_MAX = 1e3
+
+# -- init analysis ------------------------------------------------------------
+# Activation factor E[act(y)^2] / E[y^2] for y ~ N(0, s^2): ReLU keeps half of
+# the second moment (He et al. 2015, eq. 7: Var[y_l] = n_l Var[w_l] E[x_l^2],
+# E[x_l^2] = Var[y_{l-1}] / 2).
+RELU_FACTOR = 0.5
+# The course's per-layer gains: 0.8 vanishes (0.8^100 ≈ 2e-10) and 1.5 explodes
+# (1.5^100 ≈ 4e17).  A predicted variance gain outside [0.8, 1.5] is "far from 1":
+# Xavier under ReLU (1/2, He et al. 2015) and PyTorch's default under ReLU (1/6)
+# both are; Kaiming (1) is not.
+INIT_GAIN_LOW = 0.8
+INIT_GAIN_HIGH = 1.5
+# Weight std within 25% of the recommended std counts as "already right"
+# (kaiming_uniform_ and kaiming_normal_ give the same std; PyTorch's default
+# init, kaiming_uniform_(a=√5), is 1/√6 ≈ 0.41 of He's and is not "right").
+INIT_STD_TOLERANCE = 1.25
+
+# -- precision ----------------------------------------------------------------
+# Format limits come from torch.finfo via gradscope.formats.get_format.
+# Less than one binade of headroom (absmax > max / 2): one doubling (a Dropout
+# of p=0.5 in training mode, a larger batch, one more step of growth) overflows.
+# HF's debugging guide shows an fp16 activation at 6.27e4 (headroom 0.06 binade)
+# turning inf after Dropout(p=0.1).
+HEADROOM_WARN_BINADES = 1.0
+# A gradient tensor is "mostly flushed" when at least half of its finite
+# non-zero values lie two or more binades below the format's smallest subnormal
+# (values in the binade just below round up to the smallest subnormal).
+UNDERFLOW_WARN_FRAC = 0.5
+# The recommended loss scale keeps one binade of headroom below the format's
+# maximum, because the next batch's largest gradient can be twice this one's.
+LOSS_SCALE_HEADROOM_BINADES = 1
+# torch.amp.GradScaler's default init_scale (PyTorch documentation).
+GRADSCALER_DEFAULT_EXPONENT = 16
+
+# -- dead units ---------------------------------------------------------------
+# A healthy ReLU on a symmetric pre-activation outputs zero about half the time
+# (He et al. 2015).  At 95% zeros most units never fire; at 99.9% the layer
+# passes essentially no signal and no gradient: the layers below stop learning.
+DEAD_WARN_ZERO_FRAC = 0.95
+DEAD_ERROR_ZERO_FRAC = 0.999
+
+# -- saturated units ----------------------------------------------------------
+# A tanh unit with |y| >= 0.9 has derivative 1 - y^2 <= 0.19; a sigmoid unit
+# with |2y - 1| >= 0.9 has derivative y(1 - y) <= 0.0475 (a fifth of its 0.25
+# maximum).  Glorot & Bengio 2010 (Sec. 3) show such saturated layers stall
+# training.  From the second moment alone, P(|u| >= t) >= (E[u^2] - t^2)/(1 - t^2)
+# for |u| <= 1: we flag when that lower bound on the saturated fraction is high.
+SATURATION_LEVEL = 0.9
+SATURATED_WARN_FRAC = 0.5
+SATURATED_ERROR_FRAC = 0.9
+
+# -- clipping -------------------------------------------------------------------
+# AutoClip (Seetharaman et al. 2020): clip the global norm at the 10th
+# percentile of all past gradient norms, once there is a history (they use the
+# whole run; 20 norms is the least we accept for a percentile).
+AUTOCLIP_PERCENTILE = 10.0
+AUTOCLIP_MIN_HISTORY = 20
+# With fewer observed norms there is no distribution to take a percentile of:
+# clip at twice the observed (median) norm, so ordinary steps pass untouched and
+# only spikes of more than one binade are cut.  A heuristic, said as such.
+CLIP_FEW_NORMS_FACTOR = 2.0

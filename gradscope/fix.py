@@ -1,0 +1,296 @@
+"""``gradscope.fix.apply_init``: apply an init fix to a model, in place.
+
+Schemes:
+
+* ``"kaiming"`` — He et al. 2015, ``kaiming_normal_(w, nonlinearity="relu")``
+  (std ``sqrt(2 / fan_in)``), biases zeroed.
+* ``"xavier"`` — Glorot & Bengio 2010, ``xavier_normal_(w)`` (std
+  ``sqrt(2 / (fan_in + fan_out))``), biases zeroed.
+* ``"auto"`` — audits the model and applies, per layer, what the diagnosis
+  recommends (Kaiming before the ReLU family, Xavier before tanh/sigmoid or
+  nothing) to the layers its ``poor-init`` finding names: weight std off the
+  recommendation, predicted gain far from 1, not followed by a normalisation
+  layer, on a model whose depth profile suffers (or would, but for residuals
+  or normalisation).  A healthy model is left untouched.
+* ``"lsuv"`` — Mishkin & Matas 2016, layer-sequential unit variance:
+  orthonormal pre-init, then in execution order rescale each layer's weight by
+  ``1/sqrt(Var(out))`` until ``|Var(out) - 1| < 0.1``, at most 10 tries.
+
+Only Linear and Conv1d/2d/3d layers are changed.  No hook stays attached and
+the model's modes, buffers, gradients and the global RNG state are restored
+(only the weights and biases of the changed layers differ afterwards).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradscope.errors import GradscopeError, InputError
+
+SCHEMES = ("auto", "kaiming", "xavier", "lsuv")
+# Mishkin & Matas 2016, Algorithm 1: tolerance on the output variance, and the
+# maximum number of rescaling iterations per layer.
+LSUV_TOLERANCE = 0.1
+LSUV_MAX_TRIES = 10
+
+
+def _eligible(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+
+
+def _selected(name: str, layers: Sequence[str] | None) -> bool:
+    return layers is None or any(fnmatch.fnmatchcase(name, pattern) for pattern in layers)
+
+
+def _get(model: nn.Module, name: str) -> nn.Module:
+    return model if name in ("", "model") else model.get_submodule(name)
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)  # _eligible modules always have one
+    return weight
+
+
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    bias = getattr(module, "bias", None)
+    return bias if isinstance(bias, torch.Tensor) else None
+
+
+def _std(module: nn.Module) -> float:
+    return float(_weight(module).detach().float().std())
+
+
+def _init_layer(module: nn.Module, scheme: str, nonlinearity: str = "relu", negative_slope: float = 0.01) -> None:
+    weight = _weight(module)
+    with torch.no_grad():
+        if scheme == "kaiming":
+            if nonlinearity == "leaky_relu":
+                nn.init.kaiming_normal_(weight, a=negative_slope, nonlinearity="leaky_relu")
+            else:
+                nn.init.kaiming_normal_(weight, nonlinearity="relu" if nonlinearity == "relu" else "linear")
+        elif scheme == "xavier":
+            nn.init.xavier_normal_(weight)
+        elif scheme == "orthogonal":
+            nn.init.orthogonal_(weight)
+        else:  # pragma: no cover - guarded by apply_init
+            raise ValueError(scheme)
+        bias = _bias(module)
+        if bias is not None:
+            nn.init.zeros_(bias)
+
+
+def apply_init(
+    model: nn.Module,
+    scheme: str = "auto",
+    layers: Sequence[str] | None = None,
+    inputs: Any = None,
+    **audit_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Re-initialise the model's Linear/Conv layers in place.
+
+    Args:
+        model: the module to fix.
+        scheme: "auto", "kaiming", "xavier" or "lsuv" (see the module docstring).
+        layers: qualified names (fnmatch patterns allowed) of the layers to
+            change; default all eligible layers.
+        inputs: a batch for "auto" (audited) and "lsuv" (propagated); when
+            None, a synthetic batch is drawn as ``gradscope.audit`` does.
+        **audit_kwargs: passed to ``gradscope.audit.audit`` for "auto"
+            (input_shape, input_dtype, vocab, loss, seed...); "lsuv" uses the
+            input ones (input_shape, input_dtype, vocab, seed, mode).
+
+    Returns:
+        One dict per changed layer: ``layer``, ``scheme``, ``old_std``,
+        ``new_std`` (and, for LSUV, ``output_std`` and ``tries``).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        >>> [c["layer"] for c in apply_init(model, "kaiming")]
+        ['0', '2']
+    """
+    if scheme not in SCHEMES:
+        raise InputError(f"unknown init scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    if scheme == "lsuv":
+        return lsuv(model, inputs, layers=layers, **audit_kwargs)
+    if scheme == "auto":
+        targets = _auto_targets(model, inputs, layers, audit_kwargs)
+    else:
+        targets = [
+            (name, scheme, "relu", 0.01)
+            for name, module in model.named_modules()
+            if _eligible(module) and _selected(name or "model", layers)
+        ]
+    changes = []
+    for name, chosen, nonlinearity, slope in targets:
+        module = _get(model, name)
+        old = _std(module)
+        _init_layer(module, chosen, nonlinearity, slope)
+        changes.append({"layer": name or "model", "scheme": chosen, "old_std": old, "new_std": _std(module)})
+    return changes
+
+
+def _auto_targets(
+    model: nn.Module, inputs: Any, layers: Sequence[str] | None, audit_kwargs: dict[str, Any]
+) -> list[tuple[str, str, str, float]]:
+    from gradscope.audit import audit
+
+    report = audit(model, inputs, **audit_kwargs)
+    targets = []
+    for row in report.analysis.get("init") or []:
+        layer = report.record.layer(row["name"])
+        if row.get("flag") != "poor-init" or not _selected(layer.module, layers):
+            continue
+        if not _eligible(_get(model, layer.module)):
+            continue
+        targets.append((layer.module, row["scheme"], row["nonlinearity"], row["negative_slope"] or 0.01))
+    return targets
+
+
+# -- LSUV ---------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """Raised from a forward hook once the layer of interest has run: the rest of
+    the forward is not needed."""
+
+
+def _make_batch(
+    model: nn.Module,
+    inputs: Any,
+    input_shape: Sequence[int] | None = None,
+    input_dtype: Any = torch.float32,
+    vocab: int | None = None,
+    seed: int = 0,
+    **_: Any,
+) -> Any:
+    from gradscope.audit import _to_device, model_device
+    from gradscope.inputs import InputSpec, infer_input, parse_dtype, synthetic_input
+
+    device = model_device(model)
+    if inputs is not None:
+        return _to_device(inputs, device)
+    if input_shape is not None:
+        spec = InputSpec(tuple(int(s) for s in input_shape), parse_dtype(input_dtype), vocab)
+    else:
+        spec = infer_input(model)
+        if vocab is not None:
+            spec.vocab = vocab
+    if not spec.dtype.is_floating_point and spec.vocab is None:
+        embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+        if embedding is None:
+            raise InputError("integer inputs need a vocabulary size; pass vocab=N")
+        spec.vocab = embedding.num_embeddings
+    return synthetic_input(spec, torch.Generator().manual_seed(seed), device)
+
+
+def _run(model: nn.Module, batch: Any) -> None:
+    from gradscope.audit import _call_model
+
+    try:
+        _call_model(model, batch)
+    except _Stop:
+        pass
+    except (GradscopeError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        raise InputError(
+            f"the model's forward raised during LSUV: {type(exc).__name__}: {text[0] if text else ''}"
+        ) from exc
+
+
+def _execution_order(model: nn.Module, batch: Any, names: list[str]) -> list[str]:
+    order: list[str] = []
+    handles = []
+    try:
+        for name in names:
+            module = _get(model, name)
+
+            def hook(mod: nn.Module, args: tuple, out: Any, name: str = name) -> None:
+                if name not in order:
+                    order.append(name)
+
+            handles.append(module.register_forward_hook(hook))
+        _run(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order
+
+
+def _output_var(model: nn.Module, module: nn.Module, batch: Any) -> float | None:
+    seen: list[torch.Tensor] = []
+
+    def hook(mod: nn.Module, args: tuple, out: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            seen.append(out.detach().float().var())
+        raise _Stop
+
+    handle = module.register_forward_hook(hook)
+    try:
+        _run(model, batch)
+    finally:
+        handle.remove()
+    if not seen:
+        return None
+    value = float(seen[0])
+    return value if math.isfinite(value) else None
+
+
+def lsuv(
+    model: nn.Module,
+    inputs: Any = None,
+    *,
+    layers: Sequence[str] | None = None,
+    tolerance: float = LSUV_TOLERANCE,
+    max_tries: int = LSUV_MAX_TRIES,
+    mode: str = "train",
+    **input_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Layer-sequential unit-variance init (Mishkin & Matas 2016), in place.
+
+    Orthonormal pre-init of every selected layer (biases zeroed), then, in
+    execution order, ``W <- W / sqrt(Var(out))`` until ``|Var(out) - 1| <
+    tolerance`` or ``max_tries`` rescalings.  Layers that never run are left
+    orthonormal.  Returns the changes as ``apply_init`` does.
+    """
+    from gradscope.audit import preserved_state
+
+    names = [n or "model" for n, m in model.named_modules() if _eligible(m) and _selected(n or "model", layers)]
+    if not names:
+        return []
+    batch = _make_batch(model, inputs, **input_kwargs)
+    old = {name: _std(_get(model, name)) for name in names}
+    changes: list[dict[str, Any]] = []
+    with preserved_state(model), torch.no_grad():
+        model.train(mode == "train")
+        for name in names:
+            _init_layer(_get(model, name), "orthogonal")
+        order = _execution_order(model, batch, names)
+        order += [n for n in names if n not in order]
+        for name in order:
+            module = _get(model, name)
+            var = _output_var(model, module, batch)
+            tries = 0
+            while var is not None and var > 0 and abs(var - 1.0) >= tolerance and tries < max_tries:
+                _weight(module).div_(math.sqrt(var))
+                tries += 1
+                var = _output_var(model, module, batch)
+            changes.append(
+                {
+                    "layer": name,
+                    "scheme": "lsuv",
+                    "old_std": old[name],
+                    "new_std": _std(module),
+                    "output_std": math.sqrt(var) if var is not None else None,
+                    "tries": tries,
+                }
+            )
+    return changes
