@@ -92,3 +92,29 @@ def test_autocast_bf16_statistics_keep_the_tensor_dtype() -> None:
         ref = model[0](x).double()
     assert first.activation.mean == pytest.approx(ref.mean().item(), abs=1e-6)
     assert first.activation.std == pytest.approx(ref.std(unbiased=False).item(), rel=1e-6)
+
+
+def test_autocast_bf16_tensors_are_judged_against_their_own_format() -> None:
+    """Activations past fp16's maximum are an fp16-overflow in fp32, but not
+    once autocast made them bf16, whose range holds them."""
+    from gradscope.diagnose import diagnose_record
+
+    def record_of(autocast: bool) -> object:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+        with torch.no_grad():
+            model[0].weight.mul_(1e5)  # activations ~1e5 > 65504
+        with Recorder(model) as rec:
+            rec.start()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = model(torch.randn(8, 16))
+            out.float().sum().backward()
+            return rec.finish()
+
+    fp32_findings, _ = diagnose_record(record_of(False), formats=("fp16",))
+    bf16_record = record_of(True)
+    bf16_findings, _ = diagnose_record(bf16_record, formats=("fp16",))
+    assert "fp16-overflow" in {f.code for f in fp32_findings}
+    assert bf16_record.layer("0").output_dtype == "bfloat16"
+    assert "fp16-overflow" not in {f.code for f in bf16_findings}
+    assert not [f for f in bf16_findings if f.code.startswith("bf16")]

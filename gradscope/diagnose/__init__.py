@@ -67,8 +67,12 @@ def diagnose_record(
     from gradscope.diagnose.nonfinite import rule_nonfinite
     from gradscope.diagnose.precision import rule_precision
     from gradscope.diagnose.units import rule_dead_units, rule_saturated_units
-    from gradscope.formats import FORMAT_NAMES
+    from gradscope.formats import FORMAT_NAMES, format_for_dtype
 
+    # A tensor that already is low-precision (autocast to bf16, a model in
+    # fp16) is checked against its own format too, whatever the run asked.
+    own = [f for layer in record.layers if (f := format_for_dtype(f"torch.{layer.output_dtype}")) is not None]
+    formats = tuple(dict.fromkeys([*formats, *own]))
     unknown = [f for f in formats if f not in FORMAT_NAMES]
     if unknown:
         from gradscope.errors import InputError

@@ -13,7 +13,7 @@ from typing import Any
 from gradscope import advice
 from gradscope.diagnose import thresholds as th
 from gradscope.diagnose.layers import Context
-from gradscope.formats import get_format
+from gradscope.formats import format_for_dtype, get_format
 from gradscope.record import LayerRecord
 from gradscope.report import Finding, Fix, Severity
 from gradscope.stats import Stats
@@ -36,10 +36,21 @@ def _headroom(stats: Stats, fmt: str) -> float:
     return math.log2(get_format(fmt).max / absmax)
 
 
+def _checked_against(layer: LayerRecord, fmt: str) -> bool:
+    """A tensor already in a low-precision format (autocast to bf16, a model
+    cast to fp16) is judged against its own format only: the range of another
+    format says nothing about it.  fp32 tensors are judged against every
+    format the run asks about."""
+    own = format_for_dtype(f"torch.{layer.output_dtype}") if layer.output_dtype else None
+    return own is None or own == fmt
+
+
 def _overflow_items(ctx: Context, fmt: str) -> list[tuple[LayerRecord, str, Stats, float, float]]:
     form = get_format(fmt)
     items = []
     for layer in ctx.layers:
+        if not _checked_against(layer, fmt):
+            continue
         for role in OVERFLOW_ROLES:
             stats = layer.stats.get(role)
             if stats is None or stats.count == 0:
@@ -135,6 +146,8 @@ def _underflow(ctx: Context, fmt: str) -> Finding | None:
     items: list[tuple[LayerRecord, str, float]] = []
     rescued = True  # does GradScaler's default start bring every such tensor back?
     for layer in ctx.layers:
+        if not _checked_against(layer, fmt):
+            continue
         for role in UNDERFLOW_ROLES:
             stats = layer.stats.get(role)
             if stats is None or stats.count == 0:
