@@ -18,6 +18,7 @@ __all__ = [
     "Stats",
     "audit",
     "tensor_stats",
+    "watch",
     "__version__",
 ]
 
@@ -32,6 +33,7 @@ _EXPORTS = {
     "Stats": "gradscope.stats",
     "tensor_stats": "gradscope.stats",
     "audit": "gradscope.audit",
+    "watch": "gradscope.watching",
 }
 
 if TYPE_CHECKING:
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     from gradscope.recorder import Recorder
     from gradscope.report import Finding, Fix, Report, Severity
     from gradscope.stats import Stats, tensor_stats
+    from gradscope.watching import watch
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,91 @@
+"""Hugging Face ``Trainer``: ``Trainer(..., callbacks=[GradscopeTrainerCallback(every=50)])``.
+
+A thin adapter over ``gradscope.watch``:
+
+* ``on_train_begin`` creates the Scope on the model the Trainer trains;
+* ``on_pre_optimizer_step`` (transformers >= 4.45) calls ``scope.step(optimizer)``
+  just before ``optimizer.step()``.  The Trainer calls it *after* its own
+  gradient clipping (``max_grad_norm``, default 1.0), so the gradients and the
+  global norm gradscope sees are the clipped ones; set ``max_grad_norm=0`` (or
+  read the Trainer's logged ``grad_norm``) to see the raw norm.  Older
+  transformers have no such event: ``on_step_end`` is used instead, after the
+  optimizer step, where ``.grad`` still holds the step's gradients unless the
+  optimizer zeroed them (the update ratio is then not measured).
+* evaluation runs between steps: the forward hooks are paused from
+  ``on_step_end`` to the next ``on_step_begin``, so evaluation forwards are
+  not recorded;
+* ``on_train_end`` closes the Scope; the full report is in ``callback.report``.
+
+The Trainer hides NaN/inf losses from its logs by default
+(``logging_nan_inf_filter=True``); gradscope does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+try:
+    from transformers import TrainerCallback
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "gradscope.integrations.huggingface needs transformers: pip install 'gradscope[transformers]'"
+    ) from exc
+
+from gradscope.report import Report
+from gradscope.watching import Scope, watch
+
+HAS_PRE_OPTIMIZER_STEP = hasattr(TrainerCallback, "on_pre_optimizer_step")
+
+
+class GradscopeTrainerCallback(TrainerCallback):
+    """Watch a Hugging Face Trainer run.  Keyword arguments go to ``gradscope.watch``."""
+
+    def __init__(
+        self,
+        every: int = 1,
+        log_dir: str | None = None,
+        formats: Sequence[str] = ("fp16",),
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        on_finding: Any = None,
+        raise_on: Sequence[str] = ("nonfinite",),
+    ) -> None:
+        self.kwargs = dict(
+            every=every, log_dir=log_dir, formats=formats, include=include, exclude=exclude,
+            on_finding=on_finding, raise_on=raise_on,
+        )
+        self.scope: Scope | None = None
+        self.report: Report | None = None
+        self._pause: Any = None
+        self.event = "on_pre_optimizer_step" if HAS_PRE_OPTIMIZER_STEP else "on_step_end"
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if model is None:
+            return
+        self.report = None
+        self.scope = watch(model, **self.kwargs)
+
+    def _step(self, optimizer: Any) -> None:
+        if self.scope is not None and not self.scope.closed:
+            self.scope.step(optimizer)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._pause is not None:
+            pause, self._pause = self._pause, None
+            pause.__exit__(None, None, None)
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._step(kwargs.get("optimizer"))
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not HAS_PRE_OPTIMIZER_STEP:
+            self._step(kwargs.get("optimizer"))
+        if self.scope is not None and not self.scope.closed and self._pause is None:
+            self._pause = self.scope.paused()
+            self._pause.__enter__()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.on_step_begin(args, state, control)
+        if self.scope is not None and not self.scope.closed:
+            self.report = self.scope.close()

@@ -1,0 +1,113 @@
+"""Lightning: ``trainer = Trainer(callbacks=[GradscopeCallback(every=50, log_dir="tb")])``.
+
+The callback is a thin adapter over ``gradscope.watch``:
+
+* ``on_fit_start`` creates the Scope on the LightningModule (hooks attached);
+* ``on_before_backward`` remembers the (unscaled) loss of the micro-batch;
+* ``on_before_optimizer_step`` calls ``scope.step(optimizer, scaler, loss)``.
+  Lightning calls it after the optimizer closure ran every forward/backward of
+  the step (so after gradient accumulation) and after AMP's ``unscale_``, and
+  before gradient clipping: gradscope sees the gradients the clipping sees.
+* validation and sanity-check forwards are not recorded (``scope.paused()``);
+* ``on_fit_end`` / ``on_exception`` close the Scope; the full report is then in
+  ``callback.report`` (and in TensorBoard when ``log_dir`` is set).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from gradscope.errors import GradscopeError
+
+try:
+    from lightning.pytorch.callbacks import Callback
+except ImportError:  # pragma: no cover - exercised only without the extra
+    try:
+        from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef]
+    except ImportError as exc:
+        raise ImportError(
+            "gradscope.integrations.lightning needs Lightning: pip install 'gradscope[lightning]'"
+        ) from exc
+
+from gradscope.report import Report
+from gradscope.watching import Scope, watch
+
+
+def _scaler_of(trainer: Any) -> Any:
+    """The GradScaler of Lightning's AMP precision plugin, if any."""
+    for owner in (getattr(trainer, "strategy", None), trainer):
+        plugin = getattr(owner, "precision_plugin", None)
+        scaler = getattr(plugin, "scaler", None)
+        if scaler is not None:
+            return scaler
+    return None
+
+
+class GradscopeCallback(Callback):
+    """Watch a Lightning run with gradscope.  Keyword arguments go to ``gradscope.watch``."""
+
+    def __init__(
+        self,
+        every: int = 1,
+        log_dir: str | None = None,
+        formats: Sequence[str] = ("fp16",),
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        on_finding: Any = None,
+        raise_on: Sequence[str] = ("nonfinite",),
+    ) -> None:
+        super().__init__()
+        self.kwargs = dict(
+            every=every, log_dir=log_dir, formats=formats, include=include, exclude=exclude,
+            on_finding=on_finding, raise_on=raise_on,
+        )
+        self.scope: Scope | None = None
+        self.report: Report | None = None
+        self._pause: Any = None
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.scope is not None and not self.scope.closed:
+            raise GradscopeError("this GradscopeCallback is already watching a run; use one callback per fit")
+        self.report = None
+        self.scope = watch(pl_module, **self.kwargs)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.scope is not None:
+            self.scope.mark_forward()  # training_step may call submodules, not pl_module itself
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+        if self.scope is not None:
+            self.scope.observe_loss(loss)
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if self.scope is not None:
+            # Lightning's AMP plugin has already called scaler.unscale_(optimizer) here.
+            self.scope.step(optimizer, scaler=_scaler_of(trainer), unscaled=True)
+
+    def _pause_start(self) -> None:
+        if self.scope is not None and self._pause is None:
+            self._pause = self.scope.paused()
+            self._pause.__enter__()
+
+    def _pause_end(self) -> None:
+        if self._pause is not None:
+            pause, self._pause = self._pause, None
+            pause.__exit__(None, None, None)
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        self._pause_start()
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        self._pause_end()
+
+    def _close(self) -> None:
+        self._pause_end()
+        if self.scope is not None and not self.scope.closed:
+            self.report = self.scope.close()
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self._close()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._close()

@@ -1,0 +1,268 @@
+"""Training rules: findings that only a watched run can make.
+
+* ``gradient-spike``: the global gradient norm far above its recent history
+  (rule and thresholds in ``gradscope.watching.norms``), with AutoClip's clip
+  threshold (Seetharaman et al. 2020: the 10th percentile of all past norms)
+  and the median of past norms as the gentler alternative.
+* ``update-ratio``: ‖Δw‖/‖w‖ of a layer far from ~1e-3 for a long time.  The
+  1e-3 rule of thumb is from Karpathy's CS231n notes ("Neural Networks Part 3:
+  ratio of weights:updates"); we flag a decade either side, for at least
+  ``UPDATE_RATIO_PATIENCE`` consecutive sampled steps.
+* ``nonfinite``: the first NaN/Inf of the run (activation, ∂ℓ/∂h, weight
+  gradient, weight or loss), where it was produced or received.
+* ``fp16-overflow`` with a GradScaler: too many steps skipped by the scaler.
+
+Each builder is a pure function of what the Scope accumulated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from gradscope.report import Finding, Fix, Severity
+from gradscope.watching.norms import AUTOCLIP_PERCENTILE, PERCENTILE_RELATIVE_ERROR, NormHistogram, Spike
+
+UPDATE_RATIO_TARGET = 1e-3
+UPDATE_RATIO_LOW = 1e-4
+UPDATE_RATIO_HIGH = 1e-2
+UPDATE_RATIO_PATIENCE = 10  # consecutive sampled steps outside the band before it alerts
+# GradScaler halves its scale and skips the step on overflow, and doubles it after
+# 2000 clean steps, so a healthy run skips about 1 step in 2000 (0.05 %).  Skipping
+# more than 1 % of steps means the scale keeps hitting the fp16 ceiling.
+SKIPPED_STEPS_WARNING = 0.01
+
+
+@dataclass
+class UpdateRatioLayer:
+    """Running summary of one layer's update ratios (bounded: a few numbers)."""
+
+    samples: int = 0
+    outside: int = 0
+    run: int = 0  # consecutive samples outside the band, up to now
+    run_start: int | None = None
+    longest_run: int = 0
+    log_sum: float = 0.0  # sum of log10(ratio) over the non-zero samples
+    nonzero: int = 0
+    last: float = math.nan
+    first_outside_step: int | None = None
+
+    def add(self, step: int, ratio: float) -> bool:
+        """Add one sample; True when the layer has been outside the band for long."""
+        self.last = ratio
+        if not math.isfinite(ratio) or ratio == 0.0:
+            return False  # no update (a skipped step, lr 0) or a non-finite weight: other rules
+        self.samples += 1
+        self.nonzero += 1
+        self.log_sum += math.log10(ratio)
+        if UPDATE_RATIO_LOW <= ratio <= UPDATE_RATIO_HIGH:
+            self.run, self.run_start = 0, None
+            return False
+        self.outside += 1
+        if self.first_outside_step is None:
+            self.first_outside_step = step
+        if self.run == 0:
+            self.run_start = step
+        self.run += 1
+        self.longest_run = max(self.longest_run, self.run)
+        return self.run >= UPDATE_RATIO_PATIENCE
+
+    @property
+    def geometric_mean(self) -> float:
+        return 10 ** (self.log_sum / self.nonzero) if self.nonzero else math.nan
+
+
+def update_ratio_finding(layer: str, summary: UpdateRatioLayer, *, final: bool) -> Finding | None:
+    """The ``update-ratio`` finding of one layer, or None.
+
+    During the run (``final=False``) it fires while the current run of samples
+    outside the band is at least UPDATE_RATIO_PATIENCE long; at the end it fires
+    when the layer spent most of the run outside the band.
+    """
+    if final:
+        if summary.samples < UPDATE_RATIO_PATIENCE or summary.outside * 2 <= summary.samples:
+            return None
+    elif summary.run < UPDATE_RATIO_PATIENCE:
+        return None
+    typical = summary.geometric_mean if final else summary.last
+    too = "large" if typical > UPDATE_RATIO_HIGH else "small"
+    factor = UPDATE_RATIO_TARGET / typical if typical > 0 else math.nan
+    return Finding(
+        code="update-ratio",
+        severity=Severity.WARNING,
+        layers=[layer],
+        message=(
+            f"{layer}: each step changes the weights by {typical:.2g} of their norm (‖Δw‖/‖w‖), too {too}; "
+            f"about 1e-3 is healthy"
+        ),
+        evidence={
+            "update_ratio": typical,
+            "last_update_ratio": summary.last,
+            "samples": summary.samples,
+            "samples_outside_band": summary.outside,
+            "longest_run_outside": summary.longest_run,
+            "band": [UPDATE_RATIO_LOW, UPDATE_RATIO_HIGH],
+            "target": UPDATE_RATIO_TARGET,
+            "first_outside_step": summary.first_outside_step,
+        },
+        fix=Fix(
+            f"scale this layer's learning rate by about {factor:.2g} (the update is proportional to it)",
+            "# a parameter group for this layer:\n"
+            f"optimizer = torch.optim.AdamW([{{'params': model.get_submodule('{layer}').parameters(), "
+            f"'lr': base_lr * {factor:.2g}}}, ...])",
+        ),
+    )
+
+
+def clip_advice(history: NormHistogram) -> dict[str, Any] | None:
+    """AutoClip's threshold and the median alternative, from all past norms."""
+    p10 = history.percentile(AUTOCLIP_PERCENTILE)
+    if p10 is None:
+        return None
+    return {
+        "method": "autoclip",
+        "percentile": AUTOCLIP_PERCENTILE,
+        "threshold": p10,
+        "median_threshold": history.percentile(50.0),
+        "norms_seen": history.count,
+        "relative_error": PERCENTILE_RELATIVE_ERROR,
+        "source": "Seetharaman et al. 2020, AutoClip: the 10th percentile of all past global norms",
+    }
+
+
+def clip_snippet(threshold: float) -> str:
+    return (
+        "loss.backward()\n"
+        f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={threshold:.4g})\n"
+        "optimizer.step()"
+    )
+
+
+@dataclass
+class SpikeSummary:
+    """Running summary of the spikes of a run (bounded)."""
+
+    count: int = 0
+    first: Spike | None = None
+    worst: Spike | None = None
+    steps: list[int] = field(default_factory=list)  # the first MAX_STEPS spike steps
+    # the largest per-parameter gradient norms at spikes on sampled steps (first MAX_STEPS)
+    parameter_norms: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    MAX_STEPS = 20
+    TOP_PARAMETERS = 5
+
+    def add_parameter_norms(self, step: int, norms: dict[str, float]) -> None:
+        if len(self.parameter_norms) >= self.MAX_STEPS:
+            return
+        ranked = sorted(norms.items(), key=lambda kv: kv[1] if math.isfinite(kv[1]) else math.inf, reverse=True)
+        self.parameter_norms[step] = dict(ranked[: self.TOP_PARAMETERS])
+
+    def add(self, spike: Spike) -> None:
+        self.count += 1
+        if self.first is None:
+            self.first = spike
+        if self.worst is None or spike.ratio > self.worst.ratio:
+            self.worst = spike
+        if len(self.steps) < self.MAX_STEPS:
+            self.steps.append(spike.step)
+
+
+def spike_finding(spike: Spike, summary: SpikeSummary, clip: dict[str, Any] | None) -> Finding:
+    """The ``gradient-spike`` finding for the latest (or worst) spike."""
+    evidence: dict[str, Any] = {
+        "step": spike.step,
+        "global_norm": spike.norm,
+        "recent_median": spike.median,
+        "ratio_to_median": spike.ratio,
+        "robust_z": spike.z,
+        "spikes": summary.count,
+        "spike_steps": list(summary.steps),
+    }
+    if spike.step in summary.parameter_norms:
+        evidence["largest_parameter_norms"] = summary.parameter_norms[spike.step]
+    if summary.worst is not None:
+        evidence["worst_ratio"] = summary.worst.ratio
+        evidence["worst_step"] = summary.worst.step
+    fix = None
+    if clip is not None:
+        evidence["clip_threshold"] = clip["threshold"]
+        evidence["clip_threshold_median"] = clip["median_threshold"]
+        evidence["clip_method"] = (
+            f"AutoClip: 10th percentile of all {clip['norms_seen']} past global norms "
+            f"(within {clip['relative_error']:.1%}); the median is the gentler alternative"
+        )
+        fix = Fix(
+            f"clip the global gradient norm at {clip['threshold']:.3g} (AutoClip, p10 of past norms); "
+            f"a gentler choice is the median, {clip['median_threshold']:.3g}",
+            clip_snippet(clip["threshold"]),
+        )
+    return Finding(
+        code="gradient-spike",
+        severity=Severity.WARNING,
+        layers=[],
+        message=(
+            f"step {spike.step}: the global gradient norm jumped to {spike.norm:.3g}, "
+            f"{spike.ratio:.1f}x its recent median {spike.median:.3g}"
+        ),
+        evidence=evidence,
+        fix=fix,
+    )
+
+
+def nonfinite_finding(record: dict[str, Any], clip: dict[str, Any] | None) -> Finding:
+    """The ``nonfinite`` error for the first NaN/Inf of the run."""
+    role = record.get("role")
+    layer = record.get("layer")
+    where = f"in {layer} " if layer else ""
+    names = {
+        "activation": "activation",
+        "gradient": "gradient ∂ℓ/∂h",
+        "weight_grad": "weight gradient",
+        "weight": "weight",
+        "loss": "loss",
+    }
+    dtype = f" ({record['dtype']})" if record.get("dtype") else ""
+    origin = record.get("origin", "")
+    source = record.get("source")
+    how = f", {origin} ({'from' if origin == 'received' else 'by'} {source})" if source else ""
+    message = f"step {record['step']}: first non-finite {names.get(role, role)} {where}{dtype}{how}".replace(
+        "  ", " "
+    )
+    if clip is not None:
+        fix = Fix(
+            "lower the learning rate, and clip the global gradient norm at "
+            f"{clip['threshold']:.3g} (AutoClip, from the norms seen before the failure)",
+            clip_snippet(clip["threshold"]),
+        )
+    elif role == "activation":
+        fix = Fix("run this layer in float32 or bf16, or rescale its input", "")
+    else:
+        fix = Fix("lower the learning rate and clip the global gradient norm", clip_snippet(1.0))
+    return Finding(
+        code="nonfinite",
+        severity=Severity.ERROR,
+        layers=[layer] if layer else [],
+        message=message,
+        evidence=dict(record),
+        fix=fix,
+    )
+
+
+def skipped_steps_finding(skipped: int, steps: int, scale: float | None) -> Finding | None:
+    """``fp16-overflow`` when the GradScaler skipped too many steps."""
+    if steps == 0 or skipped / steps <= SKIPPED_STEPS_WARNING:
+        return None
+    return Finding(
+        code="fp16-overflow",
+        severity=Severity.WARNING,
+        layers=[],
+        message=f"the GradScaler skipped {skipped} of {steps} steps because scaled gradients overflowed fp16",
+        evidence={"skipped_steps": skipped, "steps": steps, "loss_scale": scale,
+                  "threshold_frac": SKIPPED_STEPS_WARNING},
+        fix=Fix(
+            "lower the learning rate or clip gradients; if it persists, train in bf16 (no loss scaling needed)",
+            "with torch.autocast(device_type='cuda', dtype=torch.bfloat16):\n    loss = model(x)",
+        ),
+    )

@@ -1,0 +1,864 @@
+"""``gradscope.watch``: watch a training run, cheaply enough to leave on.
+
+How a step is observed
+----------------------
+Call ``scope.step(optimizer, scaler=None, loss=None)`` once per optimizer step,
+after backward and before ``optimizer.step()`` (or ``scope.attach(optimizer)``
+to do it from an optimizer pre-step hook).  Steps are numbered from 0 by these
+calls; step ``k`` is *sampled* when ``k % every == 0``.  Whether a step is
+sampled is decided before its forward runs: right after the previous
+``step()`` call the recorder is started (next step sampled) or stopped (its
+hooks then return at once and do nothing measurable).
+
+Every step, on the device, with no host sync: the global gradient norm (one
+norm per parameter, then the norm of those norms) into a ring of ``every``
+slots, the loss if given, the GradScaler's scale if given.  On a sampled step,
+additionally: per-layer statistics of activations, ∂ℓ/∂h, weights and weight
+gradients (the Recorder), per-parameter gradient norms, and a snapshot of the
+layer weights for the update ratio ‖Δw‖/‖w‖ (resolved by an optimizer
+post-step hook, else at the next ``step()``).  At the sampled step's
+``step()`` call everything moves to the host in one flush, the rules run, and
+alerts fire; so a problem on a non-sampled step is seen at the next flush (with
+``every=1``, at the same step).
+
+Gradient accumulation: statistics are per *optimizer step*; the forwards and
+backwards of all micro-batches of a sampled step are merged into its record.
+
+GradScaler: pass it to ``step``; the scale is read at flush, a decrease of the
+scale counts as a skipped step, and gradient statistics (∂ℓ/∂h always, weight
+gradients unless ``scaler.unscale_`` already ran) are divided by the scale, so
+every number gradscope reports is *unscaled* (``report.run["gradients"]``).
+Non-finite gradients are then expected now and then (the scaler skips those
+steps) and are counted, not raised; non-finite activations and losses still are.
+
+Memory: running aggregates (merged statistics, a fixed-size norm histogram, a
+64-step spike window, a few numbers per layer and per finding) plus a ring of
+the last ``ring`` flushes.  Nothing grows with the number of steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradscope.errors import GradscopeError
+from gradscope.formats import get_format
+from gradscope.record import LayerRecord, Record
+from gradscope.recorder import Recorder
+from gradscope.report import Finding, Report, Severity
+from gradscope.stats import Stats, merge_stats
+from gradscope.training import (
+    SpikeSummary,
+    UpdateRatioLayer,
+    clip_advice,
+    nonfinite_finding,
+    skipped_steps_finding,
+    spike_finding,
+    update_ratio_finding,
+)
+from gradscope.watching.alerts import AlertTracker
+from gradscope.watching.nonfinite import first_nonfinite
+from gradscope.watching.norms import NormHistogram, SpikeDetector
+from gradscope.watching.scaling import active_scaler, divide_stats, grads_already_unscaled, scale_tensor
+
+logger = logging.getLogger("gradscope")
+
+RAISE_CODES = ("nonfinite", "gradient-spike", "update-ratio", "fp16-overflow")
+_NORM, _LOSS, _SCALE = 0, 1, 2
+WATCH_SAMPLE = 65536
+
+
+@dataclass
+class FlushResult:
+    """What one flush saw (kept in the Scope's bounded ring of recent flushes)."""
+
+    step: int
+    record: Record  # this flush's statistics (unscaled), one optimizer step
+    global_norms: list[tuple[int, float]]  # (step, norm) of every step since the previous flush
+    losses: list[tuple[int, float]]
+    loss_scale: float | None
+    update_ratios: dict[int, dict[str, float]]  # sampled step -> layer -> ‖Δw‖/‖w‖ (resolved since last flush)
+    param_grad_norms: dict[str, float]  # parameter name -> gradient norm at this step
+    clip: dict[str, Any] | None
+    findings: list[Finding] = field(default_factory=list)
+    alerts: list[Finding] = field(default_factory=list)
+
+
+def _norms_of(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """2-norms as float32 0-d tensors, accumulated in float32 for fp16/bf16 (an fp16
+    norm would overflow at 65504 although every element is finite)."""
+    if not tensors:
+        return []
+    if all(t.dtype == torch.float32 for t in tensors) and len({t.device for t in tensors}) == 1:
+        return list(torch._foreach_norm(list(tensors)))
+    out = []
+    for t in tensors:
+        if t.dtype in (torch.float16, torch.bfloat16):
+            out.append(torch.linalg.vector_norm(t, dtype=torch.float32))
+        else:
+            out.append(torch.linalg.vector_norm(t).float())
+    return out
+
+
+def stats_norm(stats: Stats | None) -> float:
+    """The 2-norm of the tensor behind ``stats`` (sqrt(M2 + n mean^2))."""
+    if stats is None:
+        return math.nan
+    if not stats.moments_valid:
+        return math.inf if stats.has_inf and not stats.has_nan else math.nan
+    return math.sqrt(stats.count) * stats.rms
+
+
+class Scope:
+    """A watched training run.  Create it with ``gradscope.watch`` (same arguments).
+
+    Hooks are attached on construction and removed by ``close()`` (or leaving the
+    ``with`` block).  Beyond ``watch``'s arguments: ``ring`` is how many recent
+    flushes ``scope.recent`` keeps (each a ``FlushResult``); ``diagnose=False``
+    runs only the training rules (no ``gradscope.diagnose`` per flush).
+    ``raise_on`` takes codes among RAISE_CODES.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        every: int = 1,
+        log_dir: str | None = None,
+        formats: Sequence[str] = ("fp16",),
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        on_finding: Callable[[Finding], Any] | None = None,
+        raise_on: Sequence[str] = ("nonfinite",),
+        ring: int = 8,
+        diagnose: bool = True,
+    ) -> None:
+        if int(every) < 1:
+            raise GradscopeError(f"every must be a positive number of steps, not {every!r}")
+        for name in formats:
+            get_format(name)  # raises on an unknown format name
+        unknown = [code for code in raise_on if code not in RAISE_CODES]
+        if unknown:
+            raise GradscopeError(f"raise_on: unknown code {unknown[0]!r}; choose among {', '.join(RAISE_CODES)}")
+        self.model = model
+        self.every = int(every)
+        self.formats = tuple(formats)
+        self.on_finding = on_finding
+        self.raise_on = tuple(raise_on)
+        self.diagnose = diagnose
+        self.log_dir = log_dir
+        self.recent: deque[FlushResult] = deque(maxlen=ring)
+        self._report: Report | None = None
+        self.first_nonfinite: dict[str, Any] | None = None
+
+        self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self._step = 0
+        self._last_flushed = -1
+        self._buf: torch.Tensor | None = None
+        self._loss_given = [False] * self.every
+        self._scale_given = [False] * self.every
+        self._pending_loss: torch.Tensor | None = None
+        self._param_norms: tuple[list[str], torch.Tensor] | None = None
+        self._scaler_seen = False
+        self._sample_scaled = False  # weight gradients of the sampled step still scaled
+        self._snapshot: tuple[int, list[str], list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._ratios_ready: list[tuple[int, list[str], torch.Tensor]] = []
+        self._weights: dict[str, torch.Tensor] = {}
+        self._optimizer_handles: list[Any] = []
+        self._hooked: set[int] = set()
+        self._paused = False
+        self._closed = False
+        self._raised = False
+
+        self._history = NormHistogram()
+        self._detector = SpikeDetector()
+        self._spikes = SpikeSummary()
+        self._ratio_layers: dict[str, UpdateRatioLayer] = {}
+        self._tracker = AlertTracker()
+        self._aggregate = Record()
+        self._aggregate_index: dict[str, LayerRecord] = {}
+        self._last_scale: float | None = None
+        self._skipped = 0
+        self._scale_history: deque[tuple[int, float]] = deque(maxlen=64)
+        self._loss_last: float | None = None
+        self._global_last: float | None = None
+        self._global_max: float = 0.0
+        self._flushes = 0
+        self._diagnose_failed = False
+
+        self._writer = None
+        if log_dir is not None:
+            from gradscope.tensorboard import DashboardWriter
+
+            self._writer = DashboardWriter.for_rank_zero(log_dir, formats=self.formats)
+        # Histograms of tensors above WATCH_SAMPLE elements are taken on a strided
+        # sample (fractions within sqrt(p(1-p)/k), see gradscope.stats); counts,
+        # moments, extremes and non-finite counts stay exact.
+        self._recorder = Recorder(model, include=include, exclude=exclude, sample=WATCH_SAMPLE)
+        self._recorder.attach()
+        self._recorder.start()  # step 0 is sampled
+
+    # -- lifecycle --------------------------------------------------------------
+    def __enter__(self) -> Scope:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps observed so far."""
+        return self._step
+
+    def close(self) -> Report:
+        """Flush what is left, remove every hook, build and return the full report.
+
+        Safe to call twice (the second call returns the same report).
+        """
+        if self._closed:
+            assert self._report is not None
+            return self._report
+        self._closed = True
+        try:
+            self._resolve_update_ratio()
+            from gradscope.distributed import is_distributed
+
+            # Under torch.distributed the recorder's flush is a collective: every rank flushes.
+            if (
+                self._last_flushed < self._step - 1
+                or self._recorder.pending_count()
+                or self._ratios_ready
+                or is_distributed()
+            ):
+                self._flush(max(self._step - 1, 0), sampled=False, raise_errors=False)
+        finally:
+            self._recorder.close()
+            handles, self._optimizer_handles = self._optimizer_handles, []
+            for handle in handles:
+                handle.remove()
+            self._snapshot = None
+            self._buf = None
+        self._report = self._final_report()
+        if self._writer is not None:
+            try:
+                self._writer.write_report(self._report, step=max(self._step - 1, 0))
+            finally:
+                self._writer.close()
+        return self._report
+
+    def report(self) -> Report:
+        """The full report: final once the scope is closed, else the run so far
+        (what ``close()`` would return now, without closing)."""
+        if self._report is not None:
+            return self._report
+        return self._final_report()
+
+    def attach(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> Scope:
+        """Call ``step(optimizer, scaler)`` from an optimizer pre-step hook, so the
+        training loop needs no change.  The hook is removed on close.  In this mode
+        the loss is seen only if you pass it to ``observe_loss``.
+        """
+        self._check_open()
+
+        def pre_hook(opt: Any, args: Any, kwargs: Any) -> None:
+            self.step(opt, scaler=scaler)
+
+        self._optimizer_handles.append(optimizer.register_step_pre_hook(pre_hook))
+        self._hook_post(optimizer)
+        return self
+
+    def observe_loss(self, loss: torch.Tensor) -> None:
+        """Remember this step's (unscaled) loss; checked for NaN/Inf at the flush.
+
+        Losses observed within one optimizer step are summed: with gradient
+        accumulation, pass each micro-batch's loss divided by the number of
+        micro-batches (what Lightning's ``on_before_backward`` sees) and the sum
+        is the step's mean loss.
+        """
+        value = loss.detach().float().sum() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        self._pending_loss = value if self._pending_loss is None else self._pending_loss + value.to(self._pending_loss)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Forwards inside (evaluation, generation) are not recorded."""
+        self._paused = True
+        self._recorder.stop()
+        try:
+            yield
+        finally:
+            self._paused = False
+            if not self._closed and self._step % self.every == 0:  # the coming step is sampled
+                self._recorder.start()
+
+    def mark_forward(self) -> None:
+        """Start a new forward (resets call-site numbering), for frameworks that call
+        submodules without calling the watched model itself."""
+        if self._recorder.active:
+            self._recorder.start()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise GradscopeError("this gradscope.watch scope is closed; create a new one with gradscope.watch(model)")
+
+    # -- the step ---------------------------------------------------------------
+    def step(
+        self, optimizer: Any = None, scaler: Any = None, loss: Any = None, *, unscaled: bool | None = None
+    ) -> None:
+        """Observe one optimizer step.  Call after backward, before ``optimizer.step()``.
+
+        ``unscaled`` says whether ``scaler.unscale_`` already ran on ``.grad`` this
+        step; None reads it from the scaler's state for ``optimizer``.
+
+        Raises:
+            GradscopeError: with ``raise_on`` containing "nonfinite", at the flush
+                that sees the first NaN/Inf; ``error.record`` says where.
+        """
+        self._check_open()
+        if loss is not None:
+            self.observe_loss(loss)
+        if optimizer is not None:
+            self._hook_post(optimizer)
+        self._resolve_update_ratio()
+        step = self._step
+        sampled = step % self.every == 0
+        scaler = active_scaler(scaler)
+        if unscaled is None:
+            unscaled = grads_already_unscaled(scaler, optimizer) if scaler is not None else True
+        scaled = scaler is not None and not unscaled
+        self._observe_norms(step, scaler, scaled, sampled)
+        error: GradscopeError | None = None
+        if sampled:
+            self._recorder.capture_parameters()
+            self._sample_scaled = scaled
+            self._take_snapshot(step)
+            error = self._flush(step, sampled=True, raise_errors=True)
+        self._step += 1
+        if self._step % self.every == 0 and not self._paused:
+            self._recorder.start()
+        else:
+            self._recorder.stop()
+        if error is not None:
+            raise error
+
+    def _buffer(self, device: torch.device) -> torch.Tensor:
+        if self._buf is None or self._buf.device != device:
+            self._buf = torch.full((3, self.every), math.nan, dtype=torch.float32, device=device)
+        return self._buf
+
+    def _observe_norms(self, step: int, scaler: Any, scaled: bool, sampled: bool) -> None:
+        """Device-only work of every step: global norm, loss, scale into the ring."""
+        names = [n for n, p in self._params if p.grad is not None]
+        grads = [p.grad for _, p in self._params if p.grad is not None]
+        slot = step % self.every
+        if grads:
+            norms = _norms_of(grads)
+            stacked = torch.stack([n.to(norms[0].device) for n in norms])
+            total = torch.linalg.vector_norm(stacked)
+            device = stacked.device
+        else:
+            device = self._params[0][1].device if self._params else torch.device("cpu")
+            stacked = torch.zeros(0, device=device)
+            total = torch.zeros((), device=device)
+        buf = self._buffer(device)
+        scale = scale_tensor(scaler) if scaler is not None else None
+        if scale is not None:
+            scale = scale.to(device=device, dtype=torch.float32)
+            self._scaler_seen = True
+            if scaled:
+                total = total / scale
+                stacked = stacked / scale
+            buf[_SCALE, slot] = scale
+        self._scale_given[slot] = scale is not None
+        buf[_NORM, slot] = total
+        if self._pending_loss is not None:
+            buf[_LOSS, slot] = self._pending_loss.to(device)
+        self._loss_given[slot] = self._pending_loss is not None
+        self._pending_loss = None
+        if sampled:
+            self._param_norms = (names, stacked)
+
+    # -- update ratio -----------------------------------------------------------
+    def _layer_weights(self) -> dict[str, torch.Tensor]:
+        """Each recorded layer's main weight (first call site only), by layer name."""
+        layers = self._recorder.record.layers
+        if len(self._weights) < sum(1 for layer in layers if layer.weight_name and layer.call == 1):
+            for layer in layers:
+                if layer.weight_name and layer.call == 1 and layer.name not in self._weights:
+                    module = self.model if layer.module == "model" else self.model.get_submodule(layer.module)
+                    self._weights[layer.name] = getattr(module, layer.weight_name)
+        return self._weights
+
+    def _take_snapshot(self, step: int) -> None:
+        weights = self._layer_weights()
+        if not weights:
+            return
+        names = list(weights)
+        params = [weights[n].detach() for n in names]
+        self._snapshot = (step, names, params, [p.clone() for p in params])
+
+    def _hook_post(self, optimizer: Any) -> None:
+        """Resolve the update ratio right after ``optimizer.step()`` (frees the
+        snapshot at once).  Wrappers such as accelerate's ``AcceleratedOptimizer``
+        do not run hooks of their own: the wrapped optimizer's are used.  Without
+        any, the ratio is resolved at the next ``step()`` call."""
+        if id(optimizer) in self._hooked:
+            return
+        self._hooked.add(id(optimizer))
+
+        def post_hook(opt: Any, args: Any, kwargs: Any) -> None:
+            self._resolve_update_ratio()
+
+        for target in (optimizer, getattr(optimizer, "optimizer", None)):
+            if target is None or not hasattr(target, "_optimizer_step_post_hooks"):
+                continue
+            self._optimizer_handles.append(target.register_step_post_hook(post_hook))
+            return
+
+    def _resolve_update_ratio(self) -> None:
+        """‖w_after − w_before‖ / ‖w_before‖ per layer, on the device; frees the snapshot."""
+        if self._snapshot is None:
+            return
+        step, names, params, before = self._snapshot
+        self._snapshot = None
+        with torch.no_grad():
+            diffs = [p - b for p, b in zip(params, before, strict=True)]
+            delta = torch.stack([n.to(params[0].device) for n in _norms_of(diffs)])
+            size = torch.stack([n.to(params[0].device) for n in _norms_of(before)])
+        self._ratios_ready.append((step, names, delta / size))
+
+    # -- flush ------------------------------------------------------------------
+    def _layer_record(self) -> Record:
+        """This flush's per-layer statistics, as a Record of its own."""
+        recorder = self._recorder
+        for layer in recorder.record.layers:
+            layer.stats = {}
+        recorder.record.input = None
+        recorder.flush()
+        layers = [
+            dataclasses.replace(layer, stats=dict(layer.stats)) for layer in recorder.record.layers if layer.stats
+        ]
+        return Record(layers=layers, input=recorder.record.input, steps=1)
+
+    def _to_host(self) -> tuple[torch.Tensor | None, list[str], torch.Tensor | None, list[tuple[int, list[str], Any]]]:
+        """One device-to-host transfer for the ring, parameter norms and update ratios."""
+        pieces: list[torch.Tensor] = []
+        if self._buf is not None:
+            pieces.append(self._buf.reshape(-1))
+        names: list[str] = []
+        if self._param_norms is not None:
+            names, norms = self._param_norms
+            pieces.append(norms.reshape(-1).float())
+        ratios = self._ratios_ready
+        pieces.extend(r.float() for _, _, r in ratios)
+        self._ratios_ready = []
+        self._param_norms = None
+        if not pieces:
+            return None, [], None, []
+        device = pieces[0].device
+        host = torch.cat([p.to(device) for p in pieces]).to("cpu", torch.float64)
+        offset = 0
+        ring = None
+        if self._buf is not None:
+            ring = host[: 3 * self.every].reshape(3, self.every)
+            offset = 3 * self.every
+            self._buf.fill_(math.nan)
+        param_norms = host[offset : offset + len(names)] if names else None
+        offset += len(names)
+        out_ratios = []
+        for step, layer_names, _ in ratios:
+            out_ratios.append((step, layer_names, host[offset : offset + len(layer_names)]))
+            offset += len(layer_names)
+        return ring, names, param_norms, out_ratios
+
+    def _flush(self, step: int, *, sampled: bool, raise_errors: bool) -> GradscopeError | None:
+        record = self._layer_record()
+        ring, names, param_norms, ratios = self._to_host()
+        steps = list(range(self._last_flushed + 1, step + 1))
+        self._last_flushed = step
+        self._flushes += 1
+
+        global_norms: list[tuple[int, float]] = []
+        losses: list[tuple[int, float]] = []
+        scale_now: float | None = None
+        first_bad_norm: int | None = None
+        first_bad_loss: int | None = None
+        spike = None
+        for t in steps:
+            slot = t % self.every
+            if ring is None:
+                break
+            norm = float(ring[_NORM, slot])
+            global_norms.append((t, norm))
+            if self._scale_given[slot]:
+                scale = float(ring[_SCALE, slot])
+                if self._last_scale is not None and scale < self._last_scale:
+                    self._skipped += 1  # GradScaler halves the scale when it skips a step
+                self._last_scale = scale_now = scale
+            if self._loss_given[slot]:
+                loss = float(ring[_LOSS, slot])
+                losses.append((t, loss))
+                self._loss_last = loss
+                if not math.isfinite(loss) and first_bad_loss is None:
+                    first_bad_loss = t
+            if not math.isfinite(norm) and first_bad_norm is None:
+                first_bad_norm = t
+            self._history.add(norm)
+            if math.isfinite(norm):
+                self._global_last = norm
+                self._global_max = max(self._global_max, norm)
+            found = self._detector.observe(t, norm)
+            if found is not None:
+                self._spikes.add(found)
+                spike = found
+        if scale_now is not None:
+            self._scale_history.append((step, scale_now))
+            record = self._unscale(record, scale_now)
+        if self._scaler_seen and sampled and global_norms and not math.isfinite(global_norms[-1][1]):
+            # The GradScaler skips this step (its scaled gradients overflowed): its
+            # gradient statistics are not the ones training uses, so leave them out.
+            for layer in record.layers:
+                layer.stats.pop("gradient", None)
+                layer.stats.pop("weight_grad", None)
+            self._aggregate.note("steps skipped by the GradScaler are left out of the gradient statistics")
+
+        clip = clip_advice(self._history)
+        findings: list[Finding] = []
+        located = self._locate_nonfinite(record, step, sampled, first_bad_norm, first_bad_loss, losses)
+        if located is not None:
+            if self.first_nonfinite is None:
+                self.first_nonfinite = located
+            findings.append(nonfinite_finding(located, clip))
+        if spike is not None:
+            findings.append(spike_finding(spike, self._spikes, clip))
+
+        update_ratios: dict[int, dict[str, float]] = {}
+        for ratio_step, layer_names, values in ratios:
+            for name, value in zip(layer_names, values.tolist(), strict=True):
+                update_ratios.setdefault(ratio_step, {})[name] = value
+                summary = self._ratio_layers.setdefault(name, UpdateRatioLayer())
+                summary.add(ratio_step, value)
+        for name, summary in self._ratio_layers.items():
+            finding = update_ratio_finding(name, summary, final=False)
+            if finding is not None:
+                findings.append(finding)
+        if self._scaler_seen:
+            skipped = skipped_steps_finding(self._skipped, self._last_flushed + 1, self._last_scale)
+            if skipped is not None:
+                findings.append(skipped)
+        if sampled and record.layers:
+            findings.extend(self._diagnose(record))
+
+        param_grad_norms = dict(zip(names, param_norms.tolist(), strict=True)) if param_norms is not None else {}
+        if spike is not None and spike.step == step and param_grad_norms:
+            self._spikes.add_parameter_norms(step, param_grad_norms)
+            for finding in findings:
+                if finding.code == "gradient-spike":
+                    finding.evidence["largest_parameter_norms"] = self._spikes.parameter_norms[step]
+        alerts = self._tracker.observe(step, findings)
+        for alert in alerts:
+            self._announce(step, alert)
+        self._merge(record)
+        result = FlushResult(
+            step=step,
+            record=record,
+            global_norms=global_norms,
+            losses=losses,
+            loss_scale=scale_now,
+            update_ratios=update_ratios,
+            param_grad_norms=param_grad_norms,
+            clip=clip,
+            findings=findings,
+            alerts=alerts,
+        )
+        last = self.recent[-1] if self.recent else None
+        if not steps and not record.layers and last is not None:
+            # Only the update ratio of the last sampled step arrived (at close).
+            last.update_ratios.update(update_ratios)
+        else:
+            self.recent.append(result)
+        if self._writer is not None:
+            self._writer.write_flush(result, skipped_steps=self._skipped if self._scaler_seen else None)
+        if not raise_errors or self._raised:
+            return None
+        if located is not None and "nonfinite" in self.raise_on:
+            self._raised = True
+            return GradscopeError(
+                nonfinite_finding(located, None).message + "; stopping (raise_on includes 'nonfinite')",
+                record=located,
+            )
+        for alert in alerts:
+            if alert.code in self.raise_on and alert.code != "nonfinite":
+                self._raised = True
+                return GradscopeError(f"{alert.message}; stopping (raise_on includes {alert.code!r})", alert.to_dict())
+        return None
+
+    def _unscale(self, record: Record, scale: float) -> Record:
+        for layer in record.layers:
+            if "gradient" in layer.stats:
+                layer.stats["gradient"] = divide_stats(layer.stats["gradient"], scale)
+            if "weight_grad" in layer.stats and self._sample_scaled:
+                layer.stats["weight_grad"] = divide_stats(layer.stats["weight_grad"], scale)
+        return record
+
+    def _locate_nonfinite(
+        self,
+        record: Record,
+        step: int,
+        sampled: bool,
+        bad_norm: int | None,
+        bad_loss: int | None,
+        losses: list[tuple[int, float]],
+    ) -> dict[str, Any] | None:
+        """The first NaN/Inf of this flush: per layer on the sampled step, else from
+        the global norm or loss of the steps in between (layer unknown)."""
+        loss_at_step = dict(losses).get(step)
+        loss_finite = None if loss_at_step is None else math.isfinite(loss_at_step)
+        weight_dtypes = {name: str(w.dtype).removeprefix("torch.") for name, w in self._weights.items()}
+        located = None
+        if sampled:
+            located = first_nonfinite(
+                record,
+                step,
+                loss_finite=loss_finite,
+                include_gradients=not self._scaler_seen,
+                weight_dtypes=weight_dtypes,
+            )
+        if self._scaler_seen:
+            bad_norm = None  # the scaler skips overflowing steps: expected, counted as skipped steps
+        elif sampled and bad_norm == step:
+            # The sampled step's layers were searched above.  A non-finite norm with
+            # finite gradients is float32 overflow of the sum of squares (norms above
+            # ~1.8e19, as clip_grad_norm_ would compute too): a spike, not a NaN yet.
+            bad_norm = None
+        earliest = min((t for t in (bad_norm, bad_loss) if t is not None), default=None)
+        if earliest is not None and (located is None or earliest < step):
+            role = "loss" if earliest == bad_loss else "weight_grad"
+            unsampled: dict[str, Any] = {
+                "step": earliest,
+                "layer": None,
+                "type": None,
+                "role": role,
+                "dtype": None,
+                "origin": "unknown",
+                "source": f"step {earliest} was not sampled (every={self.every}); the global "
+                + ("loss" if role == "loss" else "gradient norm")
+                + " was non-finite",
+                "nonfinite_count": None,
+                "count": None,
+            }
+            if located is not None:
+                unsampled["at_sampled_step"] = located
+            located = unsampled
+        return located
+
+    def _diagnose(self, record: Record) -> list[Finding]:
+        if not self.diagnose or self._diagnose_failed:
+            return []
+        try:
+            from gradscope.diagnose import diagnose_record
+        except ImportError:
+            self._diagnose_failed = True
+            self._aggregate.note("gradscope.diagnose.diagnose_record is unavailable: only training rules ran")
+            return []
+        findings, _ = diagnose_record(record, formats=self.formats, model=self.model)
+        return list(findings)
+
+    def _announce(self, step: int, finding: Finding) -> None:
+        if self._writer is not None:
+            self._writer.write_alert(step, finding)
+        if self.on_finding is not None:
+            self.on_finding(finding)
+            return
+        # Loud by default: without a handler configured, logging's last-resort
+        # handler prints warnings and errors to stderr.
+        level = logging.ERROR if Severity(finding.severity) is Severity.ERROR else logging.WARNING
+        logger.log(level, "gradscope step %d: %s: %s", step, finding.code, finding.message)
+
+    def _merge(self, record: Record) -> None:
+        """Merge one flush into the whole-run aggregate (exact moment merging, one
+        stacked ``merge_stats`` call for every layer and role)."""
+        targets: list[tuple[LayerRecord, str]] = []
+        old: list[torch.Tensor] = []
+        new: list[torch.Tensor] = []
+        for layer in record.layers:
+            target = self._aggregate_index.get(layer.name)
+            if target is None:
+                target = dataclasses.replace(layer, stats={})
+                self._aggregate_index[layer.name] = target
+                self._aggregate.layers.append(target)
+            for role, stats in layer.stats.items():
+                previous = target.stats.get(role)
+                if previous is None:
+                    target.stats[role] = stats
+                    continue
+                targets.append((target, role))
+                old.append(previous.vector)
+                new.append(stats.vector)
+        if targets:
+            merged = merge_stats(torch.stack(old), torch.stack(new))
+            for (target, role), row in zip(targets, merged, strict=True):
+                target.stats[role] = Stats(row)
+        if record.input is not None:
+            agg = self._aggregate.input
+            self._aggregate.input = record.input if agg is None else agg.merge(record.input)
+        if record.layers:
+            self._aggregate.steps += 1
+
+    # -- the final report -------------------------------------------------------
+    def training_summary(self) -> dict[str, Any]:
+        """The run-level numbers: norms, clip advice, loss scale, update ratios."""
+        clip = clip_advice(self._history)
+        return {
+            "steps": self._step,
+            "every": self.every,
+            "flushes": self._flushes,
+            "sampled_steps": self._aggregate.steps,
+            "global_grad_norm_last": self._global_last,
+            "global_grad_norm_max": self._global_max,
+            "nonfinite_norm_steps": self._history.nonfinite,
+            "clip": clip,
+            "spikes": self._spikes.count,
+            "spike_steps": list(self._spikes.steps),
+            "loss_last": self._loss_last,
+            "loss_scale": self._last_scale,
+            "loss_scale_history": [list(x) for x in self._scale_history],
+            "skipped_steps": self._skipped if self._scaler_seen else None,
+            "update_ratio": {
+                name: {"geometric_mean": s.geometric_mean, "last": s.last, "samples": s.samples, "outside": s.outside}
+                for name, s in self._ratio_layers.items()
+            },
+            "first_nonfinite": self.first_nonfinite,
+        }
+
+    def _final_report(self) -> Report:
+        record = self._aggregate
+        ran = {layer.module for layer in self._recorder.record.layers}
+        selected = self._recorder._selected  # the modules the recorder hooked
+        record.not_executed = [name or "model" for name, _ in selected if (name or "model") not in ran]
+        for note in self._recorder.record.notes:
+            record.note(note)
+        findings: list[Finding] = []
+        analysis: dict[str, Any] = {}
+        if self.diagnose and not self._diagnose_failed and record.layers:
+            try:
+                from gradscope.diagnose import diagnose_record
+
+                diag, analysis = diagnose_record(record, formats=self.formats, model=self.model)
+                findings.extend(diag)
+                analysis = dict(analysis)
+            except ImportError:
+                record.note("gradscope.diagnose.diagnose_record is unavailable: only training rules ran")
+        clip = clip_advice(self._history)
+        if self.first_nonfinite is not None:
+            findings.append(nonfinite_finding(self.first_nonfinite, clip))
+        if self._spikes.worst is not None:
+            findings.append(spike_finding(self._spikes.worst, self._spikes, clip))
+        for name, summary in self._ratio_layers.items():
+            finding = update_ratio_finding(name, summary, final=True)
+            if finding is not None:
+                findings.append(finding)
+        if self._scaler_seen:
+            skipped = skipped_steps_finding(self._skipped, self._step, self._last_scale)
+            if skipped is not None:
+                findings.append(skipped)
+        findings = _dedupe(findings)
+        findings = self._tracker.annotate(findings)
+        order = {layer.name: layer.index for layer in record.layers}
+        findings.sort(key=lambda f: (-Severity(f.severity).rank, order.get(f.layers[0], -1) if f.layers else -1))
+        analysis["training"] = self.training_summary()
+        parameters = sum(p.numel() for p in self.model.parameters())
+        return Report(
+            record=record,
+            model={"source": type(self.model).__name__, "format": "module", "type": type(self.model).__name__,
+                   "parameters": parameters},
+            run={
+                "mode": "watch",
+                "steps": self._step,
+                "every": self.every,
+                "formats": list(self.formats),
+                "gradients": "unscaled (divided by the GradScaler scale)" if self._scaler_seen else "as computed",
+                "gradient_accumulation": "statistics per optimizer step, micro-batches merged",
+                "reduction": "per rank (statistics are not reduced across ranks)",
+            },
+            findings=findings,
+            analysis=analysis,
+        )
+
+
+def _dedupe(findings: list[Finding]) -> list[Finding]:
+    """Keep the first finding of each (code, first layer): the diagnosis may also
+    report a nonfinite finding for the same layer."""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for finding in findings:
+        key = (finding.code, finding.layers[0] if finding.layers else "")
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(finding)
+    return out
+
+
+def watch(
+    model: nn.Module,
+    *,
+    every: int = 1,
+    log_dir: str | None = None,
+    formats: Sequence[str] = ("fp16",),
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    on_finding: Callable[[Finding], Any] | None = None,
+    raise_on: Sequence[str] = ("nonfinite",),
+) -> Scope:
+    """Watch a training run; returns a Scope (also a context manager).
+
+    Args:
+        model: the model being trained.  Its numbers are never changed.
+        every: sample (record per-layer statistics and flush) every N optimizer
+            steps; the global gradient norm, the loss and the loss scale are
+            tracked every step regardless.
+        log_dir: write TensorBoard dashboards there (rank 0 only).
+        formats: low-precision formats to check ranges against.
+        include, exclude: fnmatch patterns on module names (see ``Recorder``).
+        on_finding: called with each alert (a ``Finding``) as it happens; alerts
+            are also logged on the ``gradscope`` logger.
+        raise_on: finding codes that stop training with a ``GradscopeError``;
+            by default the first non-finite value.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        >>> with watch(model, every=2) as scope:
+        ...     for _ in range(4):
+        ...         opt.zero_grad()
+        ...         loss = model(torch.randn(16, 4)).pow(2).mean()
+        ...         loss.backward()
+        ...         scope.step(opt, loss=loss)
+        ...         opt.step()
+        >>> scope.report().run["steps"], scope.report().analysis["training"]["sampled_steps"]
+        (4, 2)
+    """
+    return Scope(
+        model,
+        every=every,
+        log_dir=log_dir,
+        formats=formats,
+        include=include,
+        exclude=exclude,
+        on_finding=on_finding,
+        raise_on=raise_on,
+    )

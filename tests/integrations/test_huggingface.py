@@ -1,0 +1,86 @@
+"""The Hugging Face callback, through the real ``transformers.Trainer`` on CPU
+(a tiny custom module and an in-memory dataset: nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from gradscope.integrations.huggingface import HAS_PRE_OPTIMIZER_STEP, GradscopeTrainerCallback  # noqa: E402
+
+BATCH = 4
+ACCUMULATE = 2
+STEPS = 3
+
+
+class TinyRegressor(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        out = self.net(x)
+        result = {"logits": out}
+        if labels is not None:
+            result["loss"] = nn.functional.mse_loss(out, labels)
+        return result
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 5, generator=g)
+        self.y = self.x.sum(dim=1, keepdim=True)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+def test_trainer_callback_records_per_optimizer_step(tmp_path) -> None:
+    torch.manual_seed(0)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = TinyRegressor()
+    callback = GradscopeTrainerCallback(every=1)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=STEPS,
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=ACCUMULATE,
+        learning_rate=1e-2,
+        max_grad_norm=0.0,  # no clipping: gradscope sees the raw gradients
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows(BATCH * ACCUMULATE * STEPS),
+                                   callbacks=[callback])
+    try:
+        trainer.train()
+    finally:
+        torch.set_num_threads(old)
+    assert callback.event == ("on_pre_optimizer_step" if HAS_PRE_OPTIMIZER_STEP else "on_step_end")
+    report = callback.report
+    assert report is not None and callback.scope.closed
+    training = report.analysis["training"]
+    assert training["steps"] == STEPS
+    assert training["sampled_steps"] == STEPS
+    # each optimizer step merged its micro-batches: ACCUMULATE x BATCH rows x 16 units
+    assert report.record.layer("net.1").activation.count == STEPS * ACCUMULATE * BATCH * 16
+    assert training["global_grad_norm_last"] > 0
+    assert training["update_ratio"]["net.0"]["samples"] == STEPS
+    assert 0 < training["update_ratio"]["net.0"]["last"] < 1
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())

@@ -1,0 +1,84 @@
+"""The Lightning callback, through the real ``lightning.Trainer`` on CPU."""
+
+from __future__ import annotations
+
+import pytest
+
+pl = pytest.importorskip("lightning.pytorch")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from gradscope.integrations.lightning import GradscopeCallback  # noqa: E402
+
+BATCH = 4
+ACCUMULATE = 2
+STEPS = 4
+
+
+class Tiny(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.val_forwards = 0
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)  # calls the submodule, not self
+
+    def validation_step(self, batch, batch_idx):
+        self.val_forwards += 1
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def loader(n: int) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 5, generator=g)
+    return DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=BATCH)
+
+
+def test_lightning_callback_records_per_optimizer_step(tmp_path) -> None:
+    torch.manual_seed(0)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = Tiny()
+    callback = GradscopeCallback(every=1, log_dir=str(tmp_path / "tb"))
+    trainer = pl.Trainer(
+        max_steps=STEPS,
+        accumulate_grad_batches=ACCUMULATE,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        val_check_interval=2 * ACCUMULATE,  # a validation pass in the middle of training
+        limit_val_batches=2,
+        default_root_dir=str(tmp_path),
+        callbacks=[callback],
+    )
+    try:
+        trainer.fit(model, loader(BATCH * ACCUMULATE * STEPS), loader(2 * BATCH))
+    finally:
+        torch.set_num_threads(old)
+    report = callback.report
+    assert report is not None and callback.scope.closed
+    training = report.analysis["training"]
+    assert training["steps"] == STEPS  # optimizer steps, not micro-batches
+    assert training["sampled_steps"] == STEPS
+    assert model.val_forwards > 0
+    # every optimizer step merged its 2 micro-batches of 4 x 16 activations; validation
+    # forwards were not recorded
+    layer = report.record.layer("net.1")
+    assert layer.activation.count == STEPS * ACCUMULATE * BATCH * 16
+    assert [lr.name for lr in report.record.layers] == ["net.0", "net.1", "net.2"]
+    assert training["loss_last"] is not None and training["global_grad_norm_last"] > 0
+    assert training["update_ratio"]["net.0"]["samples"] == STEPS
+    assert all(not m._forward_hooks for m in model.modules())
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
