@@ -1,0 +1,78 @@
+"""``gradscope audit MODEL``: load, audit, diagnose, render; exit 0/1/2."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from gradscope.cli.app import FAIL_ON, debug_option, exit_code, get_app, render_report, use_color, write_text_atomic
+from gradscope.cli.options import InputChoice, input_options, model_options
+
+OUTPUT_FORMATS = ("table", "json", "markdown")
+
+
+@click.command()
+@model_options
+@input_options
+@click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default="table", show_default=True,
+              help="Report format; json is exactly one JSON document (schema 1) on stdout.")
+@click.option("--output", "-o", metavar="FILE", help="Write the report to FILE (atomically) instead of stdout.")
+@click.option("--tensorboard", metavar="DIR", help="Also write the audit as a TensorBoard run in DIR.")
+@click.option("--fail-on", type=click.Choice(FAIL_ON), default="error", show_default=True,
+              help="Exit 1 when a finding is at or above this severity.")
+@click.option("--width", type=click.IntRange(min=40), help="Width of the table (default: the terminal's).")
+@debug_option
+def audit(model: str, arch: str | None, trust_pickle: bool, fmt: str, output: str | None,
+          tensorboard: str | None, fail_on: str, width: int | None, **input_values: object) -> None:
+    """Audit MODEL: one (or --batches) forward+backward pass, per-layer statistics, findings and fixes.
+
+    \b
+    MODEL is one of:
+      path/to/file.py:factory      a callable returning an nn.Module (or a module attribute)
+      package.module:factory       the same, importable (the working directory is searched)
+      model.ts / model.pt          a TorchScript file (torch.jit.save)
+      model.pt2                    a torch.export archive (torch.export.save)
+      weights.pt --arch SPEC       a state_dict or checkpoint (torch.save(model.state_dict()))
+      weights.safetensors --arch SPEC
+      model.pt --trust-pickle      a fully pickled module (runs the pickle's code)
+    The format is read from the file's content, not its extension.
+
+    \b
+    Examples:
+      gradscope audit model.py:build --input-shape 32,784
+      gradscope audit model.pt2 --format json > report.json
+      gradscope audit weights.safetensors --arch model.py:build --fail-on warning
+
+    Exit codes: 0 nothing at or above --fail-on, 1 findings at or above it,
+    2 usage, load or input error (one line on stderr; --debug for the traceback).
+    """
+    app = get_app()
+    choice = InputChoice(**input_values)  # type: ignore[arg-type]
+    color = fmt == "table" and not output and use_color()
+    with app.guard():
+        from gradscope.loaders import audit_loaded, load_model
+
+        inputs, kwargs = choice.audit_kwargs()
+        loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
+        report = audit_loaded(loaded, inputs, **kwargs)
+        text = render_report(report, fmt, width=width, color=color)
+        if tensorboard:
+            _write_tensorboard(report, tensorboard)
+        if output:
+            write_text_atomic(output, text)
+    if output:
+        app.info(f"report written to {output}")
+    else:
+        click.echo(text, nl=False)
+    raise click.exceptions.Exit(exit_code(report, fail_on))
+
+
+def _write_tensorboard(report: Any, logdir: str) -> None:
+    from gradscope.errors import InputError
+
+    try:
+        from gradscope.tensorboard import write_audit
+    except ImportError as exc:
+        raise InputError(f"--tensorboard is unavailable: {exc}") from exc
+    write_audit(report, logdir)

@@ -1,0 +1,102 @@
+"""Options shared by ``audit`` and ``fix``: which model, which inputs.
+
+Only click here; the values are turned into library calls inside the
+commands (``prepare``), where importing torch is fine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+LOSSES = ("ce", "mse", "mean")
+INPUT_DTYPES = ("float32", "int64")
+
+
+def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """MODEL argument plus --arch and --trust-pickle."""
+    decorators = [
+        click.argument("model", metavar="MODEL"),
+        click.option("--arch", metavar="SPEC",
+                     help="Factory building the architecture for a state_dict or safetensors MODEL "
+                          "(file.py:factory or package.module:factory)."),
+        click.option("--trust-pickle", is_flag=True,
+                     help="Allow a fully pickled module (torch.save(model)). Unpickling runs arbitrary code: "
+                          "only for files you trust."),
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+def input_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The synthetic/given input and loss options of DESIGN.md's CLI contract."""
+    decorators = [
+        click.option("--input-shape", metavar="32,784", help="Input shape, batch first (inferred from the "
+                     "first layer when unambiguous)."),
+        click.option("--input-dtype", type=click.Choice(INPUT_DTYPES), default="float32", show_default=True,
+                     help="float32 inputs ~ N(0, 1); int64 ids uniform in [0, vocab)."),
+        click.option("--vocab", type=click.IntRange(min=1), metavar="N", help="Vocabulary size for int64 inputs."),
+        click.option("--inputs", "inputs_file", metavar="FILE",
+                     help="A tensor, tuple or dict of tensors saved with torch.save (read with weights_only=True)."),
+        click.option("--batches", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Forward+backward passes merged into the statistics."),
+        click.option("--loss", type=click.Choice(LOSSES), default="ce", show_default=True,
+                     help="ce: uniform class targets; mse: N(0,1) targets; mean: the output's mean."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for inputs, targets, dropout."),
+        click.option("--formats", default="fp16", show_default=True, metavar="fp16,bf16,...",
+                     help="Low-precision formats to check ranges against (fp16, bf16, fp8_e4m3, fp8_e5m2)."),
+        click.option("--mode", type=click.Choice(("train", "eval")), default="train", show_default=True,
+                     help="Module mode during the audit (dropout, BatchNorm)."),
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+@dataclass
+class InputChoice:
+    """The parsed input options."""
+
+    input_shape: str | None
+    input_dtype: str
+    vocab: int | None
+    inputs_file: str | None
+    batches: int
+    loss: str
+    seed: int
+    formats: str
+    mode: str
+
+    def audit_kwargs(self) -> tuple[Any, dict[str, Any]]:
+        """(inputs, keyword arguments for ``audit``), validated with one-line InputErrors."""
+        from gradscope.errors import InputError
+        from gradscope.inputs import parse_shape
+
+        inputs = None
+        if self.inputs_file and self.input_shape:
+            raise InputError("pass either --inputs or --input-shape, not both")
+        if self.inputs_file:
+            from gradscope.loaders import load_inputs
+
+            inputs = load_inputs(self.inputs_file)
+        formats = tuple(f.strip().replace("-", "_") for f in self.formats.split(",") if f.strip())
+        from gradscope.formats import FORMAT_NAMES as known
+
+        unknown = [f for f in formats if f not in known]
+        if unknown:
+            raise InputError(f"--formats: unknown format {unknown[0]!r}; choose among {', '.join(known)}")
+        kwargs: dict[str, Any] = {
+            "input_shape": parse_shape(self.input_shape) if self.input_shape else None,
+            "input_dtype": self.input_dtype,
+            "vocab": self.vocab,
+            "loss": self.loss,
+            "batches": self.batches,
+            "seed": self.seed,
+            "formats": formats or ("fp16",),
+            "mode": self.mode,
+        }
+        return inputs, kwargs

@@ -1,0 +1,237 @@
+"""Model loaders: every MODEL form of the CLI contract, with its safety rules.
+
+``load_model(spec, arch=..., trust_pickle=...)`` returns a ``LoadedModel``
+naming the loader used; ``audit_loaded(loaded, ...)`` audits it, taking the
+loader-specific path for formats whose submodules cannot carry hooks.
+
+Forms (DESIGN.md, "CLI"):
+
+* ``path/to/file.py:factory`` / ``package.module:factory`` -> ``factory``
+* TorchScript zip (``code/``, ``constants.pkl``)            -> ``torchscript``
+* torch.export archive (``archive_format``, ``models/``)    -> ``export``
+* torch.save state_dict or checkpoint + ``--arch``          -> ``state_dict``
+* safetensors + ``--arch``                                  -> ``safetensors``
+* pickled module, only with ``--trust-pickle``              -> ``pickle``
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gradscope.loaders.detect import LoadError, check_file
+
+__all__ = ["LoadError", "LoadedModel", "load_model", "load_inputs", "audit_loaded"]
+
+FORMATS = ("factory", "torchscript", "export", "state_dict", "safetensors", "pickle")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to audit, and how it was obtained."""
+
+    module: Any  # an nn.Module (for TorchScript: an OpaqueModel shell)
+    format: str  # one of FORMATS
+    source: str  # what the user passed
+    loader: str  # the function that loaded it, e.g. "torch.jit.load"
+    hookable: bool = True  # False: only the whole model's output and the parameters can be recorded
+    layer_types: dict[str, str] = field(default_factory=dict)  # qualified name -> original class name
+    notes: list[str] = field(default_factory=list)
+    example_inputs: Any = None  # inputs saved with the model (torch.export archives)
+    input_guess: tuple[Any, ...] | None = None  # (shape, dtype, vocab) when the model cannot be inspected
+
+
+def _arch_model(arch: str | None, path: Path, kind: str) -> Any:
+    from gradscope.loaders.factory import build_from_spec
+
+    if not arch:
+        raise LoadError(
+            f"{str(path)!r} holds only weights ({kind}); pass --arch file.py:factory (or package.module:factory) "
+            "naming the code that builds the architecture"
+        )
+    import torch
+
+    model = build_from_spec(arch)
+    if not isinstance(model, torch.nn.Module) or isinstance(model, torch.jit.ScriptModule):
+        raise LoadError(f"--arch {arch} must build a Python nn.Module, not a {type(model).__name__}")
+    return model
+
+
+def load_model(spec: str, *, arch: str | None = None, trust_pickle: bool = False) -> LoadedModel:
+    """Load MODEL as the CLI contract describes, deciding the format from the file's content.
+
+    Raises:
+        LoadError: a one-line reason (missing, empty, truncated, unsafe, mismatched...).
+    """
+    from gradscope.loaders import detect, files
+    from gradscope.loaders.factory import build_from_spec, split_spec
+
+    if split_spec(spec) is not None:
+        return _from_factory(spec, build_from_spec(spec))
+    path = Path(spec)
+    check_file(path)
+    kind = detect.detect_format(path)
+    if kind == detect.TORCHSCRIPT:
+        return _torchscript(spec, files.load_torchscript(path))
+    if kind == detect.EXPORT:
+        return _export(spec, files.load_export(path))
+    if kind == detect.SAFETENSORS:
+        state = files.load_safetensors(path)
+        model = _arch_model(arch, path, "safetensors")
+        files.load_into(model, state, path, arch or "")
+        return LoadedModel(model, "safetensors", spec, "safetensors.torch.load_file + load_state_dict")
+    # torch.save zip, legacy torch.save or a bare pickle: probe with the restricted unpickler first.
+    if trust_pickle:
+        obj = files.load_trusted_pickle(path)
+        loader = "torch.load(weights_only=False)"
+    else:
+        obj = files.load_weights_only(path)
+        loader = "torch.load(weights_only=True)"
+    import torch
+
+    if isinstance(obj, torch.jit.ScriptModule):  # an nn.Module too, but one that refuses hooks
+        loaded = _torchscript(spec, obj)
+        loaded.format, loaded.loader = "pickle", loader
+        return loaded
+    if isinstance(obj, torch.nn.Module):
+        return LoadedModel(obj, "pickle", spec, loader)
+    state, where = files.extract_state_dict(obj, path)
+    model = _arch_model(arch, path, "a state_dict")
+    files.load_into(model, state, path, arch or "")
+    loaded = LoadedModel(model, "state_dict", spec, f"{loader} + load_state_dict")
+    if where:
+        loaded.notes.append(f"weights read from checkpoint{where}")
+    return loaded
+
+
+def _from_factory(spec: str, built: Any) -> LoadedModel:
+    """A factory's result; scripted modules and exported programs take their format's path."""
+    import torch
+
+    if isinstance(built, torch.jit.ScriptModule):
+        loaded = _torchscript(spec, built)
+    elif isinstance(built, torch.export.ExportedProgram):
+        loaded = _export(spec, built)
+    else:
+        return LoadedModel(built, "factory", spec, "factory call")
+    what = "a ScriptModule" if loaded.format == "torchscript" else "an ExportedProgram"
+    loaded.loader = f"factory call returning {what}"
+    loaded.format = "factory"
+    return loaded
+
+
+def _torchscript(spec: str, scripted: Any) -> LoadedModel:
+    from gradscope.loaders.compiled import OpaqueModel, scripted_input_guess
+
+    shell = OpaqueModel(scripted)
+    return LoadedModel(
+        shell, "torchscript", spec, "torch.jit.load", hookable=False, layer_types=shell.layer_types(),
+        notes=["TorchScript submodules cannot carry Python hooks: recorded the whole model's output and gradient "
+               "and every parameter's weight and gradient, but no per-layer activations or output gradients "
+               "(audit the Python model, file.py:factory, for those)"],
+        input_guess=scripted_input_guess(scripted),
+    )
+
+
+def _export(spec: str, program: Any) -> LoadedModel:
+    from gradscope.loaders.compiled import OpaqueModel, export_example_inputs, export_layer_types, unflatten
+
+    types = export_layer_types(program)
+    example = export_example_inputs(program)
+    notes = ["torch.export fixed train/eval behaviour (dropout, BatchNorm) when the program was exported; "
+             "--mode does not change it"]
+    module = unflatten(program)
+    if module is not None:
+        return LoadedModel(module, "export", spec, "torch.export.load + torch.export.unflatten",
+                           layer_types=types, notes=notes, example_inputs=example)
+    notes.insert(0, "this exported program could not be unflattened: recorded the whole model's output and "
+                    "gradient and every parameter's weight and gradient, but no per-layer activations")
+    shell = OpaqueModel(program.module(), follow_mode=False)
+    return LoadedModel(shell, "export", spec, "torch.export.load + ExportedProgram.module", hookable=False,
+                       layer_types=types, notes=notes, example_inputs=example)
+
+
+def load_inputs(spec: str) -> Any:
+    """``--inputs FILE``: a tensor, a tuple/list of tensors or a dict of tensors (weights_only=True)."""
+    import torch
+
+    from gradscope.loaders.files import first_line
+
+    path = Path(spec)
+    check_file(path, "inputs file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise LoadError(
+            f"cannot read inputs file {spec!r} with torch.load(weights_only=True): {first_line(exc)}"
+        ) from exc
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else [obj]
+    if not isinstance(obj, (torch.Tensor, tuple, list, dict)) or not any(isinstance(v, torch.Tensor) for v in values):
+        raise LoadError(f"inputs file {spec!r} must hold a tensor, a tuple of tensors or a dict of tensors")
+    return tuple(obj) if isinstance(obj, list) else obj
+
+
+def _check_lazy(loaded: LoadedModel) -> None:
+    """Lazy modules (``nn.LazyLinear``) have no weights until their first forward."""
+    from torch.nn.parameter import is_lazy
+
+    for name, module in loaded.module.named_modules():
+        if any(is_lazy(p) for p in module.parameters(recurse=False)):
+            from gradscope.errors import InputError
+
+            raise InputError(f"{name or 'model'} ({type(module).__name__}) is a lazy module whose parameters are not "
+                             "initialised; run one forward in the factory before returning the model")
+
+
+def audit_loaded(loaded: LoadedModel, inputs: Any = None, **kwargs: Any) -> Any:
+    """Audit a loaded model, then diagnose; returns the Report.
+
+    ``kwargs`` go to ``gradscope.audit.audit`` (input_shape, input_dtype,
+    vocab, loss, batches, seed, formats, mode).  Models without hookable
+    submodules are audited through the whole-model output plus a
+    ``ParameterProbe``; exported layers get their original class names back
+    before the diagnosis reads them.
+    """
+    from gradscope.audit import audit
+    from gradscope.diagnose import diagnose
+
+    _check_lazy(loaded)
+    kwargs = dict(kwargs)
+    if inputs is None and kwargs.get("input_shape") is None:
+        if loaded.example_inputs is not None:
+            inputs = loaded.example_inputs
+            loaded.notes.append("inputs: the example inputs saved in the export archive")
+        elif loaded.input_guess is not None:
+            shape, dtype, vocab = loaded.input_guess
+            kwargs.update(input_shape=shape, input_dtype=dtype)
+            if kwargs.get("vocab") is None:
+                kwargs["vocab"] = vocab
+        elif not loaded.hookable:
+            from gradscope.errors import InputError
+
+            raise InputError(f"cannot infer the input shape of {loaded.format} model {loaded.source!r}; "
+                             "pass --input-shape, e.g. --input-shape 32,784 (or --inputs FILE)")
+    common: dict[str, Any] = dict(source=loaded.source, model_format=loaded.format, diagnose=False)
+    if loaded.hookable:
+        report = audit(loaded.module, inputs, **common, **kwargs)
+        for layer in report.layers:
+            original = loaded.layer_types.get(layer.module if layer.module != "model" else "")
+            if original and layer.type in ("InterpreterModule", "UnflattenedModule", "Module"):
+                layer.type = original
+    else:
+        from gradscope.loaders.hookless import ParameterProbe, merge_parameter_layers, parameter_layers
+
+        with ParameterProbe(loaded.module) as probe:
+            report = audit(loaded.module, inputs, include=["model"], **common, **kwargs)
+        whole = report.record.layers[-1] if report.record.layers else None
+        if whole is not None and loaded.layer_types.get(""):
+            whole.type = loaded.layer_types[""]  # the scripted/exported class, not the shell's
+        merge_parameter_layers(report.record, parameter_layers(loaded.module, probe, loaded.layer_types))
+    for note in loaded.notes:
+        report.record.note(note)
+    report.model["loader"] = loaded.loader
+    if loaded.layer_types.get(""):
+        report.model["type"] = loaded.layer_types[""]  # the original class, not the shell/unflattened one
+    diagnose(report, model=loaded.module)
+    return report
