@@ -32,17 +32,24 @@ included, without ``frexp`` (ten times slower on CPU).  The price is that
 values above 2^105 ≈ 4e31 share the top bin; no fp16/fp8 question needs more,
 and bf16 only overflows beyond fp32's own range.
 
-Sampling (``sample=k``, used by ``watch``): the histogram is the costliest
-part (a scalar bincount), so for tensors above ``k`` elements it is taken on a
-strided sample of between k and 2k elements.  Fractions read from it (zero,
-fp16 overflow/underflow, ...) then carry a sampling error of at most
-sqrt(p(1-p)/k) (<= 0.002 for k = 65536); counts, moments, min, max and the
-non-finite count stay exact, so a single NaN or an overflow past ``max`` is
-never missed.
+Sampling (``sample=k``, used by ``watch`` and, for very large tensors, by
+the audit): the count, minimum and maximum are always taken over every
+element, so a single NaN, an inf, or an overflow past a format's maximum is
+never missed.  Everything else (moments, zero and non-finite counts, the
+exponent histogram) is read from a strided sample of about k elements when
+the tensor has more than 2k; the stride is a prime, so that it visits every
+row and column.  Sampling errors (1 sigma, m sampled elements): a fraction p
+±sqrt(p(1-p)/m) (<= 0.004 for m = 16384), the mean ±std/sqrt(m), the std
+±sqrt((kurtosis-1)/(4m)) relative (0.55% for a Gaussian at m = 16384).
+Why: the histogram (a scalar bincount, ~1 ns per element on CPU) and the
+float64 power sums cost more per element than the forward pass of an
+element-wise layer; a fixed-size sample bounds them.
 
-Moments come from shifted power sums (shift = the tensor's first element), so
-the variance keeps its precision when |mean| >> std; sums accumulate in
-float32 or wider whatever the input dtype (fp16/bf16 are upcast first).
+Moments come from power sums around one element of the (sampled) tensor,
+accumulated in float64 (fp16/bf16 inputs are read in fp32 first): no square
+of an fp32 value under- or overflows there, so 1e-25 gradients and 1e30
+activations keep their std, and the shift keeps the variance exact when
+|mean| >> std.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from gradscope.formats import FORMAT_NAMES, get_format
@@ -90,84 +98,69 @@ def _exponent_histogram(biased: torch.Tensor) -> torch.Tensor:
     return hist.index_add_(0, flat.long(), ones)
 
 
-# torch.linalg.vector_norm on CPU loses precision with length in float32 (measured
-# on torch 2.13: relative error of the sum of squares 1.6e-5 at 1e6 elements,
-# 1.4e-3 at 1.6e7), so long tensors are reduced in chunks of this many elements
-# (error ~1e-8 at every length measured) and the chunk sums added in ``dtype``.
-_NORM_CHUNK = 4096
+@cache
+def sample_stride(n: int, sample: int) -> int:
+    """The stride of the strided sample: the smallest prime >= n // sample.
 
-
-def _sum_of_squares(centred: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """sum(centred**2) in ``dtype`` without a full-size temporary; ``centred`` is 1-D contiguous."""
-    import torch
-
-    n = centred.numel()  # shape metadata: no host sync
-    if n <= _NORM_CHUNK:
-        return torch.linalg.vector_norm(centred).to(dtype).square()
-    rows = n // _NORM_CHUNK
-    head = centred[: rows * _NORM_CHUNK].view(rows, _NORM_CHUNK)
-    total = torch.linalg.vector_norm(head, dim=1).to(dtype).square().sum()
-    return total + torch.linalg.vector_norm(centred[rows * _NORM_CHUNK :]).to(dtype).square()
+    A prime stride visits every row and column of a tensor whose sizes it does
+    not divide; a power-of-two stride over an NCHW activation of width 32
+    would sample column 0 only, next to the zero padding.
+    """
+    candidate = max(2, n // sample)
+    while any(candidate % d == 0 for d in range(2, math.isqrt(candidate) + 1)):
+        candidate += 1
+    return candidate
 
 
 # The raw vector that the hot path produces (see raw_stats); ``finalize`` turns
 # a stack of them into the documented layout in one vectorised host-side pass,
 # so that each hooked tensor costs as few small device ops as possible.
-R_COUNT, R_SHIFT, R_S1, R_MIN, R_MAX, R_SCALE, R_S2, R_NONFINITE = range(8)
-R_HIST = 8
+R_COUNT, R_SHIFT, R_S1, R_S2, R_MIN, R_MAX, R_NONFINITE = range(7)
+R_HIST = 7
 RAW_SIZE = R_HIST + HIST_BINS
 
 
 def raw_stats(x: torch.Tensor, sample: int | None = None) -> torch.Tensor:
     """The hot-path half of ``tensor_stats``: RAW_SIZE numbers on ``x``'s device.
 
-    ``[count, shift, sum(c), min, max, scale, sum(c^2),'' with
-    ``c = (x - shift) * scale``, ``scale = 2^-floor(log2 absmax)`` (so that
-    squares neither underflow for tiny gradients nor overflow for huge
-    activations in float32), then ``
-    non-finite count in the histogrammed elements, histogram...]``.  Only
-    device work is queued; ``x`` is not kept.
+    ``[count, shift, sum(c), sum(c^2), min, max, non-finite count,
+    histogram...]`` where ``c = x - shift`` over the sampled elements (their
+    number is the histogram's total).
+    Only device work is queued; ``x`` is not kept.
+
+    Over every element: the count, min and max (so NaN/inf presence and the
+    absolute maximum are exact).  Over the sample (every element when
+    ``sample`` is None or the tensor has at most ``2 * sample`` elements): the
+    power sums, accumulated in float64 (no square of an fp32 value under- or
+    overflows there, and no cancellation is lost), the non-finite count and
+    the exponent histogram.
     """
     import torch
 
     with torch.no_grad():
         x = x.detach()
         if x.dtype != torch.float32:
-            x = x.float()  # fp16/bf16 accumulate in fp32; float64 is narrowed (documented)
+            x = x.float()  # fp16/bf16 are read in fp32; float64 is narrowed (documented)
         dtype = _stats_dtype(x.device)
         n = x.numel()
         if n == 0:
             return torch.zeros(RAW_SIZE, dtype=dtype, device=x.device)
         flat = x.reshape(-1)
-        lo, hi = torch.aminmax(flat)  # NaN-propagating: exact presence of NaN/inf for free
-        # A power of two bringing |x| to [1, 2): exact to apply and to undo.
-        _, exponent = torch.frexp(torch.maximum(lo.abs(), hi.abs()))
-        scale = torch.exp2((1 - exponent).clamp(-126, 126).to(flat.dtype))
-        if sample is None or n <= 2 * sample:
-            histogrammed = flat
-            # Shifted by one element so that the variance keeps its precision
-            # when |mean| >> std.
-            shift = flat[0]
-            centred = (flat - shift).mul_(scale)
-        else:
-            # Sampled tier for large tensors.  The power sums are unshifted
-            # (relative variance error ~1e-7 * (1 + mean^2/var)).
-            histogrammed = flat[:: n // sample]
-            shift = torch.zeros((), dtype=flat.dtype, device=flat.device)
-            centred = flat * scale
+        lo, hi = torch.aminmax(flat)  # NaN-propagating: exact presence of NaN/inf
+        part = flat if sample is None or n <= 2 * sample else flat[:: sample_stride(n, sample)]
+        wide = part.to(dtype)
+        shift = wide[0]  # power sums around one element keep the variance exact when |mean| >> std
+        centred = wide - shift
         # x * 0 is 0 for finite x and NaN for NaN and ±inf: an exact count.
-        nonfinite = torch.count_nonzero(histogrammed * 0.0)
-        scaled_bits = (histogrammed * _SCALE).view(torch.int32)
+        nonfinite = torch.count_nonzero(part * 0.0)
+        scaled_bits = (part * _SCALE).view(torch.int32)
         hist = _exponent_histogram((scaled_bits >> 23) & 0xFF)
-        s1 = centred.sum(dtype=torch.float32)
-        s2 = _sum_of_squares(centred, dtype)
         return torch.cat(
             [
-                torch.full((1,), n, dtype=dtype, device=x.device),  # a fill kernel, no host copy
-                torch.stack([shift, s1, lo, hi, scale]).to(dtype),
-                s2.reshape(1),
-                nonfinite.reshape(1).to(dtype),
-                hist.to(dtype),
+                torch.full((1,), n, dtype=dtype, device=x.device),  # a fill kernel, not a host copy
+                torch.stack([shift, centred.sum(), torch.dot(centred, centred)]),
+                torch.stack([lo, hi]).to(dtype),
+                torch.cat([nonfinite.reshape(1), hist]).to(dtype),
             ]
         )
 
@@ -176,25 +169,23 @@ def finalize(raw: torch.Tensor) -> torch.Tensor:
     """Raw vectors (``(..., RAW_SIZE)``) to statistics vectors (``(..., SIZE)``).
 
     Vectorised over any leading dimensions; runs wherever ``raw`` is (the
-    recorder calls it once per flush on the host).
+    recorder calls it once per flush).  Moments of a sampled tensor are the
+    sample's, with M2 scaled to the whole count so that ``M2 / COUNT`` is the
+    sample variance.
     """
     import torch
 
-    raw = raw.to(torch.float64) if raw.dtype != torch.float32 else raw
     n = raw[..., R_COUNT]
     hist = raw[..., R_HIST:]
-    hsamples = hist.sum(dim=-1)
+    m = hist.sum(dim=-1)  # every sampled element falls in exactly one bin
     lo, hi = raw[..., R_MIN], raw[..., R_MAX]
     any_nonfinite = ~(torch.isfinite(lo) & torch.isfinite(hi))
-    safe_n = torch.where(n > 0, n, torch.ones_like(n))
-    safe_h = torch.where(hsamples > 0, hsamples, torch.ones_like(hsamples))
+    safe_m = torch.where(m > 0, m, torch.ones_like(m))
     # The sample's count, scaled to the whole tensor; at least 1 when min/max saw one.
-    nonfinite = torch.maximum((raw[..., R_NONFINITE] * n / safe_h).round(), any_nonfinite.to(raw.dtype))
-    scale = raw[..., R_SCALE]
-    safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    s1, s2 = raw[..., R_S1] / safe_scale, raw[..., R_S2] / (safe_scale * safe_scale)
-    mean_c = s1 / safe_n
-    m2 = (s2 - s1 * mean_c).clamp_min(0.0)
+    nonfinite = torch.maximum((raw[..., R_NONFINITE] * n / safe_m).round(), any_nonfinite.to(raw.dtype))
+    s1, s2 = raw[..., R_S1], raw[..., R_S2]
+    mean_c = s1 / safe_m
+    m2 = (s2 - s1 * mean_c).clamp_min(0.0) * (n / safe_m)
     mean = raw[..., R_SHIFT] + mean_c
     valid = torch.isfinite(m2) & torch.isfinite(mean) & ~any_nonfinite & (n > 0)
     zero = torch.zeros_like(n)
@@ -208,7 +199,7 @@ def finalize(raw: torch.Tensor) -> torch.Tensor:
             hi,
             nonfinite,
             torch.isnan(hi).to(raw.dtype),
-            hsamples,
+            m,
         ],
         dim=-1,
     )
