@@ -53,8 +53,12 @@ def resnet50(num_classes: int = 1000):  # noqa: ANN201 - torch is imported lazil
             out = self.bn3(self.conv3(out))
             return self.relu(out + (x if self.down is None else self.down(x)))
 
-    layers: list[nn.Module] = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
-                               nn.MaxPool2d(3, 2, 1)]
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, 64, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, 2, 1),
+    ]
     cin = 64
     for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
         for i in range(blocks):
@@ -96,8 +100,18 @@ def main() -> None:
         print(f"{label:<28} median {statistics.median(times):.3f} s  (min {min(times):.3f}, n={len(times)})")
 
     shape = f"{args.batch},3,224,224"
-    cmd = gradscope + ["audit", f"{HERE}:resnet50", "--input-shape", shape, "--format", "json",
-                       "--output", os.devnull, "--fail-on", "never"]
+    cmd = gradscope + [
+        "audit",
+        f"{HERE}:resnet50",
+        "--input-shape",
+        shape,
+        "--format",
+        "json",
+        "--output",
+        os.devnull,
+        "--fail-on",
+        "never",
+    ]
     total, total_cpu = _timed(cmd, env)
 
     import torch
@@ -114,11 +128,15 @@ def main() -> None:
     start, cpu = time.perf_counter(), time.process_time()
     loaded.module(x).sum().backward()  # the same forward+backward with no gradscope, for scale
     plain, plain_cpu = time.perf_counter() - start, time.process_time() - cpu
-    print(f"ResNet-50-style CNN: {params / 1e6:.1f}M parameters, {len(report.layers)} recorded call sites, "
-          f"batch {args.batch}, 224x224, {args.threads} threads")
+    print(
+        f"ResNet-50-style CNN: {params / 1e6:.1f}M parameters, {len(report.layers)} recorded call sites, "
+        f"batch {args.batch}, 224x224, {args.threads} threads"
+    )
     print(f"  gradscope audit (fresh process, torch import included): {total:.2f} s wall, {total_cpu:.2f} s CPU")
-    print(f"  audit_loaded in process (forward+backward+statistics+diagnosis): {in_process:.2f} s wall, "
-          f"{in_process_cpu:.2f} s CPU")
+    print(
+        f"  audit_loaded in process (forward+backward+statistics+diagnosis): {in_process:.2f} s wall, "
+        f"{in_process_cpu:.2f} s CPU"
+    )
     print(f"  plain forward+backward without gradscope: {plain:.2f} s wall, {plain_cpu:.2f} s CPU")
     print(f"  load average while running: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
 

@@ -72,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         key, monitor, steps, scale = args.child
         print(json.dumps(_child(key, monitor, int(steps), float(scale))))
         return 0
-    print("| model | peak RSS unwatched | peak RSS watch(every=1) | ratio | gradscope state | per layer | state at 1/4 batch |")
+    print(
+        "| model | peak RSS unwatched | peak RSS watch(every=1) | ratio "
+        "| gradscope state | per layer | state at 1/4 batch |"
+    )
     print("|---|---|---|---|---|---|---|")
     for key in args.models.split(","):
         base = _run(key, "none", args.steps)

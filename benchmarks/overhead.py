@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         base = statistics.median(times["none"])
         cells = []
         for m in monitors[1:]:
-            ratios = [t / b for t, b in zip(times[m], times["none"])]
+            ratios = [t / b for t, b in zip(times[m], times["none"], strict=True)]
             cells.append(f"{statistics.median(times[m]) / base:.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
         lines.append(f"| {work.name} ({base * 1e3:.0f} ms/step) | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)

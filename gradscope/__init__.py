@@ -32,12 +32,12 @@ _EXPORTS = {
     "Severity": "gradscope.report",
     "Stats": "gradscope.stats",
     "tensor_stats": "gradscope.stats",
-    "audit": "gradscope.audit",
+    "audit": "gradscope.auditing",
     "watch": "gradscope.watching",
 }
 
 if TYPE_CHECKING:
-    from gradscope.audit import audit
+    from gradscope.auditing import audit
     from gradscope.errors import GradscopeError, InputError
     from gradscope.recorder import Recorder
     from gradscope.report import Finding, Fix, Report, Severity

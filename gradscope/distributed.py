@@ -55,9 +55,7 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def merge_across_ranks(
-    keys: Sequence[Hashable], vectors: torch.Tensor
-) -> tuple[list[Hashable], torch.Tensor]:
+def merge_across_ranks(keys: Sequence[Hashable], vectors: torch.Tensor) -> tuple[list[Hashable], torch.Tensor]:
     """Merge statistics vectors (``(len(keys), SIZE)``, one row per key) over all ranks.
 
     Every rank must call this at the same point (it is collective).  Returns

@@ -156,7 +156,7 @@ def swap_activation(model: nn.Module, old: type[nn.Module], new: type[nn.Module]
 
 
 def _audit(model: nn.Module, **kwargs: Any) -> Report:
-    from gradscope.audit import audit
+    from gradscope.auditing import audit
 
     kwargs.setdefault("input_shape", (BATCH, WIDTH))
     kwargs.setdefault("seed", SEED)

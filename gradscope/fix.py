@@ -102,7 +102,7 @@ def apply_init(
             change; default all eligible layers.
         inputs: a batch for "auto" (audited) and "lsuv" (propagated); when
             None, a synthetic batch is drawn as ``gradscope.audit`` does.
-        **audit_kwargs: passed to ``gradscope.audit.audit`` for "auto"
+        **audit_kwargs: passed to ``gradscope.auditing.audit`` for "auto"
             (input_shape, input_dtype, vocab, loss, seed...); "lsuv" uses the
             input ones (input_shape, input_dtype, vocab, seed, mode).
 
@@ -139,7 +139,7 @@ def apply_init(
 def _auto_targets(
     model: nn.Module, inputs: Any, layers: Sequence[str] | None, audit_kwargs: dict[str, Any]
 ) -> list[tuple[str, str, str, float]]:
-    from gradscope.audit import audit
+    from gradscope.auditing import audit
 
     report = audit(model, inputs, **audit_kwargs)
     targets = []
@@ -170,28 +170,18 @@ def _make_batch(
     seed: int = 0,
     **_: Any,
 ) -> Any:
-    from gradscope.audit import _to_device, model_device
-    from gradscope.inputs import InputSpec, infer_input, parse_dtype, synthetic_input
+    from gradscope.auditing import _to_device, model_device
+    from gradscope.inputs import resolve_spec, synthetic_input
 
     device = model_device(model)
     if inputs is not None:
         return _to_device(inputs, device)
-    if input_shape is not None:
-        spec = InputSpec(tuple(int(s) for s in input_shape), parse_dtype(input_dtype), vocab)
-    else:
-        spec = infer_input(model)
-        if vocab is not None:
-            spec.vocab = vocab
-    if not spec.dtype.is_floating_point and spec.vocab is None:
-        embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
-        if embedding is None:
-            raise InputError("integer inputs need a vocabulary size; pass vocab=N")
-        spec.vocab = embedding.num_embeddings
+    spec = resolve_spec(model, input_shape, input_dtype, vocab)
     return synthetic_input(spec, torch.Generator().manual_seed(seed), device)
 
 
 def _run(model: nn.Module, batch: Any) -> None:
-    from gradscope.audit import _call_model
+    from gradscope.auditing import _call_model
 
     try:
         _call_model(model, batch)
@@ -261,7 +251,7 @@ def lsuv(
     tolerance`` or ``max_tries`` rescalings.  Layers that never run are left
     orthonormal.  Returns the changes as ``apply_init`` does.
     """
-    from gradscope.audit import preserved_state
+    from gradscope.auditing import preserved_state
 
     names = [n or "model" for n, m in model.named_modules() if _eligible(m) and _selected(n or "model", layers)]
     if not names:

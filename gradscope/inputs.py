@@ -55,8 +55,15 @@ def parse_shape(text: str) -> tuple[int, ...]:
 def parse_dtype(text: str | torch.dtype) -> torch.dtype:
     if isinstance(text, torch.dtype):
         return text
-    names = {"float32": torch.float32, "float": torch.float32, "int64": torch.int64, "long": torch.int64,
-             "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+    names = {
+        "float32": torch.float32,
+        "float": torch.float32,
+        "int64": torch.int64,
+        "long": torch.int64,
+        "float16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "float64": torch.float64,
+    }
     if text not in names:
         raise InputError(f"input dtype {text!r} is not one of float32, int64, float16, bfloat16, float64")
     return names[text]
@@ -66,8 +73,9 @@ def first_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
     """The first Linear, Conv or Embedding in registration order (a guess at the
     layer that sees the input; exact for Sequential-style models)."""
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Embedding, nn.EmbeddingBag, nn.modules.conv._ConvNd,
-                               nn.RNNBase, nn.Bilinear)):
+        if isinstance(
+            module, (nn.Linear, nn.Embedding, nn.EmbeddingBag, nn.modules.conv._ConvNd, nn.RNNBase, nn.Bilinear)
+        ):
             return name, module
     return None
 
@@ -82,7 +90,10 @@ def infer_input(model: nn.Module, batch: int = DEFAULT_BATCH) -> InputSpec:
     """
     found = first_layer(model)
     if found is None:
-        raise InputError("cannot infer the input shape (no Linear, Conv or Embedding layer found); pass --input-shape, e.g. --input-shape 32,784")
+        raise InputError(
+            "cannot infer the input shape (no Linear, Conv or Embedding layer found); "
+            "pass --input-shape, e.g. --input-shape 32,784"
+        )
     name, layer = found
     where = f"{name or 'model'} ({type(layer).__name__})"
     if isinstance(layer, nn.Linear):
@@ -96,6 +107,29 @@ def infer_input(model: nn.Module, batch: int = DEFAULT_BATCH) -> InputSpec:
         example = ",".join([str(batch), str(layer.in_channels)] + ["32"] * dims)
         raise InputError(f"cannot infer the spatial size for {where}; pass --input-shape, e.g. --input-shape {example}")
     raise InputError(f"cannot infer the input shape from {where}; pass --input-shape")
+
+
+def resolve_spec(
+    model: nn.Module,
+    input_shape: tuple[int, ...] | list[int] | None,
+    input_dtype: torch.dtype | str,
+    vocab: int | None,
+) -> InputSpec:
+    """The synthetic-input spec: the given shape, or one inferred from the
+    first layer; int64 inputs take their vocabulary from ``vocab`` or the
+    model's first Embedding."""
+    if input_shape is not None:
+        spec = InputSpec(tuple(int(s) for s in input_shape), parse_dtype(input_dtype), vocab)
+    else:
+        spec = infer_input(model)
+        if vocab is not None:
+            spec.vocab = vocab
+    if not spec.dtype.is_floating_point and spec.vocab is None:
+        embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+        if embedding is None:
+            raise InputError("integer inputs need a vocabulary size; pass --vocab N")
+        spec.vocab = embedding.num_embeddings
+    return spec
 
 
 def synthetic_input(spec: InputSpec, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -127,7 +161,9 @@ def compute_loss(
         return LossResult(loss.reshape(()), "custom loss")
     found = loss_source(output)
     if found is None:
-        raise InputError(f"the model returned no floating-point tensor to build a loss from (got {type(output).__name__})")
+        raise InputError(
+            f"the model returned no floating-point tensor to build a loss from (got {type(output).__name__})"
+        )
     tensor, path, already_loss = found
     where = f"output{path}"
     if already_loss:

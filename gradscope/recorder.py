@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradscope.distributed import REDUCED_ROLES, is_distributed, merge_across_ranks, world_size
 from gradscope.outputs import first_float_tensor
 from gradscope.record import LayerRecord, Record
-from gradscope.distributed import REDUCED_ROLES, is_distributed, merge_across_ranks, world_size
 from gradscope.stats import SIZE, Stats, finalize, merge_stats, raw_stats
 
 ROOT_NAME = "model"  # the name given to the model itself when it is a leaf
@@ -346,7 +346,7 @@ class Recorder:
             shared = [k for k in merged if k[1] in REDUCED_ROLES]
             stacked = torch.stack([merged[k] for k in shared]) if shared else torch.zeros(0, SIZE)
             union, rows = merge_across_ranks(shared, stacked)
-            merged.update(zip(union, rows))
+            merged.update(zip(union, rows, strict=True))
             self.record.note(
                 f"activation and gradient statistics merged over {world_size()} ranks; "
                 "weights and weight gradients are rank 0's (all-reduced under DDP)"
@@ -366,9 +366,7 @@ class Recorder:
         """Flush and return the record, with the hooked modules that never ran."""
         self.flush()
         ran = {layer.module for layer in self.record.layers}
-        self.record.not_executed = [
-            _display_name(name) for name, _ in self._selected if _display_name(name) not in ran
-        ]
+        self.record.not_executed = [_display_name(name) for name, _ in self._selected if _display_name(name) not in ran]
         return self.record
 
     def pending_count(self) -> int:
@@ -386,10 +384,10 @@ def _finalize_and_merge(keys: list[tuple[str, str]], raws: list[torch.Tensor]) -
     rows: list[torch.Tensor] = [raws[0]] * len(raws)
     for indices in by_device.values():
         stacked = finalize(torch.stack([raws[i] for i in indices]))
-        for i, row in zip(indices, stacked):
+        for i, row in zip(indices, stacked, strict=True):
             rows[i] = row
     merged: dict[tuple[str, str], torch.Tensor] = {}
-    for key, row in zip(keys, rows):
+    for key, row in zip(keys, rows, strict=True):
         merged[key] = row if key not in merged else merge_stats(merged[key], row)
     return merged
 
@@ -402,5 +400,5 @@ def _to_host(rows: dict[tuple[str, str], torch.Tensor]) -> dict[tuple[str, str],
     host: dict[tuple[str, str], torch.Tensor] = {}
     for device_keys in by_device.values():
         stacked = torch.stack([rows[k] for k in device_keys]).to("cpu", torch.float64)
-        host.update(zip(device_keys, stacked))
+        host.update(zip(device_keys, stacked, strict=True))
     return {k: host[k] for k in rows}

@@ -45,11 +45,11 @@ Why: the histogram (a scalar bincount, ~1 ns per element on CPU) and the
 float64 power sums cost more per element than the forward pass of an
 element-wise layer; a fixed-size sample bounds them.
 
-Moments come from power sums around one element of the (sampled) tensor,
-accumulated in float64 (fp16/bf16 inputs are read in fp32 first): no square
-of an fp32 value under- or overflows there, so 1e-25 gradients and 1e30
-activations keep their std, and the shift keeps the variance exact when
-|mean| >> std.
+Moments come from power sums accumulated in float64 (fp16/bf16 inputs are
+read in fp32 first): no square of an fp32 value under- or overflows there, so
+1e-25 gradients and 1e30 activations keep their std, and M2 = S2 - S1^2/m
+loses only ~1e-16 * mean^2/var relative, nothing for any |mean|/std an fp32
+tensor can hold meaningfully.  (On MPS, which has no float64, float32.)
 """
 
 from __future__ import annotations
@@ -115,25 +115,24 @@ def sample_stride(n: int, sample: int) -> int:
 # The raw vector that the hot path produces (see raw_stats); ``finalize`` turns
 # a stack of them into the documented layout in one vectorised host-side pass,
 # so that each hooked tensor costs as few small device ops as possible.
-R_COUNT, R_SHIFT, R_S1, R_S2, R_MIN, R_MAX, R_NONFINITE = range(7)
-R_HIST = 7
+R_COUNT, R_S1, R_S2, R_MIN, R_MAX = range(5)
+R_HIST = 5
 RAW_SIZE = R_HIST + HIST_BINS
 
 
 def raw_stats(x: torch.Tensor, sample: int | None = None) -> torch.Tensor:
     """The hot-path half of ``tensor_stats``: RAW_SIZE numbers on ``x``'s device.
 
-    ``[count, shift, sum(c), sum(c^2), min, max, non-finite count,
-    histogram...]`` where ``c = x - shift`` over the sampled elements (their
-    number is the histogram's total).
+    ``[count, sum(x), sum(x^2), min, max, histogram...]``, the sums over the
+    sampled elements (their number is the histogram's total).
     Only device work is queued; ``x`` is not kept.
 
     Over every element: the count, min and max (so NaN/inf presence and the
     absolute maximum are exact).  Over the sample (every element when
     ``sample`` is None or the tensor has at most ``2 * sample`` elements): the
     power sums, accumulated in float64 (no square of an fp32 value under- or
-    overflows there, and no cancellation is lost), the non-finite count and
-    the exponent histogram.
+    overflows there, and no cancellation is lost) and the exponent histogram,
+    whose top bin also counts the non-finite values.
     """
     import torch
 
@@ -148,19 +147,16 @@ def raw_stats(x: torch.Tensor, sample: int | None = None) -> torch.Tensor:
         flat = x.reshape(-1)
         lo, hi = torch.aminmax(flat)  # NaN-propagating: exact presence of NaN/inf
         part = flat if sample is None or n <= 2 * sample else flat[:: sample_stride(n, sample)]
-        wide = part.to(dtype)
-        shift = wide[0]  # power sums around one element keep the variance exact when |mean| >> std
-        centred = wide - shift
-        # x * 0 is 0 for finite x and NaN for NaN and ±inf: an exact count.
-        nonfinite = torch.count_nonzero(part * 0.0)
         scaled_bits = (part * _SCALE).view(torch.int32)
         hist = _exponent_histogram((scaled_bits >> 23) & 0xFF)
         return torch.cat(
             [
                 torch.full((1,), n, dtype=dtype, device=x.device),  # a fill kernel, not a host copy
-                torch.stack([shift, centred.sum(), torch.dot(centred, centred)]),
+                # float64 power sums: no fp32 square under- or overflows, and
+                # M2 = S2 - S1^2/m keeps ~1e-16 * mean^2/var relative error.
+                torch.stack([part.sum(dtype=dtype), torch.linalg.vector_norm(part, dtype=dtype).square()]),
                 torch.stack([lo, hi]).to(dtype),
-                torch.cat([nonfinite.reshape(1), hist]).to(dtype),
+                hist.to(dtype),
             ]
         )
 
@@ -181,12 +177,18 @@ def finalize(raw: torch.Tensor) -> torch.Tensor:
     lo, hi = raw[..., R_MIN], raw[..., R_MAX]
     any_nonfinite = ~(torch.isfinite(lo) & torch.isfinite(hi))
     safe_m = torch.where(m > 0, m, torch.ones_like(m))
-    # The sample's count, scaled to the whole tensor; at least 1 when min/max saw one.
-    nonfinite = torch.maximum((raw[..., R_NONFINITE] * n / safe_m).round(), any_nonfinite.to(raw.dtype))
+    # Non-finite values sit in the histogram's top bin, with finite values
+    # >= 2^105: when min/max saw none, there is none; when they saw one, the
+    # top bin (of the sample, scaled to the tensor) is the count, at least 1.
+    # (Finite values >= 2^105 beside a NaN/inf are counted with them.)
+    top = hist[..., HIST_BINS - 1]
+    nonfinite = torch.where(
+        any_nonfinite, torch.clamp_min((top * n / safe_m).round(), 1.0), torch.zeros_like(top)
+    )
     s1, s2 = raw[..., R_S1], raw[..., R_S2]
     mean_c = s1 / safe_m
     m2 = (s2 - s1 * mean_c).clamp_min(0.0) * (n / safe_m)
-    mean = raw[..., R_SHIFT] + mean_c
+    mean = mean_c
     valid = torch.isfinite(m2) & torch.isfinite(mean) & ~any_nonfinite & (n > 0)
     zero = torch.zeros_like(n)
     head = torch.stack(
@@ -449,9 +451,7 @@ class Stats:
         # The raw histogram, sparse: [binade, count] for finite non-zero values
         # below 2^105, plus the two special bins, so that from_dict round-trips.
         raw = self._values[HIST : HIST + HIST_BINS]  # type: ignore[attr-defined]
-        out["exponent_hist"] = [
-            [b - EXPONENT_OFFSET, int(raw[b])] for b in range(1, HIST_BINS - 1) if raw[b] > 0
-        ]
+        out["exponent_hist"] = [[b - EXPONENT_OFFSET, int(raw[b])] for b in range(1, HIST_BINS - 1) if raw[b] > 0]
         out["zero_hist"] = int(raw[0])
         out["top_hist"] = int(raw[HIST_BINS - 1])  # non-finite values and values >= 2^105
         return json_safe(out)

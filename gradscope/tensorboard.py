@@ -153,8 +153,9 @@ def _markdown(report: Report) -> str:
         lines.append("No findings: healthy.")
     for f in report.findings:
         layers = f", {', '.join(f.layers)}" if f.layers else ""
-        lines.append(f"- **{f.severity.value if hasattr(f.severity, 'value') else f.severity}** "
-                     f"`{f.code}`{layers}: {f.message}")
+        lines.append(
+            f"- **{f.severity.value if hasattr(f.severity, 'value') else f.severity}** `{f.code}`{layers}: {f.message}"
+        )
         if f.fix is not None:
             lines.append(f"  - fix: {f.fix.summary}")
     return "\n".join(lines)

@@ -227,9 +227,7 @@ def nonfinite_finding(record: dict[str, Any], clip: dict[str, Any] | None) -> Fi
     origin = record.get("origin", "")
     source = record.get("source")
     how = f", {origin} ({'from' if origin == 'received' else 'by'} {source})" if source else ""
-    message = f"step {record['step']}: first non-finite {names.get(role, role)} {where}{dtype}{how}".replace(
-        "  ", " "
-    )
+    message = f"step {record['step']}: first non-finite {names.get(role, role)} {where}{dtype}{how}".replace("  ", " ")
     if clip is not None:
         fix = Fix(
             "lower the learning rate, and clip the global gradient norm at "
@@ -259,8 +257,12 @@ def skipped_steps_finding(skipped: int, steps: int, scale: float | None) -> Find
         severity=Severity.WARNING,
         layers=[],
         message=f"the GradScaler skipped {skipped} of {steps} steps because scaled gradients overflowed fp16",
-        evidence={"skipped_steps": skipped, "steps": steps, "loss_scale": scale,
-                  "threshold_frac": SKIPPED_STEPS_WARNING},
+        evidence={
+            "skipped_steps": skipped,
+            "steps": steps,
+            "loss_scale": scale,
+            "threshold_frac": SKIPPED_STEPS_WARNING,
+        },
         fix=Fix(
             "lower the learning rate or clip gradients; if it persists, train in bf16 (no loss scaling needed)",
             "with torch.autocast(device_type='cuda', dtype=torch.bfloat16):\n    loss = model(x)",

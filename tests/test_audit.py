@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradscope.audit import audit
+from gradscope.auditing import audit
 from gradscope.errors import InputError
 from gradscope.formats import FORMAT_NAMES
 
@@ -274,11 +274,12 @@ def test_default_input_inferred_and_loss_is_finite() -> None:
 
 
 def test_gradscope_audit_stays_callable() -> None:
-    """``gradscope.audit`` is both a submodule and the function; once the
-    submodule is imported the package attribute is the module, which must
-    still run the audit (it raised "'module' object is not callable")."""
+    """``gradscope.audit`` is the function however the modules were imported:
+    the implementation lives in ``gradscope.auditing``, so importing it cannot
+    rebind the package attribute to a module (which raised "'module' object
+    is not callable" on the second call)."""
     import gradscope
-    import gradscope.audit as submodule
+    import gradscope.auditing as submodule
 
     model = nn.Sequential(nn.Linear(3, 2))
     for _ in range(2):

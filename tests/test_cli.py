@@ -60,8 +60,7 @@ FORMS = [
 
 
 @pytest.mark.parametrize(("form", "extra", "fmt", "loader"), FORMS, ids=[f[0] for f in FORMS])
-def test_audit_every_model_form(files: dict[str, Path], form: str, extra: list[str], fmt: str,
-                                loader: str) -> None:
+def test_audit_every_model_form(files: dict[str, Path], form: str, extra: list[str], fmt: str, loader: str) -> None:
     model = spec(files, "build") if form == "factory" else files[form]
     extra = [spec(files, "build") if e == "ARCH" else e for e in extra]
     result = run("audit", model, *extra, "--inputs", files["inputs"], "--loss", "mean", "--format", "json")
@@ -99,6 +98,7 @@ def test_factory_attribute_that_is_a_module(files: dict[str, Path]) -> None:
 
 # -- inputs ---------------------------------------------------------------------------
 
+
 def test_shape_inferred_from_first_linear(files: dict[str, Path]) -> None:
     report = json.loads(run("audit", spec(files, "build"), "--format", "json").stdout)
     assert report["run"]["input_shape"] == [32, 12] and report["run"]["input_dtype"] == "float32"
@@ -108,8 +108,20 @@ def test_shape_inferred_from_first_linear(files: dict[str, Path]) -> None:
 def test_embedding_gives_int64_ids_and_vocab(files: dict[str, Path]) -> None:
     report = json.loads(run("audit", spec(files, "embed"), "--format", "json").stdout)
     assert report["run"]["input_dtype"] == "int64" and report["run"]["vocab"] == 50
-    report = json.loads(run("audit", spec(files, "embed"), "--input-shape", "4,7", "--input-dtype", "int64",
-                            "--vocab", "20", "--format", "json").stdout)
+    report = json.loads(
+        run(
+            "audit",
+            spec(files, "embed"),
+            "--input-shape",
+            "4,7",
+            "--input-dtype",
+            "int64",
+            "--vocab",
+            "20",
+            "--format",
+            "json",
+        ).stdout
+    )
     assert report["run"]["input_shape"] == [4, 7] and report["run"]["vocab"] == 20
 
 
@@ -120,11 +132,32 @@ def test_ambiguous_shape_names_the_flag(files: dict[str, Path]) -> None:
 
 
 def test_run_options_reach_the_report(files: dict[str, Path]) -> None:
-    result = run("audit", spec(files, "build"), "--input-shape", "8,12", "--batches", "3", "--loss", "mse",
-                 "--seed", "7", "--formats", "fp16,bf16", "--mode", "eval", "--format", "json")
+    result = run(
+        "audit",
+        spec(files, "build"),
+        "--input-shape",
+        "8,12",
+        "--batches",
+        "3",
+        "--loss",
+        "mse",
+        "--seed",
+        "7",
+        "--formats",
+        "fp16,bf16",
+        "--mode",
+        "eval",
+        "--format",
+        "json",
+    )
     report = json.loads(result.stdout)
     assert {k: report["run"][k] for k in ("batches", "loss", "seed", "formats", "mode")} == {
-        "batches": 3, "loss": "mse", "seed": 7, "formats": ["fp16", "bf16"], "mode": "eval"}
+        "batches": 3,
+        "loss": "mse",
+        "seed": 7,
+        "formats": ["fp16", "bf16"],
+        "mode": "eval",
+    }
     fc1 = next(layer for layer in report["layers"] if layer["name"] == "fc1")
     assert fc1["activation"]["count"] == 3 * 8 * 16  # three batches of 8 rows, 16 features
     assert "bf16_overflow_frac" in fc1["activation"]
@@ -140,6 +173,7 @@ def test_inputs_file_dict_and_tuple(files: dict[str, Path], tmp_path: Path) -> N
 
 
 # -- output -----------------------------------------------------------------------------
+
 
 def test_table_and_markdown_render(files: dict[str, Path]) -> None:
     table = run("audit", spec(files, "build"), "--width", "100")
@@ -186,8 +220,15 @@ def _report(*severities: str) -> Report:
 
 @pytest.mark.parametrize(
     ("severities", "fail_on", "code"),
-    [((), "error", 0), (("info",), "warning", 0), (("warning",), "error", 0), (("warning",), "warning", 1),
-     (("error",), "error", 1), (("error", "info"), "warning", 1), (("error",), "never", 0)],
+    [
+        ((), "error", 0),
+        (("info",), "warning", 0),
+        (("warning",), "error", 0),
+        (("warning",), "warning", 1),
+        (("error",), "error", 1),
+        (("error", "info"), "warning", 1),
+        (("error",), "never", 0),
+    ],
 )
 def test_exit_code_follows_fail_on(severities: tuple[str, ...], fail_on: str, code: int) -> None:
     assert exit_code(_report(*severities), fail_on) == code
@@ -205,6 +246,7 @@ def test_nan_weights_are_a_finding_not_a_tool_error(files: dict[str, Path]) -> N
 
 # -- bad input: one line, exit 2 -----------------------------------------------------------
 
+
 def test_bad_model_files(files: dict[str, Path], tmp_path: Path) -> None:
     empty = tmp_path / "empty.pt"
     empty.touch()
@@ -218,13 +260,15 @@ def test_bad_model_files(files: dict[str, Path], tmp_path: Path) -> None:
 
 def test_state_dict_errors(files: dict[str, Path]) -> None:
     assert_one_line_error(run("audit", files["state_dict"]), "--arch")
-    assert_one_line_error(run("audit", files["state_dict"], "--arch", spec(files, "build_other")),
-                          "missing keys: 0.weight", "unexpected keys: fc1.weight")
+    assert_one_line_error(
+        run("audit", files["state_dict"], "--arch", spec(files, "build_other")),
+        "missing keys: 0.weight",
+        "unexpected keys: fc1.weight",
+    )
 
 
 def test_model_errors(files: dict[str, Path]) -> None:
-    assert_one_line_error(run("audit", spec(files, "build"), "--input-shape", "8,7"),
-                          "fc1 (Linear)", "8x7")
+    assert_one_line_error(run("audit", spec(files, "build"), "--input-shape", "8,7"), "fc1 (Linear)", "8x7")
     assert_one_line_error(run("audit", spec(files, "boom")), "forward raised", "kaboom")
     assert_one_line_error(run("audit", spec(files, "noparams")), "no parameters")
     assert_one_line_error(run("audit", spec(files, "missing")), "has no attribute 'missing'")
@@ -247,6 +291,7 @@ def test_debug_shows_the_traceback(files: dict[str, Path]) -> None:
 
 
 # -- other commands ---------------------------------------------------------------------
+
 
 def test_help_and_version() -> None:
     result = run("--help")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-MODELS_SOURCE = '''
+MODELS_SOURCE = """
 import warnings
 
 import torch
@@ -97,7 +97,7 @@ def exported():
 
 
 instance = build()
-'''
+"""
 
 
 class Evil:
@@ -137,8 +137,9 @@ def make_model_files(folder: Path) -> dict[str, Path]:
     files["state_dict"] = folder / "weights.pt"
     torch.save(model.state_dict(), files["state_dict"])
     files["checkpoint"] = folder / "checkpoint.pt"
-    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}},
-               files["checkpoint"])
+    torch.save(
+        {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, files["checkpoint"]
+    )
     from safetensors.torch import save_file
 
     files["safetensors"] = folder / "weights.safetensors"

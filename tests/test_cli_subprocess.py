@@ -22,8 +22,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def gradscope(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gradscope", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=180)
+    return subprocess.run(
+        [sys.executable, "-m", "gradscope", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=180
+    )
 
 
 def test_json_stdout_is_one_document_even_when_the_model_prints(files: dict[str, Path]) -> None:

@@ -48,7 +48,7 @@ def test_activation_checkpointing_counts_the_recomputed_forward_once(reentrant: 
     plain, plain_out, plain_grads = _record(_Checkpointed(None), x)
     layers, out, grads = _record(_Checkpointed(reentrant), x)
     assert torch.equal(out, plain_out)
-    assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads))
+    assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads, strict=True))
     assert list(layers) == list(plain) == ["inner.0", "inner.1", "inner.2", "head"]  # no "#2" call sites
     for name, layer in layers.items():
         assert layer.activation.count == plain[name].activation.count  # the recomputation is not counted

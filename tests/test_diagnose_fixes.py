@@ -7,7 +7,7 @@ import torch
 from diagnose_models import Log, kaiming, mlp, normal, one_thread, xavier  # noqa: F401 (one_thread: autouse fixture)
 from torch import nn
 
-from gradscope.audit import audit
+from gradscope.auditing import audit
 from gradscope.report import Report, Severity
 
 DEPTH_CODES = {"vanishing-gradient", "exploding-gradient", "vanishing-activations", "exploding-activations"}

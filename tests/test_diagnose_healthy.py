@@ -15,7 +15,7 @@ from diagnose_models import (  # noqa: F401 (one_thread: autouse fixture)
 )
 from torch import nn
 
-from gradscope.audit import audit
+from gradscope.auditing import audit
 from gradscope.report import Report, Severity
 
 

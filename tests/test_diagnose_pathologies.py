@@ -8,7 +8,7 @@ import torch
 from diagnose_models import Log, Sqrt, kaiming, mlp, normal, one_thread, xavier  # noqa: F401 (one_thread: autouse fixture)
 from torch import nn
 
-from gradscope.audit import audit
+from gradscope.auditing import audit
 from gradscope.formats import get_format
 from gradscope.report import Report, Severity
 

@@ -115,7 +115,7 @@ def test_merged_activation_statistics_equal_the_union_of_the_data(ddp_ranks: dic
     ranks = ddp_ranks
     single = _single_process_record()
     for merged in ranks.values():  # every rank ends with the same merged numbers
-        for got, want in zip(merged["layers"], single["layers"]):
+        for got, want in zip(merged["layers"], single["layers"], strict=True):
             assert got["name"] == want["name"]
             a, b = got["activation"], want["activation"]
             assert a["count"] == b["count"] == STEPS * 32 * {"0": 32, "1": 32, "2": 32, "3": 32, "4": 4}[got["name"]]
@@ -128,7 +128,7 @@ def test_merged_activation_statistics_equal_the_union_of_the_data(ddp_ranks: dic
 
 def test_weight_gradients_are_the_all_reduced_ones(ddp_ranks: dict[int, dict]) -> None:
     ranks = ddp_ranks
-    for got0, got1 in zip(ranks[0]["layers"], ranks[1]["layers"]):
+    for got0, got1 in zip(ranks[0]["layers"], ranks[1]["layers"], strict=True):
         if got0["weight_grad"] is None:
             continue
         # DDP averaged the gradients: both ranks hold identical numbers, not merged twice.

@@ -10,7 +10,7 @@ import torch
 from diagnose_models import ResNet, kaiming, mlp, normal, one_thread, xavier  # noqa: F401 (one_thread: autouse fixture)
 from torch import nn
 
-from gradscope.audit import audit
+from gradscope.auditing import audit
 from gradscope.errors import InputError
 from gradscope.fix import apply_init
 

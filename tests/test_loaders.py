@@ -29,14 +29,22 @@ def _spec(files: dict[str, Path], name: str) -> str:
 
 # -- detection ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [("torchscript", det.TORCHSCRIPT), ("export", det.EXPORT), ("state_dict", det.TORCH_SAVE),
-     ("checkpoint", det.TORCH_SAVE), ("safetensors", det.SAFETENSORS), ("pickle", det.TORCH_SAVE),
-     ("evil_pickle", det.PICKLE)],
+    [
+        ("torchscript", det.TORCHSCRIPT),
+        ("export", det.EXPORT),
+        ("state_dict", det.TORCH_SAVE),
+        ("checkpoint", det.TORCH_SAVE),
+        ("safetensors", det.SAFETENSORS),
+        ("pickle", det.TORCH_SAVE),
+        ("evil_pickle", det.PICKLE),
+    ],
 )
-def test_detect_format_from_content_not_extension(files: dict[str, Path], tmp_path: Path, name: str,
-                                                  expected: str) -> None:
+def test_detect_format_from_content_not_extension(
+    files: dict[str, Path], tmp_path: Path, name: str, expected: str
+) -> None:
     misnamed = tmp_path / "model.bin"  # an extension that says nothing
     shutil.copy(files[name], misnamed)
     assert det.detect_format(misnamed) == expected
@@ -51,8 +59,13 @@ def test_detect_rejects_missing_empty_directory_truncated(files: dict[str, Path]
     truncated_st.write_bytes(files["safetensors"].read_bytes()[:200])
     text = tmp_path / "notes.txt"
     text.write_text("hello")
-    cases = {tmp_path / "absent.pt": "does not exist", tmp_path: "is a directory", empty: "is empty",
-             truncated_zip: "truncated", text: "not a model file"}
+    cases = {
+        tmp_path / "absent.pt": "does not exist",
+        tmp_path: "is a directory",
+        empty: "is empty",
+        truncated_zip: "truncated",
+        text: "not a model file",
+    }
     for path, words in cases.items():
         with pytest.raises(LoadError, match=words):
             det.detect_format(path)
@@ -71,6 +84,7 @@ def test_split_spec_forms(files: dict[str, Path]) -> None:
 
 
 # -- pickle safety ------------------------------------------------------------------
+
 
 def test_pickle_globals_are_read_without_running_anything(files: dict[str, Path]) -> None:
     names = pickle_globals(files["evil_pickle"].read_bytes())
@@ -95,6 +109,7 @@ def test_trust_pickle_loads_a_pickled_module(files: dict[str, Path]) -> None:
 
 
 # -- state_dict and --arch ----------------------------------------------------------
+
 
 def test_state_dict_needs_arch_and_names_the_flag(files: dict[str, Path]) -> None:
     with pytest.raises(LoadError, match="--arch"):
@@ -126,6 +141,7 @@ def test_checkpoint_with_nested_prefixed_state_dict(files: dict[str, Path]) -> N
 
 # -- factories ----------------------------------------------------------------------
 
+
 def test_factory_errors(files: dict[str, Path]) -> None:
     with pytest.raises(LoadError, match="has no attribute 'missing'"):
         load_model(_spec(files, "missing"))
@@ -150,6 +166,7 @@ def test_load_inputs_forms(tmp_path: Path) -> None:
 
 # -- audits of every format against autograd on the Python model --------------------
 
+
 def _reference(files: dict[str, Path]) -> dict[str, torch.Tensor]:
     """fc1's output and both weight gradients of the Python model under loss = mean(output)."""
     model = load_models_module(files["models"].parent).build()
@@ -157,14 +174,23 @@ def _reference(files: dict[str, Path]) -> dict[str, torch.Tensor]:
     hidden = model.fc1(x)
     out = model.fc2(model.act(hidden))
     out.mean().backward()
-    return {"fc1": hidden.detach(), "out": out.detach(), "fc1.grad": model.fc1.weight.grad,
-            "fc2.grad": model.fc2.weight.grad}
+    return {
+        "fc1": hidden.detach(),
+        "out": out.detach(),
+        "fc1.grad": model.fc1.weight.grad,
+        "fc2.grad": model.fc2.weight.grad,
+    }
 
 
 @pytest.mark.parametrize(
     ("form", "fmt"),
-    [("factory", "factory"), ("torchscript", "torchscript"), ("export", "export"),
-     ("state_dict", "state_dict"), ("safetensors", "safetensors")],
+    [
+        ("factory", "factory"),
+        ("torchscript", "torchscript"),
+        ("export", "export"),
+        ("state_dict", "state_dict"),
+        ("safetensors", "safetensors"),
+    ],
 )
 def test_every_format_records_the_true_weight_gradients(files: dict[str, Path], form: str, fmt: str) -> None:
     spec = _spec(files, "build") if form == "factory" else str(files[form])
@@ -207,8 +233,11 @@ def test_export_records_per_layer_with_original_types(files: dict[str, Path]) ->
     loaded = load_model(str(files["export"]))
     report = audit_loaded(loaded, load_inputs(str(files["inputs"])), loss="mean")
     ref = _reference(files)
-    assert [(layer.name, layer.type) for layer in report.layers] == [("fc1", "Linear"), ("act", "ReLU"),
-                                                                    ("fc2", "Linear")]
+    assert [(layer.name, layer.type) for layer in report.layers] == [
+        ("fc1", "Linear"),
+        ("act", "ReLU"),
+        ("fc2", "Linear"),
+    ]
     fc1 = report.record.layer("fc1").activation
     assert math.isclose(fc1.mean, float(ref["fc1"].mean()), rel_tol=1e-5, abs_tol=1e-7)
     assert math.isclose(fc1.std, float(ref["fc1"].std(correction=0)), rel_tol=1e-4)
@@ -243,23 +272,30 @@ def test_export_that_cannot_be_unflattened_still_records_parameter_gradients(
     assert not loaded.hookable and loaded.loader == "torch.export.load + ExportedProgram.module"
     report = audit_loaded(loaded, load_inputs(str(files["inputs"])), loss="mean", mode="eval")
     ref = _reference(files)
-    assert [(layer.name, layer.type) for layer in report.layers] == [("fc1", "Linear"), ("fc2", "Linear"),
-                                                                    ("model", "MLP")]
+    assert [(layer.name, layer.type) for layer in report.layers] == [
+        ("fc1", "Linear"),
+        ("fc2", "Linear"),
+        ("model", "MLP"),
+    ]
     grad = report.record.layer("fc1").weight_grad
     assert math.isclose(grad.rms, float(ref["fc1.grad"].pow(2).mean().sqrt()), rel_tol=1e-5)
     assert any("could not be unflattened" in note for note in report.record.notes)
 
 
-@pytest.mark.parametrize(("factory", "loader", "hookable"),
-                         [("scripted", "factory call returning a ScriptModule", False),
-                          ("exported", "factory call returning an ExportedProgram", True)])
-def test_factories_returning_scripted_or_exported_models(files: dict[str, Path], factory: str, loader: str,
-                                                          hookable: bool) -> None:
+@pytest.mark.parametrize(
+    ("factory", "loader", "hookable"),
+    [
+        ("scripted", "factory call returning a ScriptModule", False),
+        ("exported", "factory call returning an ExportedProgram", True),
+    ],
+)
+def test_factories_returning_scripted_or_exported_models(
+    files: dict[str, Path], factory: str, loader: str, hookable: bool
+) -> None:
     loaded = load_model(_spec(files, factory))
     assert (loaded.format, loaded.loader, loaded.hookable) == ("factory", loader, hookable)
     report = audit_loaded(loaded, load_inputs(str(files["inputs"])), loss="mean")
     expected = _reference(files)["fc2.grad"]
-    assert math.isclose(report.record.layer("fc2").weight_grad.rms, float(expected.pow(2).mean().sqrt()),
-                        rel_tol=1e-5)
+    assert math.isclose(report.record.layer("fc2").weight_grad.rms, float(expected.pow(2).mean().sqrt()), rel_tol=1e-5)
     with pytest.raises(LoadError, match="must build a Python nn.Module"):
         load_model(str(files["state_dict"]), arch=_spec(files, factory))

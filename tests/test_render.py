@@ -427,7 +427,7 @@ def test_colour_on_and_no_color(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_real_audit_renders_within_80_columns() -> None:
-    from gradscope.audit import audit
+    from gradscope.auditing import audit
 
     torch.manual_seed(0)
     relu = nn.ReLU()

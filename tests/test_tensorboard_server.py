@@ -94,8 +94,14 @@ def check_served(base: str, proc: subprocess.Popen) -> None:
         lambda d: isinstance(d, dict) and any("gradscope/global_grad_norm" in t for t in d.get(".", {})),
     )
     run_tags = tags["."]
-    for tag in ("gradscope/global_grad_norm", "gradscope/clip_threshold", "gradscope/grad_rms/0",
-                "gradscope/activation_std/1", "gradscope/fp16_headroom/2", "gradscope/update_ratio/0"):
+    for tag in (
+        "gradscope/global_grad_norm",
+        "gradscope/clip_threshold",
+        "gradscope/grad_rms/0",
+        "gradscope/activation_std/1",
+        "gradscope/fp16_headroom/2",
+        "gradscope/update_ratio/0",
+    ):
         assert tag in run_tags
     layout = wait_for(f"{base}/data/plugin/custom_scalars/layout", proc, lambda d: bool(d))
     (category,) = layout["category"]

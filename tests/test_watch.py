@@ -39,9 +39,7 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def no_hooks(model: nn.Module) -> bool:
-    return all(
-        not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in model.modules()
-    )
+    return all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in model.modules())
 
 
 def test_global_norm_every_step_and_layer_stats_on_sampled_steps() -> None:

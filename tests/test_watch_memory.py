@@ -43,8 +43,10 @@ def test_memory_flat_over_10000_steps() -> None:
         torch.set_num_threads(old_threads)
     objects_growth = measured[STEPS][0] - measured[WARMUP][0]
     blocks_growth = measured[STEPS][1] - measured[WARMUP][1]
-    print(f"{STEPS} steps in {elapsed:.1f}s; growth from step {WARMUP}: {objects_growth} objects, "
-          f"{blocks_growth} allocated blocks")
+    print(
+        f"{STEPS} steps in {elapsed:.1f}s; growth from step {WARMUP}: {objects_growth} objects, "
+        f"{blocks_growth} allocated blocks"
+    )
     # 800 flushes happen in between: any per-flush leak of even one object would show as >= 800.
     assert objects_growth < 200
     assert blocks_growth < 2000

@@ -99,8 +99,14 @@ def debug_option(func: Callable[..., Any]) -> Callable[..., Any]:
             ctx.ensure_object(App).debug = True
         return value
 
-    return click.option("--debug", is_flag=True, expose_value=False, callback=callback, is_eager=True,
-                        help="Show tracebacks and warnings.")(func)
+    return click.option(
+        "--debug",
+        is_flag=True,
+        expose_value=False,
+        callback=callback,
+        is_eager=True,
+        help="Show tracebacks and warnings.",
+    )(func)
 
 
 def use_color(stream: Any = None) -> bool:

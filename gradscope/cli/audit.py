@@ -15,16 +15,36 @@ OUTPUT_FORMATS = ("table", "json", "markdown")
 @click.command()
 @model_options
 @input_options
-@click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default="table", show_default=True,
-              help="Report format; json is exactly one JSON document (schema 1) on stdout.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(OUTPUT_FORMATS),
+    default="table",
+    show_default=True,
+    help="Report format; json is exactly one JSON document (schema 1) on stdout.",
+)
 @click.option("--output", "-o", metavar="FILE", help="Write the report to FILE (atomically) instead of stdout.")
 @click.option("--tensorboard", metavar="DIR", help="Also write the audit as a TensorBoard run in DIR.")
-@click.option("--fail-on", type=click.Choice(FAIL_ON), default="error", show_default=True,
-              help="Exit 1 when a finding is at or above this severity.")
+@click.option(
+    "--fail-on",
+    type=click.Choice(FAIL_ON),
+    default="error",
+    show_default=True,
+    help="Exit 1 when a finding is at or above this severity.",
+)
 @click.option("--width", type=click.IntRange(min=40), help="Width of the table (default: the terminal's).")
 @debug_option
-def audit(model: str, arch: str | None, trust_pickle: bool, fmt: str, output: str | None,
-          tensorboard: str | None, fail_on: str, width: int | None, **input_values: object) -> None:
+def audit(
+    model: str,
+    arch: str | None,
+    trust_pickle: bool,
+    fmt: str,
+    output: str | None,
+    tensorboard: str | None,
+    fail_on: str,
+    width: int | None,
+    **input_values: object,
+) -> None:
     """Audit MODEL: one (or --batches) forward+backward pass, per-layer statistics, findings and fixes.
 
     \b

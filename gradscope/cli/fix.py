@@ -16,16 +16,32 @@ SCHEMES = ("auto", "kaiming", "xavier", "lsuv")
 @click.command()
 @model_options
 @input_options
-@click.option("--scheme", type=click.Choice(SCHEMES), default="auto", show_default=True,
-              help="auto picks Kaiming after ReLU-family layers, Xavier otherwise; lsuv rescales layer by layer "
-                   "on the inputs (Mishkin & Matas 2016).")
-@click.option("--out", "out", required=True, metavar="FILE",
-              help="Where to write the fixed state_dict (.safetensors -> safetensors, else torch.save).")
-@click.option("--fail-on", type=click.Choice(FAIL_ON), default="never", show_default=True,
-              help="Exit 1 when the re-audit still has a finding at or above this severity.")
+@click.option(
+    "--scheme",
+    type=click.Choice(SCHEMES),
+    default="auto",
+    show_default=True,
+    help="auto picks Kaiming after ReLU-family layers, Xavier otherwise; lsuv rescales layer by layer "
+    "on the inputs (Mishkin & Matas 2016).",
+)
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    metavar="FILE",
+    help="Where to write the fixed state_dict (.safetensors -> safetensors, else torch.save).",
+)
+@click.option(
+    "--fail-on",
+    type=click.Choice(FAIL_ON),
+    default="never",
+    show_default=True,
+    help="Exit 1 when the re-audit still has a finding at or above this severity.",
+)
 @debug_option
-def fix(model: str, arch: str | None, trust_pickle: bool, scheme: str, out: str, fail_on: str,
-        **input_values: Any) -> None:
+def fix(
+    model: str, arch: str | None, trust_pickle: bool, scheme: str, out: str, fail_on: str, **input_values: Any
+) -> None:
     """Re-initialise MODEL's weights, re-audit, and write the fixed state_dict to --out.
 
     Prints what changed (layer, scheme, weight std before and after) and the
@@ -42,8 +58,10 @@ def fix(model: str, arch: str | None, trust_pickle: bool, scheme: str, out: str,
         inputs, kwargs = choice.audit_kwargs()
         loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
         if not loaded.hookable or loaded.format in ("torchscript", "export"):
-            raise InputError(f"fix needs the Python model; {loaded.format} files cannot be re-initialised here "
-                             "(pass file.py:factory, or a state_dict with --arch)")
+            raise InputError(
+                f"fix needs the Python model; {loaded.format} files cannot be re-initialised here "
+                "(pass file.py:factory, or a state_dict with --arch)"
+            )
         before = audit_loaded(loaded, inputs, **kwargs)
         changes = apply_init(loaded.module, scheme=scheme, inputs=inputs, **kwargs)
         after = audit_loaded(loaded, inputs, **kwargs)
@@ -75,8 +93,15 @@ def _verdict(report: Any) -> str:
 
 def _summary(scheme: str, changes: list[Any], before: Any, after: Any) -> list[str]:
     lines = [f"gradscope fix: scheme {scheme}, {len(changes)} layer(s) re-initialised"]
-    rows = [(str(_field(c, "layer", "name")), str(_field(c, "scheme")),
-             _std(_field(c, "old_std", "std_before")), _std(_field(c, "new_std", "std_after"))) for c in changes]
+    rows = [
+        (
+            str(_field(c, "layer", "name")),
+            str(_field(c, "scheme")),
+            _std(_field(c, "old_std", "std_before")),
+            _std(_field(c, "new_std", "std_after")),
+        )
+        for c in changes
+    ]
     if rows:
         width = max(5, *(len(r[0]) for r in rows))
         lines.append(f"  {'layer':<{width}}  {'scheme':<8}  weight std before -> after")
@@ -97,8 +122,10 @@ def _save_state_dict(module: Any, out: str) -> str:
         try:
             from safetensors.torch import save_model
         except ImportError:
-            raise InputError("writing .safetensors needs the safetensors package: pip install "
-                             "'gradscope[safetensors]' (or use a .pt name)") from None
+            raise InputError(
+                "writing .safetensors needs the safetensors package: pip install "
+                "'gradscope[safetensors]' (or use a .pt name)"
+            ) from None
         write_atomic(out, lambda tmp: save_model(module, str(tmp)))
         return f"safetensors, {len(state)} tensors"
     write_atomic(out, lambda tmp: torch.save(state, tmp))

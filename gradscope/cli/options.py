@@ -20,12 +20,18 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """MODEL argument plus --arch and --trust-pickle."""
     decorators = [
         click.argument("model", metavar="MODEL"),
-        click.option("--arch", metavar="SPEC",
-                     help="Factory building the architecture for a state_dict or safetensors MODEL "
-                          "(file.py:factory or package.module:factory)."),
-        click.option("--trust-pickle", is_flag=True,
-                     help="Allow a fully pickled module (torch.save(model)). Unpickling runs arbitrary code: "
-                          "only for files you trust."),
+        click.option(
+            "--arch",
+            metavar="SPEC",
+            help="Factory building the architecture for a state_dict or safetensors MODEL "
+            "(file.py:factory or package.module:factory).",
+        ),
+        click.option(
+            "--trust-pickle",
+            is_flag=True,
+            help="Allow a fully pickled module (torch.save(model)). Unpickling runs arbitrary code: "
+            "only for files you trust.",
+        ),
     ]
     for decorator in reversed(decorators):
         func = decorator(func)
@@ -35,22 +41,54 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
 def input_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """The synthetic/given input and loss options of DESIGN.md's CLI contract."""
     decorators = [
-        click.option("--input-shape", metavar="32,784", help="Input shape, batch first (inferred from the "
-                     "first layer when unambiguous)."),
-        click.option("--input-dtype", type=click.Choice(INPUT_DTYPES), default="float32", show_default=True,
-                     help="float32 inputs ~ N(0, 1); int64 ids uniform in [0, vocab)."),
+        click.option(
+            "--input-shape",
+            metavar="32,784",
+            help="Input shape, batch first (inferred from the first layer when unambiguous).",
+        ),
+        click.option(
+            "--input-dtype",
+            type=click.Choice(INPUT_DTYPES),
+            default="float32",
+            show_default=True,
+            help="float32 inputs ~ N(0, 1); int64 ids uniform in [0, vocab).",
+        ),
         click.option("--vocab", type=click.IntRange(min=1), metavar="N", help="Vocabulary size for int64 inputs."),
-        click.option("--inputs", "inputs_file", metavar="FILE",
-                     help="A tensor, tuple or dict of tensors saved with torch.save (read with weights_only=True)."),
-        click.option("--batches", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="Forward+backward passes merged into the statistics."),
-        click.option("--loss", type=click.Choice(LOSSES), default="ce", show_default=True,
-                     help="ce: uniform class targets; mse: N(0,1) targets; mean: the output's mean."),
+        click.option(
+            "--inputs",
+            "inputs_file",
+            metavar="FILE",
+            help="A tensor, tuple or dict of tensors saved with torch.save (read with weights_only=True).",
+        ),
+        click.option(
+            "--batches",
+            type=click.IntRange(min=1),
+            default=1,
+            show_default=True,
+            help="Forward+backward passes merged into the statistics.",
+        ),
+        click.option(
+            "--loss",
+            type=click.Choice(LOSSES),
+            default="ce",
+            show_default=True,
+            help="ce: uniform class targets; mse: N(0,1) targets; mean: the output's mean.",
+        ),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for inputs, targets, dropout."),
-        click.option("--formats", default="fp16", show_default=True, metavar="fp16,bf16,...",
-                     help="Low-precision formats to check ranges against (fp16, bf16, fp8_e4m3, fp8_e5m2)."),
-        click.option("--mode", type=click.Choice(("train", "eval")), default="train", show_default=True,
-                     help="Module mode during the audit (dropout, BatchNorm)."),
+        click.option(
+            "--formats",
+            default="fp16",
+            show_default=True,
+            metavar="fp16,bf16,...",
+            help="Low-precision formats to check ranges against (fp16, bf16, fp8_e4m3, fp8_e5m2).",
+        ),
+        click.option(
+            "--mode",
+            type=click.Choice(("train", "eval")),
+            default="train",
+            show_default=True,
+            help="Module mode during the audit (dropout, BatchNorm).",
+        ),
     ]
     for decorator in reversed(decorators):
         func = decorator(func)

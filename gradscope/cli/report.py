@@ -17,8 +17,13 @@ OUTPUT_FORMATS = ("table", "json", "markdown")
 @click.argument("file", metavar="FILE.json")
 @click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default="table", show_default=True)
 @click.option("--output", "-o", metavar="FILE", help="Write to FILE (atomically) instead of stdout.")
-@click.option("--fail-on", type=click.Choice(FAIL_ON), default="error", show_default=True,
-              help="Exit 1 when the report has a finding at or above this severity.")
+@click.option(
+    "--fail-on",
+    type=click.Choice(FAIL_ON),
+    default="error",
+    show_default=True,
+    help="Exit 1 when the report has a finding at or above this severity.",
+)
 @click.option("--width", type=click.IntRange(min=40), help="Width of the table (default: the terminal's).")
 @debug_option
 def report(file: str, fmt: str, output: str | None, fail_on: str, width: int | None) -> None:

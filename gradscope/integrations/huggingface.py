@@ -52,8 +52,13 @@ class GradscopeTrainerCallback(TrainerCallback):
         raise_on: Sequence[str] = ("nonfinite",),
     ) -> None:
         self.kwargs = dict(
-            every=every, log_dir=log_dir, formats=formats, include=include, exclude=exclude,
-            on_finding=on_finding, raise_on=raise_on,
+            every=every,
+            log_dir=log_dir,
+            formats=formats,
+            include=include,
+            exclude=exclude,
+            on_finding=on_finding,
+            raise_on=raise_on,
         )
         self.scope: Scope | None = None
         self.report: Report | None = None

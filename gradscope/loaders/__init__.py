@@ -126,10 +126,17 @@ def _torchscript(spec: str, scripted: Any) -> LoadedModel:
 
     shell = OpaqueModel(scripted)
     return LoadedModel(
-        shell, "torchscript", spec, "torch.jit.load", hookable=False, layer_types=shell.layer_types(),
-        notes=["TorchScript submodules cannot carry Python hooks: recorded the whole model's output and gradient "
-               "and every parameter's weight and gradient, but no per-layer activations or output gradients "
-               "(audit the Python model, file.py:factory, for those)"],
+        shell,
+        "torchscript",
+        spec,
+        "torch.jit.load",
+        hookable=False,
+        layer_types=shell.layer_types(),
+        notes=[
+            "TorchScript submodules cannot carry Python hooks: recorded the whole model's output and gradient "
+            "and every parameter's weight and gradient, but no per-layer activations or output gradients "
+            "(audit the Python model, file.py:factory, for those)"
+        ],
         input_guess=scripted_input_guess(scripted),
     )
 
@@ -139,17 +146,37 @@ def _export(spec: str, program: Any) -> LoadedModel:
 
     types = export_layer_types(program)
     example = export_example_inputs(program)
-    notes = ["torch.export fixed train/eval behaviour (dropout, BatchNorm) when the program was exported; "
-             "--mode does not change it"]
+    notes = [
+        "torch.export fixed train/eval behaviour (dropout, BatchNorm) when the program was exported; "
+        "--mode does not change it"
+    ]
     module = unflatten(program)
     if module is not None:
-        return LoadedModel(module, "export", spec, "torch.export.load + torch.export.unflatten",
-                           layer_types=types, notes=notes, example_inputs=example)
-    notes.insert(0, "this exported program could not be unflattened: recorded the whole model's output and "
-                    "gradient and every parameter's weight and gradient, but no per-layer activations")
+        return LoadedModel(
+            module,
+            "export",
+            spec,
+            "torch.export.load + torch.export.unflatten",
+            layer_types=types,
+            notes=notes,
+            example_inputs=example,
+        )
+    notes.insert(
+        0,
+        "this exported program could not be unflattened: recorded the whole model's output and "
+        "gradient and every parameter's weight and gradient, but no per-layer activations",
+    )
     shell = OpaqueModel(program.module(), follow_mode=False)
-    return LoadedModel(shell, "export", spec, "torch.export.load + ExportedProgram.module", hookable=False,
-                       layer_types=types, notes=notes, example_inputs=example)
+    return LoadedModel(
+        shell,
+        "export",
+        spec,
+        "torch.export.load + ExportedProgram.module",
+        hookable=False,
+        layer_types=types,
+        notes=notes,
+        example_inputs=example,
+    )
 
 
 def load_inputs(spec: str) -> Any:
@@ -180,20 +207,22 @@ def _check_lazy(loaded: LoadedModel) -> None:
         if any(is_lazy(p) for p in module.parameters(recurse=False)):
             from gradscope.errors import InputError
 
-            raise InputError(f"{name or 'model'} ({type(module).__name__}) is a lazy module whose parameters are not "
-                             "initialised; run one forward in the factory before returning the model")
+            raise InputError(
+                f"{name or 'model'} ({type(module).__name__}) is a lazy module whose parameters are not "
+                "initialised; run one forward in the factory before returning the model"
+            )
 
 
 def audit_loaded(loaded: LoadedModel, inputs: Any = None, **kwargs: Any) -> Any:
     """Audit a loaded model, then diagnose; returns the Report.
 
-    ``kwargs`` go to ``gradscope.audit.audit`` (input_shape, input_dtype,
+    ``kwargs`` go to ``gradscope.auditing.audit`` (input_shape, input_dtype,
     vocab, loss, batches, seed, formats, mode).  Models without hookable
     submodules are audited through the whole-model output plus a
     ``ParameterProbe``; exported layers get their original class names back
     before the diagnosis reads them.
     """
-    from gradscope.audit import audit
+    from gradscope.auditing import audit
     from gradscope.diagnose import diagnose
 
     _check_lazy(loaded)
@@ -210,8 +239,10 @@ def audit_loaded(loaded: LoadedModel, inputs: Any = None, **kwargs: Any) -> Any:
         elif not loaded.hookable:
             from gradscope.errors import InputError
 
-            raise InputError(f"cannot infer the input shape of {loaded.format} model {loaded.source!r}; "
-                             "pass --input-shape, e.g. --input-shape 32,784 (or --inputs FILE)")
+            raise InputError(
+                f"cannot infer the input shape of {loaded.format} model {loaded.source!r}; "
+                "pass --input-shape, e.g. --input-shape 32,784 (or --inputs FILE)"
+            )
     common: dict[str, Any] = dict(source=loaded.source, model_format=loaded.format, diagnose=False)
     if loaded.hookable:
         report = audit(loaded.module, inputs, **common, **kwargs)

@@ -59,9 +59,7 @@ def _main_weight(params: dict[str, torch.Tensor]) -> str:
     return next((n for n, p in params.items() if p.dim() >= 2), next(iter(params)))
 
 
-def parameter_layers(
-    model: nn.Module, probe: ParameterProbe, types: dict[str, str]
-) -> list[LayerRecord]:
+def parameter_layers(model: nn.Module, probe: ParameterProbe, types: dict[str, str]) -> list[LayerRecord]:
     """One LayerRecord per module owning parameters, in registration order, with
     ``weight`` and (when a gradient arrived) ``weight_grad`` statistics."""
     owners: dict[str, dict[str, torch.Tensor]] = {}
@@ -77,8 +75,14 @@ def parameter_layers(
         fan_in, fan_out = fans(weight)
         shown = module or "model"
         layer = LayerRecord(
-            name=shown, module=shown, type=types.get(module, "?"), index=len(layers),
-            weight_name=pname, weight_shape=list(weight.shape), fan_in=fan_in, fan_out=fan_out,
+            name=shown,
+            module=shown,
+            type=types.get(module, "?"),
+            index=len(layers),
+            weight_name=pname,
+            weight_shape=list(weight.shape),
+            fan_in=fan_in,
+            fan_out=fan_out,
             parameters=sum(p.numel() for p in params.values()),
         )
         layers.append(layer)

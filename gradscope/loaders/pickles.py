@@ -61,9 +61,19 @@ def main_pickle_bytes(path: Path) -> bytes:
 
 # Globals torch.load(weights_only=True) accepts for tensors and containers;
 # everything else is code the pickle would import and run.
-_TENSOR_GLOBALS = ("torch._utils.", "torch.storage", "torch.serialization", "collections.OrderedDict", "torch.Size",
-                   "torch.device", "torch.nn.parameter.Parameter", "builtins.set", "builtins.frozenset",
-                   "__builtin__.set", "__builtin__.frozenset")
+_TENSOR_GLOBALS = (
+    "torch._utils.",
+    "torch.storage",
+    "torch.serialization",
+    "collections.OrderedDict",
+    "torch.Size",
+    "torch.device",
+    "torch.nn.parameter.Parameter",
+    "builtins.set",
+    "builtins.frozenset",
+    "__builtin__.set",
+    "__builtin__.frozenset",
+)
 
 
 def unsafe_globals(path: Path) -> list[str]:

@@ -142,4 +142,3 @@ class AlertTracker:
                 )
             )
         return findings + extra
-

@@ -75,6 +75,11 @@ logger = logging.getLogger("gradscope")
 RAISE_CODES = ("nonfinite", "gradient-spike", "update-ratio", "fp16-overflow")
 _NORM, _LOSS, _SCALE = 0, 1, 2
 WATCH_SAMPLE = 16384
+# The layer diagnosis (depth, init, precision, units) of a flush costs a few
+# milliseconds of Python; with every=1 it would run each step.  Its findings
+# change over hundreds of steps, so it runs at most once per this many steps;
+# non-finite values, spikes and update ratios are still checked at every flush.
+DIAGNOSE_EVERY_STEPS = 10
 
 
 @dataclass
@@ -202,6 +207,7 @@ class Scope:
         self._global_max: float = 0.0
         self._flushes = 0
         self._diagnose_failed = False
+        self._last_diagnosed = -DIAGNOSE_EVERY_STEPS
 
         self._writer = None
         if log_dir is not None:
@@ -573,7 +579,8 @@ class Scope:
             skipped = skipped_steps_finding(self._skipped, self._last_flushed + 1, self._last_scale)
             if skipped is not None:
                 findings.append(skipped)
-        if sampled and record.layers:
+        if sampled and record.layers and step - self._last_diagnosed >= DIAGNOSE_EVERY_STEPS:
+            self._last_diagnosed = step
             findings.extend(self._diagnose(record))
 
         param_grad_norms = dict(zip(names, param_norms.tolist(), strict=True)) if param_norms is not None else {}
@@ -797,8 +804,12 @@ class Scope:
         parameters = sum(p.numel() for p in self.model.parameters())
         return Report(
             record=record,
-            model={"source": type(self.model).__name__, "format": "module", "type": type(self.model).__name__,
-                   "parameters": parameters},
+            model={
+                "source": type(self.model).__name__,
+                "format": "module",
+                "type": type(self.model).__name__,
+                "parameters": parameters,
+            },
             run={
                 "mode": "watch",
                 "steps": self._step,

@@ -66,8 +66,9 @@ def test_trainer_callback_records_per_optimizer_step(tmp_path) -> None:
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows(BATCH * ACCUMULATE * STEPS),
-                                   callbacks=[callback])
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=Rows(BATCH * ACCUMULATE * STEPS), callbacks=[callback]
+    )
     try:
         trainer.train()
     finally:

@@ -1,4 +1,5 @@
-"""``gradscope.audit``: one or a few forward+backward passes, recorded and diagnosed.
+"""``gradscope.audit`` (this module is ``gradscope.auditing``, so that importing
+it never shadows the function on the package): one or a few forward+backward passes, recorded and diagnosed.
 
 The audit leaves the model exactly as it found it: train/eval flags of every
 module, every buffer (BatchNorm running statistics included), every
@@ -8,8 +9,6 @@ parameter's ``.grad``, the global grad mode and the global RNG state.
 from __future__ import annotations
 
 import contextlib
-import sys
-import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -17,9 +16,12 @@ import torch
 from torch import nn
 
 from gradscope.errors import GradscopeError, InputError
-from gradscope.inputs import InputSpec, compute_loss, infer_input, parse_dtype, synthetic_input
+from gradscope.inputs import InputSpec, compute_loss, resolve_spec, synthetic_input
 from gradscope.recorder import Recorder
 from gradscope.report import Report
+
+
+AUDIT_SAMPLE = 2**20
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -122,7 +124,7 @@ def _describe_inputs(inputs: Any) -> tuple[list[int] | None, str | None]:
     found = first_float_tensor(inputs)
     if found is not None:
         return list(found[0].shape), str(found[0].dtype).removeprefix("torch.")
-    for value in (inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (list, tuple)) else []):
+    for value in inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (list, tuple)) else []:
         if isinstance(value, torch.Tensor):
             return list(value.shape), str(value.dtype).removeprefix("torch.")
     return None, None
@@ -185,20 +187,9 @@ def audit(
     if parameters == 0:
         raise InputError("the model has no parameters: there is no gradient to audit")
     device = model_device(model)
-    dtype = parse_dtype(input_dtype)
     spec: InputSpec | None = None
     if inputs is None:
-        if input_shape is not None:
-            spec = InputSpec(tuple(int(s) for s in input_shape), dtype, vocab)
-        else:
-            spec = infer_input(model)
-            if vocab is not None:
-                spec.vocab = vocab
-        if not spec.dtype.is_floating_point and spec.vocab is None:
-            embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
-            if embedding is None:
-                raise InputError("integer inputs need a vocabulary size; pass --vocab N")
-            spec.vocab = embedding.num_embeddings
+        spec = resolve_spec(model, input_shape, input_dtype, vocab)
     else:
         inputs = _to_device(inputs, device)
 
@@ -209,7 +200,12 @@ def audit(
         model.train(mode == "train")
         for p in model.parameters():
             p.grad = None
-        with Recorder(model, include=include, exclude=exclude, record_inputs=True) as recorder:
+        # Exact statistics up to 2 * AUDIT_SAMPLE elements per tensor; larger
+        # ones (a 224x224 ResNet's early activations) through a 1M-element
+        # sample: fractions within 0.0005, the std within 0.07% (see stats).
+        with Recorder(
+            model, include=include, exclude=exclude, record_inputs=True, sample=AUDIT_SAMPLE
+        ) as recorder:
             for _ in range(batches):
                 batch = inputs if spec is None else synthetic_input(spec, generator, device)
                 loss_description = _one_pass(model, recorder, batch, loss, generator)
@@ -290,20 +286,3 @@ def _one_pass(
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else "(no message)"
-
-
-class _CallableModule(types.ModuleType):
-    """``gradscope.audit`` names both this submodule and its function.
-
-    The lazy ``gradscope.__getattr__`` returns the function the first time,
-    but importing the submodule makes Python bind the package attribute
-    ``gradscope.audit`` to the module, so a second ``gradscope.audit(model)``
-    raised "'module' object is not callable".  Making the module callable
-    keeps ``gradscope.audit(...)`` working whatever was imported first.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Report:
-        return audit(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
