@@ -72,6 +72,21 @@ def _worker(rank: int, port: int, out_dir: str, mode: str) -> None:
                     rec.capture_parameters()
                     rec.flush()  # every rank flushes at the same steps
                 record = rec.finish()
+        elif mode == "watch":
+            import gradscope
+
+            model = _model()
+            ddp = nn.parallel.DistributedDataParallel(model)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01)
+            log_dir = Path(out_dir, f"tb{rank}")
+            with gradscope.watch(model, every=1, log_dir=str(log_dir), raise_on=()) as scope:
+                for step in range(STEPS):
+                    opt.zero_grad()
+                    x = _data(step)[rank * 16 : (rank + 1) * 16]
+                    ddp(x).pow(2).mean().backward()
+                    scope.step(opt)
+                    opt.step()
+            record = scope.report().record
         else:
             model = _Branchy(extra=rank == 1)
             with Recorder(model) as rec:
@@ -143,3 +158,12 @@ def test_ranks_recording_different_layers_do_not_deadlock(tmp_path: Path) -> Non
     # layer "a" ran on both ranks with 3 x 4 outputs each: merged count 24.
     assert ranks[0]["layers"][0]["activation"]["count"] == 24
     assert any("another rank" in note for note in ranks[0]["notes"])
+
+
+def test_watch_under_ddp_merges_and_only_rank_zero_writes(tmp_path: Path) -> None:
+    ranks = _run("watch", tmp_path)
+    first = {layer["name"]: layer for layer in ranks[0]["layers"]}
+    # Each rank saw 16 rows per step; the merged activations count both ranks' rows.
+    assert first["0"]["activation"]["count"] == STEPS * 2 * 16 * 32
+    assert list((tmp_path / "tb0").rglob("events.out.tfevents.*")), "rank 0 wrote no TensorBoard events"
+    assert not (tmp_path / "tb1").exists() or not any((tmp_path / "tb1").rglob("*")), "rank 1 wrote files"
