@@ -22,7 +22,6 @@ The Trainer hides NaN/inf losses from its logs by default
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 try:
@@ -41,25 +40,10 @@ HAS_PRE_OPTIMIZER_STEP = hasattr(TrainerCallback, "on_pre_optimizer_step")
 class GradscopeTrainerCallback(TrainerCallback):
     """Watch a Hugging Face Trainer run.  Keyword arguments go to ``gradscope.watch``."""
 
-    def __init__(
-        self,
-        every: int = 1,
-        log_dir: str | None = None,
-        formats: Sequence[str] = ("fp16",),
-        include: Sequence[str] | None = None,
-        exclude: Sequence[str] | None = None,
-        on_finding: Any = None,
-        raise_on: Sequence[str] = ("nonfinite",),
-    ) -> None:
-        self.kwargs = dict(
-            every=every,
-            log_dir=log_dir,
-            formats=formats,
-            include=include,
-            exclude=exclude,
-            on_finding=on_finding,
-            raise_on=raise_on,
-        )
+    def __init__(self, **watch_kwargs: Any) -> None:
+        """``watch_kwargs``: the keyword arguments of ``gradscope.watch`` (every,
+        log_dir, formats, include, exclude, on_finding, raise_on)."""
+        self.kwargs = watch_kwargs
         self.scope: Scope | None = None
         self.report: Report | None = None
         self._pause: Any = None

@@ -15,7 +15,6 @@ The callback is a thin adapter over ``gradscope.watch``:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from gradscope.errors import GradscopeError
@@ -47,26 +46,11 @@ def _scaler_of(trainer: Any) -> Any:
 class GradscopeCallback(Callback):
     """Watch a Lightning run with gradscope.  Keyword arguments go to ``gradscope.watch``."""
 
-    def __init__(
-        self,
-        every: int = 1,
-        log_dir: str | None = None,
-        formats: Sequence[str] = ("fp16",),
-        include: Sequence[str] | None = None,
-        exclude: Sequence[str] | None = None,
-        on_finding: Any = None,
-        raise_on: Sequence[str] = ("nonfinite",),
-    ) -> None:
+    def __init__(self, **watch_kwargs: Any) -> None:
+        """``watch_kwargs``: the keyword arguments of ``gradscope.watch`` (every,
+        log_dir, formats, include, exclude, on_finding, raise_on)."""
         super().__init__()
-        self.kwargs = dict(
-            every=every,
-            log_dir=log_dir,
-            formats=formats,
-            include=include,
-            exclude=exclude,
-            on_finding=on_finding,
-            raise_on=raise_on,
-        )
+        self.kwargs = watch_kwargs
         self.scope: Scope | None = None
         self.report: Report | None = None
         self._pause: Any = None
