@@ -20,7 +20,6 @@ from gradscope.inputs import InputSpec, compute_loss, resolve_spec, synthetic_in
 from gradscope.recorder import Recorder
 from gradscope.report import Report
 
-
 AUDIT_SAMPLE = 2**20
 
 
