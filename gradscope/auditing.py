@@ -24,10 +24,10 @@ AUDIT_SAMPLE = 2**20
 
 
 def model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for param in model.parameters():
+        return param.device
+    for buffer in model.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 
@@ -202,9 +202,7 @@ def audit(
         # Exact statistics up to 2 * AUDIT_SAMPLE elements per tensor; larger
         # ones (a 224x224 ResNet's early activations) through a 1M-element
         # sample: fractions within 0.0005, the std within 0.07% (see stats).
-        with Recorder(
-            model, include=include, exclude=exclude, record_inputs=True, sample=AUDIT_SAMPLE
-        ) as recorder:
+        with Recorder(model, include=include, exclude=exclude, record_inputs=True, sample=AUDIT_SAMPLE) as recorder:
             for _ in range(batches):
                 batch = inputs if spec is None else synthetic_input(spec, generator, device)
                 loss_description = _one_pass(model, recorder, batch, loss, generator)

@@ -9,7 +9,7 @@ device, so the same seed gives the same inputs on every device.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,7 +111,7 @@ def infer_input(model: nn.Module, batch: int = DEFAULT_BATCH) -> InputSpec:
 
 def resolve_spec(
     model: nn.Module,
-    input_shape: tuple[int, ...] | list[int] | None,
+    input_shape: Sequence[int] | None,
     input_dtype: torch.dtype | str,
     vocab: int | None,
 ) -> InputSpec:

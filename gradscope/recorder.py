@@ -346,7 +346,7 @@ class Recorder:
             shared = [k for k in merged if k[1] in REDUCED_ROLES]
             stacked = torch.stack([merged[k] for k in shared]) if shared else torch.zeros(0, SIZE)
             union, rows = merge_across_ranks(shared, stacked)
-            merged.update(zip(union, rows, strict=True))
+            merged.update(zip(union, rows, strict=True))  # type: ignore[arg-type]  # the keys we sent
             self.record.note(
                 f"activation and gradient statistics merged over {world_size()} ranks; "
                 "weights and weight gradients are rank 0's (all-reduced under DDP)"

@@ -182,9 +182,7 @@ def finalize(raw: torch.Tensor) -> torch.Tensor:
     # top bin (of the sample, scaled to the tensor) is the count, at least 1.
     # (Finite values >= 2^105 beside a NaN/inf are counted with them.)
     top = hist[..., HIST_BINS - 1]
-    nonfinite = torch.where(
-        any_nonfinite, torch.clamp_min((top * n / safe_m).round(), 1.0), torch.zeros_like(top)
-    )
+    nonfinite = torch.where(any_nonfinite, torch.clamp_min((top * n / safe_m).round(), 1.0), torch.zeros_like(top))
     s1, s2 = raw[..., R_S1], raw[..., R_S2]
     mean_c = s1 / safe_m
     m2 = (s2 - s1 * mean_c).clamp_min(0.0) * (n / safe_m)

@@ -227,7 +227,8 @@ def nonfinite_finding(record: dict[str, Any], clip: dict[str, Any] | None) -> Fi
     origin = record.get("origin", "")
     source = record.get("source")
     how = f", {origin} ({'from' if origin == 'received' else 'by'} {source})" if source else ""
-    message = f"step {record['step']}: first non-finite {names.get(role, role)} {where}{dtype}{how}".replace("  ", " ")
+    label = names.get(role, role) if role is not None else "value"
+    message = f"step {record['step']}: first non-finite {label} {where}{dtype}{how}".replace("  ", " ")
     if clip is not None:
         fix = Fix(
             "lower the learning rate, and clip the global gradient norm at "

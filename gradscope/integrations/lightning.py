@@ -23,7 +23,7 @@ try:
     from lightning.pytorch.callbacks import Callback
 except ImportError:  # pragma: no cover - exercised only without the extra
     try:
-        from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef]
+        from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef,assignment]
     except ImportError as exc:
         raise ImportError(
             "gradscope.integrations.lightning needs Lightning: pip install 'gradscope[lightning]'"

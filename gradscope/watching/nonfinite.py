@@ -27,7 +27,7 @@ def _bad(stats: Stats | None) -> bool:
 def _describe(
     layer: LayerRecord,
     role: str,
-    stats: Stats,
+    stats: Stats | None,
     step: int,
     origin: str,
     source: str | None,
@@ -45,10 +45,11 @@ def _describe(
         "dtype": dtype,
         "origin": origin,  # "produced" or "received"
         "source": source,  # what it came from (received) or which computation made it (produced)
-        "nonfinite_count": stats.nonfinite_count,
-        "has_nan": stats.has_nan,
-        "has_inf": stats.has_inf,
-        "count": stats.count,
+        # The callers checked the statistics exist; None only reads as "unknown".
+        "nonfinite_count": stats.nonfinite_count if stats is not None else None,
+        "has_nan": stats.has_nan if stats is not None else None,
+        "has_inf": stats.has_inf if stats is not None else None,
+        "count": stats.count if stats is not None else None,
     }
 
 
