@@ -42,7 +42,8 @@ class InputSpec:
 
 def parse_shape(text: str) -> tuple[int, ...]:
     """'32,784' or '32x784' -> (32, 784)."""
-    parts = [p for p in text.replace("x", ",").replace(" ", "").split(",") if p]
+    # Every separator must stand between two numbers: "8,x" or "32,,784" is a typo, not (8,).
+    parts = text.replace("x", ",").replace(" ", "").split(",")
     try:
         shape = tuple(int(p) for p in parts)
     except ValueError:

@@ -308,3 +308,18 @@ def test_given_inputs_tensor_tuple_and_dict() -> None:
         assert torch.equal(a.gradient.vector, b.gradient.vector)
     # ∂mean/∂out = 1/24 everywhere, and a and b both feed the output directly.
     assert by_position.record.layer("a").gradient.max == pytest.approx(1 / 24, rel=1e-6)
+
+
+@pytest.mark.parametrize("text", ["8,x", "32,,784", ",784", "32x", "a,3", "0,3", ""])
+def test_parse_shape_rejects_malformed_shapes(text: str) -> None:
+    from gradscope.errors import InputError
+    from gradscope.inputs import parse_shape
+
+    with pytest.raises(InputError, match="input shape"):
+        parse_shape(text)
+
+
+def test_parse_shape_accepts_both_separators() -> None:
+    from gradscope.inputs import parse_shape
+
+    assert parse_shape("32,784") == parse_shape("32x784") == parse_shape(" 32, 784 ") == (32, 784)
