@@ -26,6 +26,7 @@ EXIT_FINDINGS = 1
 EXIT_ERROR = 2
 
 FAIL_ON = ("error", "warning", "never")
+OUTPUT_FORMATS = ("table", "json", "markdown")
 
 
 @dataclass
@@ -89,6 +90,36 @@ def get_app() -> App:
     if app is None:
         app = ctx.ensure_object(App)
     return app
+
+
+def report_output_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The options every command that prints a report shares: --format,
+    --output, --fail-on, --width (``audit`` and ``report``)."""
+    for option in reversed(
+        [
+            click.option(
+                "--format",
+                "fmt",
+                type=click.Choice(OUTPUT_FORMATS),
+                default="table",
+                show_default=True,
+                help="Report format; json is exactly one JSON document (schema 1) on stdout.",
+            ),
+            click.option(
+                "--output", "-o", metavar="FILE", help="Write the report to FILE (atomically) instead of stdout."
+            ),
+            click.option(
+                "--fail-on",
+                type=click.Choice(FAIL_ON),
+                default="error",
+                show_default=True,
+                help="Exit 1 when a finding is at or above this severity.",
+            ),
+            click.option("--width", type=click.IntRange(min=40), help="Width of the table (default: the terminal's)."),
+        ]
+    ):
+        func = option(func)
+    return func
 
 
 def debug_option(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -6,33 +6,23 @@ from typing import Any
 
 import click
 
-from gradscope.cli.app import FAIL_ON, debug_option, exit_code, get_app, render_report, use_color, write_text_atomic
+from gradscope.cli.app import (
+    debug_option,
+    exit_code,
+    get_app,
+    render_report,
+    report_output_options,
+    use_color,
+    write_text_atomic,
+)
 from gradscope.cli.options import InputChoice, input_options, model_options
-
-OUTPUT_FORMATS = ("table", "json", "markdown")
 
 
 @click.command()
 @model_options
 @input_options
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(OUTPUT_FORMATS),
-    default="table",
-    show_default=True,
-    help="Report format; json is exactly one JSON document (schema 1) on stdout.",
-)
-@click.option("--output", "-o", metavar="FILE", help="Write the report to FILE (atomically) instead of stdout.")
+@report_output_options
 @click.option("--tensorboard", metavar="DIR", help="Also write the audit as a TensorBoard run in DIR.")
-@click.option(
-    "--fail-on",
-    type=click.Choice(FAIL_ON),
-    default="error",
-    show_default=True,
-    help="Exit 1 when a finding is at or above this severity.",
-)
-@click.option("--width", type=click.IntRange(min=40), help="Width of the table (default: the terminal's).")
 @debug_option
 def audit(
     model: str,

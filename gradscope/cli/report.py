@@ -8,23 +8,20 @@ from pathlib import Path
 
 import click
 
-from gradscope.cli.app import FAIL_ON, debug_option, exit_code, get_app, render_report, use_color, write_text_atomic
-
-OUTPUT_FORMATS = ("table", "json", "markdown")
+from gradscope.cli.app import (
+    debug_option,
+    exit_code,
+    get_app,
+    render_report,
+    report_output_options,
+    use_color,
+    write_text_atomic,
+)
 
 
 @click.command()
 @click.argument("file", metavar="FILE.json")
-@click.option("--format", "fmt", type=click.Choice(OUTPUT_FORMATS), default="table", show_default=True)
-@click.option("--output", "-o", metavar="FILE", help="Write to FILE (atomically) instead of stdout.")
-@click.option(
-    "--fail-on",
-    type=click.Choice(FAIL_ON),
-    default="error",
-    show_default=True,
-    help="Exit 1 when the report has a finding at or above this severity.",
-)
-@click.option("--width", type=click.IntRange(min=40), help="Width of the table (default: the terminal's).")
+@report_output_options
 @debug_option
 def report(file: str, fmt: str, output: str | None, fail_on: str, width: int | None) -> None:
     """Re-render FILE.json (from `gradscope audit --format json`) as a table, JSON or Markdown.
