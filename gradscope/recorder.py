@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -23,9 +23,15 @@ from torch import nn
 from gradscope.distributed import REDUCED_ROLES, is_distributed, merge_across_ranks, world_size
 from gradscope.outputs import first_float_tensor
 from gradscope.record import LayerRecord, Record
-from gradscope.stats import SIZE, Stats, finalize, merge_stats, raw_stats
+from gradscope.stats import SIZE, RawStats, Sample, Stats, finalize, merge_stats, raw_stats, reduce_sample, take_sample
 
 ROOT_NAME = "model"  # the name given to the model itself when it is a leaf
+# With a bounded sample, hooks only take each tensor's extremes and a copy of its
+# sample; the rest of the statistics is computed at flush (see stats.Sample).
+# Copies waiting for the flush are capped at this many elements (8 MiB of
+# float64): beyond it they are reduced at once, so that gradient accumulation
+# over many micro-batches cannot grow memory.
+PENDING_SAMPLE_BUDGET = 1 << 20
 
 
 def _graph_task() -> int:
@@ -132,11 +138,15 @@ class Recorder:
         types: Sequence[type] | None = None,
         record_inputs: bool = False,
         sample: int | None = None,
+        exact_parameter_extremes: bool = True,
         reduce_ranks: bool = True,
     ) -> None:
         self.model = model
         self.record_inputs = record_inputs
         self.sample = sample  # histogram sample size per tensor (see stats.tensor_stats); None = exact
+        # False: min/max of weights and weight gradients from the sample too (watch,
+        # which checks every gradient element through its exact per-step norms).
+        self.exact_parameter_extremes = exact_parameter_extremes
         self.reduce_ranks = reduce_ranks  # merge statistics across torch.distributed ranks at flush
         self._selected = select_modules(model, include, exclude, types)
         self._handles: list[Any] = []
@@ -151,8 +161,10 @@ class Recorder:
         self._forward_recorded = False
         self._sites: dict[str, LayerRecord] = {}
         self._weights: dict[str, nn.Parameter] = {}  # site name -> weight parameter
-        self._pending: list[tuple[str, str, torch.Tensor]] = []
-        self._input_pending: list[torch.Tensor] = []
+        self._pending: list[tuple[str, str, RawStats | Sample]] = []
+        self._input_pending: list[RawStats | Sample] = []
+        self._pending_elements = 0  # elements of sample copies not reduced yet
+        self._grad_hooks: dict[str, Any] = {}
         self.record = Record()
 
     # -- lifecycle --------------------------------------------------------------
@@ -213,11 +225,13 @@ class Recorder:
         self._grad_hooked.clear()
         found = first_float_tensor((args, kwargs))
         if found is not None:
-            self._input_pending.append(raw_stats(found[0], self.sample))
+            self._input_pending.append(self._take(found[0]))
 
     def _forward_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if self._closed:
+            # Not recording and no recorded forward to recompute: nothing to do
+            # (the common case on watch's unsampled steps, so checked first).
+            if self._closed or not (self._active or self._forward_recorded):
                 return
             task = _graph_task()
             if task != -1:
@@ -241,14 +255,21 @@ class Recorder:
             self.record.note(f"{key} ({type(module).__name__}): no floating-point output to record")
             return
         tensor, _ = found
-        self._pending.append((key, "activation", raw_stats(tensor, self.sample)))
+        self._pending.append((key, "activation", self._take(tensor)))
         if self.record_inputs and key in self._weights:
             arg = first_float_tensor(args)
             if arg is not None:
-                self._pending.append((key, "input", raw_stats(arg[0], self.sample)))
+                self._pending.append((key, "input", self._take(arg[0])))
         if tensor.requires_grad and torch.is_grad_enabled():
             tensor.register_hook(self._gradient_hook(key))
             self._grad_hooked.add(key)
+
+    def _gradient_hook(self, key: str) -> Any:
+        """The tensor hook of one call site (built once, reused every step)."""
+        hook = self._grad_hooks.get(key)
+        if hook is None:
+            hook = self._grad_hooks[key] = self._make_gradient_hook(key)
+        return hook
 
     def _on_recompute(self, task: int, name: str, output: Any) -> None:
         """A forward re-run inside backward by activation checkpointing.
@@ -272,11 +293,11 @@ class Recorder:
             found[0].register_hook(self._gradient_hook(key))
             self._grad_hooked.add(key)
 
-    def _gradient_hook(self, key: str) -> Any:
+    def _make_gradient_hook(self, key: str) -> Any:
         def hook(grad: torch.Tensor) -> None:
             if self._closed:
                 return
-            self._pending.append((key, "gradient", raw_stats(grad, self.sample)))
+            self._pending.append((key, "gradient", self._take(grad)))
 
         return hook
 
@@ -320,11 +341,49 @@ class Recorder:
         Call after backward (and, in training, before ``optimizer.step()``),
         when ``.grad`` holds the gradient the optimizer is about to use.
         """
+        exact = self.exact_parameter_extremes
         for key, param in self._weights.items():
+            # Not in a hook: computed whole at once (warm caches, nothing to defer).
             if weights:
-                self._pending.append((key, "weight", raw_stats(param, self.sample)))
+                self._pending.append((key, "weight", raw_stats(param, self.sample, exact)))
             if grads and param.grad is not None:
-                self._pending.append((key, "weight_grad", raw_stats(param.grad, self.sample)))
+                self._pending.append((key, "weight_grad", raw_stats(param.grad, self.sample, exact)))
+
+    def parameter_stats(self) -> dict[str, dict[str, Stats]]:
+        """Weight and weight-gradient statistics of each recorded layer, now, on the
+        host, outside the pending queue and without any collective (weights are
+        the same on every DDP rank): for a caller that needs them off-schedule."""
+        exact = self.exact_parameter_extremes
+        keys: list[tuple[str, str]] = []
+        raws: list[RawStats] = []
+        for key, param in self._weights.items():
+            keys.append((key, "weight"))
+            raws.append(raw_stats(param, self.sample, exact))
+            if param.grad is not None:
+                keys.append((key, "weight_grad"))
+                raws.append(raw_stats(param.grad, self.sample, exact))
+        out: dict[str, dict[str, Stats]] = {}
+        for (key, role), row in _to_host(_finalize_and_merge(keys, raws)).items():
+            out.setdefault(key, {})[role] = Stats(row)
+        return out
+
+    def _take(self, tensor: torch.Tensor) -> RawStats | Sample:
+        """A hook's share of a tensor's statistics (see PENDING_SAMPLE_BUDGET)."""
+        if self.sample is None:
+            return raw_stats(tensor)
+        taken = take_sample(tensor, self.sample)
+        self._pending_elements += taken.values.numel()
+        if self._pending_elements > PENDING_SAMPLE_BUDGET:
+            self._reduce_pending()
+        return taken
+
+    def _reduce_pending(self) -> None:
+        """Turn every sample copy still waiting into RawStats (frees the copies)."""
+        # In place: a hook may be inside ``self._pending.append(... self._take(...))``,
+        # whose bound ``append`` already holds the list.
+        self._pending[:] = [(k, r, reduce_sample(v) if isinstance(v, Sample) else v) for k, r, v in self._pending]
+        self._input_pending[:] = [reduce_sample(v) if isinstance(v, Sample) else v for v in self._input_pending]
+        self._pending_elements = 0
 
     def flush(self) -> None:
         """Move pending statistics to the host (one transfer per device) and merge them.
@@ -334,6 +393,7 @@ class Recorder:
         across ranks; weights and weight gradients (identical on every DDP
         rank) are not.
         """
+        self._reduce_pending()
         pending, self._pending = self._pending, []
         inputs, self._input_pending = self._input_pending, []
         keys: list[tuple[str, str]] = [(key, role) for key, role, _ in pending]
@@ -341,7 +401,8 @@ class Recorder:
         reduce = self.reduce_ranks and is_distributed()
         if not keys and not reduce:
             return
-        merged = _finalize_and_merge(keys, [v for _, _, v in pending] + inputs)
+        reduced = cast("list[RawStats]", [v for _, _, v in pending] + inputs)  # _reduce_pending ran
+        merged = _finalize_and_merge(keys, reduced)
         if reduce:
             shared = [k for k in merged if k[1] in REDUCED_ROLES]
             stacked = torch.stack([merged[k] for k in shared]) if shared else torch.zeros(0, SIZE)
@@ -373,17 +434,17 @@ class Recorder:
         return len(self._pending) + len(self._input_pending)
 
 
-def _finalize_and_merge(keys: list[tuple[str, str]], raws: list[torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
-    """Finalise raw vectors on their own devices and merge repeats of a key
+def _finalize_and_merge(keys: list[tuple[str, str]], raws: Sequence[RawStats]) -> dict[tuple[str, str], torch.Tensor]:
+    """Finalise raw statistics on their own devices and merge repeats of a key
     (several micro-batches, several batches of an audit) into one row."""
     if not raws:
         return {}
     by_device: dict[torch.device, list[int]] = {}
-    for i, v in enumerate(raws):
-        by_device.setdefault(v.device, []).append(i)
-    rows: list[torch.Tensor] = [raws[0]] * len(raws)
+    for i, raw in enumerate(raws):
+        by_device.setdefault(raw.lo.device, []).append(i)
+    rows: list[torch.Tensor] = [torch.empty(0)] * len(raws)
     for indices in by_device.values():
-        stacked = finalize(torch.stack([raws[i] for i in indices]))
+        stacked = finalize([raws[i] for i in indices])
         for i, row in zip(indices, stacked, strict=True):
             rows[i] = row
     merged: dict[tuple[str, str], torch.Tensor] = {}

@@ -16,40 +16,45 @@ NONFINITE  exact count of NaN and ±inf elements
 NANSEEN    number of merged tensors that held a NaN (read from MIN/MAX, which
            propagate NaN); NaN and inf are not counted apart because each
            extra boolean reduction costs more than all the moments together
-HSAMPLES   elements behind the histogram: COUNT, or the size of the strided
-           sample when ``tensor_stats(x, sample=k)`` was asked for one
-HIST       256 counts indexed by the biased exponent ``b`` of ``|x| * 2^23``
-           in float32: ``b == 0`` holds exact zeros, ``1 <= b <= 254`` holds
-           values with ``floor(log2|x|) == b - 150`` (binades -149 … 104, so
-           fp32 subnormals get their own binades), ``b == 255`` holds
+HSAMPLES   elements behind the histogram and moments: COUNT, or the size of
+           the strided sample when ``tensor_stats(x, sample=k)`` was asked for one
+XSAMPLES   elements behind MIN and MAX: COUNT (the default: extremes are
+           exact), or the sample's size when ``exact_extremes=False``
+HIST       256 counts by binade: ``b == 0`` holds exact zeros,
+           ``1 <= b <= 254`` holds values with ``floor(log2|x|) == b - 150``
+           (binades -149 … 104, so fp32 subnormals get their own binades;
+           float64 values below 2^-149 join bin 1), ``b == 255`` holds
            non-finite values and finite values ``>= 2^105``.
 =========  ===================================================================
 
-Why scale by 2^23 before reading the exponent field: multiplying by a power of
-two is exact, and it lifts fp32's subnormals (down to 2^-149) into the normal
-range, so one integer shift yields the binade of every element, subnormals
-included, without ``frexp`` (ten times slower on CPU).  The price is that
-values above 2^105 ≈ 4e31 share the top bin; no fp16/fp8 question needs more,
+How the binade is read: the sampled elements are copied to float64 (the power
+sums need that copy anyway), where every fp32/fp16/bf16/fp8 value, subnormals
+included, is a normal number; two integer ops on the float64 bits then give
+``floor(log2|x|)`` exactly, without ``frexp`` (ten times slower on CPU).
+Values above 2^105 ≈ 4e31 share the top bin; no fp16/fp8 question needs more,
 and bf16 only overflows beyond fp32's own range.
 
 Sampling (``sample=k``, used by ``watch`` and, for very large tensors, by
-the audit): the count, minimum and maximum are always taken over every
-element, so a single NaN, an inf, or an overflow past a format's maximum is
-never missed.  Everything else (moments, zero and non-finite counts, the
+the audit): the count, minimum and maximum are taken over every element, so a
+single NaN, an inf, or an overflow past a format's maximum is never missed
+(``watch`` reads the extremes of weights and weight gradients from the sample
+too, ``exact_extremes=False``: it checks every gradient element for NaN/inf
+through the exact gradient norms it computes each step).  Everything else (moments, zero and non-finite counts, the
 exponent histogram) is read from a strided sample of about k elements when
 the tensor has more than 2k; the stride is a prime, so that it visits every
 row and column.  Sampling errors (1 sigma, m sampled elements): a fraction p
-±sqrt(p(1-p)/m) (<= 0.004 for m = 16384), the mean ±std/sqrt(m), the std
-±sqrt((kurtosis-1)/(4m)) relative (0.55% for a Gaussian at m = 16384).
+±sqrt(p(1-p)/m) (<= 0.008 for m = 4096, watch's sample), the mean ±std/sqrt(m), the std
+±sqrt((kurtosis-1)/(4m)) relative (1.1% for a Gaussian at m = 4096).
 Why: the histogram (a scalar bincount, ~1 ns per element on CPU) and the
 float64 power sums cost more per element than the forward pass of an
 element-wise layer; a fixed-size sample bounds them.
 
-Moments come from power sums accumulated in float64 (fp16/bf16 inputs are
-read in fp32 first): no square of an fp32 value under- or overflows there, so
-1e-25 gradients and 1e30 activations keep their std, and M2 = S2 - S1^2/m
-loses only ~1e-16 * mean^2/var relative, nothing for any |mean|/std an fp32
-tensor can hold meaningfully.  (On MPS, which has no float64, float32.)
+Moments come from power sums accumulated in float64: no square of an fp32
+value under- or overflows there, so 1e-25 gradients and 1e30 activations keep
+their std, and M2 = S2 - S1^2/m loses only ~1e-16 * mean^2/var relative,
+nothing for any |mean|/std an fp32 tensor can hold meaningfully.  float64
+tensors keep their values (squares beyond ~1e154 overflow: moments
+unavailable).  (On MPS, which has no float64, float32.)
 """
 
 from __future__ import annotations
@@ -57,8 +62,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import cache
-from typing import TYPE_CHECKING, Any
+from functools import cache, cached_property
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from gradscope.formats import FORMAT_NAMES, get_format
 from gradscope.jsonsafe import json_float, json_safe
@@ -66,8 +71,8 @@ from gradscope.jsonsafe import json_float, json_safe
 if TYPE_CHECKING:
     import torch
 
-COUNT, MCOUNT, MEAN, M2, MIN, MAX, NONFINITE, NANSEEN, HSAMPLES = range(9)
-HIST = 9
+COUNT, MCOUNT, MEAN, M2, MIN, MAX, NONFINITE, NANSEEN, HSAMPLES, XSAMPLES = range(10)
+HIST = 10
 HIST_BINS = 256
 SIZE = HIST + HIST_BINS
 
@@ -75,7 +80,6 @@ SIZE = HIST + HIST_BINS
 EXPONENT_OFFSET = 150
 MIN_EXPONENT = -149  # fp32's smallest subnormal is 2^-149
 TOP_EXPONENT = 105  # bin 255: finite values >= 2^105 (and the non-finite ones)
-_SCALE = float(2**23)
 
 
 def _stats_dtype(device: torch.device) -> torch.dtype:
@@ -83,19 +87,6 @@ def _stats_dtype(device: torch.device) -> torch.dtype:
 
     # MPS has no float64; counts stay exact there up to 2^24 elements per tensor.
     return torch.float32 if device.type == "mps" else torch.float64
-
-
-def _exponent_histogram(biased: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    flat = biased.reshape(-1)
-    if flat.device.type == "cpu":
-        return torch.bincount(flat, minlength=HIST_BINS)
-    # CUDA's bincount reads the maximum back to the host to size its output;
-    # index_add_ into a fixed-size buffer has no such sync.
-    hist = torch.zeros(HIST_BINS, dtype=torch.int64, device=flat.device)
-    ones = torch.ones(1, dtype=torch.int64, device=flat.device).expand(flat.numel())
-    return hist.index_add_(0, flat.long(), ones)
 
 
 @cache
@@ -112,81 +103,203 @@ def sample_stride(n: int, sample: int) -> int:
     return candidate
 
 
-# The raw vector that the hot path produces (see raw_stats); ``finalize`` turns
-# a stack of them into the documented layout in one vectorised host-side pass,
-# so that each hooked tensor costs as few small device ops as possible.
-R_COUNT, R_S1, R_S2, R_MIN, R_MAX = range(5)
-R_HIST = 5
-RAW_SIZE = R_HIST + HIST_BINS
+# The hot path histograms the biased exponent field of the float64 value
+# (11 bits: 0 for zeros, 2047 for NaN/inf, 1023 + floor(log2|x|) otherwise);
+# ``finalize`` folds those 2048 bins into the documented 256.  Reading the
+# exponent of the float64 copy that the power sums need anyway costs two
+# integer ops, and every fp32/fp16/bf16/fp8 value, subnormals included, is a
+# normal float64 number, so no scaling trick is needed.
+F64_EXPONENT_BIAS = 1023
+F64_BINS = 2048
+F64_NONFINITE_BIN = F64_BINS - 1
+# Devices without float64 (MPS) histogram fp32 bits of |x| * 2^23 (see _mps_raw_stats).
+_FP32_SUBNORMAL_LIFT = float(2**23)
 
 
-def raw_stats(x: torch.Tensor, sample: int | None = None) -> torch.Tensor:
-    """The hot-path half of ``tensor_stats``: RAW_SIZE numbers on ``x``'s device.
+class RawStats(NamedTuple):
+    """One tensor's statistics before ``finalize``: device scalars and a
+    histogram, not yet combined into a statistics vector (``finalize`` does that
+    for a whole stack at once).
 
-    ``[count, sum(x), sum(x^2), min, max, histogram...]``, the sums over the
-    sampled elements (their number is the histogram's total).
-    Only device work is queued; ``x`` is not kept.
+    ``numel`` is known on the host; ``s1``/``s2`` are the power sums of the
+    sampled elements (every element without sampling); ``hist`` counts them
+    per exponent (F64_BINS bins, or HIST_BINS on devices without float64).
+    """
 
-    Over every element: the count, min and max (so NaN/inf presence and the
-    absolute maximum are exact).  Over the sample (every element when
-    ``sample`` is None or the tensor has at most ``2 * sample`` elements): the
-    power sums, accumulated in float64 (no square of an fp32 value under- or
-    overflows there, and no cancellation is lost) and the exponent histogram,
-    whose top bin also counts the non-finite values.
+    numel: int
+    extreme_count: int  # elements behind lo/hi: numel, or the sample's size
+    lo: torch.Tensor
+    hi: torch.Tensor
+    s1: torch.Tensor
+    s2: torch.Tensor
+    hist: torch.Tensor
+
+
+class Sample(NamedTuple):
+    """What a hook must take while the tensor exists: its extremes and a copy of
+    its (sampled) elements; ``reduce_sample`` turns it into RawStats later.
+
+    Why split: inside a hook, right after a large matmul has flushed the caches,
+    each small eager op costs 10-30 µs on a CPU instead of 2-5; the sums and the
+    histogram of the copy run later, back to back, when the caller flushes.
+    """
+
+    numel: int
+    extreme_count: int
+    lo: torch.Tensor
+    hi: torch.Tensor
+    values: torch.Tensor  # a contiguous float64 copy (float32 without float64)
+
+
+class _NativeDtypes:
+    """The dtypes aminmax reads directly; a lazy set, since importing this module
+    must not import torch (the CLI's --help stays fast)."""
+
+    @cached_property
+    def dtypes(self) -> frozenset:
+        import torch
+
+        return frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64})
+
+    def __contains__(self, dtype: object) -> bool:
+        return dtype in self.dtypes
+
+
+_NATIVE_DTYPES = _NativeDtypes()
+
+
+def _bincount(values: torch.Tensor, bins: int) -> torch.Tensor:
+    import torch
+
+    if values.device.type == "cpu":
+        return torch.bincount(values, minlength=bins)
+    # CUDA's bincount reads the maximum back to the host to size its output;
+    # index_add_ into a fixed-size buffer has no such sync.
+    hist = torch.zeros(bins, dtype=torch.int64, device=values.device)
+    ones = torch.ones(1, dtype=torch.int64, device=values.device).expand(values.numel())
+    return hist.index_add_(0, values.long(), ones)
+
+
+def take_sample(x: torch.Tensor, sample: int | None = None, exact_extremes: bool = True) -> Sample:
+    """The part of ``raw_stats`` that needs ``x``: queued device ops, no sync.
+
+    Over every element: the count (host-known), min and max (NaN-propagating,
+    so NaN/inf presence and the absolute maximum are exact).  The sample (every
+    element when ``sample`` is None or the tensor has at most ``2 * sample``
+    elements) is copied to float64; ``x`` itself is not kept.
+    ``exact_extremes=False`` reads min and max from the sample too (one pass
+    over the whole tensor less).
     """
     import torch
 
-    with torch.no_grad():
-        x = x.detach()
-        if x.dtype != torch.float32:
-            x = x.float()  # fp16/bf16 are read in fp32; float64 is narrowed (documented)
-        dtype = _stats_dtype(x.device)
-        n = x.numel()
-        if n == 0:
-            return torch.zeros(RAW_SIZE, dtype=dtype, device=x.device)
-        flat = x.reshape(-1)
-        lo, hi = torch.aminmax(flat)  # NaN-propagating: exact presence of NaN/inf
-        part = flat if sample is None or n <= 2 * sample else flat[:: sample_stride(n, sample)]
-        scaled_bits = (part * _SCALE).view(torch.int32)
-        hist = _exponent_histogram((scaled_bits >> 23) & 0xFF)
-        return torch.cat(
-            [
-                torch.full((1,), n, dtype=dtype, device=x.device),  # a fill kernel, not a host copy
-                # float64 power sums: no fp32 square under- or overflows, and
-                # M2 = S2 - S1^2/m keeps ~1e-16 * mean^2/var relative error.
-                torch.stack([part.sum(dtype=dtype), torch.linalg.vector_norm(part, dtype=dtype).square()]),
-                torch.stack([lo, hi]).to(dtype),
-                hist.to(dtype),
-            ]
-        )
+    # Every op below reads a detached tensor, so none is recorded by autograd
+    # (cheaper, inside a hook, than entering a no_grad context).
+    # Inside a hook every Python attribute and eager op is slow (the model's
+    # kernels have just evicted the caches), so this path avoids all it can: no
+    # reshape of a contiguous tensor, no torch.device object.
+    flat = x.detach()
+    if flat.dtype not in _NATIVE_DTYPES:
+        flat = flat.float()  # fp8 and others: aminmax has no kernel for them
+    if not flat.is_contiguous():
+        flat = flat.reshape(-1)  # a copy; strides below assume dense storage
+    n = flat.numel()
+    if sample is None or n <= 2 * sample:
+        part = flat.view(-1)
+    else:
+        stride = sample_stride(n, sample)
+        part = flat.as_strided(((n + stride - 1) // stride,), (stride,), flat.storage_offset())
+    wide_dtype = torch.float32 if flat.is_mps else torch.float64  # see _stats_dtype
+    # One (strided) read into a contiguous copy; copy=True: a float64 input
+    # must not be aliased (the caller's tensor is never kept).
+    values = part.to(wide_dtype, copy=True)
+    if n == 0:
+        zero = torch.zeros((), dtype=wide_dtype, device=flat.device)
+        return Sample(0, 0, zero, zero, values)
+    lo, hi = torch.aminmax(flat if exact_extremes else values)
+    return Sample(n, n if exact_extremes else values.numel(), lo, hi, values)
 
 
-def finalize(raw: torch.Tensor) -> torch.Tensor:
-    """Raw vectors (``(..., RAW_SIZE)``) to statistics vectors (``(..., SIZE)``).
+def reduce_sample(taken: Sample) -> RawStats:
+    """Power sums and exponent histogram of a taken sample (device ops, no sync)."""
+    import torch
 
-    Vectorised over any leading dimensions; runs wherever ``raw`` is (the
-    recorder calls it once per flush).  Moments of a sampled tensor are the
-    sample's, with M2 scaled to the whole count so that ``M2 / COUNT`` is the
-    sample variance.
+    values = taken.values
+    if values.dtype == torch.float64:
+        # The exponent field of a float64 (its 11 bits above the 52 of mantissa).
+        exponent = (values.view(torch.int64) >> 52) & (F64_BINS - 1)
+        hist = _bincount(exponent, F64_BINS)
+    else:
+        # Devices without float64 (MPS): the fp32 bits of |x| * 2^23; the
+        # power-of-two scale is exact and lifts fp32's subnormals into the
+        # normal range, so one shift yields every binade.  Power sums in fp32.
+        hist = _bincount(((values * _FP32_SUBNORMAL_LIFT).view(torch.int32) >> 23) & 0xFF, HIST_BINS)
+    return RawStats(taken.numel, taken.extreme_count, taken.lo, taken.hi, values.sum(), torch.dot(values, values), hist)
+
+
+def raw_stats(x: torch.Tensor, sample: int | None = None, exact_extremes: bool = True) -> RawStats:
+    """``take_sample`` and ``reduce_sample`` at once: device ops only, ``x`` not kept.
+
+    The power sums are accumulated in float64 (no square of an fp32 value
+    under- or overflows there, and M2 = S2 - S1^2/m keeps ~1e-16 * mean^2/var
+    relative error); the histogram counts the sample by binade.
+    """
+    return reduce_sample(take_sample(x, sample, exact_extremes))
+
+
+@cache
+def _fold_index(device: torch.device) -> torch.Tensor:
+    """Target bin (0..255, the documented layout) of each float64 exponent bin."""
+    import torch
+
+    binade = torch.arange(F64_BINS, device=device) - F64_EXPONENT_BIAS
+    target = (binade + EXPONENT_OFFSET).clamp(1, HIST_BINS - 1)  # float64-only tiny values join binade -149
+    target[0] = 0  # zeros
+    return target
+
+
+def _fold_histogram(hist: torch.Tensor) -> torch.Tensor:
+    """(T, F64_BINS) exponent counts to (T, HIST_BINS) in the documented layout."""
+    import torch
+
+    if hist.shape[-1] == HIST_BINS:
+        return hist
+    out = torch.zeros(hist.shape[0], HIST_BINS, dtype=hist.dtype, device=hist.device)
+    return out.index_add_(1, _fold_index(hist.device), hist)
+
+
+def finalize(raws: Sequence[RawStats]) -> torch.Tensor:
+    """Raw statistics of tensors on one device to a (len(raws), SIZE) stack of
+    statistics vectors, vectorised (the recorder calls it once per flush).
+
+    Moments of a sampled tensor are the sample's, with M2 scaled to the whole
+    count so that ``M2 / COUNT`` is the sample variance.
     """
     import torch
 
-    n = raw[..., R_COUNT]
-    hist = raw[..., R_HIST:]
+    device = raws[0].lo.device
+    dtype = _stats_dtype(device)
+    counts = torch.tensor([(r.numel, r.extreme_count) for r in raws], dtype=dtype).to(device, non_blocking=True)
+    n, xcount = counts[:, 0], counts[:, 1]
+    lo = torch.stack([r.lo for r in raws]).to(dtype)
+    hi = torch.stack([r.hi for r in raws]).to(dtype)
+    s1 = torch.stack([r.s1 for r in raws]).to(dtype)
+    s2 = torch.stack([r.s2 for r in raws]).to(dtype)
+    wide = torch.stack([r.hist for r in raws])
+    hist = _fold_histogram(wide).to(dtype)
     m = hist.sum(dim=-1)  # every sampled element falls in exactly one bin
-    lo, hi = raw[..., R_MIN], raw[..., R_MAX]
     any_nonfinite = ~(torch.isfinite(lo) & torch.isfinite(hi))
     safe_m = torch.where(m > 0, m, torch.ones_like(m))
-    # Non-finite values sit in the histogram's top bin, with finite values
-    # >= 2^105: when min/max saw none, there is none; when they saw one, the
-    # top bin (of the sample, scaled to the tensor) is the count, at least 1.
-    # (Finite values >= 2^105 beside a NaN/inf are counted with them.)
-    top = hist[..., HIST_BINS - 1]
-    nonfinite = torch.where(any_nonfinite, torch.clamp_min((top * n / safe_m).round(), 1.0), torch.zeros_like(top))
-    s1, s2 = raw[..., R_S1], raw[..., R_S2]
-    mean_c = s1 / safe_m
-    m2 = (s2 - s1 * mean_c).clamp_min(0.0) * (n / safe_m)
-    mean = mean_c
+    # The sample's non-finite count scaled to the tensor; at least 1 when the
+    # exact min/max saw one, and 0 when they saw none.
+    if wide.shape[-1] == F64_BINS:
+        sampled_nonfinite = wide[:, F64_NONFINITE_BIN].to(dtype)
+    else:  # fp32 layout: non-finite values share the top bin with values >= 2^105
+        sampled_nonfinite = hist[:, HIST_BINS - 1]
+    nonfinite = torch.where(
+        any_nonfinite, torch.clamp_min((sampled_nonfinite * n / safe_m).round(), 1.0), torch.zeros_like(n)
+    )
+    mean = s1 / safe_m
+    m2 = (s2 - s1 * mean).clamp_min(0.0) * (n / safe_m)
     valid = torch.isfinite(m2) & torch.isfinite(mean) & ~any_nonfinite & (n > 0)
     zero = torch.zeros_like(n)
     head = torch.stack(
@@ -198,21 +311,23 @@ def finalize(raw: torch.Tensor) -> torch.Tensor:
             lo,
             hi,
             nonfinite,
-            torch.isnan(hi).to(raw.dtype),
+            torch.isnan(hi).to(dtype),
             m,
+            xcount,
         ],
         dim=-1,
     )
     return torch.cat([head, hist], dim=-1)
 
 
-def tensor_stats(x: torch.Tensor, sample: int | None = None) -> torch.Tensor:
+def tensor_stats(x: torch.Tensor, sample: int | None = None, exact_extremes: bool = True) -> torch.Tensor:
     """Statistics of ``x`` as a vector of SIZE elements on ``x``'s device.
 
     No value is read back to the host: everything, including the choice of
     whether the moments are valid, is device arithmetic.  ``x`` is not kept.
-    ``sample``: histogram a strided sample of about ``sample`` elements of a
-    larger tensor; None histograms every element.
+    ``sample``: moments and histogram from a strided sample of about
+    ``sample`` elements of a larger tensor; None reads every element.
+    ``exact_extremes=False``: min and max from that sample as well.
 
     Example:
         >>> import torch
@@ -220,7 +335,7 @@ def tensor_stats(x: torch.Tensor, sample: int | None = None) -> torch.Tensor:
         >>> s.count, s.zero_count, s.nonfinite_count, s.has_nan, s.moments_valid
         (4, 1, 1, True, False)
     """
-    return finalize(raw_stats(x, sample))
+    return finalize([raw_stats(x, sample, exact_extremes)])[0]
 
 
 def merge_stats(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -340,6 +455,15 @@ class Stats:
     def hist_samples(self) -> int:
         return int(self._get(HSAMPLES))
 
+    @property
+    def extreme_samples(self) -> int:
+        """Elements behind min/max (and absmax): ``count`` when they are exact."""
+        return int(self._get(XSAMPLES))
+
+    @property
+    def extremes_exact(self) -> bool:
+        return self._get(XSAMPLES) >= self._get(COUNT)
+
     def _hist_nonfinite(self) -> float:
         """Non-finite values inside the histogram's (possibly sampled) top bin."""
         if not self.sampled:
@@ -441,6 +565,7 @@ class Stats:
             "has_nan": self.has_nan,
             "zero_count": self.zero_count,
             "hist_samples": self.hist_samples,
+            "extreme_samples": self.extreme_samples,
             "moment_count": int(self._get(MCOUNT)),
             "m2": self._get(M2),
         }
@@ -468,6 +593,7 @@ class Stats:
         v[NONFINITE] = data["nonfinite_count"]
         v[NANSEEN] = 1.0 if data["has_nan"] else 0.0
         v[HSAMPLES] = data.get("hist_samples", data["count"])
+        v[XSAMPLES] = data.get("extreme_samples", data["count"])
         v[HIST] = data["zero_hist"]
         for e, c in data["exponent_hist"]:
             v[HIST + e + EXPONENT_OFFSET] += c

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 from gradscope.stats import EXPONENT_OFFSET, HIST, HIST_BINS, Stats
 
 if TYPE_CHECKING:
-    from gradscope.record import Record
+    from gradscope.record import LayerRecord, Record
     from gradscope.report import Finding, Report
     from gradscope.watching.scope import FlushResult
 
@@ -79,8 +79,23 @@ def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
 
-def layer_scalars(record: Record, formats: tuple[str, ...]) -> dict[str, float]:
-    """Per-layer scalar values of one record, by tag (skipping unmeasurable ones)."""
+def _parameter_norm(layer: LayerRecord, norms: dict[str, float] | None) -> float | None:
+    """The exact gradient norm of a layer's main weight, when watch measured it."""
+    if not norms or not layer.weight_name or layer.call != 1:
+        return None
+    qualified = layer.weight_name if layer.module == "model" else f"{layer.module}.{layer.weight_name}"
+    return norms.get(qualified)
+
+
+def layer_scalars(
+    record: Record, formats: tuple[str, ...], param_grad_norms: dict[str, float] | None = None
+) -> dict[str, float]:
+    """Per-layer scalar values of one record, by tag (skipping unmeasurable ones).
+
+    ``param_grad_norms`` (parameter name -> exact gradient norm, from watch)
+    gives the weight-gradient norm of every layer, also on flushes that carry
+    no weight-gradient statistics; without it the norm comes from the statistics.
+    """
     from gradscope.watching.scope import stats_norm
 
     out: dict[str, float] = {}
@@ -91,7 +106,10 @@ def layer_scalars(record: Record, formats: tuple[str, ...]) -> dict[str, float]:
             out[f"{PREFIX}/activation_std/{name}"] = act.std if act.moments_valid else math.nan
         if grad is not None and grad.count:
             out[f"{PREFIX}/grad_rms/{name}"] = grad.rms if grad.moments_valid else math.nan
-        if wgrad is not None and wgrad.count:
+        exact = _parameter_norm(layer, param_grad_norms)
+        if exact is not None:
+            out[f"{PREFIX}/weight_grad_norm/{name}"] = exact
+        elif wgrad is not None and wgrad.count:
             out[f"{PREFIX}/weight_grad_norm/{name}"] = stats_norm(wgrad)
         both = [s for s in (act, grad) if s is not None and s.count]
         if not both:
@@ -192,12 +210,18 @@ class DashboardWriter:
     def enabled(self) -> bool:
         return self._writer is not None
 
-    def write_record(self, record: Record, step: int, update_ratios: dict[str, float] | None = None) -> None:
+    def write_record(
+        self,
+        record: Record,
+        step: int,
+        update_ratios: dict[str, float] | None = None,
+        param_grad_norms: dict[str, float] | None = None,
+    ) -> None:
         """Per-layer scalars and exponent histograms of one record."""
         w = self._writer
         if w is None:
             return
-        for tag, value in layer_scalars(record, self.formats).items():
+        for tag, value in layer_scalars(record, self.formats, param_grad_norms).items():
             w.add_scalar(tag, value, step)
         for layer in record.layers:
             for role in ("activation", "gradient"):
@@ -215,7 +239,7 @@ class DashboardWriter:
         if w is None:
             return
         if result.record.layers:
-            self.write_record(result.record, result.step)
+            self.write_record(result.record, result.step, param_grad_norms=result.param_grad_norms)
         for ratio_step, ratios in result.update_ratios.items():
             for name, ratio in ratios.items():
                 if _finite(ratio):

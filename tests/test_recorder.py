@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+import gradscope.recorder as recorder_module
 from gradscope.jsonsafe import json_safe
 from gradscope.record import Record
 from gradscope.recorder import Recorder
@@ -464,3 +465,30 @@ def test_record_json_round_trip() -> None:
         )
         for role, stats in a.stats.items():
             assert torch.equal(stats.vector.nan_to_num(), b.stats[role].vector.nan_to_num()), (a.name, role)
+
+
+def test_pending_sample_copies_stay_within_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a bounded sample, hooks keep a copy of each tensor's sample until the
+    flush; over many micro-batches those copies are reduced as soon as they pass
+    PENDING_SAMPLE_BUDGET elements, and the statistics do not change."""
+
+    def run(budget: int) -> tuple[list[int], list[torch.Tensor]]:
+        monkeypatch.setattr(recorder_module, "PENDING_SAMPLE_BUDGET", budget)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 8))
+        held = []
+        with Recorder(model, sample=1024) as rec:
+            rec.start()
+            for micro in range(6):
+                g = torch.Generator().manual_seed(micro)
+                model(torch.randn(64, 64, generator=g)).pow(2).mean().backward()
+                held.append(rec._pending_elements)
+            record = rec.finish()
+        return held, [layer.activation.vector for layer in record.layers]
+
+    held, small = run(8000)  # one micro-batch leaves 5700 elements of copies
+    assert max(held) <= 8000 and len(set(held)) > 1
+    unbounded_held, big = run(10**9)
+    assert unbounded_held == [5700 * k for k in range(1, 7)]  # without the cap the copies pile up
+    for a, b in zip(small, big, strict=True):
+        assert torch.equal(a, b)

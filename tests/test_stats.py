@@ -4,12 +4,11 @@ Tolerances and why:
 
 * counts, zero/NaN/inf counts, min, max, absmax and the exponent histogram are
   exact (integers, or float32 values that float64 holds exactly).
-* moments are accumulated in float32 (``tensor_stats`` upcasts fp16/bf16 to
-  float32 and sums there), so they carry float32 rounding: ~1e-7 per
-  operation, a few 1e-7 after a cascade sum.  The mean is compared relative to
-  the spread of the data (``|mean| + std``), because a mean near zero has no
-  meaningful relative error; std and rms are compared relative to themselves
-  at 2e-6.
+* moments come from power sums accumulated in float64 (the tolerances below
+  are those of float32 accumulation, which they meet with room to spare).
+  The mean is compared relative to the spread of the data (``|mean| + std``),
+  because a mean near zero has no meaningful relative error; std and rms are
+  compared relative to themselves at 2e-6.
 * merging is float64 arithmetic (Chan et al. 1979): tested at 1e-9 relative
   with part moments computed exactly by numpy.
 """
@@ -39,8 +38,12 @@ from gradscope.stats import (
     SIZE,
     TOP_EXPONENT,
     Stats,
+    finalize,
     merge_many,
     merge_stats,
+    raw_stats,
+    reduce_sample,
+    take_sample,
     tensor_stats,
 )
 
@@ -228,15 +231,22 @@ def test_non_contiguous_tensors() -> None:
         check_against_numpy(Stats(v), view.numpy())
 
 
-def test_float64_input_is_narrowed_to_float32() -> None:
-    """Documented: float64 is narrowed, so values outside fp32's range saturate
-    (1e300 -> inf) or flush (1e-300 -> 0) and fine digits are rounded."""
+def test_float64_input_keeps_its_range_and_precision() -> None:
+    """float64 tensors are read in float64: 1e300 stays finite (top bin) and
+    1e-300 stays non-zero (lowest bin, with every value below 2^-149); the
+    squares of values beyond ~1e154 overflow float64, which makes the moments
+    unavailable (documented), while min/max stay exact."""
     x = torch.tensor([1.0, 1e-300, 1e300, 0.1], dtype=torch.float64)
     s = stats_of(x)
-    assert s.zero_count == 1 and s.nonfinite_count == 1 and s.has_inf and not s.moments_valid
+    assert s.zero_count == 0 and s.nonfinite_count == 0 and not s.has_inf and not s.moments_valid
+    assert s.min == 1e-300 and s.max == 1e300
+    assert s.binade_counts() == {-149: 1, 0: 1, -4: 1, TOP_EXPONENT: 1}
     torch.manual_seed(6)
-    y = torch.randn(1000, dtype=torch.float64)
-    check_against_numpy(stats_of(y), y.float().numpy())
+    y = torch.randn(1000, dtype=torch.float64) * 1e-3 + 1e-1
+    got = stats_of(y)
+    check_against_numpy(got, y.numpy())
+    # float64 accumulation of float64 values: far tighter than float32's 1e-6.
+    assert got.std == pytest.approx(y.numpy().std(), rel=1e-9)
 
 
 def test_format_limits_come_from_finfo() -> None:
@@ -438,3 +448,41 @@ def test_sampled_histogram_keeps_exact_counts_and_moments() -> None:
     x[123_457] = float("nan")  # not on the sampling stride
     with_nan = Stats(tensor_stats(x, sample=k))
     assert with_nan.has_nan and with_nan.nonfinite_count >= 1 and not with_nan.moments_valid
+
+
+def test_sampled_extremes_are_flagged_and_bounded() -> None:
+    """``exact_extremes=False``: min/max come from the sample, so they lie inside
+    the true range and XSAMPLES says how many elements stand behind them."""
+    torch.manual_seed(21)
+    x = torch.randn(200_000)
+    x[1] = 1e6  # off the stride: the sample starts at element 0
+    exact = Stats(tensor_stats(x, sample=4096))
+    sampled = Stats(tensor_stats(x, sample=4096, exact_extremes=False))
+    assert exact.extremes_exact and exact.max == 1e6 and exact.extreme_samples == exact.count
+    assert not sampled.extremes_exact and sampled.extreme_samples == sampled.hist_samples < sampled.count
+    assert exact.min <= sampled.min and sampled.max < 1e6
+    back = Stats.from_dict(json.loads(json.dumps(sampled.to_dict(), allow_nan=False)))
+    assert back.extreme_samples == sampled.extreme_samples and not back.extremes_exact
+    # Merging adds the elements behind the extremes, like the counts.
+    both = Stats(merge_stats(exact.vector, sampled.vector))
+    assert both.extreme_samples == exact.count + sampled.extreme_samples and not both.extremes_exact
+
+
+def test_take_then_reduce_equals_raw_stats_and_never_aliases_the_input() -> None:
+    """The hook half copies what it needs: changing the tensor afterwards (an
+    in-place op, an optimizer step) cannot change the statistics."""
+    torch.manual_seed(22)
+    for x in (torch.randn(50_000), torch.randn(3000, dtype=torch.float64), torch.randn(64, 300)[:, ::3]):
+        want = finalize([raw_stats(x, 4096)])
+        taken = take_sample(x, 4096)
+        x.mul_(1000.0)
+        got = finalize([reduce_sample(taken)])
+        assert torch.equal(got, want)
+
+
+def test_nonfinite_count_is_apart_from_large_finite_values() -> None:
+    """float64 exponents keep NaN/inf (exponent 2047) apart from finite values
+    above 2^105 that share the documented top bin."""
+    x = torch.tensor([1.0, 2.0**110, 3e38, float("inf"), float("nan"), 5.0])
+    s = stats_of(x)
+    assert s.nonfinite_count == 2 and s.binade_counts()[TOP_EXPONENT] == 2

@@ -16,6 +16,7 @@ from gradscope.stats import Stats, tensor_stats
 from gradscope.watching import Scope
 from gradscope.watching.alerts import AlertTracker
 from gradscope.watching.scaling import divide_stats
+from gradscope.watching.scope import DIAGNOSE_EVERY_STEPS
 
 
 @pytest.fixture(autouse=True)
@@ -66,10 +67,15 @@ def test_global_norm_every_step_and_layer_stats_on_sampled_steps() -> None:
     assert [s for r in scope.recent for s, _ in r.global_norms] == list(range(7))
     assert seen == pytest.approx(expected_norms, rel=1e-5)
     for step, norm in expected_wgrad_norm0.items():
-        wgrad = flushes[step].record.layer("0").weight_grad
-        assert math.sqrt(wgrad.count) * wgrad.rms == pytest.approx(norm, rel=1e-5)
-        # per-parameter norms of the sampled step
+        # exact per-parameter norms on every sampled step
         assert flushes[step].param_grad_norms["0.weight"] == pytest.approx(norm, rel=1e-5)
+    # Weight and weight-gradient statistics come with the diagnosis, at most every
+    # DIAGNOSE_EVERY_STEPS steps: here at step 0 only (3 and 6 are too close).
+    assert DIAGNOSE_EVERY_STEPS > 6
+    wgrad = flushes[0].record.layer("0").weight_grad
+    assert math.sqrt(wgrad.count) * wgrad.rms == pytest.approx(expected_wgrad_norm0[0], rel=1e-5)
+    assert flushes[3].record.layer("0").weight_grad is None and flushes[6].record.layer("0").weight is None
+    assert flushes[3].record.layer("0").activation is not None
     # the whole-run record merges 3 sampled steps of 8x16 activations
     report = scope.report()
     assert report.record.layer("1").activation.count == 3 * 8 * 16
@@ -330,11 +336,13 @@ def test_grad_scaler_unscaled_statistics_and_skipped_steps() -> None:
     assert "unscaled" in scope.report().run["gradients"]
     flush = {r.step: r for r in scope.recent}
     for step in (3, 4, 5):
-        wgrad = flush[step].record.layer("0").weight_grad
-        assert math.sqrt(wgrad.count) * wgrad.rms == pytest.approx(plain[step], rel=1e-5)
+        assert flush[step].param_grad_norms["0.weight"] == pytest.approx(plain[step], rel=1e-5)
         assert flush[step].record.layer("2").gradient.rms == pytest.approx(dl_dout[step], rel=1e-5)
+    # Weight-gradient statistics (taken with the diagnosis, here at step 0) are unscaled too.
+    wgrad = flush[0].record.layer("0").weight_grad
+    assert math.sqrt(wgrad.count) * wgrad.rms == pytest.approx(plain[0], rel=1e-5)
     assert scope.first_nonfinite is None  # a scaler overflow is not a failure
-    assert flush[2].record.layer("0").weight_grad is None  # the skipped step's gradients are left out
+    assert flush[2].record.layer("2").gradient is None  # the skipped step's gradients are left out
     assert not any(f.code == "nonfinite" for r in scope.recent for f in r.alerts)
 
 
@@ -353,7 +361,8 @@ def test_gradient_accumulation_merges_micro_batches_per_optimizer_step() -> None
     assert [layer.name for layer in last.layers] == ["0", "1", "2"]  # no "0#2": one call site per micro-batch
     assert last.layer("1").activation.count == 3 * 8 * 16
     assert last.layer("1").gradient.count == 3 * 8 * 16
-    assert last.layer("0").weight_grad.count == 16 * 6  # the accumulated gradient, once
+    # the accumulated gradient, once (weight statistics come with the diagnosis: step 0)
+    assert scope.recent[0].record.layer("0").weight_grad.count == 16 * 6
 
 
 def test_attach_hooks_the_optimizer_and_removes_the_hooks() -> None:
@@ -477,3 +486,58 @@ def test_paused_forwards_are_not_recorded() -> None:
             scope.step(opt)
             opt.step()
     assert scope.report().record.layer("1").activation.count == 2 * 8 * 16
+
+
+def _wide_model() -> nn.Sequential:
+    """Weights of 64 x 512 = 32768 elements: more than 2 x WATCH_SAMPLE, so watch
+    reads their statistics (extremes included) from a strided sample."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(512, 64), nn.Tanh(), nn.Linear(64, 3))
+
+
+@pytest.mark.parametrize("parameter", ["0.weight", "0.bias"])
+def test_nan_in_a_parameter_gradient_off_the_sample_is_found_by_its_exact_norm(parameter: str) -> None:
+    """Weight-gradient statistics are sampled (exact_parameter_extremes=False), but
+    the per-parameter gradient norms are exact: a single NaN that no sample sees
+    (element 1 of the weight: the sample takes every 11th element from 0; bias
+    gradients have no statistics at all) is still reported at its layer and step."""
+    model = _wide_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(GradscopeError) as info:
+        with gradscope.watch(model, every=1) as scope:
+            for step in range(3):
+                x, y = torch.randn(4, 512), torch.randn(4, 3)
+                opt.zero_grad()
+                nn.functional.mse_loss(model(x), y).backward()
+                if step == 2:
+                    grad = dict(model.named_parameters())[parameter].grad
+                    grad.view(-1)[1] = float("nan")
+                scope.step(opt)
+                opt.step()
+    record = info.value.record
+    assert (record["step"], record["layer"], record["role"]) == (2, "0", "weight_grad")
+    assert record["parameter"] == parameter and record["has_nan"] and record["origin"] == "produced"
+    if parameter == "0.weight":
+        wgrad = scope.recent[-1].record.layer("0").weight_grad
+        assert wgrad is not None and not wgrad.extremes_exact  # the sample did miss it
+        assert wgrad.nonfinite_count == 0
+
+
+def test_activation_extremes_stay_exact_while_weight_extremes_are_sampled() -> None:
+    model = _wide_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(32, 512)
+    x[5, 7] = 1e4  # one large input element: its activation's absmax must be exact
+    with gradscope.watch(model, every=1, raise_on=()) as scope:
+        opt.zero_grad()
+        out = model(x)
+        nn.functional.mse_loss(out, torch.zeros_like(out)).backward()
+        scope.step(opt)
+    layer = scope.recent[-1].record.layer("0")
+    h = model[0](x).detach()  # no optimizer step was taken: the same weights
+    assert layer.activation.extremes_exact and layer.activation.count == h.numel()
+    assert layer.activation.max == float(h.max()) and layer.activation.min == float(h.min())
+    weight = layer.weight
+    assert not weight.extremes_exact and weight.extreme_samples == weight.hist_samples < weight.count
+    # A sampled maximum can only fall short of the true one.
+    assert weight.absmax <= float(model[0].weight.detach().abs().max())
