@@ -26,6 +26,9 @@ Monitors:
                 ∂ℓ/∂h, weights and weight gradients, flushed every step
   watch-1       ``gradscope.watch(every=1)`` (training signals included)
   watch-10      ``gradscope.watch(every=10)``
+  light-1       ``gradscope.watch(every=1, tier="light")``: layers with parameters only,
+                gradient norms on sampled steps only
+  light-10      ``gradscope.watch(every=10, tier="light")``
 """
 
 from __future__ import annotations
@@ -117,13 +120,13 @@ def recorder_monitor(model: nn.Module, opt: torch.optim.Optimizer) -> Iterator[C
         yield before_step
 
 
-def _watch_monitor(every: int) -> Monitor:
+def _watch_monitor(every: int, tier: str = "full") -> Monitor:
     @contextlib.contextmanager
     def monitor(model: nn.Module, opt: torch.optim.Optimizer) -> Iterator[Callable[[], None]]:
         import gradscope
 
         # Findings go to a no-op handler: a benchmark measures the monitor, not the console.
-        with gradscope.watch(model, every=every, raise_on=(), on_finding=lambda finding: None) as scope:
+        with gradscope.watch(model, every=every, raise_on=(), on_finding=lambda finding: None, tier=tier) as scope:
             yield lambda: scope.step(opt)
 
     return monitor
@@ -136,6 +139,8 @@ MONITORS: dict[str, Monitor] = {
     "recorder": recorder_monitor,
     "watch-1": _watch_monitor(1),
     "watch-10": _watch_monitor(10),
+    "light-1": _watch_monitor(1, "light"),
+    "light-10": _watch_monitor(10, "light"),
 }
 
 

@@ -83,13 +83,15 @@ def select_modules(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     types: Sequence[type] | None = None,
+    parametrised_only: bool = False,
 ) -> list[tuple[str, nn.Module]]:
     """The modules to hook, as (qualified name, module).
 
     Default: leaf modules plus modules that own parameters directly (such as
     ``nn.MultiheadAttention``, whose ``in_proj_weight`` no leaf owns).
     ``include`` / ``exclude`` are fnmatch patterns on qualified names (the
-    model itself is called ``model``); ``types`` keeps only those classes.
+    model itself is called ``model``); ``types`` keeps only those classes;
+    ``parametrised_only`` only modules that own parameters directly.
     """
     chosen: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
@@ -105,6 +107,8 @@ def select_modules(
         if exclude and any(fnmatch.fnmatchcase(shown, pat) for pat in exclude):
             continue
         if types and not isinstance(module, tuple(types)):
+            continue
+        if parametrised_only and next(module.parameters(recurse=False), None) is None:
             continue
         chosen.append((name, module))
     return chosen
@@ -136,6 +140,7 @@ class Recorder:
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         types: Sequence[type] | None = None,
+        parametrised_only: bool = False,
         record_inputs: bool = False,
         sample: int | None = None,
         exact_parameter_extremes: bool = True,
@@ -148,7 +153,7 @@ class Recorder:
         # which checks every gradient element through its exact per-step norms).
         self.exact_parameter_extremes = exact_parameter_extremes
         self.reduce_ranks = reduce_ranks  # merge statistics across torch.distributed ranks at flush
-        self._selected = select_modules(model, include, exclude, types)
+        self._selected = select_modules(model, include, exclude, types, parametrised_only)
         self._handles: list[Any] = []
         self._active = False
         self._closed = False

@@ -541,3 +541,29 @@ def test_activation_extremes_stay_exact_while_weight_extremes_are_sampled() -> N
     assert not weight.extremes_exact and weight.extreme_samples == weight.hist_samples < weight.count
     # A sampled maximum can only fall short of the true one.
     assert weight.absmax <= float(model[0].weight.detach().abs().max())
+
+
+def test_light_tier_records_parametrised_layers_and_norms_on_sampled_steps_only() -> None:
+    model = mlp()  # Linear, Tanh, Linear
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with Scope(model, every=3, raise_on=(), diagnose=False, tier="light") as scope:
+        for step in range(7):
+            x, y = batch(step)
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            expected = float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters())))
+            scope.step(opt, loss=loss)
+            if step % 3 == 0:
+                norms = dict(scope.recent[-1].global_norms)
+                assert norms == {step: pytest.approx(expected, rel=1e-5)}  # this step's norm, no other
+            opt.step()
+    assert [s for r in scope.recent for s, _ in r.global_norms] == [0, 3, 6]
+    assert [s for r in scope.recent for s, _ in r.losses] == list(range(7))  # losses stay per step
+    assert [layer.name for layer in scope.report().record.layers] == ["0", "2"]  # no Tanh
+    assert no_hooks(model)
+
+
+def test_unknown_tier_is_refused() -> None:
+    with pytest.raises(GradscopeError, match="unknown tier 'fast'"):
+        gradscope.watch(mlp(), tier="fast")

@@ -84,6 +84,11 @@ WATCH_SAMPLE = 4096
 # every step).  Non-finite values, spikes and update ratios are still checked
 # at every flush.
 DIAGNOSE_EVERY_STEPS = 10
+# "full": every hooked layer on sampled steps, gradient norms every step.
+# "light": only layers that own parameters (Linear, Conv, Embedding, norms,
+# attention), and gradient norms on sampled steps only; for models whose steps
+# are short next to their size (README "Cost": an MLP of 8 x 1024 at batch 256).
+TIERS = ("full", "light")
 
 
 @dataclass
@@ -185,9 +190,12 @@ class Scope:
         raise_on: Sequence[str] = ("nonfinite",),
         ring: int = 8,
         diagnose: bool = True,
+        tier: str = "full",
     ) -> None:
         if int(every) < 1:
             raise GradscopeError(f"every must be a positive number of steps, not {every!r}")
+        if tier not in TIERS:
+            raise GradscopeError(f"tier: unknown tier {tier!r}; choose among {', '.join(TIERS)}")
         for name in formats:
             get_format(name)  # raises on an unknown format name
         unknown = [code for code in raise_on if code not in RAISE_CODES]
@@ -195,6 +203,7 @@ class Scope:
             raise GradscopeError(f"raise_on: unknown code {unknown[0]!r}; choose among {', '.join(RAISE_CODES)}")
         self.model = model
         self.every = int(every)
+        self.tier = tier
         self.formats = tuple(formats)
         self.on_finding = on_finding
         self.raise_on = tuple(raise_on)
@@ -210,6 +219,7 @@ class Scope:
         self._buf: torch.Tensor | None = None
         self._loss_given = [False] * self.every
         self._scale_given = [False] * self.every
+        self._norm_given = [False] * self.every
         self._pending_loss: torch.Tensor | None = None
         self._param_norms: tuple[list[str], torch.Tensor] | None = None
         self._scaler_seen = False
@@ -249,7 +259,12 @@ class Scope:
         # the extremes of activations and ∂ℓ/∂h.  Weights and weight gradients are
         # sampled whole: the exact per-step gradient norms see every NaN/inf there.
         self._recorder = Recorder(
-            model, include=include, exclude=exclude, sample=WATCH_SAMPLE, exact_parameter_extremes=False
+            model,
+            include=include,
+            exclude=exclude,
+            parametrised_only=tier == "light",
+            sample=WATCH_SAMPLE,
+            exact_parameter_extremes=False,
         )
         self._recorder.attach()
         self._recorder.start()  # step 0 is sampled
@@ -409,9 +424,11 @@ class Scope:
 
     def _observe_norms(self, step: int, scaler: Any, scaled: bool, sampled: bool) -> None:
         """Device-only work of every step: global norm, loss, scale into the ring."""
-        names = [n for n, p in self._params if p.grad is not None]
-        grads = [p.grad for _, p in self._params if p.grad is not None]
         slot = step % self.every
+        measure = sampled or self.tier == "full"
+        self._norm_given[slot] = measure
+        names = [n for n, p in self._params if p.grad is not None] if measure else []
+        grads = [p.grad for _, p in self._params if p.grad is not None] if measure else []
         if grads:
             squares = _squared_norms(grads)
             total = squares.sum().sqrt()
@@ -431,7 +448,8 @@ class Scope:
                 stacked = stacked / scale
             buf[_SCALE, slot] = scale
         self._scale_given[slot] = scale is not None
-        buf[_NORM, slot] = total
+        if measure:
+            buf[_NORM, slot] = total
         if self._pending_loss is not None:
             buf[_LOSS, slot] = self._pending_loss.to(device)
         self._loss_given[slot] = self._pending_loss is not None
@@ -567,8 +585,6 @@ class Scope:
             slot = t % self.every
             if ring is None:
                 break
-            norm = float(ring[_NORM, slot])
-            global_norms.append((t, norm))
             if self._scale_given[slot]:
                 scale = float(ring[_SCALE, slot])
                 if self._last_scale is not None and scale < self._last_scale:
@@ -580,6 +596,10 @@ class Scope:
                 self._loss_last = loss
                 if not math.isfinite(loss) and first_bad_loss is None:
                     first_bad_loss = t
+            if not self._norm_given[slot]:
+                continue  # tier "light": gradient norms on sampled steps only
+            norm = float(ring[_NORM, slot])
+            global_norms.append((t, norm))
             if not math.isfinite(norm) and first_bad_norm is None:
                 first_bad_norm = t
             self._history.add(norm)
@@ -916,6 +936,7 @@ def watch(
     exclude: Sequence[str] | None = None,
     on_finding: Callable[[Finding], Any] | None = None,
     raise_on: Sequence[str] = ("nonfinite",),
+    tier: str = "full",
 ) -> Scope:
     """Watch a training run; returns a Scope (also a context manager).
 
@@ -923,7 +944,8 @@ def watch(
         model: the model being trained.  Its numbers are never changed.
         every: sample (record per-layer statistics and flush) every N optimizer
             steps; the global gradient norm, the loss and the loss scale are
-            tracked every step regardless.
+            tracked every step regardless (the norm on sampled steps only
+            with ``tier="light"``).
         log_dir: write TensorBoard dashboards there (rank 0 only).
         formats: low-precision formats to check ranges against.
         include, exclude: fnmatch patterns on module names (see ``Recorder``).
@@ -931,6 +953,11 @@ def watch(
             are also logged on the ``gradscope`` logger.
         raise_on: finding codes that stop training with a ``GradscopeError``;
             by default the first non-finite value.
+        tier: "full" (default), or "light": only layers that own parameters,
+            and gradient norms (spikes, clip advice) on sampled steps only.
+            Light costs about half as much where steps are short for the
+            model's size (README "Cost"); it cannot see dead or saturated
+            units of parameter-free activations, nor a spike between samples.
 
     Example:
         >>> import torch
@@ -955,4 +982,5 @@ def watch(
         exclude=exclude,
         on_finding=on_finding,
         raise_on=raise_on,
+        tier=tier,
     )
