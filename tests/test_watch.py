@@ -561,6 +561,7 @@ def test_light_tier_records_parametrised_layers_and_norms_on_sampled_steps_only(
     assert [s for r in scope.recent for s, _ in r.global_norms] == [0, 3, 6]
     assert [s for r in scope.recent for s, _ in r.losses] == list(range(7))  # losses stay per step
     assert [layer.name for layer in scope.report().record.layers] == ["0", "2"]  # no Tanh
+    assert scope.report().analysis["training"]["tier"] == "light"
     assert no_hooks(model)
 
 

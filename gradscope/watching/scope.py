@@ -13,10 +13,19 @@ hooks then return at once and do nothing measurable).
 Every step, on the device, with no host sync: the global gradient norm (one
 norm per parameter, then the norm of those norms) into a ring of ``every``
 slots, the loss if given, the GradScaler's scale if given.  On a sampled step,
-additionally: per-layer statistics of activations, ∂ℓ/∂h, weights and weight
-gradients (the Recorder), per-parameter gradient norms, and a snapshot of the
-layer weights for the update ratio ‖Δw‖/‖w‖ (resolved by an optimizer
-post-step hook, else at the next ``step()``).  At the sampled step's
+additionally: per-layer statistics of activations and ∂ℓ/∂h (the Recorder),
+per-parameter gradient norms, and a snapshot of a sample of the layer weights
+for the update ratio ‖Δw‖/‖w‖ (resolved by an optimizer post-step hook, else
+at the next ``step()``).  Statistics of weights and weight gradients, which
+only the layer diagnosis reads, come with it: on sampled steps at least
+DIAGNOSE_EVERY_STEPS apart, or at once when a step saw a NaN/Inf.
+
+Cost (README "Cost", ``benchmarks/overhead.py``): inside a hook each eager op
+is several times slower than in a loop (the model's kernels have just evicted
+the caches), so hooks only take each tensor's extremes and a fixed-size
+sample copy (``stats.take_sample``); sums and histograms run at the flush.
+``tier="light"`` hooks only layers that own parameters and measures gradient
+norms on sampled steps only.  At the sampled step's
 ``step()`` call everything moves to the host in one flush, the rules run, and
 alerts fire; so a problem on a non-sampled step is seen at the next flush (with
 ``every=1``, at the same step).
@@ -174,7 +183,7 @@ class Scope:
     ``with`` block).  Beyond ``watch``'s arguments: ``ring`` is how many recent
     flushes ``scope.recent`` keeps (each a ``FlushResult``); ``diagnose=False``
     runs only the training rules (no ``gradscope.diagnose`` per flush).
-    ``raise_on`` takes codes among RAISE_CODES.
+    ``raise_on`` takes codes among RAISE_CODES; ``tier`` one of TIERS.
     """
 
     def __init__(
@@ -834,6 +843,7 @@ class Scope:
         return {
             "steps": self._step,
             "every": self.every,
+            "tier": self.tier,
             "flushes": self._flushes,
             "sampled_steps": self._aggregate.record.steps,
             "global_grad_norm_last": self._global_last,
@@ -902,6 +912,7 @@ class Scope:
                 "mode": "watch",
                 "steps": self._step,
                 "every": self.every,
+                "tier": self.tier,
                 "formats": list(self.formats),
                 "gradients": "unscaled (divided by the GradScaler scale)" if self._scaler_seen else "as computed",
                 "gradient_accumulation": "statistics per optimizer step, micro-batches merged",
