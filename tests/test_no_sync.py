@@ -84,7 +84,11 @@ def test_recorder_hooks_never_sync(monkeypatch: pytest.MonkeyPatch, sample: int 
     assert linear.gradient is not None and linear.weight_grad is not None
 
 
-def test_watch_never_syncs_on_non_flush_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("tier", ["full", "light"])
+def test_watch_never_syncs_on_non_flush_steps(monkeypatch: pytest.MonkeyPatch, tier: str) -> None:
+    """Forward, backward (where every hook runs, sampled step or not) and the
+    optimizer step (the update-ratio hook) never sync; ``scope.step`` syncs
+    only when it flushes, on sampled steps."""
     gradscope = pytest.importorskip("gradscope")
     watch = getattr(gradscope, "watch", None)
     if watch is None:
@@ -93,15 +97,16 @@ def test_watch_never_syncs_on_non_flush_steps(monkeypatch: pytest.MonkeyPatch) -
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
     every = 4
-    with watch(model, every=every, raise_on=()) as scope:
+    with watch(model, every=every, raise_on=(), tier=tier) as scope:
         for step in range(3 * every):
             opt.zero_grad()
-            flush_step = (step + 1) % every == 0 or step % every == 0
-            guard = contextlib.nullcontext() if flush_step else host_sync_forbidden(monkeypatch)
-            with guard:
+            with host_sync_forbidden(monkeypatch):
                 loss = nn.functional.cross_entropy(model(x), y)
                 loss.backward()
+            flush_step = step % every == 0
+            with contextlib.nullcontext() if flush_step else host_sync_forbidden(monkeypatch):
                 scope.step(opt)
-            opt.step()
+            with host_sync_forbidden(monkeypatch):
+                opt.step()  # runs the update-ratio post-step hook
     report = scope.report()
     assert report.record.layers, "watch recorded nothing"
