@@ -93,22 +93,41 @@ def _worker(rank: int, port: int, out_dir: str, mode: str) -> None:
                 rec.start()
                 model(torch.randn(3, 4)).sum().backward()
                 record = rec.finish()
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record.to_dict()))
+        # Written whole, then renamed: the parent reads only complete results.
+        partial = Path(out_dir, f"rank{rank}.json.partial")
+        partial.write_text(json.dumps(record.to_dict()))
+        partial.rename(Path(out_dir, f"rank{rank}.json"))
     finally:
         dist.destroy_process_group()
 
 
-def _run(mode: str, tmp_path: Path) -> dict[int, dict]:
-    context = mp.start_processes(
-        _worker, args=(_free_port(), str(tmp_path), mode), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                p.kill()
-            pytest.fail("the ranks did not finish within 120 s: a flush deadlocked")
-    return {r: json.loads(Path(tmp_path, f"rank{r}.json").read_text()) for r in range(WORLD)}
+def _run(mode: str, tmp_path: Path, attempts: int = 2) -> dict[int, dict]:
+    results = [Path(tmp_path, f"rank{r}.json") for r in range(WORLD)]
+    for attempt in range(attempts):
+        for path in results:
+            path.unlink(missing_ok=True)
+        context = mp.start_processes(
+            _worker, args=(_free_port(), str(tmp_path), mode), nprocs=WORLD, join=False, start_method="spawn"
+        )
+        deadline = time.monotonic() + 120
+        try:
+            while not context.join(timeout=1):
+                if time.monotonic() > deadline:
+                    for p in context.processes:
+                        p.kill()
+                    pytest.fail("the ranks did not finish within 120 s: a flush deadlocked")
+            break
+        except mp.ProcessExitedException:
+            # gloo sometimes aborts a rank on this loaded 2-core machine
+            # ("terminate called without an active exception", SIGABRT; about
+            # once in ten full-suite runs, never alone).  Results every rank
+            # wrote whole are still its results; otherwise try once more on a
+            # fresh port (a real bug fails both times).
+            if all(path.exists() for path in results):
+                break
+            if attempt == attempts - 1:
+                raise
+    return {r: json.loads(path.read_text()) for r, path in enumerate(results)}
 
 
 def _single_process_record() -> dict:
