@@ -346,30 +346,29 @@ class Recorder:
         Call after backward (and, in training, before ``optimizer.step()``),
         when ``.grad`` holds the gradient the optimizer is about to use.
         """
-        exact = self.exact_parameter_extremes
-        for key, param in self._weights.items():
-            # Not in a hook: computed whole at once (warm caches, nothing to defer).
-            if weights:
-                self._pending.append((key, "weight", raw_stats(param, self.sample, exact)))
-            if grads and param.grad is not None:
-                self._pending.append((key, "weight_grad", raw_stats(param.grad, self.sample, exact)))
+        self._pending.extend(self._parameter_raws(weights, grads))
 
     def parameter_stats(self) -> dict[str, dict[str, Stats]]:
         """Weight and weight-gradient statistics of each recorded layer, now, on the
         host, outside the pending queue and without any collective (weights are
         the same on every DDP rank): for a caller that needs them off-schedule."""
-        exact = self.exact_parameter_extremes
-        keys: list[tuple[str, str]] = []
-        raws: list[RawStats] = []
-        for key, param in self._weights.items():
-            keys.append((key, "weight"))
-            raws.append(raw_stats(param, self.sample, exact))
-            if param.grad is not None:
-                keys.append((key, "weight_grad"))
-                raws.append(raw_stats(param.grad, self.sample, exact))
+        entries = self._parameter_raws(weights=True, grads=True)
+        keys = [(key, role) for key, role, _ in entries]
         out: dict[str, dict[str, Stats]] = {}
-        for (key, role), row in _to_host(_finalize_and_merge(keys, raws)).items():
+        for (key, role), row in _to_host(_finalize_and_merge(keys, [raw for _, _, raw in entries])).items():
             out.setdefault(key, {})[role] = Stats(row)
+        return out
+
+    def _parameter_raws(self, weights: bool, grads: bool) -> list[tuple[str, str, RawStats]]:
+        """(site, role, statistics) of each recorded weight and its gradient; not in
+        a hook, so computed whole at once (warm caches, nothing to defer)."""
+        exact = self.exact_parameter_extremes
+        out: list[tuple[str, str, RawStats]] = []
+        for key, param in self._weights.items():
+            if weights:
+                out.append((key, "weight", raw_stats(param, self.sample, exact)))
+            if grads and param.grad is not None:
+                out.append((key, "weight_grad", raw_stats(param.grad, self.sample, exact)))
         return out
 
     def _take(self, tensor: torch.Tensor) -> RawStats | Sample:

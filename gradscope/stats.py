@@ -112,7 +112,7 @@ def sample_stride(n: int, sample: int) -> int:
 F64_EXPONENT_BIAS = 1023
 F64_BINS = 2048
 F64_NONFINITE_BIN = F64_BINS - 1
-# Devices without float64 (MPS) histogram fp32 bits of |x| * 2^23 (see _mps_raw_stats).
+# Devices without float64 (MPS) histogram fp32 bits of |x| * 2^23 (see reduce_sample).
 _FP32_SUBNORMAL_LIFT = float(2**23)
 
 

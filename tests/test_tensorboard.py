@@ -20,14 +20,6 @@ from gradscope.watching import Scope
 GOLDEN = Path(__file__).parent / "golden" / "tensorboard_tags.txt"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def watched_run(logdir: Path, steps: int = 12) -> Scope:
     """A deterministic run: a tiny lr so an update-ratio alert fires at step 10."""
     torch.manual_seed(0)

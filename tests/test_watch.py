@@ -19,16 +19,6 @@ from gradscope.watching.scaling import divide_stats
 from gradscope.watching.scope import DIAGNOSE_EVERY_STEPS
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # A 2-core machine shared with other test runs: OpenMP's spinning threads make
-    # tiny models 50x slower under load.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))

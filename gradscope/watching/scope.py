@@ -160,9 +160,8 @@ def _weight_sample(weight: torch.Tensor) -> torch.Tensor:
     if not weight.is_contiguous() or n <= 2 * UPDATE_RATIO_SAMPLE:
         return weight
     blocks = UPDATE_RATIO_SAMPLE // _UPDATE_RATIO_BLOCK
-    step = sample_stride(n - _UPDATE_RATIO_BLOCK, blocks)  # prime >= (n - block) // blocks
-    while (blocks - 1) * step + _UPDATE_RATIO_BLOCK > n:  # pragma: no cover - the prime overshot
-        step -= 1
+    # A prime >= (n - block) // blocks, capped so that the last block still fits.
+    step = min(sample_stride(n - _UPDATE_RATIO_BLOCK, blocks), (n - _UPDATE_RATIO_BLOCK) // (blocks - 1))
     flat = weight.view(-1)
     return flat.as_strided((blocks, _UPDATE_RATIO_BLOCK), (step, 1), flat.storage_offset())
 
@@ -758,7 +757,7 @@ class Scope:
             if located is None:
                 # Parameter statistics are sampled, their norms exact: a NaN norm is
                 # a NaN element the sample missed (bias gradients have no statistics).
-                located = self._nan_parameter(record, step, param_grad_norms, weight_dtypes)
+                located = self._nan_parameter(record, step, param_grad_norms)
             # Otherwise an infinite norm with finite gradients is float32 overflow of
             # the sum of squares (norms above ~1.8e19, as clip_grad_norm_ would
             # compute too): a spike, not a NaN yet.
@@ -784,10 +783,9 @@ class Scope:
             located = unsampled
         return located
 
-    def _nan_parameter(
-        self, record: Record, step: int, norms: dict[str, float], weight_dtypes: dict[str, str]
-    ) -> dict[str, Any] | None:
-        """The first parameter (in forward order) whose exact gradient norm is NaN."""
+    def _nan_parameter(self, record: Record, step: int, norms: dict[str, float]) -> dict[str, Any] | None:
+        """The first parameter (in forward order) whose exact gradient norm is NaN
+        (the norms are of ``self._params``, so each name is found there)."""
         nan_params = [name for name, value in norms.items() if math.isnan(value)]
         if not nan_params:
             return None
@@ -796,21 +794,21 @@ class Scope:
         owners.sort(key=lambda item: item[1].index if item[1] is not None else len(order))
         name, layer = owners[0]
         received = layer is not None and layer.gradient is not None and layer.gradient.nonfinite_count > 0
-        param = dict(self._params).get(name)
+        param = dict(self._params)[name]
         return {
             "step": step,
             "layer": layer.name if layer is not None else None,
             "type": layer.type if layer is not None else None,
             "role": "weight_grad",
             "parameter": name,
-            "dtype": str(param.dtype).removeprefix("torch.") if param is not None else weight_dtypes.get(name),
+            "dtype": str(param.dtype).removeprefix("torch."),
             "origin": "received" if received else "produced",
             "source": (f"∂ℓ/∂h of {layer.name}" if received and layer is not None else f"the gradient of {name}")
             + " (found by its exact gradient norm; the sampled statistics missed the element)",
             "nonfinite_count": None,
             "has_nan": True,
             "has_inf": None,
-            "count": param.numel() if param is not None else None,
+            "count": param.numel(),
         }
 
     def _diagnose(self, record: Record) -> list[Finding]:
