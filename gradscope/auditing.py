@@ -9,7 +9,7 @@ parameter's ``.grad``, the global grad mode and the global RNG state.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -146,6 +146,7 @@ def audit(
     diagnose: bool = True,
     source: str | None = None,
     model_format: str = "module",
+    sequence_modules: Mapping[str, int] | None = None,
 ) -> Report:
     """Record one or more forward+backward passes of ``model`` and diagnose them.
 
@@ -165,6 +166,9 @@ def audit(
         formats: low-precision formats whose range findings to report, among
             fp16, bf16, fp8_e4m3, fp8_e5m2.
         mode: "train" (default: dropout on, BatchNorm on batch statistics) or "eval".
+        sequence_modules: ``{"module name": time_dim}`` for modules whose output is a
+            sequence (besides nn.RNN/LSTM/GRU, found by themselves): their gradient is
+            measured along time (``exploding-/vanishing-through-time``).
 
     Returns:
         A Report; ``report.to_dict()`` is JSON schema 1.
@@ -202,7 +206,14 @@ def audit(
         # Exact statistics up to 2 * AUDIT_SAMPLE elements per tensor; larger
         # ones (a 224x224 ResNet's early activations) through a 1M-element
         # sample: fractions within 0.0005, the std within 0.07% (see stats).
-        with Recorder(model, include=include, exclude=exclude, record_inputs=True, sample=AUDIT_SAMPLE) as recorder:
+        with Recorder(
+            model,
+            include=include,
+            exclude=exclude,
+            record_inputs=True,
+            sample=AUDIT_SAMPLE,
+            sequence_modules=sequence_modules,
+        ) as recorder:
             for _ in range(batches):
                 batch = inputs if spec is None else synthetic_input(spec, generator, device)
                 loss_description = _one_pass(model, recorder, batch, loss, generator)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gradscope.stats import Stats
+from gradscope.timeprofile import TimeProfile
 
 ROLES = ("input", "activation", "gradient", "weight", "weight_grad")
 
@@ -34,6 +35,8 @@ class LayerRecord:
     parameters: int = 0  # parameters owned directly by the module
     shares_weights_with: str | None = None  # first call site of the same module
     stats: dict[str, Stats] = field(default_factory=dict)  # role -> merged statistics
+    # sequence layers: role ("gradient", "input_gradient") -> RMS per time step (gradscope.sequence)
+    time: dict[str, TimeProfile] = field(default_factory=dict)
 
     def get(self, role: str) -> Stats | None:
         return self.stats.get(role)
@@ -62,6 +65,10 @@ class LayerRecord:
         previous = self.stats.get(role)
         self.stats[role] = stats if previous is None else previous.merge(stats)
 
+    def add_time(self, role: str, profile: TimeProfile) -> None:
+        previous = self.time.get(role)
+        self.time[role] = profile if previous is None else previous.merge(profile)
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "name": self.name,
@@ -84,6 +91,8 @@ class LayerRecord:
             parameters=self.parameters,
             shares_weights_with=self.shares_weights_with,
         )
+        if self.time:  # only sequence layers carry it
+            out["time"] = {role: profile.to_dict() for role, profile in self.time.items()}
         return out
 
     @classmethod
@@ -107,6 +116,8 @@ class LayerRecord:
         for role in ROLES:
             if data.get(role) is not None:
                 layer.stats[role] = Stats.from_dict(data[role])
+        for role, profile in (data.get("time") or {}).items():
+            layer.time[role] = TimeProfile.from_dict(profile)
         return layer
 
 

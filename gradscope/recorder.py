@@ -14,7 +14,7 @@ gradient; the tensor hooks live on the autograd graph and die with it.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -23,6 +23,7 @@ from torch import nn
 from gradscope.distributed import REDUCED_ROLES, is_distributed, merge_across_ranks, world_size
 from gradscope.outputs import first_float_tensor
 from gradscope.record import LayerRecord, Record
+from gradscope.sequence import SequenceTaps
 from gradscope.stats import SIZE, RawStats, Sample, Stats, finalize, merge_stats, raw_stats, reduce_sample, take_sample
 
 ROOT_NAME = "model"  # the name given to the model itself when it is a leaf
@@ -145,6 +146,7 @@ class Recorder:
         sample: int | None = None,
         exact_parameter_extremes: bool = True,
         reduce_ranks: bool = True,
+        sequence_modules: Mapping[str, int] | None = None,
     ) -> None:
         self.model = model
         self.record_inputs = record_inputs
@@ -154,6 +156,11 @@ class Recorder:
         self.exact_parameter_extremes = exact_parameter_extremes
         self.reduce_ranks = reduce_ranks  # merge statistics across torch.distributed ranks at flush
         self._selected = select_modules(model, include, exclude, types, parametrised_only)
+        # RNN/LSTM/GRU and marked modules: gradient RMS per time step (gradscope.sequence)
+        self._sequences = SequenceTaps(
+            model, self._selected, sequence_modules, lambda: self._closed, lambda text: self.record.note(text)
+        )
+        self._selected += self._sequences.extra
         self._handles: list[Any] = []
         self._active = False
         self._closed = False
@@ -183,6 +190,8 @@ class Recorder:
             self._handles.append(root)
             for name, module in self._selected:
                 self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+                if name in self._sequences.names:
+                    self._handles.append(module.register_forward_pre_hook(self._sequences.pre_hook(name, self._taps)))
         except BaseException:
             self.close()
             raise
@@ -232,6 +241,10 @@ class Recorder:
         if found is not None:
             self._input_pending.append(self._take(found[0]))
 
+    def _taps(self) -> bool:
+        """Whether a forward starting now is recorded (not a recomputation in backward)."""
+        return self._active and not self._closed and not _in_backward()
+
     def _forward_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             # Not recording and no recorded forward to recompute: nothing to do
@@ -268,6 +281,8 @@ class Recorder:
         if tensor.requires_grad and torch.is_grad_enabled():
             tensor.register_hook(self._gradient_hook(key))
             self._grad_hooked.add(key)
+        if name in self._sequences.names:
+            self._sequences.on_forward(key, name, module, args, tensor)
 
     def _gradient_hook(self, key: str) -> Any:
         """The tensor hook of one call site (built once, reused every step)."""
@@ -402,6 +417,9 @@ class Recorder:
         inputs, self._input_pending = self._input_pending, []
         keys: list[tuple[str, str]] = [(key, role) for key, role, _ in pending]
         keys += [("", "model_input")] * len(inputs)
+        for key, role, profile in self._sequences.flush():  # per rank: not merged across ranks
+            if key in self._sites:
+                self._sites[key].add_time(role, profile)
         reduce = self.reduce_ranks and is_distributed()
         if not keys and not reduce:
             return

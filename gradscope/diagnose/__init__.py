@@ -66,6 +66,7 @@ def diagnose_record(
     from gradscope.diagnose.layers import Context
     from gradscope.diagnose.nonfinite import rule_nonfinite
     from gradscope.diagnose.precision import rule_precision
+    from gradscope.diagnose.recurrent import rule_through_time
     from gradscope.diagnose.units import rule_dead_units, rule_saturated_units
     from gradscope.formats import FORMAT_NAMES, format_for_dtype
 
@@ -89,6 +90,7 @@ def diagnose_record(
         rule_precision,
         rule_dead_units,
         rule_saturated_units,
+        rule_through_time,
         rule_poor_init,
     ):
         found = rule(ctx)

@@ -33,7 +33,9 @@ class RunningRecord:
         appended: list[torch.Tensor] = []
         for layer in flush.layers:
             if layer.name not in self._layers:
-                self._layers[layer.name] = dataclasses.replace(layer, stats={})
+                self._layers[layer.name] = dataclasses.replace(layer, stats={}, time={})
+            for role, profile in layer.time.items():  # sequence layers: a few numbers per time bin
+                self._layers[layer.name].add_time(role, profile)
             for role, stats in layer.stats.items():
                 row = self._index.get((layer.name, role))
                 if row is None:

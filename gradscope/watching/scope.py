@@ -52,7 +52,7 @@ import dataclasses
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,6 +199,7 @@ class Scope:
         ring: int = 8,
         diagnose: bool = True,
         tier: str = "full",
+        sequence_modules: Mapping[str, int] | None = None,
     ) -> None:
         if int(every) < 1:
             raise GradscopeError(f"every must be a positive number of steps, not {every!r}")
@@ -273,6 +274,7 @@ class Scope:
             parametrised_only=tier == "light",
             sample=WATCH_SAMPLE,
             exact_parameter_extremes=False,
+            sequence_modules=sequence_modules,
         )
         self._recorder.attach()
         self._recorder.start()  # step 0 is sampled
@@ -531,6 +533,7 @@ class Scope:
         recorder = self._recorder
         for layer in recorder.record.layers:
             layer.stats = {}
+            layer.time = {}
         recorder.record.input = None
         recorder.flush()
         layers = [
@@ -946,6 +949,7 @@ def watch(
     on_finding: Callable[[Finding], Any] | None = None,
     raise_on: Sequence[str] = ("nonfinite",),
     tier: str = "full",
+    sequence_modules: Mapping[str, int] | None = None,
 ) -> Scope:
     """Watch a training run; returns a Scope (also a context manager).
 
@@ -967,6 +971,9 @@ def watch(
             Light costs about half as much where steps are short for the
             model's size (README "Cost"); it cannot see dead or saturated
             units of parameter-free activations, nor a spike between samples.
+        sequence_modules: ``{"module name": time_dim}`` for modules whose output is
+            a sequence (nn.RNN/LSTM/GRU are found by themselves): gradients are
+            also measured along time on sampled steps.
 
     Example:
         >>> import torch
@@ -992,4 +999,5 @@ def watch(
         on_finding=on_finding,
         raise_on=raise_on,
         tier=tier,
+        sequence_modules=sequence_modules,
     )

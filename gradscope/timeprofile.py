@@ -1,0 +1,158 @@
+"""Gradient magnitude along a sequence's time axis: one small vector per call.
+
+Backprop through time multiplies one Jacobian per step, ``∂ℓ/∂h_t =
+∂ℓ/∂h_T · Π_{s=t+1..T} ∂h_s/∂h_{s-1}`` (Bengio et al. 1994; Pascanu et al.
+2013, eq. 3-5), so the RMS of the gradient at step ``t`` changes geometrically
+with the distance to the loss when the recurrence explodes or vanishes.
+
+On the device, per recorded tensor: the sum of squares of each time step
+(``vector_norm`` over every other axis, no full-size temporary), folded into
+at most ``TIME_BINS`` bins of consecutive steps.  The vector has a fixed size
+whatever the sequence length; the element count of each bin is known from the
+shape on the host, so nothing is read back until the recorder's flush.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch is imported where tensors are handled: a report read from JSON needs none
+    import torch
+
+# Enough bins to fit a growth rate along time (a least-squares slope over up to
+# 64 points), few enough that the vector stays smaller than one statistics row.
+TIME_BINS = 64
+
+_BIN_INDEX: dict[tuple[int, str], torch.Tensor] = {}  # (steps, device) -> bin of each step
+
+
+def _bin_index(steps: int, device: torch.device) -> torch.Tensor:
+    """Bin of each time step: ``t * bins // steps`` (consecutive steps, nearly equal bins)."""
+    import torch
+
+    key = (steps, str(device))
+    index = _BIN_INDEX.get(key)
+    if index is None:
+        bins = min(steps, TIME_BINS)
+        index = _BIN_INDEX[key] = (torch.arange(steps, device=device) * bins) // steps
+    return index
+
+
+def bins_for(steps: int) -> int:
+    return min(steps, TIME_BINS)
+
+
+def time_sums(tensor: torch.Tensor, time_dim: int) -> torch.Tensor:
+    """Per-bin sums of squares of ``tensor`` along ``time_dim``, as a float32 vector
+    of TIME_BINS entries (bins past ``min(steps, TIME_BINS)`` stay 0).  Device work only."""
+    import torch
+
+    steps = int(tensor.shape[time_dim])
+    dims = [d for d in range(tensor.dim()) if d != time_dim]
+    with torch.no_grad():
+        if dims:
+            per_step = torch.linalg.vector_norm(tensor.detach(), dim=dims, dtype=torch.float32).square()
+        else:
+            per_step = tensor.detach().float().square()
+        out = torch.zeros(TIME_BINS, dtype=torch.float32, device=tensor.device)
+        return out.index_add_(0, _bin_index(steps, tensor.device), per_step)
+
+
+@dataclass
+class TimeProfile:
+    """Host side: how the RMS of one role's gradient varies along time, merged over calls."""
+
+    steps: int  # sequence length of the calls merged here
+    time_dim: int
+    sumsq: list[float]  # per bin
+    counts: list[float]  # elements per bin
+    calls: int = 1
+    other_lengths: int = 0  # calls with another sequence length, left out
+
+    @classmethod
+    def from_sums(cls, sums: torch.Tensor, shape: list[int], time_dim: int) -> TimeProfile:
+        steps = int(shape[time_dim])
+        bins = bins_for(steps)
+        per_step = math.prod(shape) // steps if steps else 0
+        counts = [0.0] * bins
+        for t in range(steps):
+            counts[t * bins // steps] += per_step
+        return cls(steps=steps, time_dim=time_dim, sumsq=[float(v) for v in sums[:bins]], counts=counts)
+
+    def merge(self, other: TimeProfile) -> TimeProfile:
+        """Sum profiles of the same length; a call of another length is counted, not mixed in."""
+        if other.steps != self.steps:
+            return TimeProfile(
+                self.steps, self.time_dim, self.sumsq, self.counts, self.calls, self.other_lengths + other.calls
+            )
+        return TimeProfile(
+            self.steps,
+            self.time_dim,
+            [a + b for a, b in zip(self.sumsq, other.sumsq, strict=True)],
+            [a + b for a, b in zip(self.counts, other.counts, strict=True)],
+            self.calls + other.calls,
+            self.other_lengths + other.other_lengths,
+        )
+
+    def centers(self) -> list[float]:
+        """Mean time step of each bin."""
+        bins = len(self.sumsq)
+        totals = [0.0] * bins
+        sizes = [0] * bins
+        for t in range(self.steps):
+            b = t * bins // self.steps
+            totals[b] += t
+            sizes[b] += 1
+        return [totals[b] / sizes[b] if sizes[b] else math.nan for b in range(bins)]
+
+    def rms(self) -> list[float]:
+        return [
+            math.sqrt(s / c) if c > 0 and math.isfinite(s) else math.nan
+            for s, c in zip(self.sumsq, self.counts, strict=True)
+        ]
+
+    def backward_factor(self) -> float | None:
+        """The factor by which the gradient's RMS grows per step going back in time:
+        ``exp(-slope)`` of a least-squares line through ``log RMS`` against the step.
+
+        > 1: earlier steps get larger gradients than later ones (exploding through
+        time); < 1: smaller (vanishing).  None with fewer than 3 usable bins.
+        """
+        points = [
+            (t, math.log(r))
+            for t, r in zip(self.centers(), self.rms(), strict=True)
+            if math.isfinite(r) and r > 0 and math.isfinite(t)
+        ]
+        if len(points) < 3:
+            return None
+        n = len(points)
+        mean_t = sum(t for t, _ in points) / n
+        mean_y = sum(y for _, y in points) / n
+        var_t = sum((t - mean_t) ** 2 for t, _ in points)
+        if var_t == 0:
+            return None
+        slope = sum((t - mean_t) * (y - mean_y) for t, y in points) / var_t
+        return math.exp(-slope)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "time_dim": self.time_dim,
+            "sumsq": list(self.sumsq),
+            "counts": list(self.counts),
+            "calls": self.calls,
+            "other_lengths": self.other_lengths,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TimeProfile:
+        return cls(
+            steps=int(data["steps"]),
+            time_dim=int(data.get("time_dim", 0)),
+            sumsq=[float(v) for v in data["sumsq"]],
+            counts=[float(v) for v in data["counts"]],
+            calls=int(data.get("calls", 1)),
+            other_lengths=int(data.get("other_lengths", 0)),
+        )
