@@ -4,10 +4,8 @@
   (rule and thresholds in ``gradscope.watching.norms``), with AutoClip's clip
   threshold (Seetharaman et al. 2020: the 10th percentile of all past norms)
   and the median of past norms as the gentler alternative.
-* ``update-ratio``: ‖Δw‖/‖w‖ of a layer far from ~1e-3 for a long time.  The
-  1e-3 rule of thumb is from Karpathy's CS231n notes ("Neural Networks Part 3:
-  ratio of weights:updates"); we flag a decade either side, for at least
-  ``UPDATE_RATIO_PATIENCE`` consecutive sampled steps.
+* ``update-ratio`` and ``learning-rate-too-high``: in ``gradscope.learning_rate``
+  (one update-ratio finding per run, judged per optimizer family).
 * ``nonfinite``: the first NaN/Inf of the run (activation, ∂ℓ/∂h, weight
   gradient, weight or loss), where it was produced or received.
 * ``fp16-overflow`` with a GradScaler: too many steps skipped by the scaler.
@@ -24,95 +22,10 @@ from typing import Any
 from gradscope.report import Finding, Fix, Severity
 from gradscope.watching.norms import AUTOCLIP_PERCENTILE, PERCENTILE_RELATIVE_ERROR, NormHistogram, Spike
 
-UPDATE_RATIO_TARGET = 1e-3
-UPDATE_RATIO_LOW = 1e-4
-UPDATE_RATIO_HIGH = 1e-2
-UPDATE_RATIO_PATIENCE = 10  # consecutive sampled steps outside the band before it alerts
 # GradScaler halves its scale and skips the step on overflow, and doubles it after
 # 2000 clean steps, so a healthy run skips about 1 step in 2000 (0.05 %).  Skipping
 # more than 1 % of steps means the scale keeps hitting the fp16 ceiling.
 SKIPPED_STEPS_WARNING = 0.01
-
-
-@dataclass
-class UpdateRatioLayer:
-    """Running summary of one layer's update ratios (bounded: a few numbers)."""
-
-    samples: int = 0
-    outside: int = 0
-    run: int = 0  # consecutive samples outside the band, up to now
-    run_start: int | None = None
-    longest_run: int = 0
-    log_sum: float = 0.0  # sum of log10(ratio) over the non-zero samples
-    nonzero: int = 0
-    last: float = math.nan
-    first_outside_step: int | None = None
-
-    def add(self, step: int, ratio: float) -> bool:
-        """Add one sample; True when the layer has been outside the band for long."""
-        self.last = ratio
-        if not math.isfinite(ratio) or ratio == 0.0:
-            return False  # no update (a skipped step, lr 0) or a non-finite weight: other rules
-        self.samples += 1
-        self.nonzero += 1
-        self.log_sum += math.log10(ratio)
-        if UPDATE_RATIO_LOW <= ratio <= UPDATE_RATIO_HIGH:
-            self.run, self.run_start = 0, None
-            return False
-        self.outside += 1
-        if self.first_outside_step is None:
-            self.first_outside_step = step
-        if self.run == 0:
-            self.run_start = step
-        self.run += 1
-        self.longest_run = max(self.longest_run, self.run)
-        return self.run >= UPDATE_RATIO_PATIENCE
-
-    @property
-    def geometric_mean(self) -> float:
-        return 10 ** (self.log_sum / self.nonzero) if self.nonzero else math.nan
-
-
-def update_ratio_finding(layer: str, summary: UpdateRatioLayer, *, final: bool) -> Finding | None:
-    """The ``update-ratio`` finding of one layer, or None.
-
-    During the run (``final=False``) it fires while the current run of samples
-    outside the band is at least UPDATE_RATIO_PATIENCE long; at the end it fires
-    when the layer spent most of the run outside the band.
-    """
-    if final:
-        if summary.samples < UPDATE_RATIO_PATIENCE or summary.outside * 2 <= summary.samples:
-            return None
-    elif summary.run < UPDATE_RATIO_PATIENCE:
-        return None
-    typical = summary.geometric_mean if final else summary.last
-    too = "large" if typical > UPDATE_RATIO_HIGH else "small"
-    factor = UPDATE_RATIO_TARGET / typical if typical > 0 else math.nan
-    return Finding(
-        code="update-ratio",
-        severity=Severity.WARNING,
-        layers=[layer],
-        message=(
-            f"{layer}: each step changes the weights by {typical:.2g} of their norm (‖Δw‖/‖w‖), too {too}; "
-            f"about 1e-3 is healthy"
-        ),
-        evidence={
-            "update_ratio": typical,
-            "last_update_ratio": summary.last,
-            "samples": summary.samples,
-            "samples_outside_band": summary.outside,
-            "longest_run_outside": summary.longest_run,
-            "band": [UPDATE_RATIO_LOW, UPDATE_RATIO_HIGH],
-            "target": UPDATE_RATIO_TARGET,
-            "first_outside_step": summary.first_outside_step,
-        },
-        fix=Fix(
-            f"scale this layer's learning rate by about {factor:.2g} (the update is proportional to it)",
-            "# a parameter group for this layer:\n"
-            f"optimizer = torch.optim.AdamW([{{'params': model.get_submodule('{layer}').parameters(), "
-            f"'lr': base_lr * {factor:.2g}}}, ...])",
-        ),
-    )
 
 
 def clip_advice(history: NormHistogram) -> dict[str, Any] | None:

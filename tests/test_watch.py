@@ -136,10 +136,12 @@ def test_update_ratio_finding_when_far_from_1e_3_for_long() -> None:
     finding = next(f for f in scope.report().findings if f.code == "update-ratio")
     assert finding.layers == ["0"]
     assert finding.evidence["update_ratio"] < 1e-4
-    # the ratio of step k is resolved at step k+1, so step 0's arrives with step 1; the 10th
-    # consecutive sample outside the band (steps 0..9) is seen at the flush of step 10
+    # the ratio of step k is resolved at step k+1, so step 0's arrives with step 1; "too small"
+    # needs 10 samples (steps 0..9, judged at step 9), seen at the flush of step 10
     assert finding.evidence["first_step"] == 10
-    assert finding.evidence["first_outside_step"] == 0
+    assert finding.evidence["first_outside_step"] == 9
+    assert finding.evidence["optimizer"] == "torch.optim.SGD"
+    assert "torch.optim.SGD(model.parameters(), lr=" in finding.fix.code
 
 
 class Blowup(nn.Module):

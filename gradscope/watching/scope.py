@@ -61,18 +61,17 @@ from torch import nn
 
 from gradscope.errors import GradscopeError
 from gradscope.formats import get_format
+from gradscope.learning_rate import LearningRateMonitor
 from gradscope.record import Record
 from gradscope.recorder import Recorder
 from gradscope.report import Finding, Report, Severity
 from gradscope.stats import Stats, sample_stride
 from gradscope.training import (
     SpikeSummary,
-    UpdateRatioLayer,
     clip_advice,
     nonfinite_finding,
     skipped_steps_finding,
     spike_finding,
-    update_ratio_finding,
 )
 from gradscope.watching.aggregate import RunningRecord
 from gradscope.watching.alerts import AlertTracker
@@ -82,7 +81,7 @@ from gradscope.watching.scaling import active_scaler, divide_stats, grads_alread
 
 logger = logging.getLogger("gradscope")
 
-RAISE_CODES = ("nonfinite", "gradient-spike", "update-ratio", "fp16-overflow")
+RAISE_CODES = ("nonfinite", "gradient-spike", "update-ratio", "fp16-overflow", "learning-rate-too-high")
 _NORM, _LOSS, _SCALE = 0, 1, 2
 WATCH_SAMPLE = 4096
 # The layer diagnosis (depth, init, precision, units) of a flush costs a few
@@ -245,7 +244,7 @@ class Scope:
         self._history = NormHistogram()
         self._detector = SpikeDetector()
         self._spikes = SpikeSummary()
-        self._ratio_layers: dict[str, UpdateRatioLayer] = {}
+        self._rates = LearningRateMonitor()  # update-ratio and learning-rate-too-high (gradscope.learning_rate)
         self._tracker = AlertTracker()
         self._aggregate = RunningRecord()
         self._last_scale: float | None = None
@@ -417,6 +416,9 @@ class Scope:
             if full:
                 self._recorder.capture_parameters()
             self._sample_scaled = scaled
+            if optimizer is not None:
+                types = {layer.name: layer.type for layer in self._recorder.record.layers}
+                self._rates.observe_optimizer(step, optimizer, self._layer_weights(), types)
             self._take_snapshot(step)
             error = self._flush(step, sampled=True, full=full, raise_errors=True)
         self._step += 1
@@ -649,12 +651,7 @@ class Scope:
         for ratio_step, layer_names, values in ratios:
             for name, value in zip(layer_names, values.tolist(), strict=True):
                 update_ratios.setdefault(ratio_step, {})[name] = value
-                summary = self._ratio_layers.setdefault(name, UpdateRatioLayer())
-                summary.add(ratio_step, value)
-        for name, summary in self._ratio_layers.items():
-            finding = update_ratio_finding(name, summary, final=False)
-            if finding is not None:
-                findings.append(finding)
+        findings.extend(self._rates.observe(step, update_ratios, global_norms, losses))
         if self._scaler_seen:
             skipped = skipped_steps_finding(self._skipped, self._last_flushed + 1, self._last_scale)
             if skipped is not None:
@@ -857,10 +854,7 @@ class Scope:
             "loss_scale": self._last_scale,
             "loss_scale_history": [list(x) for x in self._scale_history],
             "skipped_steps": self._skipped if self._scaler_seen else None,
-            "update_ratio": {
-                name: {"geometric_mean": s.geometric_mean, "last": s.last, "samples": s.samples, "outside": s.outside}
-                for name, s in self._ratio_layers.items()
-            },
+            "update_ratio": self._rates.summary(),
             "first_nonfinite": self.first_nonfinite,
         }
 
@@ -887,10 +881,7 @@ class Scope:
             findings.append(nonfinite_finding(self.first_nonfinite, clip))
         if self._spikes.worst is not None:
             findings.append(spike_finding(self._spikes.worst, self._spikes, clip))
-        for name, summary in self._ratio_layers.items():
-            finding = update_ratio_finding(name, summary, final=True)
-            if finding is not None:
-                findings.append(finding)
+        findings.extend(self._rates.final_findings())
         if self._scaler_seen:
             skipped = skipped_steps_finding(self._skipped, self._step, self._last_scale)
             if skipped is not None:

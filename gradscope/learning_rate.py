@@ -1,0 +1,514 @@
+"""Learning-rate findings of a watched run: ``update-ratio`` and ``learning-rate-too-high``.
+
+``update-ratio`` is ONE finding per run, listing the layers whose update ratio
+‖Δw‖/‖w‖ is far off, judged with what the optimizer makes of it
+(``gradscope.optimizers``: SGD's ratio is η·‖g‖/‖w‖ and falls as training
+converges, an Adam-like one is ≈ c·η/rms(w) with c <= 1 and falls with c as
+gradients turn to noise).  So:
+
+* too large: a layer's ratio stayed above UPDATE_RATIO_HIGH for
+  UPDATE_RATIO_PATIENCE consecutive sampled steps (at the end of the run: for
+  most of its samples);
+* too small: the *largest* ratio the layer had in the whole run, scaled to the
+  schedule's peak learning rate (the ratio is proportional to η), is below
+  UPDATE_RATIO_LOW.  A converged run or a decayed schedule had its large
+  steps earlier, or at a larger η: they are never "too small";
+* normalisation gains and embeddings (small ratios by design: a gain of 1
+  moves by ≈ c·η under Adam; only the rows a batch touches move under SGD)
+  only when extreme (EXTREME_LOW, EXTREME_HIGH).  Biases are not judged: the
+  ratio is of each layer's main weight.
+
+``learning-rate-too-high``: a run diverging because each step is far too large
+(the one cause users most need named, issue 11).  The signals gradscope has
+anyway: the update ratios of a sampled step (median over the weight layers),
+the loss and the global gradient norm against their minimum so far.
+
+Every threshold is here with its reason; nothing in a hook: everything below
+runs on host numbers at the flush.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+from gradscope import advice, optimizers
+from gradscope.diagnose.layers import EMBEDDING_TYPES, NORM_TYPES
+from gradscope.report import Finding, Fix, Severity
+
+# Karpathy's CS231n notes ("Neural Networks Part 3: ratio of weights:updates"):
+# updates of about 1e-3 of the weights' norm per step are healthy.
+UPDATE_RATIO_TARGET = 1e-3
+# Two decades above the target: at 0.1 per step, ten steps can move a layer by
+# its whole norm (it is re-drawn, not trained).  The former one-decade band
+# (1e-2) fired on healthy AdamW and SGD runs early in training (issue 11).
+UPDATE_RATIO_HIGH = 1e-1
+# Two decades below: even the run's largest step, at the schedule's peak
+# learning rate, moves the layer by 1e-5 of its norm; 10^4 such steps (a short
+# run) change it by at most 10%.
+UPDATE_RATIO_LOW = 1e-5
+# Normalisation gains and embeddings: only when frozen in effect (10^7 steps
+# to move by their norm) or replaced every step.
+EXTREME_LOW = 1e-7
+EXTREME_HIGH = 1.0
+# An update smaller than half an ulp of an fp32 weight (2^-24 relative) rounds away.
+FP32_HALF_ULP = 2.0**-24
+UPDATE_RATIO_PATIENCE = 10  # consecutive sampled steps (too large), or samples seen (too small)
+
+# learning-rate-too-high: the median weight layer moves by at least a tenth of
+# its norm in one step (100x the target) ...
+DIVERGING_RATIO = 1e-1
+# ... while the loss has at least doubled from its minimum so far, or the global
+# gradient norm has grown tenfold from its minimum: the steps are large AND
+# making things worse.  A healthy run's loss does not double from its best
+# value within the few steps before the next sample.
+LOSS_GROWTH = 2.0
+NORM_GROWTH = 10.0
+# Without any update ratio (none sampled yet): only an unmistakable divergence,
+# loss and norm both a hundred times their minimum.
+LOSS_GROWTH_ALONE = 1e2
+NORM_GROWTH_ALONE = 1e2
+# Norms kept from the start of the run for the clip threshold (AutoClip's own
+# minimum history, see gradscope.diagnose.thresholds.AUTOCLIP_MIN_HISTORY).
+EARLY_NORMS = 20
+# Goyal et al. 2017 warm the learning rate up linearly from a small fraction.
+WARMUP_START_FACTOR = 0.01
+WARMUP_STEPS = 100
+
+
+def layer_kind(type_name: str) -> str:
+    if type_name in NORM_TYPES:
+        return "norm"
+    if type_name in EMBEDDING_TYPES:
+        return "embedding"
+    return "weight"
+
+
+def _quoted(names: list[str]) -> str:
+    return ", ".join(f"'{n}'" for n in names)
+
+
+def _layers(names: list[str]) -> str:
+    """ "layer 'a' changes" / "layers 'a', 'b' change"."""
+    return f"layer {_quoted(names)} changes" if len(names) == 1 else f"layers {_quoted(names)} change"
+
+
+@dataclass
+class LayerRatios:
+    """Running summary of one layer's update ratios (a few numbers, whatever the run length)."""
+
+    kind: str = "weight"
+    samples: int = 0
+    high: int = 0  # samples above the band
+    run_high: int = 0  # consecutive samples above the band, up to now
+    longest_high: int = 0
+    first_high_step: int | None = None
+    log_sum: float = 0.0
+    nonzero: int = 0  # samples behind log_sum (a ratio that rounded to 0 has no logarithm)
+    last: float = math.nan
+    max_ratio: float = 0.0
+    lr_at_max: float | None = None
+    lr_last: float | None = None
+    lr_peak: float | None = None  # the largest lr seen, or the schedule's initial lr if larger
+    max_at_peak: float = 0.0  # max over samples of ratio x lr_peak / lr at that sample
+    small_since: int | None = None  # the step at which the layer was first judged too small
+
+    def band(self) -> tuple[float, float]:
+        if self.kind == "weight":
+            return UPDATE_RATIO_LOW, UPDATE_RATIO_HIGH
+        return EXTREME_LOW, EXTREME_HIGH
+
+    def add(self, step: int, ratio: float, lr: float | None, initial_lr: float | None) -> None:
+        self.last = ratio
+        if ratio == 0.0 and lr is not None and lr > 0:
+            # A step with lr > 0 that left the weights bit-identical: each update rounded
+            # away in the weights' precision (or the step was skipped: then other samples
+            # carry the run's largest ratio).  The layer does not learn: a sample at 0.
+            self.samples += 1
+            self.run_high = 0
+            if self.small_since is None and self.too_small():
+                self.small_since = step
+            return
+        if not math.isfinite(ratio) or ratio <= 0.0:
+            return  # no update (lr 0, a frozen layer) or a zero/non-finite weight
+        self.samples += 1
+        self.nonzero += 1
+        self.log_sum += math.log10(ratio)
+        if lr is not None and lr > 0:
+            self.lr_last = lr
+            self.lr_peak = max(self.lr_peak or 0.0, lr, initial_lr or 0.0)
+            self.max_at_peak = max(self.max_at_peak, ratio * self.lr_peak / lr)
+        else:
+            self.max_at_peak = max(self.max_at_peak, ratio)
+        if ratio > self.max_ratio:
+            self.max_ratio, self.lr_at_max = ratio, lr
+        if ratio > self.band()[1]:
+            self.high += 1
+            self.run_high += 1
+            self.longest_high = max(self.longest_high, self.run_high)
+            if self.first_high_step is None:
+                self.first_high_step = step
+        else:
+            self.run_high = 0
+        if self.small_since is None and self.too_small():
+            self.small_since = step
+
+    @property
+    def geometric_mean(self) -> float:
+        return 10 ** (self.log_sum / self.nonzero) if self.nonzero else math.nan
+
+    def too_large(self, final: bool) -> bool:
+        if final:
+            return self.samples >= UPDATE_RATIO_PATIENCE and self.high * 2 > self.samples
+        return self.run_high >= UPDATE_RATIO_PATIENCE
+
+    def too_small(self) -> bool:
+        return self.samples >= UPDATE_RATIO_PATIENCE and self.max_at_peak < self.band()[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "geometric_mean": self.geometric_mean,
+            "last": self.last,
+            "max": self.max_ratio,
+            "max_at_peak_lr": self.max_at_peak,
+            "samples": self.samples,
+            "samples_above_band": self.high,
+            "longest_run_above_band": self.longest_high,
+            "lr_last": self.lr_last,
+            "lr_peak": self.lr_peak,
+        }
+
+
+@dataclass
+class OptimizerSeen:
+    """What the snippets need from the optimizer (strings and numbers: no reference kept)."""
+
+    expression: str = "torch.optim.AdamW"
+    family: str = optimizers.UNKNOWN
+    arguments: str = ""
+    known: bool = False
+
+    @classmethod
+    def of(cls, optimizer: Any) -> OptimizerSeen:
+        return cls(
+            optimizers.class_expression(optimizer),
+            optimizers.family(optimizer),
+            optimizers.constructor_arguments(optimizer),
+            True,
+        )
+
+    def constructor(self, params: str, lr: float) -> str:
+        extra = f", {self.arguments}" if self.arguments else ""
+        return f"optimizer = {self.expression}({params}, lr={lr:g}{extra})"
+
+
+@dataclass
+class Divergence:
+    """Running minimum of the loss and the global norm, and the first norms of the run."""
+
+    min_loss: float | None = None
+    loss_nonpositive: bool = False  # growth ratios mean nothing for a loss that can be <= 0
+    min_norm: float | None = None
+    last_loss: tuple[int, float] | None = None
+    last_norm: tuple[int, float] | None = None
+    early_norms: list[float] = field(default_factory=list)
+    median_ratio: tuple[int, float] | None = None  # (step, median update ratio of the weight layers)
+    found: Finding | None = None
+
+    def observe(self, norms: list[tuple[int, float]], losses: list[tuple[int, float]]) -> None:
+        for step, loss in losses:
+            self.last_loss = (step, loss)
+            if math.isfinite(loss):
+                if loss <= 0:
+                    self.loss_nonpositive = True
+                self.min_loss = loss if self.min_loss is None else min(self.min_loss, loss)
+        for step, norm in norms:
+            self.last_norm = (step, norm)
+            if math.isfinite(norm) and norm > 0:
+                self.min_norm = norm if self.min_norm is None else min(self.min_norm, norm)
+                # the norms before any growth: the clip threshold must not learn from the divergence
+                if len(self.early_norms) < EARLY_NORMS and norm < NORM_GROWTH * self.min_norm and self.found is None:
+                    self.early_norms.append(norm)
+
+    def loss_growth(self) -> float | None:
+        if self.last_loss is None or self.min_loss is None or self.loss_nonpositive:
+            return None
+        loss = self.last_loss[1]
+        return math.inf if not math.isfinite(loss) else loss / self.min_loss
+
+    def norm_growth(self) -> float | None:
+        if self.last_norm is None or self.min_norm is None:
+            return None
+        norm = self.last_norm[1]
+        return math.inf if not math.isfinite(norm) else norm / self.min_norm
+
+
+class LearningRateMonitor:
+    """Update ratios and divergence signals of a run, turned into the two findings."""
+
+    def __init__(self) -> None:
+        self.layers: dict[str, LayerRatios] = {}
+        self.optimizer = OptimizerSeen()
+        self._lrs: dict[int, dict[str, tuple[float, float | None]]] = {}  # sampled step -> layer -> lrs
+        self._kinds: dict[str, str] = {}
+        self.divergence = Divergence()
+
+    # -- inputs -------------------------------------------------------------------
+    def observe_optimizer(self, step: int, optimizer: Any, weights: dict[str, Any], types: dict[str, str]) -> None:
+        """On a sampled step, before ``optimizer.step()``: the lr each layer's update will use."""
+        self.optimizer = OptimizerSeen.of(optimizer)
+        self._lrs[step] = optimizers.layer_learning_rates(optimizer, weights)
+        for name, type_name in types.items():
+            self._kinds.setdefault(name, layer_kind(type_name))
+        for old in [s for s in self._lrs if s < step - 64]:  # ratios never resolved (no optimizer step)
+            del self._lrs[old]
+
+    def observe(
+        self,
+        step: int,
+        update_ratios: dict[int, dict[str, float]],
+        norms: list[tuple[int, float]],
+        losses: list[tuple[int, float]],
+    ) -> list[Finding]:
+        """One flush's numbers; returns this flush's findings (each code at most once)."""
+        for ratio_step in sorted(update_ratios):
+            lrs = self._lrs.pop(ratio_step, {})
+            for name, ratio in update_ratios[ratio_step].items():
+                layer = self.layers.get(name)
+                if layer is None:
+                    layer = self.layers[name] = LayerRatios(kind=self._kinds.get(name, "weight"))
+                lr, initial = lrs.get(name, (None, None))
+                layer.add(ratio_step, ratio, lr, initial)
+            weights = [
+                r for n, r in update_ratios[ratio_step].items() if self.layers[n].kind == "weight" and math.isfinite(r)
+            ]
+            if weights:
+                self.divergence.median_ratio = (ratio_step, statistics.median(weights))
+        self.divergence.observe(norms, losses)
+        findings = []
+        diverging = self._diverging(step)
+        if diverging is not None:
+            findings.append(diverging)
+        ratio_finding = self.update_ratio_finding(final=False)
+        if ratio_finding is not None:
+            findings.append(ratio_finding)
+        return findings
+
+    # -- learning-rate-too-high ------------------------------------------------------
+    def _diverging(self, step: int) -> Finding | None:
+        d = self.divergence
+        loss_growth, norm_growth = d.loss_growth(), d.norm_growth()
+        median = d.median_ratio
+        growing = (loss_growth is not None and loss_growth >= LOSS_GROWTH) or (
+            norm_growth is not None and norm_growth >= NORM_GROWTH
+        )
+        if median is not None and median[1] >= DIVERGING_RATIO and growing:
+            basis = "update ratio"
+        elif (
+            median is None
+            and loss_growth is not None
+            and loss_growth >= LOSS_GROWTH_ALONE
+            and norm_growth is not None
+            and norm_growth >= NORM_GROWTH_ALONE
+        ):
+            basis = "loss and gradient norm"
+        else:
+            return None
+        if d.found is None:
+            d.found = self._lr_finding(step, basis, loss_growth, norm_growth)
+        return d.found
+
+    def _current_lr(self) -> float | None:
+        lrs = [x.lr_last for x in self.layers.values() if x.lr_last is not None and x.kind == "weight"]
+        lrs = lrs or [x.lr_last for x in self.layers.values() if x.lr_last is not None]
+        return statistics.median(lrs) if lrs else None
+
+    def _lr_finding(self, step: int, basis: str, loss_growth: float | None, norm_growth: float | None) -> Finding:
+        d = self.divergence
+        lr = self._current_lr()
+        median = d.median_ratio[1] if d.median_ratio is not None else None
+        if lr is not None and median is not None and median > 0:
+            new_lr = optimizers.round_lr(lr * UPDATE_RATIO_TARGET / median)
+            how = f"{lr:g} x {UPDATE_RATIO_TARGET:g} / {median:.3g}: the update ratio scales with the learning rate"
+        elif lr is not None:
+            new_lr = optimizers.round_lr(lr / 10)
+            how = "a tenth of the current one (no update ratio sampled yet to derive it from)"
+        else:
+            new_lr, how = None, ""
+        signals = []
+        if median is not None:
+            signals.append(f"the median layer moves by {median:.3g} of its norm per step (about 1e-3 is healthy)")
+        if loss_growth is not None and loss_growth >= LOSS_GROWTH:
+            signals.append(f"the loss is {loss_growth:.3g}x its minimum so far")
+        if norm_growth is not None and norm_growth >= NORM_GROWTH:
+            signals.append(f"the gradient norm is {norm_growth:.3g}x its minimum")
+        clip = advice.clip_threshold(d.early_norms) if len(d.early_norms) > 1 else None
+        summary = "lower the learning rate"
+        lines = []
+        if new_lr is not None:
+            summary += f" to about {new_lr:g} ({how})"
+            params = f"{advice.ROOT}.parameters()"
+            lines.append(self.optimizer.constructor(params, new_lr) + (f"  # was {lr:g}" if lr is not None else ""))
+        summary += f", warm it up over the first {WARMUP_STEPS} steps (Goyal et al. 2017)"
+        lines += [
+            f"# warm-up: from {WARMUP_START_FACTOR:g}x to the full rate over {WARMUP_STEPS} steps",
+            "scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, "
+            f"start_factor={WARMUP_START_FACTOR:g}, total_iters={WARMUP_STEPS})",
+            "# each step: loss.backward(); clip; optimizer.step(); scheduler.step()",
+        ]
+        if clip is not None:
+            summary += (
+                f", and clip the global gradient norm at {clip['threshold']:.3g} (from the norms before it diverged)"
+            )
+            lines.append(clip["code"])
+        else:
+            summary += ", and clip the global gradient norm (too few norms before the divergence to derive a threshold)"
+        return Finding(
+            code="learning-rate-too-high",
+            severity=Severity.ERROR,
+            layers=[],
+            message=f"step {step}: training is diverging because the learning rate is too high: " + "; ".join(signals),
+            evidence={
+                "step": step,
+                "basis": basis,
+                "median_update_ratio": median,
+                "median_update_ratio_step": d.median_ratio[0] if d.median_ratio is not None else None,
+                "loss_growth": loss_growth,
+                "gradient_norm_growth": norm_growth,
+                "learning_rate": lr,
+                "suggested_learning_rate": new_lr,
+                "optimizer": self.optimizer.expression if self.optimizer.known else None,
+                "thresholds": {
+                    "median_update_ratio": DIVERGING_RATIO,
+                    "loss_growth": LOSS_GROWTH,
+                    "gradient_norm_growth": NORM_GROWTH,
+                },
+                "clip": clip,
+            },
+            fix=Fix(summary, "\n".join(lines)),
+        )
+
+    # -- update-ratio -------------------------------------------------------------------
+    def update_ratio_finding(self, final: bool) -> Finding | None:
+        """The run's one ``update-ratio`` finding, or None."""
+        large = [n for n, x in self.layers.items() if x.too_large(final)]
+        small = [n for n, x in self.layers.items() if x.too_small() and n not in large]
+        if not large and not small:
+            return None
+        parts = []
+        if large:
+            typical = math.prod(self.layers[n].geometric_mean if final else self.layers[n].last for n in large) ** (
+                1 / len(large)
+            )
+            parts.append(
+                f"{_layers(large)} by {typical:.2g} of the weights' norm per step (‖Δw‖/‖w‖), too large: "
+                "the learning rate is likely too high for them"
+            )
+        if small:
+            best = math.prod(self.layers[n].max_at_peak for n in small) ** (1 / len(small))
+            parts.append(
+                f"{_layers(small)} by at most {best:.2g} of the weights' norm per step even at the peak "
+                "learning rate, too small: they barely learn"
+            )
+        judged = sum(1 for x in self.layers.values() if x.samples)
+        summary, code = self._ratio_fix(large, small, judged, final)
+        layers = large + small
+        first_outside = [
+            s
+            for n in layers
+            if (s := (self.layers[n].first_high_step if n in large else self.layers[n].small_since)) is not None
+        ]
+        family = {
+            optimizers.ADAPTIVE: "Adam-like: the ratio is about c·lr/rms(w), c <= 1 (Kingma & Ba 2015)",
+            optimizers.SGD_LIKE: "SGD: the ratio is lr·‖g‖/‖w‖, (1-momentum)^-1 times that for a steady gradient",
+        }.get(self.optimizer.family, "unknown optimizer family")
+        representative = self.layers[layers[0]]
+        return Finding(
+            code="update-ratio",
+            severity=Severity.WARNING,
+            layers=layers,
+            message="; ".join(parts) + "; about 1e-3 is healthy",
+            evidence={
+                "update_ratio": representative.geometric_mean,
+                "too_large": large,
+                "too_small": small,
+                "per_layer": {n: self.layers[n].to_dict() for n in layers},
+                "target": UPDATE_RATIO_TARGET,
+                "band": [UPDATE_RATIO_LOW, UPDATE_RATIO_HIGH],
+                "band_norm_and_embedding": [EXTREME_LOW, EXTREME_HIGH],
+                "optimizer": self.optimizer.expression if self.optimizer.known else None,
+                "optimizer_family": family,
+                "first_outside_step": min(first_outside) if first_outside else None,
+            },
+            fix=Fix(summary, code),
+        )
+
+    def _ratio_fix(self, large: list[str], small: list[str], judged: int, final: bool) -> tuple[str, str]:
+        """A learning rate from the observed ratios, in the user's own optimizer class."""
+        groups: list[tuple[str, list[str], float | None]] = []  # (label, layers, new lr)
+        for label, names in (("too large", large), ("too small", small)):
+            if not names:
+                continue
+            new = []
+            for n in names:
+                x = self.layers[n]
+                if label == "too large":
+                    ratio, lr = (x.geometric_mean if final else x.last), x.lr_last
+                else:
+                    # a ratio that rounded to 0 is below half an fp32 ulp (2^-24) of the weights
+                    ratio, lr = max(x.max_at_peak, FP32_HALF_ULP), x.lr_peak
+                if lr is not None and ratio > 0:
+                    new.append(lr * UPDATE_RATIO_TARGET / ratio)
+            lr_new = optimizers.round_lr(math.prod(new) ** (1 / len(new))) if new else None
+            groups.append((label, names, lr_new))
+        root = advice.ROOT
+        whole_lr = groups[0][2] if len(groups) == 1 and len(groups[0][1]) * 2 >= max(judged, 1) else None
+        if whole_lr is not None:
+            return (
+                f"set the learning rate to about {whole_lr:g} (the update ratio is proportional to it)",
+                self.optimizer.constructor(f"{root}.parameters()", whole_lr),
+            )
+        # parameter names are "<layer>.<weight>": a parameter's layer is what precedes the last dot
+        lines = [
+            "def layer_of(name):\n    return name.rpartition('.')[0]\n",
+        ]
+        params = []
+        listed_sets = []
+        for i, (label, names, lr_new) in enumerate(groups):
+            listed = ", ".join(repr("" if n == advice.ROOT else n.split("#")[0]) for n in names)
+            lines.append(f"group_{i} = {{{listed}}}  # layers whose updates are {label}")
+            listed_sets.append(f"group_{i}")
+            if lr_new is not None:
+                chosen = f"[p for n, p in {root}.named_parameters() if layer_of(n) in group_{i}]"
+                params.append(f'{{"params": {chosen}, "lr": {lr_new:g}}}')
+        others = " | ".join(listed_sets)
+        params.insert(0, f'{{"params": [p for n, p in {root}.named_parameters() if layer_of(n) not in {others}]}}')
+        in_groups = {n for _, names, _ in groups for n in names}
+        rest = [x.lr_last for n, x in self.layers.items() if n not in in_groups and x.lr_last is not None]
+        base = statistics.median(rest) if rest else None  # the other layers keep their learning rate
+        lines.append(self.optimizer.constructor("[\n    " + ",\n    ".join(params) + ",\n]", base if base else 1e-3))
+        summary = "give " + " and ".join(
+            f"{_quoted(names)} their own learning rate ({lr_new:g})"
+            for _, names, lr_new in groups
+            if lr_new is not None
+        )
+        return (
+            summary + " (a parameter group per set; the update ratio is proportional to the learning rate)",
+            "\n".join(lines),
+        )
+
+    # -- the end of the run -------------------------------------------------------------
+    def final_findings(self) -> list[Finding]:
+        out = []
+        if self.divergence.found is not None:
+            out.append(self.divergence.found)
+        ratio = self.update_ratio_finding(final=True)
+        if ratio is not None:
+            out.append(ratio)
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        return {name: x.to_dict() for name, x in self.layers.items()}

@@ -1,0 +1,243 @@
+"""Learning-rate findings of watch: update-ratio (one per run, per optimizer family, aware of
+the current learning rate) and learning-rate-too-high (a diverging run, named within a few steps)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gradscope
+from gradscope.learning_rate import UPDATE_RATIO_LOW, LayerRatios, LearningRateMonitor
+from gradscope.optimizers import ADAPTIVE, SGD_LIKE, class_expression, family
+from gradscope.report import Finding, Severity
+
+
+def mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5))
+
+
+def cnn(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 4),
+    )
+
+
+def train(model, opt, steps, data, scheduler=None, loss_fn=nn.functional.cross_entropy):
+    """Train with watch(every=1); returns (report, alerts, losses)."""
+    alerts: list[Finding] = []
+    losses = []
+    with gradscope.watch(model, every=1, raise_on=(), on_finding=alerts.append) as scope:
+        for step in range(steps):
+            x, y = data(step)
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            losses.append(float(loss.detach()))
+            scope.step(opt, loss=loss)
+            opt.step()
+            if scheduler is not None:
+                scheduler.step()
+    return scope.report(), alerts, losses
+
+
+def mlp_data(step: int):
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(32, 20, generator=g), torch.randint(0, 5, (32,), generator=g)
+
+
+_G = torch.Generator().manual_seed(0)
+IMAGES, LABELS = torch.randn(64, 3, 8, 8, generator=_G), torch.randint(0, 4, (64,), generator=_G)
+
+
+def image_data(step: int):
+    i = (step % 4) * 16  # four fixed batches: the loss goes down
+    return IMAGES[i : i + 16], LABELS[i : i + 16]
+
+
+def codes(findings) -> list[str]:
+    return [f.code for f in findings]
+
+
+# -- learning-rate-too-high ---------------------------------------------------------------
+
+
+def test_lr_far_too_high_is_named_within_two_steps_of_the_divergence() -> None:
+    model = mlp()
+    report, alerts, losses = train(model, torch.optim.SGD(model.parameters(), lr=20.0), 10, mlp_data)
+    named = [a for a in alerts if a.code == "learning-rate-too-high"]
+    assert len(named) == 1  # rate-limited
+    finding = named[0]
+    # The loss first rises at step 1 (1.64 -> 4.98); step 0's update ratio (0.9 of the weights'
+    # norm) arrives with the flush of step 1: the alert fires there, at step 1.
+    assert finding.evidence["step"] == 1
+    assert losses[1] > losses[0]
+    assert losses[finding.evidence["step"]] < 10 * losses[0]  # long before 10^9x its start
+    assert finding.severity is Severity.ERROR
+    assert finding.evidence["median_update_ratio"] > 0.1
+    # before the first non-finite value (the loss is NaN from step 7)
+    first_nan = next(i for i, v in enumerate(losses) if not math.isfinite(v))
+    assert finding.evidence["step"] < first_nan - 3
+    assert codes(alerts).index("learning-rate-too-high") < codes(alerts).index("nonfinite")
+    # the fix: an lr from the observed ratio (20 x 1e-3 / 0.9 ≈ 0.02), in the user's class, warm-up, clipping
+    suggested = finding.evidence["suggested_learning_rate"]
+    assert suggested == pytest.approx(20.0 * 1e-3 / finding.evidence["median_update_ratio"], rel=0.5)
+    assert f"torch.optim.SGD(model.parameters(), lr={suggested:g})" in finding.fix.code
+    assert "LinearLR" in finding.fix.code and "clip the global gradient norm" in finding.fix.summary
+    # one norm before the divergence (step 0's): no threshold is made up from it
+    assert finding.evidence["clip"] is None and "clip_grad_norm_" not in finding.fix.code
+    # the final report keeps it
+    assert "learning-rate-too-high" in report.codes()
+
+
+def test_the_same_run_at_a_sane_lr_gets_no_learning_rate_finding() -> None:
+    model = mlp()
+    report, alerts, losses = train(model, torch.optim.SGD(model.parameters(), lr=0.05), 10, mlp_data)
+    assert not {"learning-rate-too-high", "update-ratio"} & (set(codes(alerts)) | report.codes())
+    assert all(math.isfinite(v) for v in losses)
+
+
+def test_divergence_with_the_rate_fixed_as_advised_stays_finite() -> None:
+    model = mlp()
+    _, alerts, _ = train(model, torch.optim.SGD(model.parameters(), lr=20.0), 3, mlp_data)
+    finding = next(a for a in alerts if a.code == "learning-rate-too-high")
+    model = mlp()
+    scope: dict = {"model": model, "torch": torch}
+    exec(finding.fix.code, scope)
+    opt = scope["optimizer"]
+    assert isinstance(opt, torch.optim.SGD)
+    report, alerts, losses = train(model, opt, 10, mlp_data)
+    assert "learning-rate-too-high" not in codes(alerts)
+    assert all(math.isfinite(v) for v in losses)
+
+
+def test_loss_that_can_be_negative_is_not_read_as_growth() -> None:
+    monitor = LearningRateMonitor()
+    # a log-likelihood-style loss going from -3 to -1 is "worse" but not a ratio to read
+    out = monitor.observe(1, {0: {"fc": 0.5}}, [(0, 1.0), (1, 1.2)], [(0, -3.0), (1, -1.0)])
+    assert "learning-rate-too-high" not in codes(out)
+
+
+# -- update-ratio ------------------------------------------------------------------------------
+
+
+def test_update_ratio_is_silent_on_a_healthy_adamw_cnn() -> None:
+    model = cnn()
+    report, alerts, losses = train(model, torch.optim.AdamW(model.parameters(), lr=1e-3), 40, image_data)
+    assert losses[-1] < losses[0]
+    assert "update-ratio" not in set(codes(alerts)) | report.codes()
+    ratios = report.analysis["training"]["update_ratio"]
+    # BatchNorm gains move far less than 1e-3 (Adam: ≈ c·lr/rms(w), rms = 1): silent by design
+    assert ratios["1"]["kind"] == "norm" and ratios["1"]["geometric_mean"] < 1e-3
+
+
+def test_update_ratio_is_silent_on_a_decayed_schedule() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.3)  # 0.3^25 ≈ 1e-13 at the end
+    report, alerts, _ = train(model, opt, 25, mlp_data, scheduler=sched)
+    ratios = report.analysis["training"]["update_ratio"]
+    assert ratios["4"]["last"] < UPDATE_RATIO_LOW  # the late steps are tiny...
+    assert "update-ratio" not in set(codes(alerts)) | report.codes()  # ...by the schedule's design
+
+
+def test_a_schedule_decayed_before_watch_started_is_not_too_small() -> None:
+    """Watch attached late: the schedule's initial_lr tells decay from a small lr."""
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)
+    for _ in range(20):  # lr 1e-3 -> 1e-9 before watching
+        opt.step()
+        sched.step()
+    report, alerts, _ = train(model, opt, 12, mlp_data, scheduler=sched)
+    assert "update-ratio" not in set(codes(alerts)) | report.codes()
+    # the same small lr without a schedule behind it is too small
+    model = mlp()
+    report, _, _ = train(model, torch.optim.AdamW(model.parameters(), lr=1e-9), 12, mlp_data)
+    assert "update-ratio" in report.codes()
+
+
+@pytest.mark.parametrize(
+    ("make", "expression"),
+    [
+        (lambda p: torch.optim.AdamW(p, lr=1e-8), "torch.optim.AdamW(model.parameters(), lr="),
+        (lambda p: torch.optim.SGD(p, lr=1e-6, momentum=0.9), "torch.optim.SGD(model.parameters(), lr="),
+        (lambda p: torch.optim.RMSprop(p, lr=1e-8), "torch.optim.RMSprop(model.parameters(), lr="),
+    ],
+)
+def test_one_update_ratio_finding_per_run_in_the_users_optimizer_class(make, expression: str) -> None:
+    model = mlp()
+    report, alerts, _ = train(model, make(model.parameters()), 12, mlp_data)
+    found = [f for f in report.findings if f.code == "update-ratio"]
+    assert len(found) == 1 and len([a for a in alerts if a.code == "update-ratio"]) == 1
+    finding = found[0]
+    assert finding.layers == ["0", "2", "4"] and finding.evidence["too_small"] == ["0", "2", "4"]
+    assert "'0', '2', '4'" in finding.message
+    assert expression in finding.fix.code
+    assert "init" not in finding.fix.code  # never re-initialise during training
+    # the snippet runs, and its lr brings the largest ratio to about 1e-3 (the ratio is proportional to lr)
+    scope = {"model": model, "torch": torch}
+    exec(finding.fix.code, scope)
+    new_lr = scope["optimizer"].param_groups[0]["lr"]
+    old_lr = finding.evidence["per_layer"]["0"]["lr_peak"]
+    best = max(finding.evidence["per_layer"][n]["max_at_peak_lr"] for n in finding.layers)
+    assert 1e-4 < best * new_lr / old_lr < 1e-2
+
+
+def test_only_the_layers_that_are_off_get_their_own_parameter_group() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(
+        [
+            {"params": model[0].parameters(), "lr": 1e-9},  # frozen in effect: its updates round to 0
+            {"params": [*model[2].parameters(), *model[4].parameters()]},
+        ],
+        lr=0.05,
+    )
+    report, _, _ = train(model, opt, 12, mlp_data)
+    finding = next(f for f in report.findings if f.code == "update-ratio")
+    assert finding.layers == ["0"]
+    scope = {"model": model, "torch": torch}
+    exec(finding.fix.code, scope)
+    groups = scope["optimizer"].param_groups
+    assert len(groups) == 2
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model[0].parameters()}
+    assert groups[0]["lr"] == pytest.approx(0.05) and groups[1]["lr"] > 1e-6
+
+
+def test_norm_gains_are_judged_only_when_extreme() -> None:
+    gain = LayerRatios(kind="norm")
+    weight = LayerRatios(kind="weight")
+    for step in range(12):
+        gain.add(step, 5e-6, 1e-3, None)  # small, by design for a gain of 1
+        weight.add(step, 5e-6, 1e-3, None)
+    assert not gain.too_small() and weight.too_small()
+    frozen = LayerRatios(kind="norm")
+    for step in range(12):
+        frozen.add(step, 1e-9, 1e-3, None)
+    assert frozen.too_small()
+
+
+def test_optimizer_family_and_class() -> None:
+    p = [nn.Parameter(torch.zeros(2))]
+    assert family(torch.optim.SGD(p, lr=0.1)) == SGD_LIKE
+    for cls in (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RMSprop, torch.optim.Adagrad):
+        assert family(cls(p, lr=0.1)) == ADAPTIVE
+
+    class MyAdam(torch.optim.Adam):
+        pass
+
+    assert family(MyAdam(p, lr=0.1)) == ADAPTIVE  # from its betas
+    assert class_expression(MyAdam(p)) == f"{__name__}.MyAdam"
+    assert class_expression(torch.optim.Adam(p)) == "torch.optim.Adam"
