@@ -44,6 +44,7 @@ from gradscope import advice
 from gradscope.diagnose import thresholds as th
 from gradscope.diagnose.init import init_fix, poor_init_layers
 from gradscope.diagnose.layers import EMBEDDING_TYPES, NORM_TYPES, Context, width
+from gradscope.diagnose.structure import Structure, find_structure
 from gradscope.record import LayerRecord
 from gradscope.report import Finding, Fix, Severity
 from gradscope.stats import Stats
@@ -139,14 +140,14 @@ def _scan(ctx: Context, role: str) -> tuple[list[Item], LayerRecord | None, floa
     """
     backward = role == "gradient"
     measure = _rms if backward else _std
-    layers = ctx.parametrised()
+    layers = _body(ctx)
     if backward:
         layers.reverse()
     else:
         layers = _unnormalised_tail([x for x in layers if x.type not in EMBEDDING_TYPES] or layers, ctx)
     measured = [(x, v) for x in layers if (v := measure(x.stats.get(role))) is not None]
     if backward:
-        measured = [(x, v * _norm_scale(ctx, x)) for x, v in measured]
+        measured = [(x, v * _norm_scale(ctx, x)) for x, v in measured if not _small_by_design(ctx, x, v)]
     if len(measured) < 2:
         return [], None, None
     ref_layer, ref = measured[0]
@@ -154,6 +155,40 @@ def _scan(ctx: Context, role: str) -> tuple[list[Item], LayerRecord | None, floa
         return [], ref_layer, ref
     items = [(layer, value, *_envelope(value, ref, layer, ref_layer)) for layer, value in measured[1:]]
     return items, ref_layer, ref
+
+
+def structure(ctx: Context) -> Structure:
+    """The recognised architecture (zero-init, layer scale, head boundary), computed once per diagnosis."""
+    found = ctx.cache.get("structure")
+    if found is None:
+        found = ctx.cache["structure"] = find_structure(ctx)
+    return found  # type: ignore[no-any-return]
+
+
+def _body(ctx: Context) -> list[LayerRecord]:
+    """The parametrised layers before the head boundary (global pooling, [CLS]
+    selection), where depth compounds; all of them when there is no boundary.
+
+    Across the boundary the per-element gradient shrinks with the number of
+    pooled positions (1/T for a mean over T), so a ratio taken across it depends
+    on the image size, not on depth (He et al. 2015's 22-layer plain net at 32 and
+    at 128 pixels is the same network)."""
+    layers = ctx.parametrised()
+    boundary = structure(ctx).head_boundary
+    if boundary is None:
+        return layers
+    last = ctx.position[boundary["last_body_layer"]]
+    body = [x for x in layers if ctx.position[x.name] <= last]
+    return body if len([x for x in body if x.type not in EMBEDDING_TYPES]) >= 2 else layers
+
+
+def _small_by_design(ctx: Context, layer: LayerRecord, rms: float) -> bool:
+    """∂ℓ/∂h exactly zero behind a zero-initialised parameter, or inside a branch
+    scaled by a layer-scale gain: small by construction, not by depth."""
+    found = structure(ctx)
+    if rms == 0.0 and found.zero_init:
+        return True
+    return found.in_scaled_branch(layer)
 
 
 def _norm_scale(ctx: Context, layer: LayerRecord) -> float:
@@ -165,10 +200,14 @@ def _norm_scale(ctx: Context, layer: LayerRecord) -> float:
     alone.  ``RMS(∂ℓ/∂h) · std(h)`` is the gradient with respect to the
     normalised tensor, which depth, not input scale, decides.
     """
-    kind, _ = ctx.activation_after(layer)
+    kind, norm = ctx.activation_after(layer)
     if kind != "norm":
         return 1.0
-    std = _std(layer.activation)
+    # The normalisation divides by the std of *its* input: the layer's output
+    # plus the residual stream when a residual add sits between them (BERT's
+    # post-LN blocks), so its recorded input is the right scale when there is one.
+    std = _std(norm.input) if norm is not None else None
+    std = std or _std(layer.activation)
     return std if std else 1.0
 
 
@@ -203,10 +242,24 @@ def _far_segment(items: list[Item], condition: Any) -> list[Item]:
     return segment
 
 
-def _vanishing_gradient(item: Item) -> bool:
-    # The course's absolute floor counts only where the network itself shrank
-    # the gradient: the loss end of a big-batch mean loss is legitimately tiny.
-    return item[3] < th.DEPTH_WARN_LOW or (item[1] < th.GRADIENT_RMS_MIN and item[3] < 1.0)
+def _loss_terms(layer: LayerRecord) -> float:
+    """How many terms a mean-reduced loss averages over at this layer's output:
+    examples times positions (one per row of logits)."""
+    stats, shape = layer.activation, layer.output_shape
+    if stats is None or not stats.count or not shape:
+        return 1.0
+    return max(1.0, stats.count / max(int(shape[-1]), 1))
+
+
+def _vanishing_gradient(item: Item, terms: float = 1.0) -> bool:
+    # The course's absolute floor [1e-6, ...] is judged per loss term (a mean
+    # over 65,536 examples makes every gradient 65,536x smaller, and a healthy
+    # network keeps it so), and only where the depth analysis shows decay: the
+    # width-corrected ratio a decade or more down.  A loss scaled down makes
+    # every layer's gradient tiny without any decay: that is a precision and
+    # effective-learning-rate question (rule_precision says so), not vanishing.
+    floor = item[1] * terms < th.GRADIENT_RMS_MIN and item[3] < th.FLOOR_NEEDS_DECAY
+    return item[3] < th.DEPTH_WARN_LOW or floor
 
 
 def _exploding(item: Item) -> bool:
@@ -223,11 +276,12 @@ def first_unhealthy(ctx: Context) -> tuple[str | None, str | None]:
     backward, the first layer in the gradient's order (from the loss) of the run
     that stays out until the input."""
     fwd, _, _ = _scan(ctx, "activation")
-    bwd, _, _ = _scan(ctx, "gradient")
+    bwd, ref_layer, _ = _scan(ctx, "gradient")
+    terms = _loss_terms(ref_layer) if ref_layer is not None else 1.0
     first_f = first_b = None
     for items, conditions, is_forward in (
         (fwd, (_vanishing, _exploding), True),
-        (bwd, (_vanishing_gradient, _exploding), False),
+        (bwd, (lambda item: _vanishing_gradient(item, terms), _exploding), False),
     ):
         for condition in conditions:
             segment = _far_segment(items, condition)
@@ -315,7 +369,8 @@ def rule_gradient(ctx: Context) -> list[Finding]:
     if ref_layer is None or ref is None or ref <= 0:
         return findings
     n = len(scanned) + 1
-    low = _far_segment(scanned, _vanishing_gradient)
+    terms = _loss_terms(ref_layer)
+    low = _far_segment(scanned, lambda item: _vanishing_gradient(item, terms))
     if low:
         worst = min(low, key=lambda t: t[3])
         relative = [t for t in low if t[3] < th.DEPTH_WARN_LOW]

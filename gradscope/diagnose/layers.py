@@ -80,6 +80,8 @@ class Context:
     steps: int = 1
     analysis: dict[str, Any] = field(default_factory=dict)
     found: set[str] = field(default_factory=set)  # codes found by the rules run so far
+    during_training: bool = False  # watch: the weights are being trained, never advise re-initialising
+    cache: dict[str, Any] = field(default_factory=dict)  # derived once per diagnosis (the structure)
 
     def __post_init__(self) -> None:
         self.layers: list[LayerRecord] = sorted(self.record.layers, key=lambda x: x.index)

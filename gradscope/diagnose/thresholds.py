@@ -32,6 +32,10 @@ PLAIN_DEEP_LAYERS = 20
 # The course: a healthy range for gradient values is roughly [1e-6, 1e3].
 GRADIENT_RMS_MIN = 1e-6
 GRADIENT_RMS_MAX = 1e3
+# The floor fires only together with decay across depth: the width-corrected
+# ratio to the loss end a decade or more down.  A uniformly small gradient (a
+# loss multiplied by 1e-12) has no decay; a 1-5x spread is width, not depth.
+FLOOR_NEEDS_DECAY = 0.1
 
 # -- init analysis ------------------------------------------------------------
 # Activation factor E[act(y)^2] / E[y^2] for y ~ N(0, s^2): ReLU keeps half of
