@@ -245,6 +245,14 @@ def loss_scale_from_stats(stats: Iterable[Stats], fmt: str = "fp16") -> dict[str
 
 # -- clipping -------------------------------------------------------------------------
 
+# What an audit says about clipping: one pass gives one norm, which is no
+# distribution to take a threshold from.  The course's typical threshold is 5;
+# gradscope.watch derives one from the run's norms (AutoClip).
+CLIP_PLACEHOLDER_CODE = (
+    "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=5.0)  "
+    "# the course's typical threshold; gradscope.watch derives one from your run's norms"
+)
+
 
 def global_grad_norm(weight_grads: Iterable[Stats], steps: int = 1) -> float | None:
     """The global gradient norm per step, from merged per-parameter statistics.

@@ -29,10 +29,11 @@ def _analysis(ctx: Any) -> dict[str, Any]:
     layers = ctx.layers
     grads = [s for x in layers for r in ("gradient", "weight_grad") if (s := x.stats.get(r)) is not None]
     loss_scale = advice.loss_scale_from_stats(grads, "fp16") if "fp16" in ctx.formats else None
+    # One merged norm is no distribution: a threshold taken from it would be a guess
+    # presented as a measurement.  Audits name the clipping, watch derives the
+    # threshold from the run's norms (AutoClip); the norm itself is reported.
     norm = advice.global_grad_norm((x.weight_grad for x in layers if x.weight_grad is not None), ctx.steps)
-    clip = advice.clip_threshold([norm]) if norm is not None else None
-    if clip is not None:
-        clip["global_norm"] = norm
+    clip = None
     first_f, first_b = first_unhealthy(ctx)
     return {
         "depth": depth_rows(ctx),
@@ -41,6 +42,7 @@ def _analysis(ctx: Any) -> dict[str, Any]:
         "init": analyse_init(ctx),
         "loss_scale": loss_scale,
         "clip": clip,
+        "global_grad_norm": norm,
     }
 
 
@@ -50,6 +52,7 @@ def diagnose_record(
     formats: Sequence[str] = ("fp16",),
     model: Any = None,
     steps: int | None = None,
+    during_training: bool = False,
 ) -> tuple[list[Finding], dict[str, Any]]:
     """Findings (sorted) and the analysis dict for a Record.
 
@@ -60,6 +63,8 @@ def diagnose_record(
             LeakyReLU's slope; the diagnosis never runs it).
         steps: how many passes the statistics merge (default ``record.steps``),
             to turn merged gradient sums into a per-step norm.
+        during_training: the record comes from a run in progress (``watch``):
+            no finding advises re-initialising weights that are being trained.
     """
     from gradscope.diagnose.depth import rule_activations, rule_gradient
     from gradscope.diagnose.init import rule_poor_init
@@ -68,6 +73,7 @@ def diagnose_record(
     from gradscope.diagnose.precision import rule_precision
     from gradscope.diagnose.recurrent import rule_through_time
     from gradscope.diagnose.units import rule_dead_units, rule_saturated_units
+    from gradscope.diagnose.zeroinit import rule_zero_init
     from gradscope.formats import FORMAT_NAMES, format_for_dtype
 
     # A tensor that already is low-precision (autocast to bf16, a model in
@@ -80,6 +86,7 @@ def diagnose_record(
 
         raise InputError(f"unknown format {unknown[0]!r}; choose among {', '.join(FORMAT_NAMES)}")
     ctx = Context(record, tuple(formats), model, steps if steps is not None else max(record.steps, 1))
+    ctx.during_training = during_training
     ctx.analysis = _analysis(ctx)
     findings: list[Finding] = []
     # poor-init runs last: its severity depends on what the depth rules found.
@@ -91,6 +98,7 @@ def diagnose_record(
         rule_dead_units,
         rule_saturated_units,
         rule_through_time,
+        rule_zero_init,
         rule_poor_init,
     ):
         found = rule(ctx)

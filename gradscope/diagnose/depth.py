@@ -328,8 +328,9 @@ def _depth_fix(ctx: Context, exploding: bool) -> Fix:
     tail = ""
     if plain and deep:
         tail = " For a plain stack this deep, also add normalisation (BatchNorm/LayerNorm) or residual connections."
-    clip = ctx.analysis.get("clip") if exploding else None
-    clip_code = f"\n# and cap spikes while training:\n# {clip['code']}" if clip else ""
+    clip_code = f"\n# and cap spikes while training:\n# {advice.CLIP_PLACEHOLDER_CODE}" if exploding else ""
+    if ctx.during_training:
+        return _training_depth_fix(ctx, exploding, bad)
     if squash == "Sigmoid" and not exploding:
         return Fix(
             "Sigmoid's derivative is at most 0.25, so a deep sigmoid stack vanishes whatever the init: "
@@ -349,6 +350,24 @@ def _depth_fix(ctx: Context, exploding: bool) -> Fix:
         "(BatchNorm/LayerNorm) or residual connections.",
         "from gradscope.fix import apply_init\n\n"
         'apply_init(model, scheme="lsuv", inputs=batch)  # batch: one input batch of your data' + clip_code,
+    )
+
+
+def _training_depth_fix(ctx: Context, exploding: bool, bad: list[dict[str, Any]]) -> Fix:
+    """In the middle of training: keep the weights, act on the step (clipping, the
+    learning rate) or on the architecture; an init change only for the next run."""
+    later = ""
+    if bad:
+        later = "\n# for the next run from scratch:\n" + "\n".join("# " + line for line in init_fix(bad).code.splitlines())
+    if exploding:
+        return Fix(
+            "Cap the global gradient norm and lower the learning rate; keep the trained weights.",
+            advice.CLIP_PLACEHOLDER_CODE + later,
+        )
+    return Fix(
+        "Keep the trained weights: add normalisation (BatchNorm/LayerNorm) or residual connections to the stack, "
+        "or raise the learning rate of the early layers.",
+        "# e.g. between two layers: nn.Sequential(layer, nn.LayerNorm(features), activation)" + later,
     )
 
 

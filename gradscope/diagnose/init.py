@@ -107,6 +107,7 @@ def analyse_init(ctx: Context) -> list[dict[str, Any]]:
                 "std_ratio": off,
                 "off_recommendation": not (1 / th.INIT_STD_TOLERANCE <= off <= th.INIT_STD_TOLERANCE),
                 "flag": None,
+                "has_bias": layer.parameters > math.prod(layer.weight_shape or [0]),
             }
         )
     return rows
@@ -120,81 +121,202 @@ def _gain_off(row: dict[str, Any]) -> bool:
 
 
 def poor_init_layers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows whose init is both far from the recommendation and predicts a gain far from 1."""
-    return [r for r in rows if _gain_off(r) and r["off_recommendation"]]
+    """Rows whose init is both far from the recommendation and predicts a gain far from 1
+    (zero-initialised layers excepted: their zero is a design choice, see ``zero-init``)."""
+    return [r for r in rows if _gain_off(r) and r["off_recommendation"] and r["weight_std"] > 0]
+
+
+def _quoted(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(f"'{n}'" for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def init_fix(rows: list[dict[str, Any]], max_lines: int = 8) -> Fix:
-    """The init calls for the given rows (per layer when few, ``apply_init`` when many)."""
+    """The init calls for the given rows (per layer when few, ``apply_init`` on exactly
+    those layers when many); biases are zeroed with the weights (He et al. 2015 and
+    Glorot & Bengio 2010 start them at 0)."""
     schemes = sorted({r["scheme"] for r in rows})
     summary = "re-initialise " + ", ".join(
         f"{'Kaiming (He et al. 2015)' if s == 'kaiming' else 'Xavier (Glorot & Bengio 2010)'}" for s in schemes
     )
+    names = [r["name"] for r in rows]
     if len(rows) <= max_lines:
-        code = "import torch.nn as nn\n\n" + "\n".join(r["code"] for r in rows)
-        summary += " for " + ", ".join(r["name"] for r in rows)
+        code = "import torch.nn as nn\n\n" + "\n".join(_row_code(r) for r in rows)
+        summary += " for " + _quoted(names, max_lines)
     else:
+        modules = sorted({r["name"].split("#")[0] for r in rows})
         code = (
             "from gradscope.fix import apply_init\n\n"
-            f'apply_init(model, scheme="auto")  # {len(rows)} layers, e.g.\n'
-            + "\n".join("# " + r["code"] for r in rows[:3])
+            f'apply_init(model, scheme="auto", layers={modules!r})  # the {len(rows)} layers named, e.g.\n'
+            + "\n".join("# " + line for r in rows[:2] for line in _row_code(r).splitlines())
         )
-        summary += f" for {len(rows)} layers"
+        summary += f" for {len(rows)} layers ({_quoted(names)})"
     return Fix(summary + ", so that each layer keeps the signal's variance (gain ≈ 1).", code)
 
 
-def rule_poor_init(ctx: Context) -> list[Finding]:
-    """poor-init: weight scales far from what fan-in/fan-out and the activation call for.
+def _row_code(row: dict[str, Any]) -> str:
+    code = str(row["code"])
+    if row.get("has_bias"):
+        target = advice.module_expression(row["name"].split("#")[0])
+        code += f"\nnn.init.zeros_({target}.bias)"
+    return code
 
-    A warning only when the depth analysis shows the signal actually suffering
-    (vanishing or exploding) *and* the compounded predicted gain of the poorly
-    initialised layers is far enough from 1 to explain it (the depth band, in
-    amplitude); an info when only one of the two holds (residuals or
-    normalisation rescued a bad init, or the depth problem has another cause).
+
+def _compounding_rows(ctx: Context, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows whose gains multiply: layers of the body (before a head boundary),
+    not inside a layer-scaled branch, without the output layer (its gain only
+    scales the logits, which the loss sees once)."""
+    from gradscope.diagnose.depth import structure
+
+    found = structure(ctx)
+    last_body = None
+    if found.head_boundary is not None:
+        last_body = ctx.position[found.head_boundary["last_body_layer"]]
+    chosen = []
+    for row in rows:
+        layer = ctx.by_name[row["name"]]
+        if last_body is not None and ctx.position[layer.name] > last_body:
+            continue
+        if found.in_scaled_branch(layer) or row["weight_std"] == 0 or row["predicted_gain"] is None:
+            continue
+        chosen.append(row)
+    if found.head_boundary is None and chosen and rows and chosen[-1] is rows[-1]:
+        chosen = chosen[:-1]
+    return chosen
+
+
+def _measured_end_to_end(ctx: Context, first: dict[str, Any], last: dict[str, Any]) -> float | None:
+    """E[a^2] after the last compounding layer (and its activation) over E[x^2] into
+    the first: what the signal really did across the stretch.  A residual or
+    normalised network keeps it near 1 whatever its branches' gains."""
+    head = ctx.by_name[first["name"]]
+    tail = ctx.by_name[last["name"]]
+    kind, act = ctx.activation_after(tail)
+    out = act.activation if act is not None and kind != "norm" else tail.activation
+    source = head.input
+    if source is None:
+        prev = ctx.previous(head)
+        source = prev.activation if prev is not None else ctx.record.input
+    return _ratio(_second_moment(out), _second_moment(source))
+
+
+def _out_of_band(gain: float | None) -> bool:
+    return gain is not None and not (th.INIT_STACK_LOW <= gain <= th.INIT_STACK_HIGH)
+
+
+def rule_poor_init(ctx: Context) -> list[Finding]:
+    """poor-init: the init's compounded gain across the stack leaves the healthy band.
+
+    A warning when the gains that the weights predict (``n_in·Var[w]·factor``)
+    multiply, across the layers that compound, to outside ``[INIT_STACK_LOW,
+    INIT_STACK_HIGH]``, and the signal measured end to end over the same layers
+    confirms it (residuals and normalisation rescue a branch's small gain: no
+    finding then).  When the weights predict a healthy gain but the measured one
+    leaves the band, the biases (or the input) are the cause, and the fix says
+    so.  Never during training: re-initialising a model that has been trained
+    throws the training away.
     """
+    if ctx.during_training:
+        return []
     rows = ctx.analysis.get("init") or []
-    bad = poor_init_layers(rows)
-    if not bad:
+    stack = _compounding_rows(ctx, rows)
+    if len(stack) < 2:
         return []
-    hurts = bool(ctx.found & DEPTH_CODES)
-    product = math.prod(r["predicted_gain"] for r in bad)
-    # Does the init alone explain a depth problem?  Its compounded gain, in
-    # amplitude, against the same band the depth rules use.
-    amplitude = math.sqrt(product)
-    explains = not (th.DEPTH_WARN_LOW <= amplitude <= th.DEPTH_WARN_HIGH)
-    if not hurts and not explains:
+    predicted = math.prod(r["predicted_gain"] for r in stack)
+    measured = _measured_end_to_end(ctx, stack[0], stack[-1])
+    if not _out_of_band(measured):
         return []
-    severity = Severity.WARNING if hurts and explains else Severity.INFO
+    if _out_of_band(predicted):
+        return [_weights_finding(ctx, stack, predicted, measured)]
+    return _bias_finding(ctx, stack, predicted, measured)
+
+
+def _weights_finding(ctx: Context, stack: list[dict[str, Any]], predicted: float, measured: float | None) -> Finding:
+    bad = [r for r in stack if _gain_off(r) and r["off_recommendation"]] or [r for r in stack if _gain_off(r)]
     for row in bad:
         row["flag"] = "poor-init"
+    gains = [r["predicted_gain"] for r in bad]
     worst = max(bad, key=lambda r: abs(math.log(r["predicted_gain"])) if r["predicted_gain"] > 0 else math.inf)
+    spread = f"{min(gains):.2g}" if math.isclose(min(gains), max(gains), rel_tol=0.05) else (
+        f"{min(gains):.2g}–{max(gains):.2g}"
+    )
     squash = [r for r in bad if any(t.lower() in r["activation_after"] for t in SQUASH_TYPES)]
     message = (
-        f"{len(bad)} layer(s) have weights whose scale predicts a per-layer gain of "
-        f"{worst['predicted_gain']:.3g} (at {worst['name']}: std {worst['weight_std']:.3g}, "
-        f"{worst['scheme']} asks {worst['recommended_std']:.3g}); compounded over them: {product:.3g}"
+        f"The weights of {len(bad)} layer(s) ({_quoted([r['name'] for r in bad])}) predict a variance gain of "
+        f"{spread} per layer (at '{worst['name']}': std {worst['weight_std']:.3g} where {worst['scheme']} asks "
+        f"{worst['recommended_std']:.3g}), {predicted:.3g} compounded over the {len(stack)} layers that multiply; "
+        f"the signal measured across them confirms it ({measured:.3g})."
     )
-    if not hurts:
-        message += ", though the measured depth profile stays healthy"
-    elif not explains:
-        message += ", not enough on its own to explain the depth problem"
+    return Finding(
+        code="poor-init",
+        severity=Severity.WARNING,
+        layers=[r["name"] for r in bad],
+        message=message,
+        evidence={
+            "cause": "weights",
+            "layers": len(bad),
+            "compounding_layers": len(stack),
+            "worst_layer": worst["name"],
+            "worst_weight_std": worst["weight_std"],
+            "worst_recommended_std": worst["recommended_std"],
+            "worst_predicted_gain": worst["predicted_gain"],
+            "predicted_gains": gains,
+            "compounded_predicted_gain": predicted,
+            "measured_gain_end_to_end": measured,
+            "healthy_stack_range": [th.INIT_STACK_LOW, th.INIT_STACK_HIGH],
+            "healthy_gain_range": [th.INIT_GAIN_LOW, th.INIT_GAIN_HIGH],
+            "std_tolerance": th.INIT_STD_TOLERANCE,
+            "saturating_activations": len(squash),
+        },
+        fix=init_fix(bad),
+    )
+
+
+def _bias_finding(ctx: Context, stack: list[dict[str, Any]], predicted: float, measured: float | None) -> list[Finding]:
+    """The weights predict a healthy product, the measurement does not: the layers whose
+    measured gain is far above what their weights predict owe it to their biases."""
+    culprits = [
+        r
+        for r in stack
+        if r.get("has_bias")
+        and r["measured_gain"] is not None
+        and r["predicted_gain"]
+        and not (0.5 <= r["measured_gain"] / r["predicted_gain"] <= 2.0)
+    ]
+    if not culprits:
+        return []
+    for row in culprits:
+        row["flag"] = "poor-init"
+    names = [r["name"] for r in culprits]
+    code = "import torch.nn as nn\n\n" + "\n".join(
+        f"nn.init.zeros_({advice.module_expression(n.split('#')[0])}.bias)" for n in names
+    )
+    def off(row: dict[str, Any]) -> float:
+        ratio = row["measured_gain"] / row["predicted_gain"]
+        return abs(math.log(ratio)) if ratio > 0 else math.inf
+
+    worst = max(culprits, key=off)
     return [
         Finding(
             code="poor-init",
-            severity=severity,
-            layers=[r["name"] for r in bad],
-            message=message + ".",
+            severity=Severity.WARNING,
+            layers=names,
+            message=(
+                f"The biases of {_quoted(names)} move the signal: '{worst['name']}' multiplies its second moment "
+                f"by {worst['measured_gain']:.3g} where its weights alone predict {worst['predicted_gain']:.3g}, "
+                f"and across the stack the signal changes {measured:.3g}x while the weights predict "
+                f"{predicted:.3g}x."
+            ),
             evidence={
-                "layers": len(bad),
+                "cause": "biases",
+                "layers": len(culprits),
+                "compounded_predicted_gain": predicted,
+                "measured_gain_end_to_end": measured,
                 "worst_layer": worst["name"],
-                "worst_weight_std": worst["weight_std"],
-                "worst_recommended_std": worst["recommended_std"],
+                "worst_measured_gain": worst["measured_gain"],
                 "worst_predicted_gain": worst["predicted_gain"],
-                "compounded_predicted_gain": product,
-                "healthy_gain_range": [th.INIT_GAIN_LOW, th.INIT_GAIN_HIGH],
-                "std_tolerance": th.INIT_STD_TOLERANCE,
-                "saturating_activations": len(squash),
+                "healthy_stack_range": [th.INIT_STACK_LOW, th.INIT_STACK_HIGH],
             },
-            fix=init_fix(bad),
+            fix=Fix("Start the biases at zero (He et al. 2015; Glorot & Bengio 2010); the weights are fine.", code),
         )
     ]

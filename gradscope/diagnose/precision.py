@@ -106,11 +106,10 @@ def _overflow(ctx: Context, fmt: str) -> Finding | None:
             '# or train in bf16: torch.autocast(device_type="cuda", dtype=torch.bfloat16)',
         )
     else:
-        clip = ctx.analysis.get("clip")
         fix = Fix(
             "Gradients this large overflow unscaled: fix the exploding gradient first, lower the loss "
             "scale, or clip the global norm.",
-            clip["code"] if clip else "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)",
+            advice.CLIP_PLACEHOLDER_CODE,
         )
     return Finding(
         code=f"{code_prefix(fmt)}-overflow",

@@ -48,6 +48,14 @@ RELU_FACTOR = 0.5
 # both are; Kaiming (1) is not.
 INIT_GAIN_LOW = 0.8
 INIT_GAIN_HIGH = 1.5
+# The compounded gain of a stack (the product of the per-layer variance gains of
+# the layers that multiply) is healthy within one decade of amplitude, two of
+# variance.  Glorot & Bengio 2010's "standard" init U[-1/sqrt(n), 1/sqrt(n)]
+# (n·Var = 1/3) on their 5-layer tanh net compounds to ~0.006 over the hidden
+# layers and trains 3x worse; PyTorch's default init on a 3-layer ReLU MLP
+# (1/6 per layer over 2 hidden layers, 0.028) trains fine.
+INIT_STACK_LOW = 1e-2
+INIT_STACK_HIGH = 1e2
 # Weight std within 25% of the recommended std counts as "already right"
 # (kaiming_uniform_ and kaiming_normal_ give the same std; PyTorch's default
 # init, kaiming_uniform_(a=√5), is 1/√6 ≈ 0.41 of He's and is not "right").
@@ -84,6 +92,12 @@ DEAD_ERROR_ZERO_FRAC = 0.999
 # training.  From the second moment alone, P(|u| >= t) >= (E[u^2] - t^2)/(1 - t^2)
 # for |u| <= 1: we flag when that lower bound on the saturated fraction is high.
 SATURATION_LEVEL = 0.9
+# Counted exactly from the pre-activation's binade histogram: tanh is saturated
+# for |y| >= 2 (binades >= 1; derivative 1 - tanh(2)^2 = 0.071), sigmoid for
+# |x| >= 4 (binades >= 2; derivative 0.018 = 0.071 x its 0.25 maximum, since
+# sigmoid(x) = (1 + tanh(x/2))/2): both below a fourteenth of their maximum.
+SATURATION_BINADE_TANH = 1
+SATURATION_BINADE_SIGMOID = 2
 SATURATED_WARN_FRAC = 0.5
 SATURATED_ERROR_FRAC = 0.9
 

@@ -109,50 +109,110 @@ def _centred_second_moment(layer: LayerRecord) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _pre_activation(ctx: Context, layer: LayerRecord) -> LayerRecord | None:
+    """The layer whose output this activation received: the one just before it in
+    execution order, with the same output shape (Linear -> Tanh)."""
+    prev = ctx.previous(layer)
+    if prev is None or prev.output_shape != layer.output_shape:
+        return None
+    stats = prev.activation
+    if stats is None or stats.count == 0 or stats.nonfinite_count > 0:
+        return None
+    return prev
+
+
+def saturated_fraction(pre: LayerRecord, kind: str) -> float:
+    """The exact fraction of pre-activations at or beyond the saturation point, from the
+    binade histogram: |y| >= 2 for tanh (binades >= 1), |x| >= 4 for sigmoid (binades >= 2)."""
+    stats = pre.activation
+    assert stats is not None
+    lowest = th.SATURATION_BINADE_TANH if kind == "Tanh" else th.SATURATION_BINADE_SIGMOID
+    return stats.hist_frac(stats.count_exponents(lo=lowest))
+
+
 def rule_saturated_units(ctx: Context) -> list[Finding]:
-    """tanh/sigmoid outputs piled up at the asymptotes (derivative near zero)."""
-    hits: list[tuple[LayerRecord, float]] = []
+    """tanh/sigmoid outputs piled up at the asymptotes (derivative near zero).
+
+    The fraction is counted, not bounded: the pre-activation's binade histogram
+    holds how many values lie beyond the saturation point exactly (or, for
+    tensors larger than the audit's sample, within ±0.0005).  Without a
+    recorded pre-activation, the lower bound from the output's second moment.
+    """
+    hits: list[tuple[LayerRecord, float, bool]] = []
     for layer in ctx.layers:
         if layer.type not in SATURATING_TYPES:
             continue
-        m2 = _centred_second_moment(layer)
-        if m2 is None:
-            continue
-        bound = saturated_lower_bound(m2)
-        if bound >= th.SATURATED_WARN_FRAC:
-            hits.append((layer, bound))
+        pre = _pre_activation(ctx, layer)
+        if pre is not None:
+            frac, exact = saturated_fraction(pre, layer.type), True
+        else:
+            m2 = _centred_second_moment(layer)
+            if m2 is None:
+                continue
+            frac, exact = saturated_lower_bound(m2), False
+        if frac >= th.SATURATED_WARN_FRAC:
+            hits.append((layer, frac, exact))
     if not hits:
         return []
     worst = max(hits, key=lambda t: t[1])
-    severity = Severity.ERROR if worst[1] >= th.SATURATED_ERROR_FRAC else Severity.WARNING
-    feeder = _feeding_layer(ctx, worst[0])
+    layer, frac, exact = worst
+    severity = Severity.ERROR if frac >= th.SATURATED_ERROR_FRAC else Severity.WARNING
+    feeder = _feeding_layer(ctx, layer)
     lines = ["import torch.nn as nn", ""]
-    for target in _feeder_expressions(ctx, hits):
+    for target in _feeder_expressions(ctx, [(t[0], t[1]) for t in hits]):
         lines.append(f"nn.init.xavier_normal_({target}.weight)  # Glorot & Bengio 2010: tanh stays near-linear")
+        lines.append(f"nn.init.zeros_({target}.bias)")
     lines.append("# or normalise the pre-activations: insert nn.LayerNorm(features) before the activation")
-    derivative = "1 - y^2 <= 0.19" if worst[0].type == "Tanh" else "y(1 - y) <= 0.048"
+    if exact:
+        where = "|pre-activation| >= 2" if layer.type == "Tanh" else "|pre-activation| >= 4"
+        derivative = "1 - y^2 < 0.071" if layer.type == "Tanh" else "y(1 - y) < 0.018"
+        amount = f"{_percent(frac)} of the outputs"
+    else:
+        where = f"|u| >= {th.SATURATION_LEVEL}"
+        derivative = "1 - y^2 <= 0.19" if layer.type == "Tanh" else "y(1 - y) <= 0.048"
+        amount = f"At least {_percent(frac)} of the outputs"
+    more = f" ({len(hits)} layers, first '{hits[0][0].name}')" if len(hits) > 1 else ""
+    message = (
+        f"{amount[0].upper() + amount[1:]} of '{layer.name}' ({layer.type}) sit at its asymptotes{more} "
+        f"({where}, derivative {derivative}): the gradient stalls there."
+    )
+    evidence = {
+        "worst_layer": layer.name,
+        "saturated_frac": frac if exact else None,
+        "saturated_frac_lower_bound": frac if not exact else _bound_or_none(layer),
+        "counted": exact,
+        "per_layer": {t[0].name: t[1] for t in hits},
+        "activation_std": layer.activation.std if layer.activation else None,
+        "layers": len(hits),
+        "feeding_layer": feeder.name if feeder is not None else None,
+        "threshold_warning": th.SATURATED_WARN_FRAC,
+        "threshold_error": th.SATURATED_ERROR_FRAC,
+    }
     return [
         Finding(
             code="saturated-units",
             severity=severity,
             layers=[t[0].name for t in hits],
-            message=(
-                f"At least {worst[1]:.0%} of the outputs of {worst[0].name} ({worst[0].type}) sit at its "
-                f"asymptotes (|u| >= {th.SATURATION_LEVEL}, derivative {derivative}): the gradient stalls there."
-            ),
-            evidence={
-                "worst_layer": worst[0].name,
-                "saturated_frac_lower_bound": worst[1],
-                "activation_std": worst[0].activation.std if worst[0].activation else None,
-                "layers": len(hits),
-                "feeding_layer": feeder.name if feeder is not None else None,
-                "level": th.SATURATION_LEVEL,
-                "threshold_warning": th.SATURATED_WARN_FRAC,
-                "threshold_error": th.SATURATED_ERROR_FRAC,
-            },
+            message=message,
+            evidence=evidence,
             fix=Fix(
-                "Shrink the weights feeding the activation to Xavier scale, or normalise its input.",
+                "Shrink the weights feeding the activation to Xavier scale with zero biases, or normalise its input.",
                 "\n".join(lines),
             ),
         )
     ]
+
+
+def _percent(frac: float) -> str:
+    """81.2%, 100% (only when every value is), 99.95% rather than a rounded 100%."""
+    if frac >= 1.0:
+        return "100%"
+    text = f"{frac:.1%}"
+    if text == "100.0%":
+        text = f"{frac:.3%}"
+    return text
+
+
+def _bound_or_none(layer: LayerRecord) -> float | None:
+    m2 = _centred_second_moment(layer)
+    return None if m2 is None else saturated_lower_bound(m2)

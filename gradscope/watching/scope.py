@@ -820,7 +820,7 @@ class Scope:
             self._diagnose_failed = True
             self._aggregate.record.note("gradscope.diagnose.diagnose_record is unavailable: only training rules ran")
             return []
-        findings, _ = diagnose_record(record, formats=self.formats, model=self.model)
+        findings, _ = diagnose_record(record, formats=self.formats, model=self.model, during_training=True)
         return list(findings)
 
     def _announce(self, step: int, finding: Finding) -> None:
@@ -871,7 +871,7 @@ class Scope:
             try:
                 from gradscope.diagnose import diagnose_record
 
-                diag, analysis = diagnose_record(record, formats=self.formats, model=self.model)
+                diag, analysis = diagnose_record(record, formats=self.formats, model=self.model, during_training=True)
                 findings.extend(diag)
                 analysis = dict(analysis)
             except ImportError:
