@@ -85,11 +85,29 @@ class Report:
     def layers(self) -> list[Any]:
         return self.record.layers
 
+    def inconclusive_reasons(self) -> list[str]:
+        """Why a required analysis could not run (set by the diagnosis); empty when all ran."""
+        return [str(r) for r in self.analysis.get("inconclusive") or []]
+
     def summary(self) -> dict[str, Any]:
+        """Counts and the verdict.  ``healthy`` is True, False, or None ("inconclusive")
+        when nothing was found but a required analysis could not run: gradscope
+        never calls what it could not see healthy (the reasons are listed)."""
         errors = sum(1 for f in self.findings if Severity(f.severity) is Severity.ERROR)
         warnings = sum(1 for f in self.findings if Severity(f.severity) is Severity.WARNING)
         infos = sum(1 for f in self.findings if Severity(f.severity) is Severity.INFO)
-        return {"errors": errors, "warnings": warnings, "infos": infos, "healthy": errors + warnings == 0}
+        reasons = self.inconclusive_reasons()
+        healthy: bool | None = False if errors + warnings else (None if reasons else True)
+        verdict = {True: "healthy", False: "unhealthy", None: "inconclusive"}[healthy]
+        out: dict[str, Any] = {"errors": errors, "warnings": warnings, "infos": infos, "healthy": healthy}
+        out["verdict"] = verdict
+        if reasons:
+            out["inconclusive"] = reasons
+        return out
+
+    @property
+    def inconclusive(self) -> bool:
+        return self.summary()["healthy"] is None
 
     def worst(self) -> Severity | None:
         if not self.findings:

@@ -388,7 +388,7 @@ def test_json_is_one_strict_schema_1_document() -> None:
     assert isinstance(data, dict)
     assert data["schema"] == 1
     assert data == _strict(json.dumps(report.to_dict()))
-    assert data["summary"] == {"errors": 1, "warnings": 2, "infos": 1, "healthy": False}
+    assert data["summary"] == {"errors": 1, "warnings": 2, "infos": 1, "healthy": False, "verdict": "unhealthy"}
     assert [layer["name"] for layer in data["layers"]] == [layer.name for layer in report.layers]
     assert data["findings"][2]["evidence"]["gain"] == "inf"
     assert data["findings"][3]["evidence"]["ratio"] == "nan"

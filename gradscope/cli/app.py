@@ -202,10 +202,15 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def exit_code(report: Any, fail_on: str) -> int:
-    """1 when a finding is at or above ``fail_on`` (error > warning), else 0."""
+    """1 when a finding is at or above ``fail_on`` (error > warning), else 0.
+
+    An inconclusive verdict (a required analysis could not run) counts at the
+    ``error`` level: a gate never passes what gradscope could not see."""
     if fail_on == "never":
         return EXIT_OK
     threshold = {"error": 2, "warning": 1}[fail_on]
+    if report.summary().get("healthy", True) is None:
+        return EXIT_FINDINGS
     worst = report.worst()
     return EXIT_FINDINGS if worst is not None and worst.rank >= threshold else EXIT_OK
 

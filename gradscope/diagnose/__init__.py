@@ -130,3 +130,33 @@ def diagnose(report: Report, model: Any = None) -> None:
     )
     report.findings = findings
     report.analysis = analysis
+    reasons = unassessed(report.record)
+    if reasons:
+        report.analysis["inconclusive"] = reasons
+
+
+def unassessed(record: Record) -> list[str]:
+    """Why the audit's depth analysis could not run on this record, one reason each.
+
+    The per-layer ∂ℓ/∂h and activations are what the depth, init and unit rules
+    judge: a TorchScript model (no hooks on its submodules), a loss that reached
+    no layer, or a record with no statistics leaves them unassessed.
+    """
+
+    def seen(stats: Any) -> bool:
+        return stats is not None and stats.count > 0
+
+    layers = record.layers
+    if not layers or not any(seen(s) for x in layers for s in x.stats.values()):
+        return ["no statistics were recorded: nothing was assessed"]
+    reasons: list[str] = []
+    parametrised = [x for x in layers if x.fan_in is not None]
+    if parametrised and not any(seen(x.gradient) or seen(x.activation) for x in parametrised):
+        reasons.append(
+            "per-layer activations and ∂ℓ/∂h could not be recorded (the model's submodules take no hooks, "
+            "as in TorchScript): the depth, init and unit analyses did not run"
+        )
+    grads = [s for x in layers for s in (x.gradient, x.weight_grad) if seen(s)]
+    if not grads or all(s.moments_valid and s.rms == 0.0 for s in grads):
+        reasons.append("no gradient reached any layer: the backward pass was not assessed")
+    return reasons

@@ -398,14 +398,14 @@ def rule_gradient(ctx: Context) -> list[Finding]:
         ratio = worst[1] / ref
         if ratio > 0:
             message = (
-                f"∂ℓ/∂h shrinks {1 / ratio:.3g}x from {ref_layer.name} (next to the loss) to {worst[0].name}, "
+                f"∂ℓ/∂h shrinks {1 / ratio:.3g}x from '{ref_layer.name}' ({_reference_role(ctx)}) to '{worst[0].name}', "
                 f"{span} parametrised layers back ({_fmt_gain(_per_layer(ratio, span))} per layer): "
                 "the early layers barely learn."
             )
         else:
             message = (
-                f"∂ℓ/∂h is exactly zero at {worst[0].name}, {span} parametrised layers back from "
-                f"{ref_layer.name} (next to the loss): the layers before it get no gradient at all."
+                f"∂ℓ/∂h is exactly zero at '{worst[0].name}', {span} parametrised layers back from "
+                f"'{ref_layer.name}' ({_reference_role(ctx)}): the layers before it get no gradient at all."
             )
         findings.append(
             Finding(
@@ -446,11 +446,7 @@ def rule_gradient(ctx: Context) -> list[Finding]:
                 code="exploding-gradient",
                 severity=severity,
                 layers=_ordered(ctx, high + huge),
-                message=(
-                    f"∂ℓ/∂h grows {ratio:.3g}x from {ref_layer.name} (next to the loss) to {worst[0].name} "
-                    f"(RMS {worst[1]:.3g}; healthy values stay within [{th.GRADIENT_RMS_MIN:g}, "
-                    f"{th.GRADIENT_RMS_MAX:g}]): updates will blow up."
-                ),
+                message=_exploding_message(ctx, ref_layer, worst, ratio),
                 evidence={
                     "reference_layer": ref_layer.name,
                     "reference_gradient_rms": ref,
@@ -467,6 +463,27 @@ def rule_gradient(ctx: Context) -> list[Finding]:
             )
         )
     return findings
+
+
+def _reference_role(ctx: Context) -> str:
+    if structure(ctx).head_boundary is not None:
+        return "the last layer before the pooled head"
+    return "next to the loss"
+
+
+def _exploding_message(ctx: Context, ref_layer: LayerRecord, worst: Item, ratio: float) -> str:
+    healthy = f"healthy values stay within [{th.GRADIENT_RMS_MIN:g}, {th.GRADIENT_RMS_MAX:g}]"
+    if worst[0] is ref_layer or ratio < th.DEPTH_WARN_HIGH:
+        # Large without growing across depth: the scale comes from the loss end.
+        return (
+            f"∂ℓ/∂h of '{worst[0].name}' has RMS {worst[1]:.3g} ({healthy}) without growing across depth "
+            f"from '{ref_layer.name}' ({_reference_role(ctx)}): the loss or its scale makes every gradient "
+            "this large, so updates will be too."
+        )
+    return (
+        f"∂ℓ/∂h grows {ratio:.3g}x from '{ref_layer.name}' ({_reference_role(ctx)}) to '{worst[0].name}' "
+        f"(RMS {worst[1]:.3g}; {healthy}): updates will blow up."
+    )
 
 
 def rule_activations(ctx: Context) -> list[Finding]:
@@ -494,8 +511,8 @@ def rule_activations(ctx: Context) -> list[Finding]:
                 severity=_severity(extreme, low=low),
                 layers=_ordered(ctx, picked),
                 message=(
-                    f"The forward signal {verb}: output std goes from {ref:.3g} at {ref_layer.name} to "
-                    f"{worst[1]:.3g} at {worst[0].name} ({ratio:.3g}x over {span} parametrised layers, "
+                    f"The forward signal {verb}: output std goes from {ref:.3g} at '{ref_layer.name}' to "
+                    f"{worst[1]:.3g} at '{worst[0].name}' ({ratio:.3g}x over {span} parametrised layers, "
                     f"{_fmt_gain(_per_layer(ratio, span))} per layer)."
                 ),
                 evidence={

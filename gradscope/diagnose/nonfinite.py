@@ -32,10 +32,10 @@ def _counts(stats: Stats) -> dict[str, int | bool]:
 
 def _forward_source(ctx: Context, layer: LayerRecord) -> tuple[str, Stats | None]:
     if layer.input is not None:
-        return f"{layer.name} input", layer.input
+        return f"the input of '{layer.name}'", layer.input
     prev = ctx.previous(layer)
     if prev is not None:
-        return f"{prev.name} output", prev.activation
+        return f"the output of '{prev.name}'", prev.activation
     return "model input", ctx.record.input
 
 
@@ -63,7 +63,7 @@ def _forward(ctx: Context) -> Finding | None:
     if produced:
         verb = "produces"
         fix = Fix(
-            f"{first.name} ({first.type}) turns finite inputs into NaN/inf: guard its arithmetic "
+            f"'{first.name}' ({first.type}) turns finite inputs into NaN/inf: guard its arithmetic "
             "(clamp before log/sqrt/exp, add an epsilon to divisions), or run it in fp32.",
             f"# find the exact operation inside {target}:\n"
             "with torch.autograd.detect_anomaly():\n"
@@ -73,7 +73,7 @@ def _forward(ctx: Context) -> Finding | None:
     else:
         verb = "receives"
         fix = Fix(
-            f"The NaN/inf comes from before {first.name}: check the model's input and any operation "
+            f"The NaN/inf comes from before '{first.name}': check the model's input and any operation "
             "that is not a module (functional calls in forward).",
             "assert torch.isfinite(batch).all(), 'non-finite values in the batch'",
         )
@@ -83,7 +83,7 @@ def _forward(ctx: Context) -> Finding | None:
         severity=Severity.ERROR,
         layers=[first.name],
         message=(
-            f"Forward: {first.name} ({first.type}) is the first layer whose output holds NaN/inf, "
+            f"Forward: '{first.name}' ({first.type}) is the first layer whose output holds NaN/inf, "
             f"and it {verb} it ({source_name} was {'finite' if produced else 'already non-finite'})."
         ),
         evidence={
@@ -104,7 +104,7 @@ def _backward(ctx: Context) -> Finding | None:
         if not _bad(layer.gradient):
             continue
         after = next((x for x in reversed(ordered[:i]) if x.gradient is not None), None)  # the layer just after
-        produced_by = "the loss" if after is None else after.name
+        produced_by = "the loss" if after is None else f"'{after.name}'"
         produced = after is None or not _bad(after.gradient)
         stats = layer.gradient
         assert stats is not None
@@ -113,7 +113,7 @@ def _backward(ctx: Context) -> Finding | None:
             severity=Severity.ERROR,
             layers=[layer.name],
             message=(
-                f"Backward: ∂ℓ/∂h of {layer.name} ({layer.type}) is the first gradient to hold NaN/inf "
+                f"Backward: ∂ℓ/∂h of '{layer.name}' ({layer.type}) is the first gradient to hold NaN/inf "
                 + (
                     f"(the backward of {produced_by} produced it from a finite gradient)."
                     if produced
@@ -123,7 +123,7 @@ def _backward(ctx: Context) -> Finding | None:
             evidence={
                 "pass": "backward",
                 "first_layer": layer.name,
-                "produced_by": produced_by,
+                "produced_by": "the loss" if after is None else after.name,
                 "produced": produced,
                 **_counts(stats),
             },

@@ -81,22 +81,22 @@ def _overflow(ctx: Context, fmt: str) -> Finding | None:
         verb = f"exceeds {fmt}'s maximum {form.max:g} and becomes inf"
     else:
         verb = f"is within one binade of {fmt}'s maximum {form.max:g}"
-    message = f"{what} of {layer.name} reaches {stats.absmax:.3g}, which {verb}"
+    message = f"{what} of '{layer.name}' reaches {stats.absmax:.3g}, which {verb}"
     if len(names) > 1:
-        message += f" ({len(names)} layers affected, first {first.name})"
+        message += f" ({len(names)} layers affected, first '{first.name}')"
     activations = [t[0] for t in items if t[1] == "activation"]
     if activations:
         block = min(activations, key=lambda x: ctx.position[x.name])
         target = advice.module_expression(block.module)
         if fmt.startswith("fp8"):
             summary = (
-                f"Keep {block.name} in bf16/fp32, or give the tensor a per-tensor scale (amax scaling) "
+                f"Keep '{block.name}' in bf16/fp32, or give the tensor a per-tensor scale (amax scaling) "
                 f"so that its values fit {fmt}'s maximum {form.max:g}."
             )
         else:
             wider = "bf16 (fp32's range)" if fmt == "fp16" else "fp32"
             summary = (
-                f"Keep this block in fp32 (autocast off around {block.name}), or use {wider}, "
+                f"Keep this block in fp32 (autocast off around '{block.name}'), or use {wider}, "
                 "or rescale the layer so its outputs stay well below the maximum."
             )
         fix = Fix(
@@ -189,11 +189,27 @@ def _underflow(ctx: Context, fmt: str) -> Finding | None:
         fix = Fix("Use loss scaling (torch.amp.GradScaler) or bf16.", 'scaler = torch.amp.GradScaler("cuda")')
     role = "∂ℓ/∂h" if worst[1] == "gradient" else "weight gradient"
     message = (
-        f"{worst[2]:.0%} of the {role} values of {worst[0].name} fall below {fmt}'s smallest subnormal "
+        f"{worst[2]:.0%} of the {role} values of '{worst[0].name}' fall below {fmt}'s smallest subnormal "
         f"and would flush to zero ({len(items)} gradient tensor(s) mostly lost)"
     )
     if rescued and fmt == "fp16":
         message += f"; GradScaler's default 2^{th.GRADSCALER_DEFAULT_EXPONENT} brings them back"
+    small = loss_end_smallness(ctx)
+    if small is not None:
+        name, per_term = small
+        evidence["loss_end_layer"] = name
+        evidence["loss_end_gradient_rms_per_term"] = per_term
+        message += (
+            f"; it is this small already at '{name}' next to the loss (RMS {per_term:.3g} per loss term) "
+            "and does not decay with depth: the loss itself is scaled down, which is a precision and "
+            "learning-rate question, not vanishing"
+        )
+        fix = Fix(
+            fix.summary + " A loss multiplied by s multiplies every gradient by s: with SGD the step is "
+            "lr x gradient, so the effective learning rate is s x lr (divide the scale out, or raise lr by 1/s); "
+            "Adam-like optimizers are invariant to s until the gradients reach their eps.",
+            fix.code + "\n# or remove the scale from the loss: loss = criterion(output, target)  # no tiny factor",
+        )
     return Finding(
         code=f"{code_prefix(fmt)}-underflow",
         # Unscaled fp16 gradients underflow routinely (attention's query/key at
@@ -205,6 +221,21 @@ def _underflow(ctx: Context, fmt: str) -> Finding | None:
         evidence=evidence,
         fix=fix,
     )
+
+
+def loss_end_smallness(ctx: Context) -> tuple[str, float] | None:
+    """(layer, RMS per loss term) when ∂ℓ/∂h of the parametrised layer next to the loss is
+    below the course's floor even per loss term (a mean over 65,536 examples is not small
+    for that reason): the loss itself is scaled down."""
+    from gradscope.diagnose.depth import _loss_terms
+
+    for layer in reversed(ctx.parametrised()):
+        stats = layer.gradient
+        if stats is None or stats.count == 0 or not stats.moments_valid or stats.rms == 0:
+            continue
+        per_term = stats.rms * _loss_terms(layer)
+        return (layer.name, per_term) if per_term < th.GRADIENT_RMS_MIN else None
+    return None
 
 
 def rule_precision(ctx: Context) -> list[Finding]:

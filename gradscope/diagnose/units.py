@@ -67,7 +67,7 @@ def rule_dead_units(ctx: Context) -> list[Finding]:
             severity=severity,
             layers=[t[0].name for t in hits],
             message=(
-                f"{worst[1]:.1%} of the outputs of {worst[0].name} ({worst[0].type}) are exactly zero "
+                f"{worst[1]:.1%} of the outputs of '{worst[0].name}' ({worst[0].type}) are exactly zero "
                 f"(a healthy ReLU sits near 50%): its units never activate, so no gradient flows through them."
             ),
             evidence={

@@ -209,8 +209,11 @@ def summary_text(report: Report) -> str:
         _plural(s["warnings"], "warning", "warnings"),
         _plural(s["infos"], "info", "infos"),
     ]
-    verdict = "healthy" if s["healthy"] else "unhealthy"
-    return " · ".join(parts) + f" — {verdict}"
+    verdict = s.get("verdict") or ("healthy" if s["healthy"] else "unhealthy")
+    text = " · ".join(parts) + f" — {verdict}"
+    if s.get("inconclusive"):
+        text += ": " + "; ".join(s["inconclusive"])
+    return text
 
 
 def _plural(n: int, one: str, many: str) -> str:

@@ -119,7 +119,7 @@ def _sections(report: Report, width: int, wanted: set[str]) -> list[RenderableTy
         parts.append(Text(""))
     if "summary" in wanted:
         summary = report.summary()
-        style = "bold green" if summary["healthy"] else "bold red"
+        style = {True: "bold green", False: "bold red"}.get(summary["healthy"], "bold yellow")
         parts.append(Text.assemble(("Summary: ", "bold"), (F.summary_text(report), style)))
     return parts
 

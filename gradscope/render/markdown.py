@@ -29,7 +29,7 @@ def _code(text: str) -> str:
 def render_markdown(report: Report) -> str:
     """The report as GitHub-flavoured Markdown, without a trailing newline."""
     summary = report.summary()
-    verdict = "✅ healthy" if summary["healthy"] else "❌ unhealthy"
+    verdict = {True: "✅ healthy", False: "❌ unhealthy"}.get(summary["healthy"], "❔ inconclusive")
     out: list[str] = [f"## gradscope: {verdict}", "", f"**{F.summary_text(report)}**", ""]
     for label, text in F.header_items(report):
         out.append(f"- **{label}**: {_cell(text)}")
