@@ -23,7 +23,7 @@ __all__ = ["diagnose", "diagnose_record"]
 
 def _analysis(ctx: Any) -> dict[str, Any]:
     from gradscope import advice
-    from gradscope.diagnose.depth import depth_rows, first_unhealthy
+    from gradscope.diagnose.depth import depth_rows, first_unhealthy, structure
     from gradscope.diagnose.init import analyse_init
 
     layers = ctx.layers
@@ -35,7 +35,11 @@ def _analysis(ctx: Any) -> dict[str, Any]:
     norm = advice.global_grad_norm((x.weight_grad for x in layers if x.weight_grad is not None), ctx.steps)
     clip = None
     first_f, first_b = first_unhealthy(ctx)
+    found = structure(ctx)
     return {
+        "head_boundary": found.head_boundary,
+        "zero_init": {"layers": found.zero_layers, "parameters": found.zero_parameters},
+        "layer_scale": dict(found.layer_scales),
         "depth": depth_rows(ctx),
         "first_unhealthy_forward": first_f,
         "first_unhealthy_backward": first_b,

@@ -146,6 +146,9 @@ def _scan(ctx: Context, role: str) -> tuple[list[Item], LayerRecord | None, floa
     else:
         layers = _unnormalised_tail([x for x in layers if x.type not in EMBEDDING_TYPES] or layers, ctx)
     measured = [(x, v) for x in layers if (v := measure(x.stats.get(role))) is not None]
+    if not backward and structure(ctx).zero_init:
+        # A zero-initialised layer outputs exactly zero by design (see zero-init).
+        measured = [(x, v) for x, v in measured if v != 0.0]
     if backward:
         measured = [(x, v * _norm_scale(ctx, x)) for x, v in measured if not _small_by_design(ctx, x, v)]
     if len(measured) < 2:

@@ -411,8 +411,9 @@ def analysis_items(report: Report) -> list[AnalysisItem]:
     analysis = report.analysis if isinstance(report.analysis, Mapping) else {}
     items = []
     if "first_unhealthy_forward" in analysis or "first_unhealthy_backward" in analysis:
-        fwd = analysis.get("first_unhealthy_forward") or "none"
-        bwd = analysis.get("first_unhealthy_backward") or "none"
+        unseen = "not assessed" if analysis.get("inconclusive") else "none"
+        fwd = analysis.get("first_unhealthy_forward") or unseen
+        bwd = analysis.get("first_unhealthy_backward") or unseen
         items.append(AnalysisItem("First layer out of the healthy range", [f"forward: {fwd} · backward: {bwd}"]))
     scale = analysis.get("loss_scale")
     if isinstance(scale, Mapping) and scale:
