@@ -162,42 +162,60 @@ def _row_code(row: dict[str, Any]) -> str:
     return code
 
 
-def _compounding_rows(ctx: Context, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows whose gains multiply: layers of the body (before a head boundary),
-    not inside a layer-scaled branch, without the output layer (its gain only
-    scales the logits, which the loss sees once)."""
+def _compounding_runs(ctx: Context, rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Runs of rows whose gains multiply: each layer feeds the next one directly.
+
+    Two rows are chained when what the second layer receives is what the first
+    (with its activation) put out: equal second moments within CHAIN_TOLERANCE.
+    A normalisation, a residual add, parallel projections (attention's query,
+    key and value all read the same input) or a layer-scaled branch breaks the
+    chain.  Layers after a head boundary and the output layer (its gain only
+    scales the logits, which the loss sees once) are left out.
+    """
     from gradscope.diagnose.depth import structure
 
     found = structure(ctx)
     last_body = None
     if found.head_boundary is not None:
         last_body = ctx.position[found.head_boundary["last_body_layer"]]
-    chosen = []
+    usable = []
     for row in rows:
         layer = ctx.by_name[row["name"]]
         if last_body is not None and ctx.position[layer.name] > last_body:
             continue
-        if found.in_scaled_branch(layer) or row["weight_std"] == 0 or row["predicted_gain"] is None:
+        if found.in_scaled_branch(layer) or row["weight_std"] == 0:
             continue
-        chosen.append(row)
-    if found.head_boundary is None and chosen and rows and chosen[-1] is rows[-1]:
-        chosen = chosen[:-1]
-    return chosen
+        usable.append(row)
+    if found.head_boundary is None and usable and rows and usable[-1] is rows[-1]:
+        usable = usable[:-1]
+    runs: list[list[dict[str, Any]]] = []
+    current: list[dict[str, Any]] = []
+    for row in usable:
+        broken = row["predicted_gain"] is None or row["measured_gain"] is None
+        if broken or (current and not _chained(ctx, current[-1], row)):
+            if len(current) >= 2:
+                runs.append(current)
+            current = []
+        if not broken:
+            current.append(row)
+    if len(current) >= 2:
+        runs.append(current)
+    return runs
 
 
-def _measured_end_to_end(ctx: Context, first: dict[str, Any], last: dict[str, Any]) -> float | None:
-    """E[a^2] after the last compounding layer (and its activation) over E[x^2] into
-    the first: what the signal really did across the stretch.  A residual or
-    normalised network keeps it near 1 whatever its branches' gains."""
-    head = ctx.by_name[first["name"]]
-    tail = ctx.by_name[last["name"]]
-    kind, act = ctx.activation_after(tail)
-    out = act.activation if act is not None and kind != "norm" else tail.activation
-    source = head.input
-    if source is None:
-        prev = ctx.previous(head)
-        source = prev.activation if prev is not None else ctx.record.input
-    return _ratio(_second_moment(out), _second_moment(source))
+def _chained(ctx: Context, before: dict[str, Any], after: dict[str, Any]) -> bool:
+    layer = ctx.by_name[before["name"]]
+    kind, act = ctx.activation_after(layer)
+    out = _second_moment(act.activation if act is not None and kind != "norm" else layer.activation)
+    nxt = ctx.by_name[after["name"]]
+    stats = nxt.input
+    if stats is None:  # a record without inputs (watch): what the previous call site put out
+        prev = ctx.previous(nxt)
+        stats = prev.activation if prev is not None else None
+    received = _second_moment(stats)
+    if out is None or received is None or out <= 0:
+        return False
+    return 1 / th.CHAIN_TOLERANCE <= received / out <= th.CHAIN_TOLERANCE
 
 
 def _out_of_band(gain: float | None) -> bool:
@@ -219,16 +237,20 @@ def rule_poor_init(ctx: Context) -> list[Finding]:
     if ctx.during_training:
         return []
     rows = ctx.analysis.get("init") or []
-    stack = _compounding_rows(ctx, rows)
-    if len(stack) < 2:
+    judged = []
+    for run in _compounding_runs(ctx, rows):
+        predicted = math.prod(r["predicted_gain"] for r in run)
+        # The rows are chained, so their measured gains telescope: from the input
+        # of the first to the activation after the last, what the signal really did.
+        measured = math.prod(r["measured_gain"] for r in run)
+        if _out_of_band(measured):
+            judged.append((run, predicted, measured))
+    if not judged:
         return []
-    predicted = math.prod(r["predicted_gain"] for r in stack)
-    measured = _measured_end_to_end(ctx, stack[0], stack[-1])
-    if not _out_of_band(measured):
-        return []
+    run, predicted, measured = max(judged, key=lambda t: abs(math.log(t[2])) if t[2] > 0 else math.inf)
     if _out_of_band(predicted):
-        return [_weights_finding(ctx, stack, predicted, measured)]
-    return _bias_finding(ctx, stack, predicted, measured)
+        return [_weights_finding(ctx, run, predicted, measured)]
+    return _bias_finding(ctx, run, predicted, measured)
 
 
 def _weights_finding(ctx: Context, stack: list[dict[str, Any]], predicted: float, measured: float | None) -> Finding:

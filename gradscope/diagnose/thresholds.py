@@ -56,6 +56,11 @@ INIT_GAIN_HIGH = 1.5
 # (1/6 per layer over 2 hidden layers, 0.028) trains fine.
 INIT_STACK_LOW = 1e-2
 INIT_STACK_HIGH = 1e2
+# Two parametrised layers are chained (the second receives what the first put
+# out) when those second moments agree within this factor: exact for Linear ->
+# ReLU -> Linear, within sampling for Dropout in between; a residual add or a
+# parallel projection (query/key/value) differs by far more.
+CHAIN_TOLERANCE = 1.3
 # Weight std within 25% of the recommended std counts as "already right"
 # (kaiming_uniform_ and kaiming_normal_ give the same std; PyTorch's default
 # init, kaiming_uniform_(a=√5), is 1/√6 ≈ 0.41 of He's and is not "right").

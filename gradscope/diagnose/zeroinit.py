@@ -33,16 +33,15 @@ def rule_zero_init(ctx: Context) -> list[Finding]:
         for x in ctx.parametrised()
         if (g := x.gradient) is not None and g.count > 0 and g.moments_valid and g.rms == 0.0
     ]
+    if not silenced:
+        return []  # a zero table or bias that silences nothing (Swin's relative position bias): nothing to say
     what = found.zero_layers + found.zero_parameters
     subject = _quoted(what)
     verb = "is" if len(what) == 1 else "are"
-    if silenced:
-        effect = (
-            f"so ∂ℓ/∂h of {len(silenced)} parametrised layer(s) below it ({_quoted(silenced)}) is exactly zero "
-            "at step 0; the gradient reaches them after the first update moves the zeros."
-        )
-    else:
-        effect = "the gradient below it flows once the first update moves the zeros."
+    effect = (
+        f"so ∂ℓ/∂h of {len(silenced)} parametrised layer(s) below it ({_quoted(silenced)}) is exactly zero "
+        "at step 0; the gradient reaches them after the first update moves the zeros."
+    )
     # A layer's own name may be a parameter path (ReZero's 'blocks.0.alpha'): layers lists recorded layers only.
     layers = [name for name in found.zero_layers if name in ctx.by_name] or silenced[:1]
     return [
