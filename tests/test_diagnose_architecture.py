@@ -187,7 +187,13 @@ def test_gap_conv_net_gets_the_same_verdict_at_32_and_128_pixels(init: str) -> N
 def test_wide_then_narrow_kaiming_mlp_is_healthy() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+        nn.Linear(64, 256),
+        nn.ReLU(),
+        nn.Linear(256, 256),
+        nn.ReLU(),
+        nn.Linear(256, 256),
+        nn.ReLU(),
+        nn.Linear(256, 10),
     )
     for m in model:
         if isinstance(m, nn.Linear):

@@ -37,7 +37,9 @@ def _build(name: str) -> tuple[nn.Module, dict]:
 
 
 def _loud(report: Report) -> list[str]:
-    return [f"{f.code}: {f.message}" for f in report.findings if Severity(f.severity) in (Severity.ERROR, Severity.WARNING)]
+    return [
+        f"{f.code}: {f.message}" for f in report.findings if Severity(f.severity) in (Severity.ERROR, Severity.WARNING)
+    ]
 
 
 def test_the_suite_covers_the_architectures_the_issue_names() -> None:

@@ -88,7 +88,9 @@ def _verdict(report: Any) -> str:
     s = report.summary()
     codes = ", ".join(sorted(report.codes()))
     text = f"{s['errors']} errors, {s['warnings']} warnings, {s['infos']} infos"
-    return text + (f" ({codes})" if codes else "") + ({True: " - healthy", None: " - inconclusive"}.get(s["healthy"], ""))
+    return (
+        text + (f" ({codes})" if codes else "") + ({True: " - healthy", None: " - inconclusive"}.get(s["healthy"], ""))
+    )
 
 
 def _summary(scheme: str, changes: list[Any], before: Any, after: Any) -> list[str]:

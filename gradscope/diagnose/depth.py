@@ -361,7 +361,9 @@ def _training_depth_fix(ctx: Context, exploding: bool, bad: list[dict[str, Any]]
     learning rate) or on the architecture; an init change only for the next run."""
     later = ""
     if bad:
-        later = "\n# for the next run from scratch:\n" + "\n".join("# " + line for line in init_fix(bad).code.splitlines())
+        later = "\n# for the next run from scratch:\n" + "\n".join(
+            "# " + line for line in init_fix(bad).code.splitlines()
+        )
     if exploding:
         return Fix(
             "Cap the global gradient norm and lower the learning rate; keep the trained weights.",
@@ -401,7 +403,8 @@ def rule_gradient(ctx: Context) -> list[Finding]:
         ratio = worst[1] / ref
         if ratio > 0:
             message = (
-                f"∂ℓ/∂h shrinks {1 / ratio:.3g}x from '{ref_layer.name}' ({_reference_role(ctx)}) to '{worst[0].name}', "
+                f"∂ℓ/∂h shrinks {1 / ratio:.3g}x from '{ref_layer.name}' ({_reference_role(ctx)}) "
+                f"to '{worst[0].name}', "
                 f"{span} parametrised layers back ({_fmt_gain(_per_layer(ratio, span))} per layer): "
                 "the early layers barely learn."
             )

@@ -259,8 +259,10 @@ def _weights_finding(ctx: Context, stack: list[dict[str, Any]], predicted: float
         row["flag"] = "poor-init"
     gains = [r["predicted_gain"] for r in bad]
     worst = max(bad, key=lambda r: abs(math.log(r["predicted_gain"])) if r["predicted_gain"] > 0 else math.inf)
-    spread = f"{min(gains):.2g}" if math.isclose(min(gains), max(gains), rel_tol=0.05) else (
-        f"{min(gains):.2g}–{max(gains):.2g}"
+    spread = (
+        f"{min(gains):.2g}"
+        if math.isclose(min(gains), max(gains), rel_tol=0.05)
+        else (f"{min(gains):.2g}–{max(gains):.2g}")
     )
     squash = [r for r in bad if any(t.lower() in r["activation_after"] for t in SQUASH_TYPES)]
     message = (
@@ -313,6 +315,7 @@ def _bias_finding(ctx: Context, stack: list[dict[str, Any]], predicted: float, m
     code = "import torch.nn as nn\n\n" + "\n".join(
         f"nn.init.zeros_({advice.module_expression(n.split('#')[0])}.bias)" for n in names
     )
+
     def off(row: dict[str, Any]) -> float:
         ratio = row["measured_gain"] / row["predicted_gain"]
         return abs(math.log(ratio)) if ratio > 0 else math.inf
