@@ -110,6 +110,8 @@ def _to_device(inputs: Any, device: torch.device) -> Any:
         return inputs.to(device)
     if isinstance(inputs, dict):
         return {k: _to_device(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, tuple) and hasattr(inputs, "_fields"):  # a namedtuple, e.g. a PackedSequence
+        return type(inputs)(*(_to_device(v, device) for v in inputs))
     if isinstance(inputs, (tuple, list)):
         return type(inputs)(_to_device(v, device) for v in inputs)
     return inputs

@@ -95,14 +95,15 @@ class SequenceTaps:
         """Register the time-profile gradient hooks of one call (a recorded forward)."""
         if not torch.is_grad_enabled():
             return
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor):
+            # A PackedSequence (or keyword input): its data is not laid out along one time axis.
+            what = type(x).__name__ if x is not None else "keyword argument"
+            self._note(f"{key}: its input is a {what}, not a tensor: gradients not measured along time")
+            return
         dim = self._time_dim(name, module, output)
         if dim is not None and output.requires_grad:
             output.register_hook(self._hook(key, "gradient", list(output.shape), dim))
-        x = args[0] if args else None
-        if not isinstance(x, torch.Tensor):
-            if x is not None:
-                self._note(f"{key}: its input is a {type(x).__name__}, not a tensor: no per-step input gradient")
-            return
         dim = self._time_dim(name, module, x)
         if dim is not None and x.requires_grad:
             x.register_hook(self._hook(key, "input_gradient", list(x.shape), dim))

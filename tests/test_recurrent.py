@@ -275,3 +275,27 @@ def test_watch_measures_time_on_sampled_steps_and_merges_the_run() -> None:
     profile = report.record.layers[0].time["input_gradient"]
     assert profile.calls == 3  # sampled steps 0, 2, 4
     assert "recurrent" in report.analysis
+
+
+def test_packed_sequences_are_said_not_assessed() -> None:
+    torch.manual_seed(0)
+    lstm = nn.LSTM(H, H)
+    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(T, B, H), [T] * B)
+    loss = lambda out: out[0].data.square().mean()  # noqa: E731
+    report = audit(lstm, (packed,), loss=loss)
+    assert not report.record.layers[0].time
+    assert any("PackedSequence" in note for note in report.record.notes)
+    reasons = [x["reason"] for x in report.analysis["not_assessed"] if x.get("layer") == "model"]
+    assert any("no per-step gradient" in r for r in reasons)
+    assert report.analysis["recurrent"]["model"]["recurrent_weights"]  # the spectra are still there
+
+
+def test_spectral_radius_by_gelfand_matches_the_eigenvalues(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gradscope.diagnose.recurrent as recurrent
+
+    torch.manual_seed(0)
+    w = torch.randn(96, 96, dtype=torch.float64) / 96**0.5
+    exact = spectral_radius(w)
+    monkeypatch.setattr(recurrent, "EXACT_EIGEN_MAX", 8)
+    # ‖W^k‖_F^(1/k) with k = 1024: within (√n · condition)^(1/k) of ρ
+    assert spectral_radius(w) == pytest.approx(exact, rel=0.02)

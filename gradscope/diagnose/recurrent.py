@@ -307,9 +307,14 @@ def _finding(ctx: Context, layer: LayerRecord, row: dict[str, Any], verdict: tup
     if kind == "RNN":
         relu = row.get("nonlinearity") == "relu"
         init_summary = "identity recurrent weights (IRNN, Le et al. 2015)" if relu else "orthogonal recurrent weights"
-        summary = f"give {_quoted(layer.name)} {init_summary} (spectral radius 1), or use nn.LSTM/nn.GRU"
+        summary = (
+            f"before training starts, give {_quoted(layer.name)} {init_summary} (spectral radius 1), "
+            "or use nn.LSTM/nn.GRU"
+        )
     elif kind in ("LSTM", "GRU"):
-        summary = f"initialise {_quoted(layer.name)}'s recurrent weights orthogonally per gate block"
+        summary = (
+            f"before training starts, initialise {_quoted(layer.name)}'s recurrent weights orthogonally per gate block"
+        )
         if vanishing and kind == "LSTM":
             summary += " and set the forget-gate bias to 1"
     else:
