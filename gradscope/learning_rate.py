@@ -186,7 +186,7 @@ class LayerRatios:
 class OptimizerSeen:
     """What the snippets need from the optimizer (strings and numbers: no reference kept)."""
 
-    expression: str = "torch.optim.AdamW"
+    expression: str = "type(optimizer)"  # until an optimizer is seen: the user's own class, whatever it is
     family: str = optimizers.UNKNOWN
     arguments: str = ""
     known: bool = False
@@ -201,6 +201,7 @@ class OptimizerSeen:
         )
 
     def constructor(self, params: str, lr: float) -> str:
+        """``optimizer = torch.optim.SGD(params, lr=..., momentum=0.9)``, in the class the run used."""
         extra = f", {self.arguments}" if self.arguments else ""
         return f"optimizer = {self.expression}({params}, lr={lr:g}{extra})"
 
@@ -447,12 +448,14 @@ class LearningRateMonitor:
         )
 
     def _ratio_fix(self, large: list[str], small: list[str], judged: int, final: bool) -> tuple[str, str]:
-        """A learning rate from the observed ratios, in the user's own optimizer class."""
-        groups: list[tuple[str, list[str], float | None]] = []  # (label, layers, new lr)
+        """A learning rate from the observed ratios (the ratio is proportional to it), in the
+        user's own optimizer class; with the rates unknown (scope.step() never saw the
+        optimizer), as a factor on the optimizer's current rate."""
+        groups: list[tuple[str, list[str], float, float | None]] = []  # (label, layers, factor, new lr)
         for label, names in (("too large", large), ("too small", small)):
             if not names:
                 continue
-            new = []
+            factors, rates = [], []
             for n in names:
                 x = self.layers[n]
                 if label == "too large":
@@ -460,40 +463,48 @@ class LearningRateMonitor:
                 else:
                     # a ratio that rounded to 0 is below half an fp32 ulp (2^-24) of the weights
                     ratio, lr = max(x.max_at_peak, FP32_HALF_ULP), x.lr_peak
-                if lr is not None and ratio > 0:
-                    new.append(lr * UPDATE_RATIO_TARGET / ratio)
-            lr_new = optimizers.round_lr(math.prod(new) ** (1 / len(new))) if new else None
-            groups.append((label, names, lr_new))
+                if ratio > 0 and math.isfinite(ratio):
+                    factors.append(UPDATE_RATIO_TARGET / ratio)
+                    if lr is not None:
+                        rates.append(lr * UPDATE_RATIO_TARGET / ratio)
+            factor = optimizers.round_lr(math.prod(factors) ** (1 / len(factors))) if factors else 1.0
+            new_lr = optimizers.round_lr(math.prod(rates) ** (1 / len(rates))) if len(rates) == len(names) else None
+            groups.append((label, names, factor, new_lr))
         root = advice.ROOT
-        whole_lr = groups[0][2] if len(groups) == 1 and len(groups[0][1]) * 2 >= max(judged, 1) else None
-        if whole_lr is not None:
+        if len(groups) == 1 and len(groups[0][1]) * 2 >= max(judged, 1):  # most layers: the whole rate
+            _, _, factor, new_lr = groups[0]
+            if new_lr is not None:
+                return (
+                    f"set the learning rate to about {new_lr:g} (the update ratio is proportional to it)",
+                    self.optimizer.constructor(f"{root}.parameters()", new_lr),
+                )
             return (
-                f"set the learning rate to about {whole_lr:g} (the update ratio is proportional to it)",
-                self.optimizer.constructor(f"{root}.parameters()", whole_lr),
+                f"scale the learning rate by about {factor:g} (the update ratio is proportional to it)",
+                f"for group in optimizer.param_groups:\n    group['lr'] *= {factor:g}",
             )
         # parameter names are "<layer>.<weight>": a parameter's layer is what precedes the last dot
-        lines = [
-            "def layer_of(name):\n    return name.rpartition('.')[0]\n",
-        ]
+        lines = ["def layer_of(name):\n    return name.rpartition('.')[0]\n"]
+        in_groups = {n for _, names, _, _ in groups for n in names}
+        rest = [x.lr_last for n, x in self.layers.items() if n not in in_groups and x.lr_last is not None]
+        current = "optimizer.param_groups[0]['lr']"
+        base = f"{statistics.median(rest):g}" if rest else current  # the other layers keep their rate
         params = []
-        listed_sets = []
-        for i, (label, names, lr_new) in enumerate(groups):
+        for i, (label, names, factor, new_lr) in enumerate(groups):
             listed = ", ".join(repr("" if n == advice.ROOT else n.split("#")[0]) for n in names)
             lines.append(f"group_{i} = {{{listed}}}  # layers whose updates are {label}")
-            listed_sets.append(f"group_{i}")
-            if lr_new is not None:
-                chosen = f"[p for n, p in {root}.named_parameters() if layer_of(n) in group_{i}]"
-                params.append(f'{{"params": {chosen}, "lr": {lr_new:g}}}')
-        others = " | ".join(listed_sets)
+            chosen = f"[p for n, p in {root}.named_parameters() if layer_of(n) in group_{i}]"
+            rate = f"{new_lr:g}" if new_lr is not None else f"{current} * {factor:g}"
+            params.append(f'{{"params": {chosen}, "lr": {rate}}}')
+        others = " | ".join(f"group_{i}" for i in range(len(groups)))
         params.insert(0, f'{{"params": [p for n, p in {root}.named_parameters() if layer_of(n) not in {others}]}}')
-        in_groups = {n for _, names, _ in groups for n in names}
-        rest = [x.lr_last for n, x in self.layers.items() if n not in in_groups and x.lr_last is not None]
-        base = statistics.median(rest) if rest else None  # the other layers keep their learning rate
-        lines.append(self.optimizer.constructor("[\n    " + ",\n    ".join(params) + ",\n]", base if base else 1e-3))
+        extra = f", {self.optimizer.arguments}" if self.optimizer.arguments else ""
+        listing = "[\n    " + ",\n    ".join(params) + ",\n]"
+        lines.append(f"optimizer = {self.optimizer.expression}({listing}, lr={base}{extra})")
         summary = "give " + " and ".join(
-            f"{_quoted(names)} their own learning rate ({lr_new:g})"
-            for _, names, lr_new in groups
-            if lr_new is not None
+            f"{_quoted(names)} their own learning rate ("
+            + (f"{new_lr:g}" if new_lr is not None else f"{factor:g}x the current one")
+            + ")"
+            for _, names, factor, new_lr in groups
         )
         return (
             summary + " (a parameter group per set; the update ratio is proportional to the learning rate)",

@@ -257,3 +257,20 @@ def test_optimizer_family_and_class() -> None:
     assert family(MyAdam(p, lr=0.1)) == ADAPTIVE  # from its betas
     assert class_expression(MyAdam(p)) == f"{__name__}.MyAdam"
     assert class_expression(torch.optim.Adam(p)) == "torch.optim.Adam"
+
+
+def test_without_the_optimizer_the_snippet_sets_the_rate_in_place() -> None:
+    """scope.step() without the optimizer: no class is made up (never a default AdamW)."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
+    with gradscope.watch(model, every=1, raise_on=(), on_finding=lambda f: None) as scope:
+        for step in range(12):
+            x, y = mlp_data(step)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            scope.step()
+            opt.step()
+    finding = next(f for f in scope.report().findings if f.code == "update-ratio")
+    assert "AdamW" not in finding.fix.code and finding.evidence["optimizer"] is None
+    exec(finding.fix.code, {"optimizer": opt})
+    assert opt.param_groups[0]["lr"] > 1e-6
