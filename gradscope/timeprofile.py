@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # torch is imported where tensors are handled: a report read 
 # 64 points), few enough that the vector stays smaller than one statistics row.
 TIME_BINS = 64
 
+_BIN_INDEX_MAX = 64
 _BIN_INDEX: dict[tuple[int, str], torch.Tensor] = {}  # (steps, device) -> bin of each step
 
 
@@ -35,6 +36,8 @@ def _bin_index(steps: int, device: torch.device) -> torch.Tensor:
     key = (steps, str(device))
     index = _BIN_INDEX.get(key)
     if index is None:
+        if len(_BIN_INDEX) >= _BIN_INDEX_MAX:  # variable-length batches: keep the cache bounded
+            _BIN_INDEX.clear()
         bins = min(steps, TIME_BINS)
         index = _BIN_INDEX[key] = (torch.arange(steps, device=device) * bins) // steps
     return index

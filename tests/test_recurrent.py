@@ -299,3 +299,16 @@ def test_spectral_radius_by_gelfand_matches_the_eigenvalues(monkeypatch: pytest.
     monkeypatch.setattr(recurrent, "EXACT_EIGEN_MAX", 8)
     # ‖W^k‖_F^(1/k) with k = 1024: within (√n · condition)^(1/k) of ρ
     assert spectral_radius(w) == pytest.approx(exact, rel=0.02)
+
+
+def test_without_the_model_the_measurement_still_judges_and_the_spectra_are_not_assessed() -> None:
+    from gradscope.diagnose import diagnose_record
+
+    rnn = scaled_orthogonal_rnn(1.5)
+    report = audit(rnn, small_input(), loss=last_step_loss)
+    record = Report.from_dict(json.loads(json.dumps(report.to_dict()))).record  # as `gradscope report` reads it
+    findings, analysis = diagnose_record(record)  # no model at hand
+    assert "exploding-through-time" in [f.code for f in findings]
+    reasons = [x["reason"] for x in analysis["not_assessed"] if x.get("layer") == "model"]
+    assert any("recurrent weights not analysed" in r for r in reasons)
+    assert "spectral_radius_max" not in analysis["recurrent"]["model"]

@@ -154,17 +154,17 @@ def _init_snippet(layer: LayerRecord, module: Any, kind: str, vanishing: bool) -
     names = [n for n, _ in module.named_parameters(recurse=False) if n.startswith("weight_hh_l")] if module else []
     if not names:
         names = ["weight_hh_l0"]
-    listed = ", ".join(f"{target}.{n}" for n in names)
+    listed = ", ".join(f"{target}.{n}" for n in names) + ("," if len(names) == 1 else "")
     lines = ["import torch", "import torch.nn as nn", "", "with torch.no_grad():"]
     if kind == "RNN":
         relu = getattr(module, "nonlinearity", "tanh") == "relu"
         init = "nn.init.eye_(w)  # IRNN: identity recurrence (Le et al. 2015)" if relu else "nn.init.orthogonal_(w)"
-        lines += [f"    for w in ({listed},):", f"        {init}"]
+        lines += [f"    for w in ({listed}):", f"        {init}"]
         return lines
     gates = len(GATES[kind])
     lines += [
         f"    hidden = {target}.hidden_size",
-        f"    for w in ({listed},):",
+        f"    for w in ({listed}):",
         f"        for gate in range({gates}):  # {', '.join(GATES[kind])} blocks",
         "            nn.init.orthogonal_(w[gate * hidden : (gate + 1) * hidden])",
     ]
@@ -172,7 +172,7 @@ def _init_snippet(layer: LayerRecord, module: Any, kind: str, vanishing: bool) -
         # Gers et al. 2000, Jozefowicz et al. 2015: a forget-gate bias of 1 keeps the cell state's gradient.
         biases = [n.replace("weight_hh", "bias_hh") for n in names]
         lines += [
-            f"    for b in ({', '.join(f'{target}.{n}' for n in biases)},):",
+            f"    for b in ({', '.join(f'{target}.{n}' for n in biases)}{',' if len(biases) == 1 else ''}):",
             "        b[hidden : 2 * hidden].fill_(1.0)  # forget gate open at the start (Jozefowicz et al. 2015)",
         ]
     return lines
@@ -327,7 +327,7 @@ def _finding(ctx: Context, layer: LayerRecord, row: dict[str, Any], verdict: tup
         "change_over_sequence": change,
         "steps": steps,
         "thresholds": [th.DEPTH_WARN_LOW, th.DEPTH_WARN_HIGH, th.DEPTH_ERROR_LOW, th.DEPTH_ERROR_HIGH],
-    } | {k: v for k, v in row.items() if k not in ("layer", "input_gradient_rms")}
+    } | {k: v for k, v in row.items() if k not in ("layer", "input_gradient_rms", "recurrent_weights")}
     return Finding(
         code=code,
         severity=severity,
