@@ -36,6 +36,8 @@ FLAG_BY_CODE: dict[str, str] = {
     "poor-init": "init",
     "gradient-spike": "spike",
     "update-ratio": "upd",
+    "exploding-through-time": "ett",
+    "vanishing-through-time": "vtt",
 }
 
 FLAG_MEANING: dict[str, str] = {
@@ -52,6 +54,8 @@ FLAG_MEANING: dict[str, str] = {
     "init": "poor init",
     "spike": "gradient spike",
     "upd": "update ratio",
+    "ett": "exploding through time",
+    "vtt": "vanishing through time",
 }
 
 SEVERITY_ORDER = (Severity.ERROR, Severity.WARNING, Severity.INFO)
