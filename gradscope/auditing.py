@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from gradscope.errors import GradscopeError, InputError
-from gradscope.inputs import InputSpec, compute_loss, resolve_spec, synthetic_input
+from gradscope.inputs import InputSpec, check_batch_not_empty, compute_loss, resolve_spec, synthetic_input
 from gradscope.recorder import Recorder
 from gradscope.report import Report
 
@@ -196,6 +196,7 @@ def audit(
     if inputs is None:
         spec = resolve_spec(model, input_shape, input_dtype, vocab)
     else:
+        check_batch_not_empty(inputs)
         inputs = _to_device(inputs, device)
 
     generator = torch.Generator().manual_seed(seed)

@@ -9,6 +9,8 @@ device, so the same seed gives the same inputs on every device.
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +53,83 @@ def parse_shape(text: str) -> tuple[int, ...]:
     if not shape or any(s <= 0 for s in shape):
         raise InputError(f"input shape {text!r} must be positive integers such as 32,784")
     return shape
+
+
+# The least an audit holds for a synthetic batch of n elements: the input itself
+# (n * itemsize bytes) and one float32 working copy of it while its statistics
+# are computed (gradscope records the model's input; see stats.py).  The forward
+# and backward need more, so this is a lower bound: a shape refused by it cannot fit.
+_WORKING_COPY_BYTES = 4
+
+
+def input_bytes_lower_bound(shape: Sequence[int], dtype: torch.dtype | str = torch.float32) -> int:
+    """Bytes an audit needs at least for a synthetic input of ``shape`` (see above)."""
+    numel = math.prod(int(s) for s in shape)
+    itemsize = torch.empty((), dtype=parse_dtype(dtype)).element_size()
+    return numel * (itemsize + _WORKING_COPY_BYTES)
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: MemAvailable, capped by a cgroup v2 limit."""
+    found: list[int] = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as handle:
+            limit = handle.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current", encoding="ascii") as handle:
+                found.append(max(0, int(limit) - int(handle.read().strip())))
+    except (OSError, ValueError):
+        pass
+    if not found:
+        try:
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (OSError, ValueError, AttributeError):
+            return None
+    return min(found)
+
+
+def format_bytes(count: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if value < 1024 or unit == "PiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def check_input_memory(shape: Sequence[int], dtype: torch.dtype | str = torch.float32, what: str = "") -> None:
+    """Refuse a synthetic input shape that cannot fit in memory, before allocating it."""
+    need = input_bytes_lower_bound(shape, dtype)
+    label = what or f"input shape {','.join(str(s) for s in shape)}"
+    name = str(parse_dtype(dtype)).removeprefix("torch.")
+    if math.prod(shape) >= 2**63:  # beyond what a tensor can index
+        raise InputError(f"{label} has {math.prod(shape):.3g} elements, more than a tensor can hold")
+    available = available_memory()
+    if available is not None and need > available:
+        raise InputError(
+            f"{label} needs at least {format_bytes(need)} (the {name} input and a float32 working copy), "
+            f"more than the {format_bytes(available)} of memory available; pass a smaller shape"
+        )
+
+
+def check_batch_not_empty(inputs: Any, source: str = "the input") -> None:
+    """An input batch with no elements is a mistake: nothing would be measured."""
+    values = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (tuple, list)) else [inputs]
+    for index, value in enumerate(values):
+        if isinstance(value, torch.Tensor) and value.numel() == 0:
+            where = "" if not isinstance(inputs, (dict, tuple, list)) else f" (entry {index})"
+            if isinstance(inputs, dict):
+                where = f" (entry {list(inputs)[index]!r})"
+            raise InputError(f"{source} holds an empty batch{where}: shape {list(value.shape)}; nothing to audit")
 
 
 def parse_dtype(text: str | torch.dtype) -> torch.dtype:
@@ -121,6 +200,7 @@ def resolve_spec(
     model's first Embedding."""
     if input_shape is not None:
         spec = InputSpec(tuple(int(s) for s in input_shape), parse_dtype(input_dtype), vocab)
+        check_input_memory(spec.shape, spec.dtype)
     else:
         spec = infer_input(model)
         if vocab is not None:

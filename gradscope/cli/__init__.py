@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 import click
@@ -50,12 +52,50 @@ class LazyGroup(click.Group):
         command = getattr(module, attr, None)
         return command if isinstance(command, click.Command) else None
 
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        """click's main, with one line per usage error instead of click's three.
+
+        click prints "Usage: ...", "Try ... for help." and "Error: ..."; here it is
+        ``gradscope: error: <message> (see 'gradscope audit --help')`` and exit 2.
+        """
+        from gradscope.cli.stdout import standard_streams_open
+
+        standard_streams_open()
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx is not None else (prog_name or "gradscope")
+            _error_line(f"{exc.format_message()} (see '{command} --help')")
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            _error_line(exc.format_message())
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            _error_line("interrupted")
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # The stored one-liners, so listing commands imports none of them.
         rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
+
+
+def _error_line(message: str) -> None:
+    from gradscope.render.sanitize import clean_text
+
+    click.echo(f"gradscope: error: {' '.join(clean_text(message).split())}", err=True)
 
 
 def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
@@ -82,7 +122,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """gradscope: per-layer gradient health for PyTorch, with the fix.
 
     Exit codes: 0 healthy (nothing at or above --fail-on), 1 findings at or
-    above --fail-on, 2 usage, load or input error.
+    above --fail-on, 2 usage, load or input error, 130/143 interrupted by
+    SIGINT/SIGTERM (no partial output is left).
 
     Start with:  gradscope demo
     """

@@ -1,8 +1,8 @@
-"""What every command shares: one exit path for errors, atomic writes, output settings.
+"""What every command shares: one exit path for errors, output settings.
 
 Exit codes (DESIGN.md): 0 no finding at or above ``--fail-on``, 1 findings at
-or above it, 2 usage, load or input error.  Diagnostics go to stderr; stdout
-holds only the report.  Nothing here imports torch.
+or above it, 2 usage, load or input error, 130/143 interrupted by SIGINT/SIGTERM.
+Diagnostics go to stderr; stdout holds only the report.  Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -11,12 +11,10 @@ import contextlib
 import os
 import shutil
 import sys
-import tempfile
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NoReturn
 
 import click
@@ -37,47 +35,101 @@ class App:
 
     def abort(self, message: str, code: int = EXIT_ERROR) -> NoReturn:
         """The one error exit: ``gradscope: error: <one line>`` on stderr, then exit ``code``."""
-        line = " ".join(str(message).split())
+        from gradscope.render.sanitize import clean_text
+
+        line = " ".join(clean_text(str(message)).split())
         click.echo(f"gradscope: error: {line}", err=True)
         raise click.exceptions.Exit(code)
 
     def info(self, message: str) -> None:
-        click.echo(f"gradscope: {message}", err=True)
+        from gradscope.render.sanitize import clean_text
+
+        click.echo(f"gradscope: {clean_text(message)}", err=True)
+
+    def emit(self, text: str) -> None:
+        """The report on stdout; a stdout that cannot take it is one error line, exit 2."""
+        from gradscope.cli.stdout import StdoutError, emit
+
+        try:
+            emit(text)
+        except StdoutError as exc:
+            self.abort(str(exc))
 
     @contextlib.contextmanager
-    def guard(self) -> Iterator[None]:
-        """Turn exceptions into one-line errors (exit 2); tracebacks only with --debug.
+    def guard(self, *, subject: str | None = None, isolate: bool = True) -> Iterator[None]:
+        """Run a command's work inside the CLI contract; every failure is one line.
 
-        stdout is redirected to stderr inside, so that a model's or library's
-        prints can never mix with the report (``--format json`` stays one document).
-        Torch's warnings are hidden unless --debug.
+        Inside the block (``isolate``, for commands that run model code): file
+        descriptor 1 and ``sys.stdout`` point at stderr, so nothing but the report
+        reaches stdout; torch's log records are kept in memory (shown with
+        --debug); SIGINT/SIGTERM raise, so staged outputs are removed and the
+        command exits 130/143.  Torch's warnings are hidden unless --debug.
+        ``subject`` (the MODEL the user passed) names the code in the message
+        when that code calls ``sys.exit``.
         """
+        from gradscope.cli.isolation import (
+            EXIT_SIGINT,
+            SignalState,
+            describe_exit,
+            signals_to_exceptions,
+            stdout_to_stderr,
+            torch_logs_captured,
+        )
         from gradscope.errors import GradscopeError
 
         try:
-            with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(signals_to_exceptions())
+                stack.enter_context(warnings.catch_warnings())
                 if not self.debug:
                     # torch's deprecation chatter (e.g. while loading .pt2 archives) is not the
                     # user's concern; their own UserWarnings still reach stderr.
                     warnings.filterwarnings("ignore", module=r"torch(\.|$)")
                     warnings.filterwarnings("ignore", category=FutureWarning)
                     warnings.filterwarnings("ignore", category=DeprecationWarning)
+                    stack.enter_context(torch_logs_captured())
+                if isolate:
+                    stack.enter_context(stdout_to_stderr())
+                else:
+                    stack.enter_context(contextlib.redirect_stdout(sys.stderr))
                 yield
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
-        except GradscopeError as exc:
-            self._traceback()
-            self.abort(str(exc))
-        except KeyboardInterrupt:
-            self.abort("interrupted", 130)
-        except MemoryError:
-            self._traceback()
-            self.abort("out of memory; try a smaller --input-shape batch")
-        except Exception as exc:
+        except BaseException as exc:
+            signum = SignalState.received
+            if signum is not None or isinstance(exc, KeyboardInterrupt):
+                self._traceback()
+                self._interrupted(signum if signum is not None else EXIT_SIGINT - 128)
+            if isinstance(exc, SystemExit):
+                self._traceback()
+                where = f" in {subject!r}" if subject else ""
+                from gradscope.cli.isolation import describe_exit
+
+                self.abort(
+                    f"the model code{where} called {describe_exit(exc.code)}; gradscope stopped, nothing written"
+                )
+            if isinstance(exc, GradscopeError):
+                self._traceback()
+                self.abort(str(exc))
+            if isinstance(exc, MemoryError):
+                self._traceback()
+                self.abort("out of memory; try a smaller --input-shape batch")
+            if isinstance(exc, OSError) and exc.filename is not None:
+                # a file the user named (an output folder that filled up, a path gone read-only)
+                self._traceback()
+                self.abort(f"cannot use {str(exc.filename)!r}: {exc.strerror or exc}")
+            if not isinstance(exc, Exception):
+                raise
             self._traceback()
             text = str(exc).strip().splitlines()
             hint = "" if self.debug else " (rerun with --debug for the traceback)"
             self.abort(f"internal error: {type(exc).__name__}: {text[0] if text else ''}{hint}")
+
+    def _interrupted(self, signum: int) -> NoReturn:
+        import signal
+
+        name = signal.Signals(signum).name
+        self.abort(f"interrupted by {name} (no partial output is left)", 128 + signum)
 
     def _traceback(self) -> None:
         if self.debug:
@@ -106,7 +158,11 @@ def report_output_options(func: Callable[..., Any]) -> Callable[..., Any]:
                 help="Report format; json is exactly one JSON document (schema 1) on stdout.",
             ),
             click.option(
-                "--output", "-o", metavar="FILE", help="Write the report to FILE (atomically) instead of stdout."
+                "--output",
+                "-o",
+                metavar="FILE",
+                help="Write the report to FILE instead of stdout; it appears only once the command succeeded "
+                "(never a link, a device, or one of the input files).",
             ),
             click.option(
                 "--fail-on",
@@ -150,55 +206,6 @@ def use_color(stream: Any = None) -> bool:
 
 def terminal_width() -> int:
     return max(60, min(shutil.get_terminal_size((100, 24)).columns, 160))
-
-
-def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Create ``path`` via a temporary file in the same directory and ``os.replace``.
-
-    ``write(tmp_path)`` fills the temporary file; on any error it is deleted
-    and ``path`` is left as it was (no partial file).
-    """
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if target.is_dir():
-        from gradscope.errors import InputError
-
-        raise InputError(f"output {str(target)!r} is a directory")
-    if not folder.is_dir():
-        from gradscope.errors import InputError
-
-        raise InputError(f"cannot write {str(target)!r}: directory {str(folder)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        write(tmp_path)
-        os.chmod(tmp_path, _file_mode(target))  # mkstemp makes 0600; give the usual mode
-        os.replace(tmp_path, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp_path.unlink()
-        raise
-
-
-def _file_mode(target: Path) -> int:
-    """The existing file's mode, else 0666 minus the umask (what open() would give)."""
-    try:
-        return target.stat().st_mode & 0o7777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    def write(tmp: Path) -> None:
-        with tmp.open("w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    write_atomic(path, write)
 
 
 def exit_code(report: Any, fail_on: str) -> int:

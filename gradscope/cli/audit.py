@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -13,8 +14,8 @@ from gradscope.cli.app import (
     render_report,
     report_output_options,
     use_color,
-    write_text_atomic,
 )
+from gradscope.cli.isolation import check_not_interrupted
 from gradscope.cli.options import InputChoice, input_options, model_options
 
 
@@ -22,7 +23,11 @@ from gradscope.cli.options import InputChoice, input_options, model_options
 @model_options
 @input_options
 @report_output_options
-@click.option("--tensorboard", metavar="DIR", help="Also write the audit as a TensorBoard run in DIR.")
+@click.option(
+    "--tensorboard",
+    metavar="DIR",
+    help="Also write the audit as a TensorBoard run in DIR: a new (or empty) directory, never an existing run.",
+)
 @debug_option
 def audit(
     model: str,
@@ -55,30 +60,41 @@ def audit(
       gradscope audit weights.safetensors --arch model.py:build --fail-on warning
 
     Exit codes: 0 nothing at or above --fail-on, 1 findings at or above it,
-    2 usage, load or input error (one line on stderr; --debug for the traceback).
+    2 usage, load or input error (one line on stderr; --debug for the traceback),
+    130/143 interrupted by SIGINT/SIGTERM.  Outputs (--output, --tensorboard)
+    appear only once everything succeeded.
     """
     app = get_app()
     choice = InputChoice(**input_values)  # type: ignore[arg-type]
     color = fmt == "table" and not output and use_color()
-    with app.guard():
-        from gradscope.loaders import audit_loaded, load_model
+    with app.guard(subject=model):
+        from gradscope.cli.paths import check_model_inputs, plan_outputs
+        from gradscope.cli.staging import Staging
 
-        inputs, kwargs = choice.audit_kwargs()
-        loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
-        report = audit_loaded(loaded, inputs, **kwargs)
-        text = render_report(report, fmt, width=width, color=color)
-        if tensorboard:
-            _write_tensorboard(report, tensorboard)
-        if output:
-            write_text_atomic(output, text)
+        # Every path and the input size are checked before any model code runs.
+        sources = check_model_inputs(model, arch, choice.inputs_file)
+        plan = plan_outputs(sources, {"--output": output}, {"--tensorboard": tensorboard})
+        choice.check_before_loading()
+        with Staging(before_commit=check_not_interrupted) as staging:
+            from gradscope.loaders import audit_loaded, load_model
+
+            inputs, kwargs = choice.audit_kwargs()
+            loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
+            report = audit_loaded(loaded, inputs, **kwargs)
+            text = render_report(report, fmt, width=width, color=color)
+            if tensorboard:
+                _write_tensorboard(report, staging.directory(plan.directories["--tensorboard"]))
+            if output:
+                staging.write_text(plan.files["--output"], text)
+            staging.commit()
     if output:
         app.info(f"report written to {output}")
     else:
-        click.echo(text, nl=False)
+        app.emit(text)
     raise click.exceptions.Exit(exit_code(report, fail_on))
 
 
-def _write_tensorboard(report: Any, logdir: str) -> None:
+def _write_tensorboard(report: Any, logdir: Path) -> None:
     from gradscope.errors import InputError
 
     try:

@@ -22,19 +22,21 @@ def demo(name: str | None, list_only: bool, width: int | None) -> None:
     app = get_app()
     stdout = sys.stdout
     color = use_color(stdout)
-    with app.guard():
+    # The examples are gradscope's own code and print as they go: stdout stays stdout.
+    with app.guard(isolate=False):
+        from gradscope.cli.stdout import emit
         from gradscope.errors import InputError
         from gradscope.examples import EXAMPLES, run_demo
 
         if list_only:
             lines = [f"{key:<20} {text}" for key, text in EXAMPLES.items()]
-            click.echo("\n".join(lines), file=stdout)
+            emit("\n".join(lines) + "\n", stdout)
             raise click.exceptions.Exit(0)
         if name is not None and name not in EXAMPLES:
             raise InputError(f"unknown example {name!r}; choose among {', '.join(EXAMPLES)}")
 
         def write(text: str = "") -> None:
-            click.echo(text, file=stdout)
+            emit(text + "\n", stdout)
 
         code = run_demo(name, write=write, width=width or terminal_width(), color=color)
     raise click.exceptions.Exit(int(code or 0))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
 
-from gradscope.cli.app import FAIL_ON, debug_option, exit_code, get_app, write_atomic
+from gradscope.cli.app import FAIL_ON, debug_option, exit_code, get_app
+from gradscope.cli.isolation import check_not_interrupted
 from gradscope.cli.options import InputChoice, input_options, model_options
+from gradscope.render.sanitize import clean_text
 
 SCHEMES = ("auto", "kaiming", "xavier", "lsuv")
 
@@ -29,7 +30,8 @@ SCHEMES = ("auto", "kaiming", "xavier", "lsuv")
     "out",
     required=True,
     metavar="FILE",
-    help="Where to write the fixed state_dict (.safetensors -> safetensors, else torch.save).",
+    help="Where to write the fixed weights (.safetensors -> safetensors, else torch.save); never MODEL itself. "
+    "A checkpoint keeps every other entry (epoch, optimizer, ...).",
 )
 @click.option(
     "--fail-on",
@@ -45,29 +47,43 @@ def fix(
     """Re-initialise MODEL's weights, re-audit, and write the fixed state_dict to --out.
 
     Prints what changed (layer, scheme, weight std before and after) and the
-    findings before and after.  Load the result with
-    model.load_state_dict(torch.load(FILE)) or pass it back with --arch.
+    findings before and after.  A checkpoint MODEL comes out as the same
+    checkpoint with the changed weights replaced (epoch, optimizer state and
+    every other entry kept); a factory gives its state_dict.  Load it as you
+    loaded MODEL, or pass it back with --arch.  --out appears only once
+    everything succeeded.
     """
     app = get_app()
     choice = InputChoice(**input_values)
-    with app.guard():
-        from gradscope.errors import InputError
-        from gradscope.fix import apply_init
-        from gradscope.loaders import audit_loaded, load_model
+    with app.guard(subject=model):
+        from gradscope.cli.paths import check_model_inputs, plan_outputs
+        from gradscope.cli.staging import Staging
 
-        inputs, kwargs = choice.audit_kwargs()
-        loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
-        if not loaded.hookable or loaded.format in ("torchscript", "export"):
-            raise InputError(
-                f"fix needs the Python model; {loaded.format} files cannot be re-initialised here "
-                "(pass file.py:factory, or a state_dict with --arch)"
-            )
-        before = audit_loaded(loaded, inputs, **kwargs)
-        changes = apply_init(loaded.module, scheme=scheme, inputs=inputs, **kwargs)
-        after = audit_loaded(loaded, inputs, **kwargs)
-        saved = _save_state_dict(loaded.module, out)
+        # Every path and the input size are checked before any model code runs;
+        # --out may never be MODEL, the --arch file or --inputs.
+        sources = check_model_inputs(model, arch, choice.inputs_file)
+        target = plan_outputs(sources, {"--out": out}).files["--out"]
+        choice.check_before_loading()
+        with Staging(before_commit=check_not_interrupted) as staging:
+            from gradscope.cli.checkpoint import save_fixed
+            from gradscope.errors import InputError
+            from gradscope.fix import apply_init
+            from gradscope.loaders import audit_loaded, load_model
+
+            inputs, kwargs = choice.audit_kwargs()
+            loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
+            if not loaded.hookable or loaded.format in ("torchscript", "export"):
+                raise InputError(
+                    f"fix needs the Python model; {loaded.format} files cannot be re-initialised here "
+                    "(pass file.py:factory, or a state_dict with --arch)"
+                )
+            before = audit_loaded(loaded, inputs, **kwargs)
+            changes = apply_init(loaded.module, scheme=scheme, inputs=inputs, **kwargs)
+            after = audit_loaded(loaded, inputs, **kwargs)
+            saved = save_fixed(loaded, model, staging.file(target), target)
+            staging.commit()
         lines = _summary(scheme, changes, before, after) + [f"wrote {out} ({saved})"]
-    click.echo("\n".join(lines))
+    app.emit(clean_text("\n".join(lines)) + "\n")
     raise click.exceptions.Exit(exit_code(after, fail_on))
 
 
@@ -111,24 +127,3 @@ def _summary(scheme: str, changes: list[Any], before: Any, after: Any) -> list[s
     lines.append(f"before: {_verdict(before)}")
     lines.append(f"after:  {_verdict(after)}")
     return lines
-
-
-def _save_state_dict(module: Any, out: str) -> str:
-    """Write ``module.state_dict()`` atomically; safetensors for a .safetensors name."""
-    import torch
-
-    from gradscope.errors import InputError
-
-    state = module.state_dict()
-    if Path(out).suffix == ".safetensors":
-        try:
-            from safetensors.torch import save_model
-        except ImportError:
-            raise InputError(
-                "writing .safetensors needs the safetensors package: pip install "
-                "'gradscope[safetensors]' (or use a .pt name)"
-            ) from None
-        write_atomic(out, lambda tmp: save_model(module, str(tmp)))
-        return f"safetensors, {len(state)} tensors"
-    write_atomic(out, lambda tmp: torch.save(state, tmp))
-    return f"state_dict via torch.save, {len(state)} tensors"

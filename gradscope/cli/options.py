@@ -109,24 +109,39 @@ class InputChoice:
     formats: str
     mode: str
 
-    def audit_kwargs(self) -> tuple[Any, dict[str, Any]]:
-        """(inputs, keyword arguments for ``audit``), validated with one-line InputErrors."""
+    def check_before_loading(self) -> None:
+        """What can be checked before any model code runs: the flags' values and
+        the synthetic input's size (a memory estimate, before allocating anything)."""
         from gradscope.errors import InputError
-        from gradscope.inputs import parse_shape
+        from gradscope.inputs import check_input_memory, parse_shape
 
-        inputs = None
         if self.inputs_file and self.input_shape:
             raise InputError("pass either --inputs or --input-shape, not both")
+        self.formats_tuple()
+        if self.input_shape:
+            check_input_memory(parse_shape(self.input_shape), self.input_dtype, f"--input-shape {self.input_shape}")
+
+    def formats_tuple(self) -> tuple[str, ...]:
+        from gradscope.errors import InputError
+        from gradscope.formats import FORMAT_NAMES as known
+
+        formats = tuple(f.strip().replace("-", "_") for f in self.formats.split(",") if f.strip())
+        unknown = [f for f in formats if f not in known]
+        if unknown:
+            raise InputError(f"--formats: unknown format {unknown[0]!r}; choose among {', '.join(known)}")
+        return formats or ("fp16",)
+
+    def audit_kwargs(self) -> tuple[Any, dict[str, Any]]:
+        """(inputs, keyword arguments for ``audit``), validated with one-line InputErrors."""
+        from gradscope.inputs import check_batch_not_empty, parse_shape
+
+        self.check_before_loading()
+        inputs = None
         if self.inputs_file:
             from gradscope.loaders import load_inputs
 
             inputs = load_inputs(self.inputs_file)
-        formats = tuple(f.strip().replace("-", "_") for f in self.formats.split(",") if f.strip())
-        from gradscope.formats import FORMAT_NAMES as known
-
-        unknown = [f for f in formats if f not in known]
-        if unknown:
-            raise InputError(f"--formats: unknown format {unknown[0]!r}; choose among {', '.join(known)}")
+            check_batch_not_empty(inputs, f"inputs file {self.inputs_file!r}")
         kwargs: dict[str, Any] = {
             "input_shape": parse_shape(self.input_shape) if self.input_shape else None,
             "input_dtype": self.input_dtype,
@@ -134,7 +149,7 @@ class InputChoice:
             "loss": self.loss,
             "batches": self.batches,
             "seed": self.seed,
-            "formats": formats or ("fp16",),
+            "formats": self.formats_tuple(),
             "mode": self.mode,
         }
         return inputs, kwargs

@@ -15,8 +15,8 @@ from gradscope.cli.app import (
     render_report,
     report_output_options,
     use_color,
-    write_text_atomic,
 )
+from gradscope.cli.isolation import check_not_interrupted
 
 
 @click.command()
@@ -32,9 +32,13 @@ def report(file: str, fmt: str, output: str | None, fail_on: str, width: int | N
     color = fmt == "table" and not output and use_color()
     stdin = sys.stdin
     with app.guard():
+        from gradscope.cli.paths import check_input_file, plan_outputs
+        from gradscope.cli.staging import Staging
         from gradscope.errors import InputError
         from gradscope.report import Report
 
+        sources = [] if file == "-" else [check_input_file(file, "report")]
+        plan = plan_outputs(sources, {"--output": output})
         text = stdin.read() if file == "-" else _read(Path(file))
         try:
             data = json.loads(text)
@@ -46,23 +50,26 @@ def report(file: str, fmt: str, output: str | None, fail_on: str, width: int | N
             loaded = Report.from_dict(data)
         except ValueError as exc:
             raise InputError(f"{file!r}: {exc}") from None
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:
             raise InputError(f"{file!r} is not a gradscope report (schema 1): missing or bad field {exc}") from None
         rendered = render_report(loaded, fmt, width=width, color=color)
-        if output:
-            write_text_atomic(output, rendered)
-    if not output:
-        click.echo(rendered, nl=False)
+        with Staging(before_commit=check_not_interrupted) as staging:
+            if output:
+                staging.write_text(plan.files["--output"], rendered)
+            staging.commit()
+    if output:
+        app.info(f"report written to {output}")
+    else:
+        app.emit(rendered)
     raise click.exceptions.Exit(exit_code(loaded, fail_on))
 
 
 def _read(path: Path) -> str:
-    from gradscope.loaders.detect import check_file
+    from gradscope.errors import InputError
 
-    check_file(path, "report")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        from gradscope.errors import InputError
-
         raise InputError(f"{str(path)!r} is not a text (JSON) file") from None
+    except OSError as exc:
+        raise InputError(f"cannot read report {str(path)!r}: {exc.strerror or exc}") from None

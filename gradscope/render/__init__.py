@@ -23,20 +23,30 @@ def render(report: Report, fmt: str = "table", *, width: int = 100, color: bool 
         width: the console width for ``table``; no line is longer.
         color: ANSI colour for ``table`` (off whenever ``NO_COLOR`` is set).
 
+    Escape sequences and control characters in the report's strings (layer
+    names, messages, evidence: they may come from model code or a foreign JSON)
+    are removed for ``table`` and ``markdown`` and escaped in ``json``
+    (``gradscope.render.sanitize``).
+
     Returns:
         The rendered text, without a trailing newline.
 
     Raises:
         GradscopeError: ``fmt`` is not one of ``FORMATS``.
     """
+    from gradscope.render.sanitize import clean_tree, escape_json_controls
+
+    if fmt == "json":
+        from gradscope.render.jsonout import render_json
+
+        # The data stays exactly as recorded; only characters a terminal would act on are escaped.
+        return escape_json_controls(render_json(report))
+    # Strings from model code or a foreign report JSON never reach the terminal raw.
+    report = clean_tree(report)
     if fmt == "table":
         from gradscope.render.console import render_console
 
         return render_console(report, width=width, color=color)
-    if fmt == "json":
-        from gradscope.render.jsonout import render_json
-
-        return render_json(report)
     if fmt == "markdown":
         from gradscope.render.markdown import render_markdown
 

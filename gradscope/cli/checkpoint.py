@@ -1,0 +1,149 @@
+"""What ``gradscope fix --out`` writes: the input file with the fixed weights in it.
+
+A checkpoint is more than weights: ``{"epoch": 7, "optimizer": {...}, "model":
+{...}}``.  ``fix`` re-reads the file it loaded (with the same unpickler the
+loader used), replaces only the tensors whose values the fix changed, in their
+original dtype and under their original names (a ``module.`` prefix stays), and
+saves the whole object again: every other key is kept as it was.  A factory or
+a pickled module has no such file: its ``state_dict()`` is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradscope.errors import InputError
+
+# Wrapper prefixes the loader strips when matching a state_dict to --arch
+# (DDP's "module.", Lightning's "model.", torch.compile's "_orig_mod.").
+_PREFIXES = ("", "module.", "model.", "_orig_mod.")
+_MAX_DEPTH = 4  # checkpoints nest the weights one or two levels down
+
+
+def _mappings(obj: Any, path: tuple[Any, ...] = (), depth: int = 0) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    if isinstance(obj, Mapping):
+        yield path, obj
+        if depth < _MAX_DEPTH:
+            for key, value in obj.items():
+                yield from _mappings(value, (*path, key), depth + 1)
+
+
+def _locate(original: Any, fixed: Mapping[str, torch.Tensor]) -> tuple[tuple[Any, ...], MutableMapping, dict[str, Any]]:
+    """The mapping holding the weights, its path, and fixed name -> original key."""
+    best: tuple[tuple[Any, ...], Any, dict[str, Any]] | None = None
+    for path, mapping in _mappings(original):
+        for prefix in _PREFIXES:
+            names = {
+                key[len(prefix) :]: key
+                for key, value in mapping.items()
+                if isinstance(key, str) and key.startswith(prefix) and isinstance(value, torch.Tensor)
+            }
+            matched = {name: names[name] for name in fixed if name in names}
+            if best is None or len(matched) > len(best[2]):
+                best = (path, mapping, matched)
+    if best is None or len(best[2]) != len(fixed) or not isinstance(best[1], MutableMapping):
+        raise InputError("cannot find every fixed weight in the input file to update it; nothing was written")
+    return best
+
+
+def merge_fixed(original: Any, fixed: Mapping[str, torch.Tensor]) -> tuple[int, tuple[Any, ...]]:
+    """Put the changed tensors of ``fixed`` into ``original`` in place.
+
+    Returns (number of tensors replaced, path of keys to the weights' mapping).
+    Unchanged tensors stay the very objects that were loaded; changed ones take
+    the original's dtype; weights tied in the model stay tied in the file.
+    """
+    path, mapping, names = _locate(original, fixed)
+    replaced = 0
+    for name, new in fixed.items():
+        key = names[name]
+        old = mapping[key]
+        # The model's tensors themselves when dtype and device already match: saved as they
+        # are, so weights tied in the model (two names, one storage) stay tied in the file.
+        value = new.detach().to(device="cpu", dtype=old.dtype)
+        if not torch.equal(old, value):
+            mapping[key] = value
+            replaced += 1
+    return replaced, path
+
+
+def _where(path: tuple[Any, ...]) -> str:
+    return "".join(f"[{key!r}]" for key in path)
+
+
+def save_fixed(loaded: Any, source: str, staged: Path, target: Path) -> str:
+    """Write the fixed model to ``staged`` (moved to ``target`` later); returns what was written."""
+    module = loaded.module
+    fixed = {name: tensor.detach() for name, tensor in module.state_dict().items()}
+    as_safetensors = target.suffix == ".safetensors"
+    if loaded.format == "state_dict":
+        trusted = "weights_only=False" in str(loaded.loader)  # reread as the loader read it
+        original = torch.load(source, map_location="cpu", weights_only=not trusted)
+        replaced, path = merge_fixed(original, fixed)
+        kept = [str(k) for k in original if not path or k != path[0]] if isinstance(original, Mapping) else []
+        if as_safetensors:
+            _save_safetensors(original, staged, source, target)
+            return f"safetensors, {replaced} tensor(s) updated"
+        torch.save(original, staged)
+        also = f"; kept {', '.join(kept)}" if kept else ""
+        return f"the checkpoint via torch.save, {replaced} tensor(s) updated in {_where(path) or 'it'}{also}"
+    if loaded.format == "safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        original = load_file(source, device="cpu")
+        with safe_open(source, "pt") as handle:
+            metadata = handle.metadata()
+        replaced, _path = merge_fixed(original, fixed)
+        if as_safetensors:
+            _save_safetensors(original, staged, source, target, metadata)
+        else:
+            torch.save(original, staged)
+        return f"{'safetensors' if as_safetensors else 'state_dict via torch.save'}, {replaced} tensor(s) updated"
+    if as_safetensors:
+        try:
+            from safetensors.torch import save_model
+        except ImportError:
+            raise _no_safetensors() from None
+        save_model(module, str(staged))
+        return f"safetensors, {len(fixed)} tensors"
+    torch.save(fixed, staged)
+    return f"state_dict via torch.save, {len(fixed)} tensors"
+
+
+def _no_safetensors() -> InputError:
+    return InputError(
+        "writing .safetensors needs the safetensors package: pip install 'gradscope[safetensors]' (or use a .pt name)"
+    )
+
+
+def _save_safetensors(
+    original: Any, staged: Path, source: str, target: Path, metadata: dict[str, str] | None = None
+) -> None:
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise _no_safetensors() from None
+    if not isinstance(original, Mapping) or not all(isinstance(v, torch.Tensor) for v in original.values()):
+        others = (
+            [str(k) for k, v in original.items() if not isinstance(v, torch.Tensor)]
+            if isinstance(original, Mapping)
+            else []
+        )
+        shown = ", ".join(others[:4]) or "non-tensor data"
+        raise InputError(
+            f"--out {str(target)!r} is a safetensors file, which holds only tensors, but {source!r} also holds "
+            f"{shown}; use a .pt name to keep them"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in original.items():
+        # safetensors refuses tensors that share memory (tied weights): each gets its own copy
+        pointer = value.untyped_storage().data_ptr()
+        tensors[str(key)] = value.contiguous() if pointer not in seen else value.clone().contiguous()
+        seen.add(pointer)
+    save_file(tensors, str(staged), metadata=metadata)
