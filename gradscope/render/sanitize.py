@@ -25,7 +25,8 @@ T = TypeVar("T")
 # ECMA-48 control sequences: CSI (ESC [ params intermediates final), OSC and the
 # other string commands (DCS, SOS, PM, APC) up to BEL or ST, and two-byte escapes.
 _ESCAPE_SEQUENCE = re.compile(
-    r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI ... final byte
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"  # CSI ... final byte (7-bit ESC [ or the 8-bit C1 CSI)
+    r"|\x9d[^\x07\x9c]*(?:\x07|\x9c)?"  # 8-bit OSC ... BEL or ST
     r"|\x1b[\]PX^_][^\x07\x1b]*(?:\x07|\x1b\\)?"  # OSC / DCS / SOS / PM / APC ... BEL or ST
     r"|\x1b[ -~]"  # two-byte escapes (ESC c resets the terminal)
 )
