@@ -147,7 +147,7 @@ def test_fix_keeps_prefix_dtype_and_untouched_tensors(src: dict[str, Path], tmp_
     }
     torch.save(checkpoint, tmp_path / "half.pt")
     run_ = run(
-        "fix", tmp_path / "half.pt", "--arch", spec(src, "build"), "--scheme", "auto", "--out", tmp_path / "o.pt"
+        "fix", tmp_path / "half.pt", "--arch", spec(src, "build"), "--scheme", "kaiming", "--out", tmp_path / "o.pt"
     )
     assert run_.exit_code == 0, run_.stderr
     fixed = torch.load(tmp_path / "o.pt", weights_only=True)
