@@ -149,6 +149,7 @@ def audit(
     source: str | None = None,
     model_format: str = "module",
     sequence_modules: Mapping[str, int] | None = None,
+    optimizer: Any = None,
 ) -> Report:
     """Record one or more forward+backward passes of ``model`` and diagnose them.
 
@@ -171,6 +172,9 @@ def audit(
         sequence_modules: ``{"module name": time_dim}`` for modules whose output is a
             sequence (besides nn.RNN/LSTM/GRU, found by themselves): their gradient is
             measured along time (``exploding-/vanishing-through-time``).
+        optimizer: the optimizer that will train ``model``: its weight decay is
+            audited per parameter group (``weight-decay`` findings, see
+            ``gradscope.optimizer_audit``) when ``diagnose`` is true.
 
     Returns:
         A Report; ``report.to_dict()`` is JSON schema 1.
@@ -254,6 +258,10 @@ def audit(
         from gradscope.diagnose import diagnose as run_diagnosis
 
         run_diagnosis(report, model=model)
+        if optimizer is not None:
+            from gradscope.optimizer_audit import add_optimizer_audit
+
+            add_optimizer_audit(report, optimizer, model)
     return report
 
 

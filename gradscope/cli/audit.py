@@ -16,7 +16,14 @@ from gradscope.cli.app import (
     use_color,
 )
 from gradscope.cli.isolation import check_not_interrupted
-from gradscope.cli.options import InputChoice, input_options, model_options
+from gradscope.cli.options import (
+    InputChoice,
+    audit_planned_optimizer,
+    input_options,
+    model_options,
+    optimizer_option,
+    parse_optimizer_option,
+)
 
 
 @click.command()
@@ -28,6 +35,7 @@ from gradscope.cli.options import InputChoice, input_options, model_options
     metavar="DIR",
     help="Also write the audit as a TensorBoard run in DIR: a new (or empty) directory, never an existing run.",
 )
+@optimizer_option
 @debug_option
 def audit(
     model: str,
@@ -36,6 +44,7 @@ def audit(
     fmt: str,
     output: str | None,
     tensorboard: str | None,
+    optimizer: str | None,
     fail_on: str,
     width: int | None,
     **input_values: object,
@@ -58,6 +67,7 @@ def audit(
       gradscope audit model.py:build --input-shape 32,784
       gradscope audit model.pt2 --format json > report.json
       gradscope audit weights.safetensors --arch model.py:build --fail-on warning
+      gradscope audit model.py:build --optimizer "adamw:lr=1e-3,weight_decay=0.01"
 
     Exit codes: 0 nothing at or above --fail-on, 1 findings at or above it,
     2 usage, load or input error (one line on stderr; --debug for the traceback),
@@ -75,12 +85,15 @@ def audit(
         sources = check_model_inputs(model, arch, choice.inputs_file)
         plan = plan_outputs(sources, {"--output": output}, {"--tensorboard": tensorboard})
         choice.check_before_loading()
+        planned = parse_optimizer_option(optimizer)  # a bad --optimizer SPEC fails before any model code runs
         with Staging(before_commit=check_not_interrupted) as staging:
             from gradscope.loaders import audit_loaded, load_model
 
             inputs, kwargs = choice.audit_kwargs()
             loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
             report = audit_loaded(loaded, inputs, **kwargs)
+            if planned is not None:
+                audit_planned_optimizer(report, loaded.module, planned)
             text = render_report(report, fmt, width=width, color=color)
             if tensorboard:
                 _write_tensorboard(report, staging.directory(plan.directories["--tensorboard"]))

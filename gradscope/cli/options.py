@@ -153,3 +153,30 @@ class InputChoice:
             "mode": self.mode,
         }
         return inputs, kwargs
+
+
+def optimizer_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--optimizer SPEC: a planned optimizer whose weight decay the audit checks (grammar: gradscope.optim_spec)."""
+    return click.option(
+        "--optimizer",
+        metavar="SPEC",
+        help='Check a planned optimizer\'s weight decay, e.g. "adamw:lr=1e-3,weight_decay=0.01" '
+        "(NAME[:key=value,...] over torch.optim classes; tuples as (0.9,0.999)).",
+    )(func)
+
+
+def parse_optimizer_option(spec: str | None) -> Any:
+    """The parsed --optimizer SPEC (before any model is loaded), or None."""
+    if spec is None:
+        return None
+    from gradscope.optim_spec import parse_optimizer_spec
+
+    return parse_optimizer_spec(spec)
+
+
+def audit_planned_optimizer(report: Any, model: Any, planned: Any) -> None:
+    """Build the planned optimizer over ``model`` and add its weight-decay audit to ``report``."""
+    from gradscope.optimizer_audit import add_optimizer_audit
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    add_optimizer_audit(report, planned.build(params), model)
