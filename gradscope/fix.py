@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from gradscope.errors import GradscopeError, InputError
+from gradscope.proximal import soft_threshold_  # noqa: F401  (L1's proximal step, re-exported)
 
 SCHEMES = ("auto", "kaiming", "xavier", "lsuv")
 # Mishkin & Matas 2016, Algorithm 1: tolerance on the output variance, and the

@@ -22,6 +22,12 @@ tag                                         value, one point per sampled step
 ``gradscope/loss``                          the loss, every step it was given
 ``gradscope/loss_scale``                    GradScaler scale, at each flush
 ``gradscope/skipped_steps``                 steps skipped by the GradScaler so far
+``gradscope/weight_norm/<param>``           2-norm of each weight (watch, diagnosis cadence)
+``gradscope/decay_share/<param>``           ηλ‖θ‖ / (ηλ‖θ‖ + η‖g‖): the decay's share of the step
+``gradscope/near_zero_frac/<param>``        fraction of weights with 0 < |w| < 1% of their RMS
+``gradscope/validation_loss``               ``scope.validation`` loss, at each evaluation
+``gradscope/train_validation_gap``          validation loss − mean training loss since the
+                                            previous evaluation
 ``gradscope/exponents/activation/<layer>``  histogram of floor(log2|x|) of the output
 ``gradscope/exponents/gradient/<layer>``    histogram of floor(log2|∂ℓ/∂h|)
 ``gradscope/alerts``                        text: each alert as it fired (Markdown)
@@ -72,6 +78,10 @@ def layout(formats: tuple[str, ...] = ("fp16",)) -> dict[str, Any]:
         "Multiline",
         [rf"^{PREFIX}/global_grad_norm$", rf"^{PREFIX}/clip_threshold$", rf"^{PREFIX}/clip_threshold_median$"],
     ]
+    charts["train vs validation loss"] = ["Multiline", [rf"^{PREFIX}/loss$", rf"^{PREFIX}/validation_loss$"]]
+    charts["train/validation gap"] = ["Multiline", [rf"^{PREFIX}/train_validation_gap$"]]
+    charts["weight norms"] = ["Multiline", [rf"^{PREFIX}/weight_norm/.*"]]
+    charts["weight decay's share of the update"] = ["Multiline", [rf"^{PREFIX}/decay_share/.*"]]
     return {PREFIX: charts}
 
 
@@ -256,6 +266,27 @@ class DashboardWriter:
             w.add_scalar(f"{PREFIX}/loss_scale", result.loss_scale, result.step)
         if skipped_steps is not None:
             w.add_scalar(f"{PREFIX}/skipped_steps", skipped_steps, result.step)
+
+    def write_validation(self, step: int, loss: float, gap: float | None) -> None:
+        """One ``scope.validation`` evaluation: its loss and the train/validation gap."""
+        if self._writer is None:
+            return
+        if _finite(loss):
+            self._writer.add_scalar(f"{PREFIX}/validation_loss", loss, step)
+        if _finite(gap):
+            self._writer.add_scalar(f"{PREFIX}/train_validation_gap", gap, step)
+
+    def write_weights(self, step: int, tracks: dict[str, Any]) -> None:
+        """Weight norms, decay shares and near-zero fractions (``gradscope.watching.weights``)."""
+        if self._writer is None:
+            return
+        for name, track in tracks.items():
+            if track.trajectory and _finite(track.trajectory[-1][1]):
+                self._writer.add_scalar(f"{PREFIX}/weight_norm/{name}", track.trajectory[-1][1], step)
+            if _finite(track.decay_share):
+                self._writer.add_scalar(f"{PREFIX}/decay_share/{name}", track.decay_share, step)
+            if _finite(track.near_zero_frac):
+                self._writer.add_scalar(f"{PREFIX}/near_zero_frac/{name}", track.near_zero_frac, step)
 
     def write_alert(self, step: int, finding: Finding) -> None:
         if self._writer is not None:

@@ -77,6 +77,7 @@ from gradscope.watching.aggregate import RunningRecord
 from gradscope.watching.alerts import AlertTracker
 from gradscope.watching.nonfinite import first_nonfinite
 from gradscope.watching.norms import NormHistogram, SpikeDetector
+from gradscope.watching.regularisation import RegularisationWatch
 from gradscope.watching.scaling import active_scaler, divide_stats, grads_already_unscaled, scale_tensor
 
 logger = logging.getLogger("gradscope")
@@ -199,6 +200,7 @@ class Scope:
         diagnose: bool = True,
         tier: str = "full",
         sequence_modules: Mapping[str, int] | None = None,
+        stop_on: Sequence[str] = (),
     ) -> None:
         if int(every) < 1:
             raise GradscopeError(f"every must be a positive number of steps, not {every!r}")
@@ -277,6 +279,8 @@ class Scope:
         )
         self._recorder.attach()
         self._recorder.start()  # step 0 is sampled
+        # Weight decay, weights over time, eval-mode mistakes, validation (gradscope.watching.regularisation).
+        self._regularisation = RegularisationWatch(model, self._params, tuple(stop_on))
 
     # -- lifecycle --------------------------------------------------------------
     def __enter__(self) -> Scope:
@@ -317,6 +321,7 @@ class Scope:
                 self._flush(max(self._step - 1, 0), sampled=False, raise_errors=False)
         finally:
             self._recorder.close()
+            self._regularisation.close()
             handles, self._optimizer_handles = self._optimizer_handles, []
             for handle in handles:
                 handle.remove()
@@ -374,6 +379,35 @@ class Scope:
             if not self._closed and self._step % self.every == 0:  # the coming step is sampled
                 self._recorder.start()
 
+    def validation(
+        self,
+        loss: Any,
+        metrics: dict[str, Any] | None = None,
+        *,
+        patience: int | None = None,
+        min_delta: float | None = None,
+    ) -> dict[str, Any]:
+        """Record a held-out evaluation of the weights after the optimizer steps so far.
+
+        gradscope tracks the best step, the train/validation gap and finds
+        ``overfitting`` (see ``gradscope.watching.validation`` for the rule, its
+        ``patience`` — default 5 evaluations — and relative ``min_delta`` —
+        default 0.01).  Called once per evaluation, not per step: a tensor
+        ``loss`` is read here (one host sync per evaluation).
+
+        Raises:
+            GradscopeError: ``stop_on`` includes "overfitting" and this evaluation
+                completes the overfitting finding.
+        """
+        self._check_open()
+        evaluation, new = self._regularisation.add_validation(self._step, loss, metrics, patience, min_delta)
+        if self._writer is not None:
+            self._writer.write_validation(evaluation.step, evaluation.loss, evaluation.gap)
+        if new is not None and "overfitting" in self._regularisation.stop_on:
+            self._regularisation.stopped_at = self._step
+            raise GradscopeError(f"{new.message}; stopping (stop_on includes 'overfitting')", new.to_dict())
+        return evaluation.to_dict()
+
     def mark_forward(self) -> None:
         """Start a new forward (resets call-site numbering), for frameworks that call
         submodules without calling the watched model itself."""
@@ -402,6 +436,7 @@ class Scope:
             self.observe_loss(loss)
         if optimizer is not None:
             self._hook_post(optimizer)
+            self._regularisation.observe_optimizer(optimizer)
         self._resolve_update_ratio()
         step = self._step
         sampled = step % self.every == 0
@@ -422,6 +457,7 @@ class Scope:
             self._take_snapshot(step)
             error = self._flush(step, sampled=True, full=full, raise_errors=True)
         self._step += 1
+        self._regularisation.set_step(self._step)
         if self._step % self.every == 0 and not self._paused:
             self._recorder.start()
         else:
@@ -665,6 +701,11 @@ class Scope:
             for finding in findings:
                 if finding.code == "gradient-spike":
                     finding.evidence["largest_parameter_norms"] = self._spikes.parameter_norms[step]
+        findings.extend(
+            self._regularisation.flush(
+                step, full=sampled and full, param_grad_norms=param_grad_norms, losses=losses, writer=self._writer
+            )
+        )
         alerts = self._tracker.observe(step, findings)
         for alert in alerts:
             self._announce(step, alert)
@@ -886,11 +927,13 @@ class Scope:
             skipped = skipped_steps_finding(self._skipped, self._step, self._last_scale)
             if skipped is not None:
                 findings.append(skipped)
+        findings.extend(self._regularisation.final_findings())
         findings = _dedupe(findings)
         findings = self._tracker.annotate(findings)
         order = {layer.name: layer.index for layer in record.layers}
         findings.sort(key=lambda f: (-Severity(f.severity).rank, order.get(f.layers[0], -1) if f.layers else -1))
         analysis["training"] = self.training_summary()
+        analysis["regularisation"] = self._regularisation.summary()
         parameters = sum(p.numel() for p in self.model.parameters())
         return Report(
             record=record,
@@ -941,6 +984,7 @@ def watch(
     raise_on: Sequence[str] = ("nonfinite",),
     tier: str = "full",
     sequence_modules: Mapping[str, int] | None = None,
+    stop_on: Sequence[str] = (),
 ) -> Scope:
     """Watch a training run; returns a Scope (also a context manager).
 
@@ -965,6 +1009,8 @@ def watch(
         sequence_modules: ``{"module name": time_dim}`` for modules whose output is
             a sequence (nn.RNN/LSTM/GRU are found by themselves): gradients are
             also measured along time on sampled steps.
+        stop_on: finding codes of ``scope.validation`` that stop training with a
+            ``GradscopeError`` when they appear: "overfitting" (early stopping).
 
     Example:
         >>> import torch
@@ -991,4 +1037,5 @@ def watch(
         raise_on=raise_on,
         tier=tier,
         sequence_modules=sequence_modules,
+        stop_on=stop_on,
     )

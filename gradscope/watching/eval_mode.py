@@ -1,0 +1,112 @@
+"""``train-mode-inference``: a no-grad forward with Dropout or BatchNorm in training mode.
+
+Evaluating under ``torch.no_grad()`` / ``torch.inference_mode()`` while the model
+is still in training mode is the forgotten ``model.eval()``: Dropout keeps
+zeroing a fraction p of the units (and rescaling the rest by 1/(1−p)), so the
+validation numbers are noisy and pessimistic — the lecture: "No dropout is
+applied during inference!" — and BatchNorm normalises with the validation
+batch's statistics and updates its running statistics with validation data.
+
+Detection is one forward pre-hook on the root module: it reads the global grad
+mode and a list of Python booleans (``module.training``) — no tensor is touched,
+nothing is synchronised, and the forward is not recorded by this hook.  The
+first such forward is remembered (step, module names); later ones are counted.
+A forward that runs with gradients off inside the training step (reentrant
+activation checkpointing of the *whole* model) would look the same; checkpointing
+submodules does not, since the root's forward then runs with gradients on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradscope.report import Finding, Fix, Severity
+
+# Names listed in the finding's message and evidence (the count is exact).
+MAX_NAMES = 20
+
+
+def stochastic_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules whose training-mode forward differs from their eval forward: Dropout
+    family (p > 0 is checked at the forward) and BatchNorm (batch statistics, running-stat updates)."""
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)):
+            out.append((name or "model", module))
+    return out
+
+
+def _active(module: nn.Module) -> bool:
+    if not module.training:
+        return False
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return module.p > 0
+    return True
+
+
+class EvalModeGuard:
+    """Watches the root module's forwards for the forgotten ``model.eval()``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._modules = stochastic_modules(model)
+        self._handle: Any = None
+        self.count = 0  # no-grad forwards with such modules in training mode
+        self.first_step: int | None = None
+        self.names: list[str] = []
+        self.types: list[str] = []
+        self.step = 0  # the optimizer step the Scope is at (set by the Scope)
+        self._reported = False
+        if self._modules:
+            self._handle = model.register_forward_pre_hook(self._pre_hook)
+
+    def _pre_hook(self, module: nn.Module, args: Any) -> None:
+        if torch.is_grad_enabled():
+            return  # a training forward (inference_mode implies grad disabled)
+        active = [(name, m) for name, m in self._modules if _active(m)]
+        if not active:
+            return
+        self.count += 1
+        if self.first_step is None:
+            self.first_step = self.step
+            self.names = [name for name, _ in active[:MAX_NAMES]]
+            self.types = sorted({type(m).__name__ for _, m in active})
+
+    def pending(self) -> Finding | None:
+        """The finding, the first time it is asked for after the first such forward (once per run)."""
+        if self.first_step is None or self._reported:
+            return None
+        self._reported = True
+        return self.finding()
+
+    def finding(self) -> Finding | None:
+        if self.first_step is None:
+            return None
+        kinds = " and ".join(self.types)
+        return Finding(
+            code="train-mode-inference",
+            severity=Severity.WARNING,
+            layers=list(self.names),
+            message=(
+                f"step {self.first_step}: a forward under torch.no_grad()/inference_mode() ran with {kinds} "
+                f"in training mode ({len(self.names)} module(s), first {self.names[0]}): a forgotten model.eval() — "
+                "dropout still drops units and BatchNorm uses and updates batch statistics on this data"
+            ),
+            evidence={
+                "first_step": self.first_step,
+                "forwards": self.count,
+                "modules": list(self.names),
+                "module_types": list(self.types),
+            },
+            fix=Fix(
+                "switch to eval mode for evaluation and back to training mode afterwards",
+                "model.eval()\nwith torch.no_grad():\n    val_loss = evaluate(model, val_loader)\nmodel.train()",
+            ),
+        )
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None

@@ -1,0 +1,172 @@
+"""What ``watch`` measures about regularisation, in one object the Scope calls.
+
+* ``train-mode-inference`` (``eval_mode``): a no-grad forward with Dropout or
+  BatchNorm in training mode, from a forward pre-hook on the root module;
+* ``weight-decay`` (``gradscope.optimizer_audit``): the optimizer given to
+  ``scope.step`` (or ``attach``), read at the diagnosis cadence with the
+  groups' *current* learning rates;
+* weights over time and ``l1-not-sparse`` (``weights``), at the diagnosis cadence;
+* held-out results and ``overfitting`` (``validation``), from ``scope.validation``.
+
+The Scope calls ``flush`` at each flush (``full`` on the diagnosis cadence) and
+collects ``final_findings``/``summary`` for its report.  Findings measured on full
+flushes are repeated on the flushes in between (cached, not re-measured), so the
+alert tracker sees them as persisting rather than clearing and re-alerting.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from torch import nn
+
+from gradscope.report import Finding
+from gradscope.watching.eval_mode import EvalModeGuard
+from gradscope.watching.validation import Evaluation, ValidationTracker, overfitting_finding
+from gradscope.watching.weights import WeightWatch
+
+STOP_CODES = ("overfitting",)
+
+
+def dropout_rates(model: nn.Module) -> list[tuple[str, float]]:
+    return [
+        (name or "model", float(m.p))
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.dropout._DropoutNd)
+    ]
+
+
+class RegularisationWatch:
+    """The regularisation signals of a watched run."""
+
+    def __init__(self, model: nn.Module, params: list[tuple[str, Any]], stop_on: tuple[str, ...] = ()) -> None:
+        unknown = [code for code in stop_on if code not in STOP_CODES]
+        if unknown:
+            from gradscope.errors import GradscopeError
+
+            raise GradscopeError(f"stop_on: unknown code {unknown[0]!r}; choose among {', '.join(STOP_CODES)}")
+        self.stop_on = tuple(stop_on)
+        self._model = weakref.ref(model)
+        self.guard = EvalModeGuard(model)
+        self.weights = WeightWatch(params)
+        self.validation = ValidationTracker()
+        self._optimizer: Any = None
+        self._cached: list[Finding] = []
+        self._optimizer_summary: dict[str, Any] | None = None
+        self._overfitting: Finding | None = None
+        self.stopped_at: int | None = None
+
+    # -- inputs from the Scope -------------------------------------------------
+    def observe_optimizer(self, optimizer: Any) -> None:
+        """Remember (weakly) the optimizer the Scope is given; read at the diagnosis cadence."""
+        if optimizer is None:
+            return
+        from gradscope.optimizer_audit import _base_optimizer
+
+        base = _base_optimizer(optimizer)
+        if not hasattr(base, "param_groups"):
+            return
+        current = self._optimizer() if self._optimizer is not None else None
+        if current is not base:
+            try:
+                self._optimizer = weakref.ref(base)
+            except TypeError:  # an optimizer without weakref support: not audited
+                self._optimizer = None
+
+    def set_step(self, step: int) -> None:
+        self.guard.step = step
+
+    def flush(
+        self,
+        step: int,
+        *,
+        full: bool,
+        param_grad_norms: dict[str, float],
+        losses: list[tuple[int, float]],
+        writer: Any = None,
+    ) -> list[Finding]:
+        """This flush's regularisation findings (measured when ``full``, else the cached ones)."""
+        self.validation.observe_train_losses(losses)
+        if full:
+            self._measure(step, param_grad_norms)
+            if writer is not None:
+                writer.write_weights(step, self.weights.tracks)
+        findings = list(self._cached)
+        mode = self.guard.finding()
+        if mode is not None:
+            findings.append(mode)
+        if self._overfitting is not None:
+            findings.append(self._overfitting)
+        return findings
+
+    def _measure(self, step: int, param_grad_norms: dict[str, float]) -> None:
+        from gradscope.optimizer_audit import decay_of_parameters, optimizer_findings, optimizer_summary
+
+        model = self._model()
+        optimizer = self._optimizer() if self._optimizer is not None else None
+        cached: list[Finding] = []
+        decays = None
+        if optimizer is not None and model is not None:
+            decays = decay_of_parameters(optimizer, model)
+            cached.extend(optimizer_findings(optimizer, model))
+            self._optimizer_summary = optimizer_summary(optimizer, model)
+        self.weights.measure(step, decays, param_grad_norms)
+        l1 = self.weights.l1_finding()
+        if l1 is not None:
+            cached.append(l1)
+        self._cached = cached
+
+    def add_validation(
+        self,
+        step: int,
+        loss: Any,
+        metrics: dict[str, Any] | None = None,
+        patience: int | None = None,
+        min_delta: float | None = None,
+    ) -> tuple[Evaluation, Finding | None]:
+        """Record an evaluation; returns it and the overfitting finding when it appears now."""
+        evaluation = self.validation.add(step, loss, metrics, patience=patience, min_delta=min_delta)
+        model = self._model()
+        finding = overfitting_finding(
+            self.validation, self._optimizer_summary_now(), dropout_rates(model) if model is not None else []
+        )
+        new = finding is not None and self._overfitting is None
+        if finding is not None:
+            self._overfitting = finding
+        return evaluation, finding if new else None
+
+    def _optimizer_summary_now(self) -> dict[str, Any] | None:
+        optimizer = self._optimizer() if self._optimizer is not None else None
+        model = self._model()
+        if optimizer is None or model is None:
+            return self._optimizer_summary
+        from gradscope.optimizer_audit import optimizer_summary
+
+        return optimizer_summary(optimizer, model)
+
+    # -- the report --------------------------------------------------------------
+    def final_findings(self) -> list[Finding]:
+        findings = list(self._cached)
+        mode = self.guard.finding()
+        if mode is not None:
+            findings.append(mode)
+        if self._overfitting is not None:
+            findings.append(self._overfitting)
+        return findings
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "weights": self.weights.summary(),
+            "train_mode_inference_forwards": self.guard.count,
+        }
+        if self._optimizer_summary is not None:
+            out["optimizer"] = self._optimizer_summary
+        if self.validation.evaluations:
+            out["validation"] = self.validation.summary()
+        if self.stopped_at is not None:
+            out["stopped_at_step"] = self.stopped_at
+        return out
+
+    def close(self) -> None:
+        self.guard.close()

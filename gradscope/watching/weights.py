@@ -1,0 +1,191 @@
+"""Weights over time: norm trajectory, decay vs gradient share, sparsity, ``l1-not-sparse``.
+
+Measured at the diagnosis cadence (the Scope's full flushes, at most every
+``DIAGNOSE_EVERY_STEPS`` steps), for each parameter with two or more dimensions
+(the weights of Linear, Conv, Embedding...): its 2-norm, how many elements are
+exactly zero, and how many are *near* zero, ``0 < |w| < SPARSITY_RTOL · RMS(w)``.
+All of it is reduced on the device and reaches the host in one transfer.
+
+Decay vs gradient, per step, for a parameter with learning rate η and weight
+decay λ: the decay moves it by ``ηλ‖θ‖`` (the lecture's ``(1 − ηλ)θ``), the
+gradient by ``η‖g‖`` (exact for SGD; for adaptive optimizers it is the scale of
+the raw gradient, not of the normalised step).  ``decay_share`` is
+``ηλ‖θ‖ / (ηλ‖θ‖ + η‖g‖)``: near 1 the decay dominates (weights collapse), near
+0 it does nothing.
+
+``l1-not-sparse``: a subgradient L1 penalty in the loss moves every weight by
+``±ηλ`` each step, so weights that L1 would zero oscillate in a band of width
+~ηλ around zero and never reach it.  A layer with at least
+``L1_PILEUP_FRAC`` of its weights in ``0 < |w| < SPARSITY_RTOL·RMS`` has that
+signature: for a dense Gaussian (or uniform) layer that band holds about
+0.8 % (0.6 %) of the weights (P(|z| < 0.01) for z ~ N(0, 1)), so 20 % is 25x
+what a layer without a pile-up shows.  The proximal step ``S_ηλ`` turns them into
+exact zeros, which this rule does not count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from gradscope.report import Finding, Fix, Severity
+
+SPARSITY_RTOL = 1e-2  # "near zero": |w| below 1 % of the layer's RMS
+L1_PILEUP_FRAC = 0.2  # near-zero (non-zero) fraction that is a pile-up (see the module docstring)
+L1_MIN_ELEMENTS = 64  # smaller weights give too coarse a fraction to judge
+TRAJECTORY_POINTS = 64  # (step, norm) points kept per weight (the first one is kept apart)
+
+
+@dataclass
+class WeightTrack:
+    """One weight's history at the diagnosis cadence (bounded)."""
+
+    layer: str
+    numel: int
+    first: tuple[int, float] | None = None
+    trajectory: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=TRAJECTORY_POINTS))
+    zero_frac: float = math.nan
+    near_zero_frac: float = math.nan  # 0 < |w| < tolerance
+    tolerance: float = math.nan
+    decay_step: float | None = None  # ηλ‖θ‖
+    gradient_step: float | None = None  # η‖g‖
+    applied: str = "none"
+
+    @property
+    def decay_share(self) -> float | None:
+        if self.decay_step is None or self.gradient_step is None:
+            return None
+        total = self.decay_step + self.gradient_step
+        return self.decay_step / total if total > 0 else None
+
+    def measured_factor(self) -> float | None:
+        """Per-step factor of the norm between the last two measurements: (‖θ_t‖/‖θ_s‖)^(1/(t−s))."""
+        if len(self.trajectory) < 2:
+            return None
+        (s, a), (t, b) = self.trajectory[-2], self.trajectory[-1]
+        if t <= s or a <= 0 or not math.isfinite(a) or not math.isfinite(b):
+            return None
+        return (b / a) ** (1.0 / (t - s))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "elements": self.numel,
+            "norm_first": self.first[1] if self.first else None,
+            "norm_last": self.trajectory[-1][1] if self.trajectory else None,
+            "trajectory": [list(p) for p in self.trajectory],
+            "measured_norm_factor_per_step": self.measured_factor(),
+            "zero_frac": self.zero_frac,
+            "near_zero_frac": self.near_zero_frac,
+            "near_zero_tolerance": self.tolerance,
+            "near_zero_rule": f"0 < |w| < {SPARSITY_RTOL:g} x RMS(w)",
+            "decay_step": self.decay_step,
+            "gradient_step": self.gradient_step,
+            "decay_share": self.decay_share,
+            "decay_applied": self.applied,
+        }
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (numbers are then per rank), else the tensor."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
+class WeightWatch:
+    """Norms, sparsity and decay share of every weight, at the diagnosis cadence."""
+
+    def __init__(self, params: list[tuple[str, torch.Tensor]]) -> None:
+        self._params = [(n, p) for n, p in params if p.ndim >= 2 and p.is_floating_point()]
+        self.tracks: dict[str, WeightTrack] = {
+            n: WeightTrack(layer=n.rpartition(".")[0] or "model", numel=p.numel()) for n, p in self._params
+        }
+
+    def measure(
+        self,
+        step: int,
+        decays: dict[str, tuple[float, float, str]] | None = None,
+        grad_norms: dict[str, float] | None = None,
+    ) -> None:
+        """Norm, zeros and near-zeros of each weight (one host transfer); ``decays`` maps
+        parameter name -> (lr, weight_decay, applied), ``grad_norms`` name -> ‖g‖."""
+        if not self._params:
+            return
+        rows = []
+        with torch.no_grad():
+            for _, param in self._params:
+                w = _local(param.detach())
+                if w.numel() == 0:
+                    rows.append(torch.zeros(3, device=self._params[0][1].device))
+                    continue
+                norm = torch.linalg.vector_norm(w, dtype=torch.float32)
+                tol = norm / math.sqrt(w.numel()) * SPARSITY_RTOL
+                zeros = (w == 0).sum()
+                below = (w.abs() < tol.to(w.dtype)).sum()
+                rows.append(torch.stack([norm, zeros.float(), (below - zeros).float()]))
+            device = rows[0].device
+            host = torch.stack([r.to(device) for r in rows]).to("cpu", torch.float64).tolist()
+        decays = decays or {}
+        grad_norms = grad_norms or {}
+        for (name, param), (norm, zeros, near) in zip(self._params, host, strict=True):
+            track = self.tracks[name]
+            n = max(track.numel, 1)
+            if track.first is None:
+                track.first = (step, norm)
+            track.trajectory.append((step, norm))
+            track.zero_frac = zeros / n
+            track.near_zero_frac = near / n
+            track.tolerance = norm / math.sqrt(n) * SPARSITY_RTOL
+            lr, wd, applied = decays.get(name, (math.nan, 0.0, "none"))
+            track.applied = applied
+            track.decay_step = lr * wd * norm if applied != "none" and math.isfinite(lr) else 0.0
+            g = grad_norms.get(name)
+            track.gradient_step = lr * g if g is not None and math.isfinite(lr) and math.isfinite(g) else None
+
+    def summary(self) -> dict[str, Any]:
+        return {name: track.to_dict() for name, track in self.tracks.items() if track.first is not None}
+
+    def l1_finding(self) -> Finding | None:
+        """``l1-not-sparse`` for the layers whose weights pile up near zero without reaching it."""
+        piled = [
+            (name, t)
+            for name, t in self.tracks.items()
+            if t.numel >= L1_MIN_ELEMENTS and t.near_zero_frac >= L1_PILEUP_FRAC
+        ]
+        if not piled:
+            return None
+        layers = list(dict.fromkeys(t.layer for _, t in piled))
+        name, worst = max(piled, key=lambda item: item[1].near_zero_frac)
+        targets = ", ".join(repr(layer) for layer in layers)
+        return Finding(
+            code="l1-not-sparse",
+            severity=Severity.WARNING,
+            layers=layers,
+            message=(
+                f"{worst.near_zero_frac:.0%} of {name}'s weights sit within {worst.tolerance:.2g} of zero "
+                f"(1% of its RMS) but only {worst.zero_frac:.1%} are exactly zero: the signature of an L1 penalty "
+                "taken by (sub)gradient, which never makes weights exactly zero"
+            ),
+            evidence={
+                "parameters": {
+                    n: {"near_zero_frac": t.near_zero_frac, "zero_frac": t.zero_frac, "tolerance": t.tolerance}
+                    for n, t in piled
+                },
+                "threshold_near_zero_frac": L1_PILEUP_FRAC,
+                "near_zero_rule": f"0 < |w| < {SPARSITY_RTOL:g} x RMS(w)",
+            },
+            fix=Fix(
+                "drop the L1 term from the loss and apply its proximal step S_ηλ (soft-threshold) after "
+                "each optimizer step: the weights L1 should remove become exactly zero",
+                "import gradscope.fix\n\n"
+                "loss = criterion(model(x), y)  # no L1 term here\n"
+                "loss.backward()\n"
+                "optimizer.step()\n"
+                f"for name in [{targets}]:\n"
+                "    gradscope.fix.soft_threshold_(model.get_submodule(name), lam=lr * l1_lambda)",
+            ),
+        )
