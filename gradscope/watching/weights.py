@@ -131,7 +131,7 @@ class WeightWatch:
             host = torch.stack([r.to(device) for r in rows]).to("cpu", torch.float64).tolist()
         decays = decays or {}
         grad_norms = grad_norms or {}
-        for (name, param), (norm, zeros, near) in zip(self._params, host, strict=True):
+        for (name, _param), (norm, zeros, near) in zip(self._params, host, strict=True):
             track = self.tracks[name]
             n = max(track.numel, 1)
             if track.first is None:
