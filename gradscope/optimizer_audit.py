@@ -109,11 +109,13 @@ def _number(value: Any) -> float:
 
 
 def _base_optimizer(optimizer: Any) -> Any:
-    """The torch optimizer behind wrappers (accelerate's AcceleratedOptimizer, Lightning's)."""
-    seen = 0
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer") and seen < 4:
-        optimizer = optimizer.optimizer
-        seen += 1
+    """The torch optimizer behind wrappers (accelerate's AcceleratedOptimizer, itself an
+    Optimizer subclass, and Lightning's LightningOptimizer): whatever ``.optimizer`` holds."""
+    for _ in range(4):
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer or not hasattr(inner, "param_groups"):
+            break
+        optimizer = inner
     return optimizer
 
 

@@ -76,6 +76,7 @@ def diagnose_record(
     from gradscope.diagnose.nonfinite import rule_nonfinite
     from gradscope.diagnose.precision import rule_precision
     from gradscope.diagnose.recurrent import rule_through_time
+    from gradscope.diagnose.regularisation import rule_dropout
     from gradscope.diagnose.units import rule_dead_units, rule_saturated_units
     from gradscope.diagnose.zeroinit import rule_zero_init
     from gradscope.formats import FORMAT_NAMES, format_for_dtype
@@ -103,6 +104,7 @@ def diagnose_record(
         rule_saturated_units,
         rule_through_time,
         rule_zero_init,
+        rule_dropout,
         rule_poor_init,
     ):
         found = rule(ctx)

@@ -14,6 +14,8 @@ A thin adapter over ``gradscope.watch``:
 * evaluation runs between steps: the forward hooks are paused from
   ``on_step_end`` to the next ``on_step_begin``, so evaluation forwards are
   not recorded;
+* ``on_evaluate`` feeds the evaluation's ``eval_loss`` (and its other metrics)
+  to ``scope.validation``: gradscope tracks the best step and finds ``overfitting``;
 * ``on_train_end`` closes the Scope; the full report is in ``callback.report``.
 
 The Trainer hides NaN/inf losses from its logs by default
@@ -73,6 +75,15 @@ class GradscopeTrainerCallback(TrainerCallback):
         if self.scope is not None and not self.scope.closed and self._pause is None:
             self._pause = self.scope.paused()
             self._pause.__enter__()
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any) -> None:
+        if self.scope is None or self.scope.closed or not metrics:
+            return
+        from gradscope.watching.validation import validation_metrics
+
+        found = validation_metrics(metrics, "eval_loss")
+        if found is not None:
+            self.scope.validation(found[0], metrics=found[1])
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.on_step_begin(args, state, control)

@@ -9,6 +9,10 @@ The callback is a thin adapter over ``gradscope.watch``:
   the step (so after gradient accumulation) and after AMP's ``unscale_``, and
   before gradient clipping: gradscope sees the gradients the clipping sees.
 * validation and sanity-check forwards are not recorded (``scope.paused()``);
+* at the end of each validation run (not the sanity check) the logged
+  ``monitor`` metric (default ``"val_loss"``, as ``EarlyStopping``'s) and the
+  other logged numbers go to ``scope.validation``: gradscope tracks the best
+  step and finds ``overfitting``;
 * ``on_fit_end`` / ``on_exception`` close the Scope; the full report is then in
   ``callback.report`` (and in TensorBoard when ``log_dir`` is set).
 """
@@ -46,10 +50,12 @@ def _scaler_of(trainer: Any) -> Any:
 class GradscopeCallback(Callback):
     """Watch a Lightning run with gradscope.  Keyword arguments go to ``gradscope.watch``."""
 
-    def __init__(self, **watch_kwargs: Any) -> None:
-        """``watch_kwargs``: the keyword arguments of ``gradscope.watch`` (every,
-        log_dir, formats, include, exclude, on_finding, raise_on)."""
+    def __init__(self, monitor: str = "val_loss", **watch_kwargs: Any) -> None:
+        """``monitor``: the logged validation loss fed to ``scope.validation``.
+        ``watch_kwargs``: the keyword arguments of ``gradscope.watch`` (every,
+        log_dir, formats, include, exclude, on_finding, raise_on, stop_on)."""
         super().__init__()
+        self.monitor = monitor
         self.kwargs = watch_kwargs
         self.scope: Scope | None = None
         self.report: Report | None = None
@@ -89,6 +95,13 @@ class GradscopeCallback(Callback):
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         self._pause_end()
+        if self.scope is None or self.scope.closed or getattr(trainer, "sanity_checking", False):
+            return
+        from gradscope.watching.validation import validation_metrics
+
+        metrics = validation_metrics(getattr(trainer, "callback_metrics", {}) or {}, self.monitor)
+        if metrics is not None:
+            self.scope.validation(metrics[0], metrics=metrics[1])
 
     def _close(self) -> None:
         self._pause_end()

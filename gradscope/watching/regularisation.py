@@ -37,15 +37,21 @@ def dropout_rates(model: nn.Module) -> list[tuple[str, float]]:
     ]
 
 
+def check_stop_on(stop_on: Any) -> tuple[str, ...]:
+    """``stop_on`` as a tuple of known codes (checked before any hook is attached)."""
+    codes = (stop_on,) if isinstance(stop_on, str) else tuple(stop_on)
+    unknown = [code for code in codes if code not in STOP_CODES]
+    if unknown:
+        from gradscope.errors import GradscopeError
+
+        raise GradscopeError(f"stop_on: unknown code {unknown[0]!r}; choose among {', '.join(STOP_CODES)}")
+    return codes
+
+
 class RegularisationWatch:
     """The regularisation signals of a watched run."""
 
     def __init__(self, model: nn.Module, params: list[tuple[str, Any]], stop_on: tuple[str, ...] = ()) -> None:
-        unknown = [code for code in stop_on if code not in STOP_CODES]
-        if unknown:
-            from gradscope.errors import GradscopeError
-
-            raise GradscopeError(f"stop_on: unknown code {unknown[0]!r}; choose among {', '.join(STOP_CODES)}")
         self.stop_on = tuple(stop_on)
         self._model = weakref.ref(model)
         self.guard = EvalModeGuard(model)

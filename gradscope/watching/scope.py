@@ -77,7 +77,7 @@ from gradscope.watching.aggregate import RunningRecord
 from gradscope.watching.alerts import AlertTracker
 from gradscope.watching.nonfinite import first_nonfinite
 from gradscope.watching.norms import NormHistogram, SpikeDetector
-from gradscope.watching.regularisation import RegularisationWatch
+from gradscope.watching.regularisation import RegularisationWatch, check_stop_on
 from gradscope.watching.scaling import active_scaler, divide_stats, grads_already_unscaled, scale_tensor
 
 logger = logging.getLogger("gradscope")
@@ -211,6 +211,7 @@ class Scope:
         unknown = [code for code in raise_on if code not in RAISE_CODES]
         if unknown:
             raise GradscopeError(f"raise_on: unknown code {unknown[0]!r}; choose among {', '.join(RAISE_CODES)}")
+        stop_on = check_stop_on(stop_on)
         self.model = model
         self.every = int(every)
         self.tier = tier
@@ -392,7 +393,7 @@ class Scope:
         gradscope tracks the best step, the train/validation gap and finds
         ``overfitting`` (see ``gradscope.watching.validation`` for the rule, its
         ``patience`` — default 5 evaluations — and relative ``min_delta`` —
-        default 0.01).  Called once per evaluation, not per step: a tensor
+        default 0.05).  Called once per evaluation, not per step: a tensor
         ``loss`` is read here (one host sync per evaluation).
 
         Raises:

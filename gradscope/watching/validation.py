@@ -20,9 +20,11 @@ its mean over the best evaluation's interval).  Defaults:
   above the best is rarely noise: for independent noise on a flat plateau
   each later evaluation is above the best with probability < 1, and the
   ``min_delta`` margin below removes the near-ties.
-* ``MIN_DELTA = 0.01``: each of those evaluations exceeds the best by more than
-  1 % of it, so a plateau whose evaluations wobble by less than 1 % (a
-  validation set of a few thousand examples) is not called overfitting.
+* ``MIN_DELTA = 0.05``: each of those evaluations exceeds the best by more than
+  5 % of it: Prechelt's generalisation-loss criterion GL_α, "stop when the
+  validation error is α % above its minimum so far", with his α = 5.  A run at
+  its noise floor, whose validation loss wobbles by a percent or two while the
+  training loss still creeps down, is not called overfitting.
 
 Both are arguments of ``scope.validation``.  The best step is the evaluation
 with the lowest loss (ties: the earliest).
@@ -38,7 +40,7 @@ from typing import Any
 from gradscope.report import Finding, Fix, Severity
 
 PATIENCE = 5
-MIN_DELTA = 0.01
+MIN_DELTA = 0.05
 MAX_EVALUATIONS = 10_000  # bounded memory: later evaluations update the best and the finding only
 
 
@@ -185,6 +187,17 @@ class ValidationTracker:
             "min_delta": self.min_delta,
             "history": [e.to_dict() for e in self.evaluations[-64:]],
         }
+
+
+def validation_metrics(metrics: dict[str, Any], monitor: str) -> tuple[Any, dict[str, Any]] | None:
+    """(the loss to track, the numeric metrics) from a framework's logged metrics: ``monitor``
+    when present, else the only key that names a validation loss; None when there is none."""
+    if monitor in metrics:
+        return metrics[monitor], dict(metrics)
+    candidates = [k for k in metrics if "loss" in k.lower() and any(v in k.lower() for v in ("val", "eval", "valid"))]
+    if len(candidates) == 1:
+        return metrics[candidates[0]], dict(metrics)
+    return None
 
 
 def overfitting_finding(
