@@ -516,6 +516,12 @@ _RUNNERS: dict[str, Callable[[_Printer], Outcome]] = {
     "fp16": example_fp16,
 }
 
+# The lecture's regularisation half (weight decay, L1, dropout, early stopping): gradscope.regularisation_examples.
+from gradscope.regularisation_examples import REGULARISATION_EXAMPLES, REGULARISATION_RUNNERS  # noqa: E402
+
+EXAMPLES.update(REGULARISATION_EXAMPLES)
+_RUNNERS.update(REGULARISATION_RUNNERS)
+
 
 def run_example(name: str, *, write: Callable[[str], Any] = print, width: int = 100, color: bool = False) -> Outcome:
     """Run one example and return its Outcome (the reports before and after the fix).

@@ -230,13 +230,18 @@ def param_group_snippet(
         lr = optimizer.param_groups[0].get("lr")
         kwargs = f"lr={lr!r}" if isinstance(lr, (int, float)) else ""
     names = ", ".join(repr(n) for n in no_decay)
-    lines = [
-        f"no_decay = {{{names}}}",
+    if len(names) <= 60:
+        lines = [f"no_decay = {{{names}}}"]
+    else:  # one name per line: long lists stay readable and pasteable
+        lines = ["no_decay = {", *(f"    {n!r}," for n in no_decay), "}"]
+    lines += [
         "named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]",
+        "decay = [p for n, p in named if n not in no_decay]",
+        "keep = [p for n, p in named if n in no_decay]",
         f"optimizer = {expression}(",
         "    [",
-        f'        {{"params": [p for n, p in named if n not in no_decay], "weight_decay": {weight_decay!r}}},',
-        '        {"params": [p for n, p in named if n in no_decay], "weight_decay": 0.0},',
+        f'        {{"params": decay, "weight_decay": {weight_decay!r}}},',
+        '        {"params": keep, "weight_decay": 0.0},',
         "    ],",
     ]
     if kwargs:

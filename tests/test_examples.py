@@ -16,8 +16,11 @@ import torch
 from gradscope import examples
 from gradscope.errors import InputError
 from gradscope.examples import EXAMPLES, PREDICTED_GAIN, Outcome, gradient_gain, run_demo, run_example
+from gradscope.regularisation_examples import REGULARISATION_EXAMPLES
 
 WIDTH = 80
+# The numerical-stability examples; the regularisation ones are tested in test_regularisation_examples.py.
+STABILITY = [name for name in EXAMPLES if name not in REGULARISATION_EXAMPLES]
 
 
 def _run(name: str) -> tuple[Outcome, list[str]]:
@@ -29,14 +32,24 @@ def _run(name: str) -> tuple[Outcome, list[str]]:
 @pytest.fixture(scope="module")
 def outcomes() -> dict[str, tuple[Outcome, list[str]]]:
     """Every example run once (they take about a second each), shared by the tests below."""
-    return {name: _run(name) for name in EXAMPLES}
+    return {name: _run(name) for name in STABILITY}
 
 
-def test_examples_cover_the_four_lessons() -> None:
-    assert list(EXAMPLES) == ["vanishing", "exploding", "init", "fp16"]
+def test_examples_cover_the_lessons() -> None:
+    # the numerical-stability half, then the regularisation half (gradscope.regularisation_examples)
+    assert list(EXAMPLES) == [
+        "vanishing",
+        "exploding",
+        "init",
+        "fp16",
+        "weight-decay",
+        "l1",
+        "dropout",
+        "early-stopping",
+    ]
 
 
-@pytest.mark.parametrize("name", list(EXAMPLES))
+@pytest.mark.parametrize("name", STABILITY)
 def test_each_example_reaches_its_expected_outcome(name: str, outcomes: dict) -> None:
     outcome, lines = outcomes[name]
     assert outcome.ok, outcome.problems

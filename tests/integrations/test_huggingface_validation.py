@@ -56,6 +56,7 @@ class Evaluations(transformers.TrainerCallback):
         self.seen.append((state.global_step, metrics["eval_loss"]))
 
 
+@pytest.mark.slow
 def test_trainer_feeds_evaluations_automatically(tmp_path) -> None:
     torch.manual_seed(0)
     old = torch.get_num_threads()

@@ -48,6 +48,7 @@ def loader(n: int, seed: int) -> DataLoader:
     return DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=BATCH)
 
 
+@pytest.mark.slow
 def test_lightning_feeds_validation_automatically(tmp_path) -> None:
     torch.manual_seed(0)
     old = torch.get_num_threads()
