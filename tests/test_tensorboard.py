@@ -27,13 +27,19 @@ def watched_run(logdir: Path, steps: int = 12) -> Scope:
     opt = torch.optim.SGD(model.parameters(), lr=1e-7)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
+    xv, yv = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
     with Scope(model, every=1, log_dir=str(logdir), raise_on=(), diagnose=False, on_finding=lambda f: None) as scope:
-        for _ in range(steps):
+        for step in range(steps):
             opt.zero_grad()
             loss = nn.functional.mse_loss(model(x), y)
             loss.backward()
             scope.step(opt, loss=loss)
             opt.step()
+            if step % 4 == 3:  # a held-out evaluation every 4 steps
+                model.eval()
+                with torch.no_grad(), scope.paused():
+                    scope.validation(nn.functional.mse_loss(model(xv), yv))
+                model.train()
     return scope
 
 
@@ -150,3 +156,24 @@ def test_only_rank_zero_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert writer.enabled
     writer.close()
     assert list((tmp_path / "rank0").glob("events.out.tfevents.*"))
+
+
+def test_validation_loss_and_gap_scalars(tmp_path: Path) -> None:
+    scope = watched_run(tmp_path)
+    acc = accumulate(tmp_path)
+    history = scope.report().analysis["regularisation"]["validation"]["history"]
+    assert [e["step"] for e in history] == [4, 8, 12]
+    validation = acc.Scalars("gradscope/validation_loss")
+    assert [e.step for e in validation] == [4, 8, 12]
+    for event, evaluation in zip(validation, history, strict=True):
+        assert event.value == pytest.approx(evaluation["loss"], rel=1e-6)
+    # gap = validation loss - mean training loss of the 4 steps before the evaluation
+    losses = dict(acc.Scalars("gradscope/loss") and [(e.step, e.value) for e in acc.Scalars("gradscope/loss")])
+    gaps = acc.Scalars("gradscope/train_validation_gap")
+    for event in gaps:
+        train = sum(losses[t] for t in range(event.step - 4, event.step)) / 4
+        val = next(e.value for e in validation if e.step == event.step)
+        assert event.value == pytest.approx(val - train, rel=1e-5, abs=1e-6)
+    charts = layout(("fp16",))["gradscope"]
+    assert charts["train vs validation loss"][1] == ["^gradscope/loss$", "^gradscope/validation_loss$"]
+    assert charts["train/validation gap"][1] == ["^gradscope/train_validation_gap$"]
