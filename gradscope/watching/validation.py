@@ -87,7 +87,10 @@ class ValidationTracker:
         self.dropped = 0
         self.patience = PATIENCE
         self.min_delta = MIN_DELTA
-        self._early_losses: list[tuple[int, float]] = []  # losses of steps after the last evaluation (bounded)
+        # Training losses of steps after the last evaluation, as a sum: losses reach the host
+        # in step order and before the next evaluation (of a later step), which takes them all.
+        self._open_sum = 0.0
+        self._open_count = 0
 
     def add(
         self,
@@ -131,23 +134,14 @@ class ValidationTracker:
                 self.evaluations[i].train_sum += loss
                 self.evaluations[i].train_count += 1
             else:
-                self._pending(t, loss)
-
-    def _pending(self, t: int, loss: float) -> None:
-        # A loss of a step after the last evaluation: kept until the next evaluation claims it.
-        self._early_losses.append((t, loss))
-        if len(self._early_losses) > 4096:
-            self._early_losses = self._early_losses[-4096:]
+                self._open_sum += loss
+                self._open_count += 1
 
     def claim_pending(self, evaluation: Evaluation) -> None:
-        keep = []
-        for t, loss in self._early_losses:
-            if t + 1 <= evaluation.step:
-                evaluation.train_sum += loss
-                evaluation.train_count += 1
-            else:
-                keep.append((t, loss))
-        self._early_losses = keep
+        """The new evaluation (made after every step whose loss reached the host) takes the open sum."""
+        evaluation.train_sum += self._open_sum
+        evaluation.train_count += self._open_count
+        self._open_sum, self._open_count = 0.0, 0
 
     @property
     def best(self) -> Evaluation | None:
