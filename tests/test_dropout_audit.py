@@ -34,9 +34,10 @@ def test_dropout_feeding_batchnorm_and_dropout_as_output() -> None:
     assert set(found) == {("1", "2"), ("4",)}
     assert found[("1", "2")].severity == "warning" and "variance shift" in found[("1", "2")].message
     assert found[("4",)].evidence["position"] == "output"
+    # LayerNorm normalises each example by its own statistics, at inference too (post-LN Transformers
+    # put dropout right before the residual add and its LayerNorm): not reported
     layer_norm = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.2), nn.LayerNorm(16), nn.Linear(16, 2))
-    (info,) = dropout_findings(layer_norm)
-    assert info.severity == "info"
+    assert dropout_findings(layer_norm) == []
 
 
 class NearFp16Max(nn.Module):

@@ -10,8 +10,10 @@ Read from the model (the rates) and the record (execution order and ranges):
   collected on dropped-out activations in training but applied to undropped
   ones at inference, a "variance shift" (Li et al. 2019, "Understanding the
   disharmony between dropout and batch normalization by variance shift")
-  (``warning``; before other normalisations, which use per-example statistics,
-  ``info``);
+  (``warning``).  Other normalisations (LayerNorm, RMSNorm, GroupNorm) use each
+  example's own statistics at inference too, and post-LN Transformers put
+  dropout right before the residual add and its LayerNorm by design (the add
+  is no module, so the record shows dropout → LayerNorm): not reported;
 * dropout as the model's last layer: it zeroes and rescales the predictions
   themselves, which the loss then fits (``warning``); the lecture applies it
   to hidden outputs, ``o = W₂·dropout(h) + b₂``;
@@ -94,21 +96,15 @@ def _placement(ctx: Context, layer: LayerRecord, p: float | None) -> Finding | N
             ),
         )
     nxt = rest[0]
-    if nxt.type not in NORM_TYPES:
+    if nxt.type not in BATCHNORM_TYPES:
         return None
-    batch = nxt.type in BATCHNORM_TYPES
     return Finding(
         code="dropout",
-        severity=Severity.WARNING if batch else Severity.INFO,
+        severity=Severity.WARNING,
         layers=[layer.name, nxt.name],
         message=(
-            f"{layer.name} feeds {nxt.name} ({nxt.type}) directly: "
-            + (
-                "BatchNorm's running variance is learnt on dropped-out activations but used on undropped ones "
-                "at inference (the variance shift of Li et al. 2019)"
-                if batch
-                else "the normalisation's statistics differ between training (dropped) and inference"
-            )
+            f"{layer.name} feeds {nxt.name} ({nxt.type}) directly: BatchNorm's running variance is learnt on "
+            "dropped-out activations but used on undropped ones at inference (the variance shift of Li et al. 2019)"
         ),
         evidence={"p": p, "next_layer": nxt.name, "next_type": nxt.type},
         fix=Fix(

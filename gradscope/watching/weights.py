@@ -160,7 +160,7 @@ class WeightWatch:
             return None
         layers = list(dict.fromkeys(t.layer for _, t in piled))
         name, worst = max(piled, key=lambda item: item[1].near_zero_frac)
-        targets = ", ".join(repr(layer) for layer in layers)
+        targets = ", ".join(repr("" if layer == "model" else layer) for layer in layers)  # "": the root
         return Finding(
             code="l1-not-sparse",
             severity=Severity.WARNING,
