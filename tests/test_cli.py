@@ -50,8 +50,8 @@ def assert_one_line_error(result: Result, *words: str) -> None:
 
 FORMS = [
     ("factory", [], "factory", "factory call"),
-    ("torchscript", [], "torchscript", "torch.jit.load"),
-    ("export", [], "export", "torch.export.load + torch.export.unflatten"),
+    ("torchscript", ["--trust-code"], "torchscript", "torch.jit.load"),
+    ("export", [], "export", "gradscope's weights-only .pt2 reader + torch.export.unflatten"),
     ("state_dict", ["--arch", "ARCH"], "state_dict", "torch.load(weights_only=True) + load_state_dict"),
     ("checkpoint", ["--arch", "ARCH"], "state_dict", "torch.load(weights_only=True) + load_state_dict"),
     ("safetensors", ["--arch", "ARCH"], "safetensors", "safetensors.torch.load_file + load_state_dict"),
@@ -279,7 +279,7 @@ def test_model_errors(files: dict[str, Path]) -> None:
 
 def test_pickles_refused_without_trust(files: dict[str, Path]) -> None:
     for name in ("evil_pickle", "evil_zip", "pickle"):
-        assert_one_line_error(run("audit", files[name]), "pickled Python object", "--trust-pickle")
+        assert_one_line_error(run("audit", files[name]), "pickled Python object", "--trust-code")
     assert not any(path.exists() for path in canaries(files["models"].parent))
 
 
@@ -299,7 +299,7 @@ def test_help_and_version() -> None:
     for command in ("audit", "fix", "report", "demo"):
         assert command in result.stdout
     audit_help = run("audit", "--help").stdout
-    for word in ("--arch", "--trust-pickle", "--input-shape", "--fail-on", "torch.export"):
+    for word in ("--arch", "--trust-code", "--trust-pickle", "--input-shape", "--fail-on", "torch.export"):
         assert word in audit_help
     assert run("--version").stdout.strip() == f"gradscope {version()}"
 
@@ -356,7 +356,9 @@ def test_fix_writes_safetensors(files: dict[str, Path], tmp_path: Path) -> None:
 
 def test_fix_refuses_torchscript(files: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "fixed.pt"
-    assert_one_line_error(run("fix", files["torchscript"], "--out", out), "fix needs the Python model")
+    assert_one_line_error(run("fix", files["torchscript"], "--out", out), "TorchScript program", "--trust-code")
+    trusted = run("fix", files["torchscript"], "--trust-code", "--out", out)
+    assert_one_line_error(trusted, "fix needs the Python model")
     assert not out.exists()
 
 

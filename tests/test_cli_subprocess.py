@@ -50,7 +50,7 @@ def test_pickle_refused_in_a_real_process(files: dict[str, Path]) -> None:
     done = gradscope("audit", files["evil_pickle"], "--format", "json", "--output", files["models"].parent / "o.json")
     assert done.returncode == 2 and done.stdout == ""
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "--trust-pickle" in lines[0] and "Traceback" not in done.stderr
+    assert len(lines) == 1 and "--trust-code" in lines[0] and "Traceback" not in done.stderr
     assert not any(path.exists() for path in canaries(files["models"].parent))
     assert not (files["models"].parent / "o.json").exists()
 

@@ -96,16 +96,17 @@ def test_pickle_globals_are_read_without_running_anything(files: dict[str, Path]
 
 @pytest.mark.parametrize("name", ["evil_pickle", "evil_zip", "pickle"])
 def test_pickled_objects_are_refused_before_unpickling(files: dict[str, Path], name: str) -> None:
-    with pytest.raises(LoadError, match="--trust-pickle") as info:
+    with pytest.raises(LoadError, match="--trust-code") as info:
         load_model(str(files[name]))
     assert "\n" not in str(info.value)
     assert not any(path.exists() for path in canaries(files["models"].parent))
 
 
 def test_trust_pickle_loads_a_pickled_module(files: dict[str, Path]) -> None:
-    loaded = load_model(str(files["pickle"]), trust_pickle=True)
-    assert loaded.format == "pickle" and isinstance(loaded.module, torch.nn.Sequential)
-    assert loaded.loader == "torch.load(weights_only=False)"
+    for consent in ({"trust_code": True}, {"trust_pickle": True}):  # trust_pickle: the former name, still accepted
+        loaded = load_model(str(files["pickle"]), **consent)
+        assert loaded.format == "pickle" and isinstance(loaded.module, torch.nn.Sequential)
+        assert loaded.loader == "torch.load(weights_only=False)"
 
 
 # -- state_dict and --arch ----------------------------------------------------------
@@ -195,7 +196,7 @@ def _reference(files: dict[str, Path]) -> dict[str, torch.Tensor]:
 def test_every_format_records_the_true_weight_gradients(files: dict[str, Path], form: str, fmt: str) -> None:
     spec = _spec(files, "build") if form == "factory" else str(files[form])
     arch = _spec(files, "build") if form in ("state_dict", "safetensors") else None
-    loaded = load_model(spec, arch=arch)
+    loaded = load_model(spec, arch=arch, trust_code=form == "torchscript")  # TorchScript is code
     assert loaded.format == fmt
     inputs = load_inputs(str(files["inputs"]))
     report = audit_loaded(loaded, inputs, loss="mean")
@@ -212,7 +213,7 @@ def test_every_format_records_the_true_weight_gradients(files: dict[str, Path], 
 
 
 def test_torchscript_records_the_whole_output_and_says_what_is_missing(files: dict[str, Path]) -> None:
-    loaded = load_model(str(files["torchscript"]))
+    loaded = load_model(str(files["torchscript"]), trust_code=True)
     report = audit_loaded(loaded, load_inputs(str(files["inputs"])), loss="mean")
     ref = _reference(files)
     assert [layer.name for layer in report.layers] == ["fc1", "fc2", "model"]
@@ -251,7 +252,7 @@ def test_export_uses_its_saved_example_inputs(files: dict[str, Path]) -> None:
 
 
 def test_torchscript_input_shape_inferred_from_first_linear(files: dict[str, Path]) -> None:
-    report = audit_loaded(load_model(str(files["torchscript"])))
+    report = audit_loaded(load_model(str(files["torchscript"]), trust_code=True))
     assert report.run["input_shape"] == [32, 12]
 
 
@@ -269,7 +270,7 @@ def test_export_that_cannot_be_unflattened_still_records_parameter_gradients(
 
     monkeypatch.setattr(compiled, "unflatten", lambda program: None)
     loaded = load_model(str(files["export"]))
-    assert not loaded.hookable and loaded.loader == "torch.export.load + ExportedProgram.module"
+    assert not loaded.hookable and loaded.loader == "gradscope's weights-only .pt2 reader + ExportedProgram.module"
     report = audit_loaded(loaded, load_inputs(str(files["inputs"])), loss="mean", mode="eval")
     ref = _reference(files)
     assert [(layer.name, layer.type) for layer in report.layers] == [

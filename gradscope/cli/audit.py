@@ -40,7 +40,7 @@ from gradscope.cli.options import (
 def audit(
     model: str,
     arch: str | None,
-    trust_pickle: bool,
+    trust_code: bool,
     fmt: str,
     output: str | None,
     tensorboard: str | None,
@@ -55,12 +55,16 @@ def audit(
     MODEL is one of:
       path/to/file.py:factory      a callable returning an nn.Module (or a module attribute)
       package.module:factory       the same, importable (the working directory is searched)
-      model.ts / model.pt          a TorchScript file (torch.jit.save)
       model.pt2                    a torch.export archive (torch.export.save)
       weights.pt --arch SPEC       a state_dict or checkpoint (torch.save(model.state_dict()))
       weights.safetensors --arch SPEC
-      model.pt --trust-pickle      a fully pickled module (runs the pickle's code)
-    The format is read from the file's content, not its extension.
+      model.ts --trust-code        a TorchScript file (a program: runs its code)
+      model.pt --trust-code        a fully pickled module (runs the pickle's code)
+    The format is read from the file's content, not its extension. Files that
+    are data load with no flag; files that are code (pickled modules,
+    TorchScript, .pt2 parts needing full unpickling or non-tensor operators)
+    are refused before any of it runs unless --trust-code (alias
+    --trust-pickle) is given. --seed also seeds the factory's random init.
 
     \b
     Examples:
@@ -90,7 +94,7 @@ def audit(
             from gradscope.loaders import audit_loaded, load_model
 
             inputs, kwargs = choice.audit_kwargs()
-            loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
+            loaded = load_model(model, arch=arch, trust_code=trust_code, seed=choice.seed)
             report = audit_loaded(loaded, inputs, **kwargs)
             if planned is not None:
                 audit_planned_optimizer(report, loaded.module, planned)

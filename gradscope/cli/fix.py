@@ -42,7 +42,7 @@ SCHEMES = ("auto", "kaiming", "xavier", "lsuv")
 )
 @debug_option
 def fix(
-    model: str, arch: str | None, trust_pickle: bool, scheme: str, out: str, fail_on: str, **input_values: Any
+    model: str, arch: str | None, trust_code: bool, scheme: str, out: str, fail_on: str, **input_values: Any
 ) -> None:
     """Re-initialise MODEL's weights, re-audit, and write the fixed state_dict to --out.
 
@@ -71,7 +71,7 @@ def fix(
             from gradscope.loaders import audit_loaded, load_model
 
             inputs, kwargs = choice.audit_kwargs()
-            loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
+            loaded = load_model(model, arch=arch, trust_code=trust_code, seed=choice.seed)
             if not loaded.hookable or loaded.format in ("torchscript", "export"):
                 raise InputError(
                     f"fix needs the Python model; {loaded.format} files cannot be re-initialised here "

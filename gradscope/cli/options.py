@@ -17,7 +17,7 @@ INPUT_DTYPES = ("float32", "int64")
 
 
 def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """MODEL argument plus --arch and --trust-pickle."""
+    """MODEL argument plus --arch and --trust-code (alias --trust-pickle)."""
     decorators = [
         click.argument("model", metavar="MODEL"),
         click.option(
@@ -27,10 +27,14 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "(file.py:factory or package.module:factory).",
         ),
         click.option(
+            "--trust-code",
             "--trust-pickle",
+            "trust_code",
             is_flag=True,
-            help="Allow a fully pickled module (torch.save(model)). Unpickling runs arbitrary code: "
-            "only for files you trust.",
+            help="Allow a model file that is code: a pickled module (torch.save(model)), a TorchScript file, "
+            "a .pt2 part that needs full unpickling or calls non-tensor operators. Without it such files are "
+            "refused before any of their code runs; pass it only for files you trust. --trust-pickle is an alias. "
+            "--inputs files are always read weights-only.",
         ),
     ]
     for decorator in reversed(decorators):
@@ -74,7 +78,7 @@ def input_options(func: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="ce: uniform class targets; mse: N(0,1) targets; mean: the output's mean.",
         ),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed for inputs, targets, dropout."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for inputs, targets, dropout and the factory's random init."),
         click.option(
             "--formats",
             default="fp16",

@@ -1,17 +1,21 @@
 """Model loaders: every MODEL form of the CLI contract, with its safety rules.
 
-``load_model(spec, arch=..., trust_pickle=...)`` returns a ``LoadedModel``
+``load_model(spec, arch=..., trust_code=..., seed=...)`` returns a ``LoadedModel``
 naming the loader used; ``audit_loaded(loaded, ...)`` audits it, taking the
 loader-specific path for formats whose submodules cannot carry hooks.
 
 Forms (DESIGN.md, "CLI"):
 
 * ``path/to/file.py:factory`` / ``package.module:factory`` -> ``factory``
-* TorchScript zip (``code/``, ``constants.pkl``)            -> ``torchscript``
+* TorchScript zip (``code/``, ``constants.pkl``), only with ``--trust-code`` -> ``torchscript``
 * torch.export archive (``archive_format``, ``models/``)    -> ``export``
 * torch.save state_dict or checkpoint + ``--arch``          -> ``state_dict``
 * safetensors + ``--arch``                                  -> ``safetensors``
-* pickled module, only with ``--trust-pickle``              -> ``pickle``
+* pickled module, only with ``--trust-code``                -> ``pickle``
+
+Data loads with no flag; code (a pickled module, a TorchScript program, a
+``.pt2`` part that needs more than tensors) is refused before it runs unless
+``trust_code`` is set: see ``gradscope.loaders.consent``.
 """
 
 from __future__ import annotations
@@ -40,9 +44,11 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
     example_inputs: Any = None  # inputs saved with the model (torch.export archives)
     input_guess: tuple[Any, ...] | None = None  # (shape, dtype, vocab) when the model cannot be inspected
+    fixed_mode: str | None = None  # train/eval/mixed fixed in the file (torch.export); None: --mode applies
+    seed: int | None = None  # the seed the global generators had when a factory built the model
 
 
-def _arch_model(arch: str | None, path: Path, kind: str) -> Any:
+def _arch_model(arch: str | None, path: Path, kind: str, seed: int | None) -> Any:
     from gradscope.loaders.factory import build_from_spec
 
     if not arch:
@@ -52,37 +58,64 @@ def _arch_model(arch: str | None, path: Path, kind: str) -> Any:
         )
     import torch
 
-    model = build_from_spec(arch)
+    model = build_from_spec(arch, seed=seed)
     if not isinstance(model, torch.nn.Module) or isinstance(model, torch.jit.ScriptModule):
         raise LoadError(f"--arch {arch} must build a Python nn.Module, not a {type(model).__name__}")
     return model
 
 
-def load_model(spec: str, *, arch: str | None = None, trust_pickle: bool = False) -> LoadedModel:
+def load_model(
+    spec: str,
+    *,
+    arch: str | None = None,
+    trust_code: bool = False,
+    trust_pickle: bool = False,
+    seed: int | None = 0,
+) -> LoadedModel:
     """Load MODEL as the CLI contract describes, deciding the format from the file's content.
 
+    Args:
+        spec: a factory spec or a model file.
+        arch: the factory building the architecture for a state_dict or safetensors file.
+        trust_code: consent to run code from the file (``--trust-code``): a pickled
+            module, a TorchScript program, a ``.pt2`` part that needs the full unpickler.
+        trust_pickle: the former name of ``trust_code``; either one gives consent.
+        seed: seeds torch's, Python's and NumPy's global generators while a factory
+            (MODEL's or ``--arch``'s) builds the model; None leaves them alone.
+
     Raises:
-        LoadError: a one-line reason (missing, empty, truncated, unsafe, mismatched...).
+        LoadError: a one-line reason (missing, empty, truncated, mismatched...);
+            ``CodeRefused`` when the file is code and consent was not given.
     """
     from gradscope.loaders import detect, files
     from gradscope.loaders.factory import build_from_spec, split_spec
 
+    trusted = trust_code or trust_pickle
     if split_spec(spec) is not None:
-        return _from_factory(spec, build_from_spec(spec))
+        loaded = _from_factory(spec, build_from_spec(spec, seed=seed))
+        loaded.seed = seed
+        return loaded
     path = Path(spec)
     check_file(path)
     kind = detect.detect_format(path)
     if kind == detect.TORCHSCRIPT:
-        return _torchscript(spec, files.load_torchscript(path))
+        return _torchscript(spec, files.load_torchscript(path, trusted=trusted))
     if kind == detect.EXPORT:
-        return _export(spec, files.load_export(path))
+        program, notes = files.load_export(path, trusted=trusted)
+        loaded = _export(spec, program)
+        loaded.notes.extend(notes)
+        if trusted:
+            loaded.loader = loaded.loader.replace("gradscope's weights-only .pt2 reader", "torch.export.load")
+        return loaded
     if kind == detect.SAFETENSORS:
         state = files.load_safetensors(path)
-        model = _arch_model(arch, path, "safetensors")
-        files.load_into(model, state, path, arch or "")
-        return LoadedModel(model, "safetensors", spec, "safetensors.torch.load_file + load_state_dict")
+        model = _arch_model(arch, path, "safetensors", seed)
+        notes = files.load_into(model, state, path, arch or "")
+        return LoadedModel(
+            model, "safetensors", spec, "safetensors.torch.load_file + load_state_dict", notes=notes, seed=seed
+        )
     # torch.save zip, legacy torch.save or a bare pickle: probe with the restricted unpickler first.
-    if trust_pickle:
+    if trusted:
         obj = files.load_trusted_pickle(path)
         loader = "torch.load(weights_only=False)"
     else:
@@ -97,11 +130,12 @@ def load_model(spec: str, *, arch: str | None = None, trust_pickle: bool = False
     if isinstance(obj, torch.nn.Module):
         return LoadedModel(obj, "pickle", spec, loader)
     state, where = files.extract_state_dict(obj, path)
-    model = _arch_model(arch, path, "a state_dict")
-    files.load_into(model, state, path, arch or "")
-    loaded = LoadedModel(model, "state_dict", spec, f"{loader} + load_state_dict")
+    model = _arch_model(arch, path, "a state_dict", seed)
+    notes = files.load_into(model, state, path, arch or "")
+    loaded = LoadedModel(model, "state_dict", spec, f"{loader} + load_state_dict", seed=seed)
     if where:
         loaded.notes.append(f"weights read from checkpoint{where}")
+    loaded.notes.extend(notes)
     return loaded
 
 
@@ -143,23 +177,24 @@ def _torchscript(spec: str, scripted: Any) -> LoadedModel:
 
 def _export(spec: str, program: Any) -> LoadedModel:
     from gradscope.loaders.compiled import OpaqueModel, export_example_inputs, export_layer_types, unflatten
+    from gradscope.loaders.pt2 import export_mode
 
     types = export_layer_types(program)
     example = export_example_inputs(program)
-    notes = [
-        "torch.export fixed train/eval behaviour (dropout, BatchNorm) when the program was exported; "
-        "--mode does not change it"
-    ]
+    mode = export_mode(program)
+    fixed = f"torch.export fixed the {mode} mode (dropout, BatchNorm) when the program was exported"
+    notes = [f"{fixed}; --mode does not change it"] if mode else []
     module = unflatten(program)
     if module is not None:
         return LoadedModel(
             module,
             "export",
             spec,
-            "torch.export.load + torch.export.unflatten",
+            "gradscope's weights-only .pt2 reader + torch.export.unflatten",
             layer_types=types,
             notes=notes,
             example_inputs=example,
+            fixed_mode=mode,
         )
     notes.insert(
         0,
@@ -171,32 +206,61 @@ def _export(spec: str, program: Any) -> LoadedModel:
         shell,
         "export",
         spec,
-        "torch.export.load + ExportedProgram.module",
+        "gradscope's weights-only .pt2 reader + ExportedProgram.module",
         hookable=False,
         layer_types=types,
         notes=notes,
         example_inputs=example,
+        fixed_mode=mode,
     )
 
 
 def load_inputs(spec: str) -> Any:
-    """``--inputs FILE``: a tensor, a tuple/list of tensors or a dict of tensors (weights_only=True)."""
+    """``--inputs FILE``: a tensor, a tuple/list of tensors or a dict of tensors.
+
+    Always ``torch.load(weights_only=True)``: inputs are data, and ``--trust-code``
+    does not extend to them.
+    """
+    import pickle
+
     import torch
 
     from gradscope.loaders.files import first_line
+    from gradscope.loaders.pickles import describe_imports, unsafe_globals
 
     path = Path(spec)
     check_file(path, "inputs file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise LoadError(f"inputs file {spec!r} is not a readable torch.save file: {first_line(exc)}") from None
+        imports = describe_imports(unsafe_globals(path))
+        raise LoadError(
+            f"inputs file {spec!r} is a pickled Python object{imports}; --inputs are read as tensors only "
+            "(weights_only=True, --trust-code does not apply): torch.save a tensor, a tuple or a dict of tensors"
+        ) from None
     except Exception as exc:
         raise LoadError(
             f"cannot read inputs file {spec!r} with torch.load(weights_only=True): {first_line(exc)}"
-        ) from exc
+        ) from None
     values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else [obj]
     if not isinstance(obj, (torch.Tensor, tuple, list, dict)) or not any(isinstance(v, torch.Tensor) for v in values):
         raise LoadError(f"inputs file {spec!r} must hold a tensor, a tuple of tensors or a dict of tensors")
     return tuple(obj) if isinstance(obj, list) else obj
+
+
+def _state_true_mode(report: Any, loaded: LoadedModel) -> None:
+    """``run.mode`` is the mode the model ran in: the exported one for a ``.pt2``, not ``--mode``.
+
+    An exported graph with dropout and batch-norm fixed to different modes is
+    "mixed"; one with neither behaves the same in both modes, so ``--mode`` stands.
+    """
+    if loaded.fixed_mode is not None:
+        asked = report.run.get("mode")
+        report.run["mode"] = loaded.fixed_mode
+        if asked and asked != loaded.fixed_mode:
+            report.record.note(f"--mode {asked} was not applied: the exported program runs in {loaded.fixed_mode} mode")
 
 
 def _check_lazy(loaded: LoadedModel) -> None:
@@ -262,6 +326,9 @@ def audit_loaded(loaded: LoadedModel, inputs: Any = None, **kwargs: Any) -> Any:
     for note in loaded.notes:
         report.record.note(note)
     report.model["loader"] = loaded.loader
+    if loaded.seed is not None:
+        report.model["seed"] = loaded.seed  # the seed the factory built the model with
+    _state_true_mode(report, loaded)
     if loaded.layer_types.get(""):
         report.model["type"] = loaded.layer_types[""]  # the original class, not the shell/unflattened one
     diagnose(report, model=loaded.module)

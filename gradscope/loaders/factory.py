@@ -3,20 +3,26 @@
 The factory is a callable returning an ``nn.Module`` (called without
 arguments) or an ``nn.Module`` attribute.  Importing user code runs it, which
 is what the user asked for by naming it; errors in that code become one-line
-LoadErrors.
+LoadErrors.  The factory runs with torch's, Python's and NumPy's global
+generators seeded (``--seed``), so a factory using the default random init
+builds the same weights on every run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import os
+import random
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from torch.export import ExportedProgram
 
@@ -110,8 +116,41 @@ def _import(name: str) -> Any:
         raise LoadError(f"importing {name!r} raised {_first_line(exc)}") from exc
 
 
-def build_from_spec(spec: str) -> nn.Module | ExportedProgram:
+@contextlib.contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Seed the global generators a factory's init draws from, and restore them afterwards.
+
+    ``torch.manual_seed`` seeds the CPU generator and every CUDA device's; Python's
+    ``random`` and NumPy's legacy global generator are seeded too, for factories
+    that use them.  The previous CPU, ``random`` and NumPy states come back on
+    exit, so a library caller's own random stream is undisturbed.
+    """
+    if seed is None:
+        yield
+        return
+    try:
+        import numpy
+    except ImportError:  # numpy is optional
+        numpy = None  # type: ignore[assignment]
+    saved = (torch.get_rng_state(), random.getstate(), numpy.random.get_state() if numpy is not None else None)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    if numpy is not None:
+        numpy.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(saved[0])
+        random.setstate(saved[1])
+        if numpy is not None:
+            numpy.random.set_state(saved[2])
+
+
+def build_from_spec(spec: str, seed: int | None = None) -> nn.Module | ExportedProgram:
     """The module a factory spec names: import, look up, call if callable.
+
+    ``seed`` (when not None) seeds the global generators while the module is
+    imported and the factory called (see ``seeded``).
 
     An ``ExportedProgram`` (what ``torch.export.export`` returns) is accepted
     too; ``load_model`` audits it as an exported archive.
@@ -123,7 +162,11 @@ def build_from_spec(spec: str) -> nn.Module | ExportedProgram:
     parts = split_spec(spec)
     if parts is None:
         raise LoadError(f"{spec!r} is not a factory spec; use path/to/file.py:factory or package.module:factory")
-    target, attr = parts
+    with seeded(seed):
+        return _build(*parts)
+
+
+def _build(target: str, attr: str) -> nn.Module | ExportedProgram:
     is_file = target.endswith(".py") or "/" in target or "\\" in target or Path(target).exists()
     module = import_file(Path(target)) if is_file else import_module(target)
     if not hasattr(module, attr):

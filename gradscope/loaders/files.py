@@ -1,9 +1,10 @@
 """Loaders for model files: TorchScript, torch.export, torch.save and safetensors.
 
-Safety rule: nothing is unpickled with the full unpickler unless the user
-passed ``--trust-pickle``.  ``torch.load(weights_only=True)`` only rebuilds
-tensors and plain containers and refuses any other global *before* creating
-it, so it is the probe that tells a state_dict from a pickled module.
+Safety rule (``gradscope.loaders.consent``): nothing is unpickled with the
+full unpickler and no TorchScript is loaded unless the user passed
+``--trust-code``.  ``torch.load(weights_only=True)`` only rebuilds tensors and
+plain containers and refuses any other global *before* creating it, so it is
+the probe that tells a state_dict from a pickled module.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradscope.loaders.consent import refuse
 from gradscope.loaders.detect import LoadError
-from gradscope.loaders.pickles import unsafe_globals
+from gradscope.loaders.pickles import describe_imports, unsafe_globals
 
 # Keys under which training scripts commonly nest the weights in a checkpoint
 # (plain PyTorch tutorials, Lightning, timm, fairseq).
@@ -43,20 +45,18 @@ def load_weights_only(path: Path) -> Any:
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" not in str(exc):
             raise LoadError(f"{str(path)!r} is not a readable torch.save file: {first_line(exc)}") from exc
-        names = unsafe_globals(path)
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        what = f" (it imports {shown})" if shown else ""
-        raise LoadError(
-            f"{str(path)!r} is a pickled Python object{what}; unpickling it can run arbitrary code, so gradscope "
-            "refused to load it. Pass --trust-pickle only if you trust its source, or save model.state_dict() "
-            "and pass --arch"
+        imports = describe_imports(unsafe_globals(path))
+        raise refuse(
+            path,
+            f"is a pickled Python object{imports}; unpickling it can run arbitrary code",
+            "save model.state_dict() and pass it with --arch",
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise LoadError(f"{str(path)!r} is truncated or damaged: {first_line(exc)}") from exc
 
 
 def load_trusted_pickle(path: Path) -> Any:
-    """The full unpickler, for ``--trust-pickle`` only."""
+    """The full unpickler, for ``--trust-code`` only."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -104,21 +104,54 @@ def _listing(keys: list[str], limit: int = 4) -> str:
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _strip_prefix(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+def tied_names(model: nn.Module) -> dict[str, set[str]]:
+    """Each name of a parameter or buffer that the architecture ties -> its other names.
+
+    A tie is one tensor object registered under two names (GPT-2's ``lm_head.weight``
+    is ``transformer.wte.weight``); safetensors and ``save_pretrained`` store it once.
+    """
+    groups: dict[int, list[str]] = {}
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, tensor in named:
+        groups.setdefault(id(tensor), []).append(name)
+    return {name: set(names) - {name} for names in groups.values() if len(names) > 1 for name in names}
+
+
+def _covers(keys: set[str], expected: set[str], tied: dict[str, set[str]]) -> bool:
+    """``keys`` are the model's, and each model key they lack is tied to one they have."""
+    return keys <= expected and all(tied.get(k, set()) & keys for k in expected - keys)
+
+
+def _strip_prefix(state: dict[str, torch.Tensor], expected: set[str], tied: dict[str, set[str]]) -> dict:
     """Drop a wrapper prefix (DDP's ``module.``, Lightning's ``model.``) when that makes the keys match."""
+    if _covers(set(state), expected, tied):
+        return state
     for prefix in ("module.", "model.", "_orig_mod."):
         if all(k.startswith(prefix) for k in state):
             stripped = {k[len(prefix) :]: v for k, v in state.items()}
-            if set(stripped) == expected:
+            if _covers(set(stripped), expected, tied):
                 return stripped
     return state
 
 
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> list[str]:
     """``model.load_state_dict(state, strict=True)`` with a one-line message naming
-    the missing and unexpected keys, or the first shape mismatch."""
+    the missing and unexpected keys, or the first shape mismatch.
+
+    A key the file lacks is accepted only when the architecture ties it to a key
+    the file has (same tensor object under both names); the returned notes say
+    which were filled that way.
+    """
     expected = model.state_dict()
-    state = _strip_prefix(state, set(expected))
+    tied = tied_names(model)
+    state = dict(_strip_prefix(state, set(expected), tied))
+    filled: list[str] = []
+    for key in expected:
+        if key not in state:
+            source = next((alias for alias in sorted(tied.get(key, ())) if alias in state), None)
+            if source is not None:
+                state[key] = state[source]
+                filled.append(f"{key} = {source}")
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
@@ -138,9 +171,20 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch
         model.load_state_dict(state, strict=True)
     except Exception as exc:
         raise LoadError(f"loading {str(path)!r} into --arch {arch} failed: {first_line(exc)}") from exc
+    if not filled:
+        return []
+    return [f"tied weights the file stores once, loaded from their twin: {_listing(filled)}"]
 
 
-def load_torchscript(path: Path) -> Any:
+def load_torchscript(path: Path, *, trusted: bool) -> Any:
+    """``torch.jit.load``: a TorchScript file is a program, loaded only with consent."""
+    if not trusted:
+        raise refuse(
+            path,
+            "is a TorchScript program: loading and running it executes its code (__setstate__ at load, forward "
+            "at the audit), which can create or overwrite files",
+            "audit the Python model (file.py:factory), a torch.export .pt2 of it, or its state_dict with --arch",
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch 2.9+ deprecates TorchScript; users still have the files
@@ -149,11 +193,8 @@ def load_torchscript(path: Path) -> Any:
         raise LoadError(f"{str(path)!r} is not a loadable TorchScript file: {first_line(exc)}") from exc
 
 
-def load_export(path: Path) -> Any:
-    """The ExportedProgram of a ``.pt2`` archive (``torch.export.load``)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.export.load(str(path))
-    except Exception as exc:
-        raise LoadError(f"{str(path)!r} is not a loadable torch.export archive: {first_line(exc)}") from exc
+def load_export(path: Path, *, trusted: bool) -> tuple[Any, list[str]]:
+    """(ExportedProgram, notes) of a ``.pt2`` archive, read as data unless ``trusted`` (see ``loaders.pt2``)."""
+    from gradscope.loaders.pt2 import load_archive
+
+    return load_archive(path, trusted=trusted)

@@ -5,6 +5,9 @@ calls a constructor, so it is safe on hostile input.  gradscope uses it to tell
 the user *which* code a refused pickle would have run; the refusal itself
 comes from ``torch.load(weights_only=True)``, whose restricted unpickler only
 accepts tensors and plain containers.
+
+The stream is decoded straight from the file (or the zip member), never read
+whole: a refused multi-GB pickle costs a bounded read, not its size in memory.
 """
 
 from __future__ import annotations
@@ -12,51 +15,117 @@ from __future__ import annotations
 import io
 import pickletools
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
 
+# How much of a stream is decoded to name its imports.  A pickle's globals sit
+# near its start (objects are built as they are read); a huge BINBYTES operand
+# is where a bound matters.
+SCAN_LIMIT = 64 * 1024 * 1024
 
-def pickle_globals(data: bytes, limit: int = 50) -> list[str]:
-    """The ``module.name`` globals a pickle stream references, in order, deduplicated.
+# A legacy (non-zip) torch.save file is several pickles in a row: magic number,
+# protocol version, system info, then the object.
+_MAX_PICKLES = 4
 
-    Follows GLOBAL (protocols 0-1) and STACK_GLOBAL (2+; its two operands are
-    the last two strings pushed, possibly fetched back from the memo).
+
+class _Bounded:
+    """A read-only view of ``handle`` that ends after ``limit`` bytes (what ``pickletools`` needs)."""
+
+    def __init__(self, handle: IO[bytes], limit: int) -> None:
+        self._handle = handle
+        self._left = limit
+        self._pos = 0
+
+    def _take(self, data: bytes) -> bytes:
+        self._left -= len(data)
+        self._pos += len(data)
+        return data
+
+    def read(self, size: int = -1) -> bytes:
+        size = self._left if size is None or size < 0 else min(size, self._left)
+        return self._take(self._handle.read(size)) if size > 0 else b""
+
+    def readline(self) -> bytes:
+        return self._take(self._handle.readline(self._left)) if self._left > 0 else b""
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _globals_of_stream(stream: IO[bytes]) -> Iterator[str]:
+    """``module.name`` of every GLOBAL / STACK_GLOBAL of one pickle (stops at STOP).
+
+    STACK_GLOBAL's two operands are the last two strings pushed, possibly
+    fetched back from the memo.
     """
-    found: list[str] = []
     strings: list[str] = []
     memo: dict[int, str] = {}
+    for opcode, arg, _ in pickletools.genops(stream):
+        name = opcode.name
+        if name in _STRING_OPS and isinstance(arg, (str, bytes)):
+            strings.append(arg if isinstance(arg, str) else arg.decode("latin-1"))
+        elif name in ("BINPUT", "LONG_BINPUT", "PUT") and strings and isinstance(arg, int):
+            memo[arg] = strings[-1]
+        elif name == "MEMOIZE" and strings:
+            memo[len(memo)] = strings[-1]
+        elif name in ("BINGET", "LONG_BINGET", "GET") and isinstance(arg, int) and arg in memo:
+            strings.append(memo[arg])
+        elif name == "GLOBAL" and isinstance(arg, str):
+            yield arg.replace(" ", ".")
+        elif name == "STACK_GLOBAL" and len(strings) >= 2:
+            yield f"{strings[-2]}.{strings[-1]}"
+
+
+def stream_globals(handle: IO[bytes], limit: int = 50, scan_limit: int = SCAN_LIMIT) -> list[str]:
+    """The globals the pickle(s) at ``handle`` reference, in order, deduplicated.
+
+    Reads at most ``scan_limit`` bytes; a truncated or odd stream gives what
+    was decoded before the problem.
+    """
+    found: list[str] = []
+    stream = _Bounded(handle, scan_limit)
     try:
-        for opcode, arg, _ in pickletools.genops(io.BytesIO(data)):
-            name = opcode.name
-            if name in _STRING_OPS and isinstance(arg, (str, bytes)):
-                strings.append(arg if isinstance(arg, str) else arg.decode("latin-1"))
-            elif name in ("BINPUT", "LONG_BINPUT", "PUT") and strings and isinstance(arg, int):
-                memo[arg] = strings[-1]
-            elif name == "MEMOIZE" and strings:
-                memo[len(memo)] = strings[-1]
-            elif name in ("BINGET", "LONG_BINGET", "GET") and isinstance(arg, int) and arg in memo:
-                strings.append(memo[arg])
-            elif name == "GLOBAL" and isinstance(arg, str):
-                found.append(arg.replace(" ", "."))
-            elif name == "STACK_GLOBAL" and len(strings) >= 2:
-                found.append(f"{strings[-2]}.{strings[-1]}")
-            if len(found) >= limit:
-                break
-    except Exception:  # truncated or odd stream: report what was decoded so far
+        for _ in range(_MAX_PICKLES):  # ends with "pickle exhausted" after the last one
+            for name in _globals_of_stream(stream):  # type: ignore[arg-type]
+                found.append(name)
+                if len(found) >= limit:
+                    return list(dict.fromkeys(found))
+    except Exception:  # truncated, bounded or not a pickle: report what was decoded so far
         pass
     return list(dict.fromkeys(found))
 
 
-def main_pickle_bytes(path: Path) -> bytes:
-    """The pickle that holds the object: ``data.pkl`` inside a torch.save zip, else the file."""
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            for name in archive.namelist():
-                if name.endswith("data.pkl"):
-                    return archive.read(name)
-        return b""
-    return path.read_bytes()
+def pickle_globals(data: bytes, limit: int = 50) -> list[str]:
+    """The ``module.name`` globals a pickle held in memory references (see ``stream_globals``)."""
+    return stream_globals(io.BytesIO(data), limit=limit)
+
+
+def _main_pickle_member(archive: zipfile.ZipFile) -> str | None:
+    return next((name for name in archive.namelist() if name.endswith("data.pkl")), None)
+
+
+def file_globals(path: Path | IO[bytes]) -> list[str]:
+    """Globals of the pickle that holds the object: ``data.pkl`` inside a torch.save zip, else the file itself."""
+    opened = path.open("rb") if isinstance(path, Path) else path
+    try:
+        if zipfile.is_zipfile(opened):
+            opened.seek(0)
+            with zipfile.ZipFile(opened) as archive:
+                member = _main_pickle_member(archive)
+                if member is None:
+                    return []
+                with archive.open(member) as handle:  # decompresses as it goes
+                    return stream_globals(handle)
+        opened.seek(0)
+        return stream_globals(opened)
+    except (OSError, zipfile.BadZipFile):
+        return []
+    finally:
+        if isinstance(path, Path):
+            opened.close()
 
 
 # Globals torch.load(weights_only=True) accepts for tensors and containers;
@@ -76,7 +145,14 @@ _TENSOR_GLOBALS = (
 )
 
 
-def unsafe_globals(path: Path) -> list[str]:
+def unsafe_globals(path: Path | IO[bytes]) -> list[str]:
     """Globals of the file's main pickle that are not plain tensor/container machinery."""
-    names = pickle_globals(main_pickle_bytes(path))
-    return [n for n in names if not n.startswith(_TENSOR_GLOBALS) and not n.endswith("Storage")]
+    return [n for n in file_globals(path) if not n.startswith(_TENSOR_GLOBALS) and not n.endswith("Storage")]
+
+
+def describe_imports(names: list[str]) -> str:
+    """`` (it imports a, b, c and 2 more)`` for a refusal message, or ``""``."""
+    if not names:
+        return ""
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f" (it imports {shown})"
