@@ -24,7 +24,7 @@ _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHOR
 # How much of a stream is decoded to name its imports.  A pickle's globals sit
 # near its start (objects are built as they are read); a huge BINBYTES operand
 # is where a bound matters.
-SCAN_LIMIT = 64 * 1024 * 1024
+SCAN_LIMIT = 16 * 1024 * 1024
 
 # A legacy (non-zip) torch.save file is several pickles in a row: magic number,
 # protocol version, system info, then the object.
@@ -55,28 +55,58 @@ class _Bounded:
         return self._pos
 
 
+_GETATTR = {"builtins.getattr", "__builtin__.getattr"}
+
+
 def _globals_of_stream(stream: IO[bytes]) -> Iterator[str]:
     """``module.name`` of every GLOBAL / STACK_GLOBAL of one pickle (stops at STOP).
 
     STACK_GLOBAL's two operands are the last two strings pushed, possibly
-    fetched back from the memo.
+    fetched back from the memo.  ``getattr(SomeClass, "name")`` - how a pickle
+    reaches a method or a builtin function such as ``torch.from_file`` - is
+    reported as ``SomeClass.name``.
     """
     strings: list[str] = []
-    memo: dict[int, str] = {}
+    memo: dict[int, tuple[str, str]] = {}  # memo slot -> ("string" | "global", value)
+    last: tuple[str, str] | None = None  # what the last opcode pushed, when a string or a global
+    after_getattr = False  # the last global was getattr: the next global is its object
+    owner: str | None = None  # that object: the next string pushed is the attribute
     for opcode, arg, _ in pickletools.genops(stream):
         name = opcode.name
+        found: str | None = None
+        pushed: tuple[str, str] | None = None
         if name in _STRING_OPS and isinstance(arg, (str, bytes)):
-            strings.append(arg if isinstance(arg, str) else arg.decode("latin-1"))
-        elif name in ("BINPUT", "LONG_BINPUT", "PUT") and strings and isinstance(arg, int):
-            memo[arg] = strings[-1]
-        elif name == "MEMOIZE" and strings:
-            memo[len(memo)] = strings[-1]
+            pushed = ("string", arg if isinstance(arg, str) else arg.decode("latin-1"))
+        elif name in ("BINPUT", "LONG_BINPUT", "PUT") and last is not None and isinstance(arg, int):
+            memo[arg] = last
+            continue  # the stack is unchanged: ``last`` stays
+        elif name == "MEMOIZE" and last is not None:
+            memo[len(memo)] = last
+            continue
         elif name in ("BINGET", "LONG_BINGET", "GET") and isinstance(arg, int) and arg in memo:
-            strings.append(memo[arg])
+            pushed = memo[arg]
         elif name == "GLOBAL" and isinstance(arg, str):
-            yield arg.replace(" ", ".")
+            pushed = ("global", arg.replace(" ", "."))
         elif name == "STACK_GLOBAL" and len(strings) >= 2:
-            yield f"{strings[-2]}.{strings[-1]}"
+            pushed = ("global", f"{strings[-2]}.{strings[-1]}")
+        last = pushed
+        if pushed is None:
+            continue
+        kind, value = pushed
+        if kind == "string":
+            strings.append(value)
+            if owner is not None:
+                yield f"{owner}.{value}"
+                owner = None
+            continue
+        found = value
+        if found in _GETATTR:
+            after_getattr = True
+            continue
+        if after_getattr:
+            after_getattr, owner = False, found
+            continue
+        yield found
 
 
 def stream_globals(handle: IO[bytes], limit: int = 50, scan_limit: int = SCAN_LIMIT) -> list[str]:
@@ -150,9 +180,17 @@ def unsafe_globals(path: Path | IO[bytes]) -> list[str]:
     return [n for n in file_globals(path) if not n.startswith(_TENSOR_GLOBALS) and not n.endswith("Storage")]
 
 
+def _rank(name: str) -> int:
+    """Callables outside torch first (``os.system``), then torch functions, then nn classes."""
+    if not name.startswith("torch."):
+        return 0
+    return 2 if name.startswith("torch.nn.") else 1
+
+
 def describe_imports(names: list[str]) -> str:
     """`` (it imports a, b, c and 2 more)`` for a refusal message, or ``""``."""
     if not names:
         return ""
+    names = sorted(names, key=_rank)
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     return f" (it imports {shown})"
