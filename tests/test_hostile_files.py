@@ -211,3 +211,92 @@ def test_an_ordinary_export_audits_with_no_flag(base: dict[str, Path]) -> None:
     assert report["model"]["format"] == "export"
     assert report["run"]["input_shape"] == [4, 12]  # its example inputs, read weights-only
     assert {layer["name"] for layer in report["layers"]} >= {"fc"}
+
+
+# -- damaged archives, Python callables in a graph, and refusing big pickles cheaply -----------
+
+
+def _damaged(base: dict[str, Path], folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def broken_json(records: dict[str, bytes]) -> None:
+        records["models/model.json"] = records["models/model.json"][:300]
+
+    def wrong_version(records: dict[str, bytes]) -> None:
+        records["archive_version"] = b"999"
+
+    def no_weights_config(records: dict[str, bytes]) -> None:
+        del records["data/weights/model_weights_config.json"]
+
+    def short_weight(records: dict[str, bytes]) -> None:
+        records["data/weights/weight_0"] = records["data/weights/weight_0"][:7]
+
+    edits = {"broken_json": broken_json, "wrong_version": wrong_version, "no_config": no_weights_config}
+    edits["short_weight"] = short_weight
+    return {name: rewrite_archive(base["scaled"], folder / f"{name}.pt2", edit) for name, edit in edits.items()}
+
+
+def test_damaged_archives_give_one_line_and_no_torch_log(base: dict[str, Path], tmp_path: Path) -> None:
+    words = {
+        "broken_json": "damaged torch.export archive",
+        "wrong_version": "version '999'",
+        "no_config": "without its weights",
+        "short_weight": "damaged torch.export archive",
+    }
+    for name, path in _damaged(base, tmp_path).items():
+        for trust in ([], ["--trust-code"]):
+            result = run("audit", path, *trust)
+            assert result.exit_code == 2, (name, result.stderr)
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and words[name] in lines[0] and "Traceback" not in result.stderr, (name, lines)
+
+
+@pytest.mark.slow
+def test_damaged_archive_in_a_real_process_prints_one_line(base: dict[str, Path], tmp_path: Path) -> None:
+    # torch logs through its own stderr handler; a real process shows whether any of it escapes.
+    path = _damaged(base, tmp_path)["broken_json"]
+    done = gradscope("audit", path, "--format", "json")
+    assert done.returncode == 2 and done.stdout == ""
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_graph_op_allow_list() -> None:
+    import os
+
+    from gradscope.loaders.consent import CodeRefused
+    from gradscope.loaders.pt2 import check_graph_ops, disallowed_op
+
+    aten = torch.ops.aten
+    assert disallowed_op(aten.linear.default) is None and disallowed_op(aten.gelu.default) is None
+    assert disallowed_op(aten.from_file.default) == "aten.from_file"
+    assert disallowed_op(aten._print.default) == "aten._print"
+    assert disallowed_op(os.system) == "system"
+    assert disallowed_op("torch.serialization.os.system") is not None  # an unresolved name is refused too
+    program = torch.export.export(torch.nn.Linear(3, 2), (torch.randn(1, 3),))
+    check_graph_ops(program, Path("ok.pt2"))  # an ordinary graph passes
+    node = next(n for n in program.graph.nodes if n.op == "call_function")
+    node.target = os.getcwd  # what "torch.serialization.os.getcwd" in an archive resolves to
+    with pytest.raises(CodeRefused, match="graph calls getcwd"):
+        check_graph_ops(program, Path("evil.pt2"))
+
+
+def test_naming_a_big_pickles_imports_streams_it(tmp_path: Path) -> None:
+    import pickle
+    import tracemalloc
+
+    from gradscope.loaders.pickles import SCAN_LIMIT, unsafe_globals
+
+    path = tmp_path / "big.pkl"
+    blob = b"\0" * (3 * SCAN_LIMIT)  # 48 MiB of operand after the payload's imports
+    with path.open("wb") as handle:
+        pickle.dump((FileTensor(tmp_path / "never", (2,)), blob), handle)
+    del blob
+    tracemalloc.start()
+    try:
+        names = unsafe_globals(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert any(name.endswith("from_file") for name in names), names
+    assert peak < 2 * SCAN_LIMIT, f"peak {peak / 2**20:.0f} MiB for a {path.stat().st_size / 2**20:.0f} MiB file"
+    assert not (tmp_path / "never").exists()

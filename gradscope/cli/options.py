@@ -78,7 +78,13 @@ def input_options(func: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="ce: uniform class targets; mse: N(0,1) targets; mean: the output's mean.",
         ),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed for inputs, targets, dropout and the factory's random init."),
+        click.option(
+            "--seed",
+            type=int,
+            default=0,
+            show_default=True,
+            help="Seed for inputs, targets, dropout and the factory's random init.",
+        ),
         click.option(
             "--formats",
             default="fp16",

@@ -159,6 +159,8 @@ def _torchscript(spec: str, scripted: Any) -> LoadedModel:
     from gradscope.loaders.compiled import OpaqueModel, scripted_input_guess
 
     shell = OpaqueModel(scripted)
+    # torch.jit.freeze inlines an eval-mode model and drops its ``training`` flag: train() cannot change it.
+    frozen = hasattr(scripted, "_c") and not scripted._c.hasattr("training")
     return LoadedModel(
         shell,
         "torchscript",
@@ -172,6 +174,7 @@ def _torchscript(spec: str, scripted: Any) -> LoadedModel:
             "(audit the Python model, file.py:factory, for those)"
         ],
         input_guess=scripted_input_guess(scripted),
+        fixed_mode="eval" if frozen else None,
     )
 
 
