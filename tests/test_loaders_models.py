@@ -216,3 +216,17 @@ def test_seeding_leaves_the_callers_generators_as_they_were(tmp_path: Path) -> N
     torch.manual_seed(123)
     load_model(f"{tmp_path / 'rand.py'}:build", seed=5)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_export_mode_reads_the_mode_dependent_operators() -> None:
+    from gradscope.loaders.pt2 import export_mode
+
+    def exported(model: nn.Module) -> object:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.export(model, (torch.randn(4, 6),))
+
+    model = nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Dropout(0.1))
+    model[1].eval()  # frozen BatchNorm statistics while dropout trains: a common fine-tuning setup
+    assert export_mode(exported(model)) == "mixed"
+    assert export_mode(exported(nn.Sequential(nn.Linear(6, 6), nn.ReLU()))) is None  # nothing depends on it

@@ -373,6 +373,26 @@ def _refuse_native_code(names_in_archive: list[str], path: Path) -> None:
         )
 
 
+@contextlib.contextmanager
+def _log_on_error(log: list[str]) -> Iterator[None]:
+    """Attach what torch logged to the LoadError (``torch_log``), for ``--debug`` to show."""
+    try:
+        yield
+    except LoadError as exc:
+        exc.torch_log = list(log)  # type: ignore[attr-defined]
+        raise
+
+
+def _torch_export_load(path: Path) -> Any:
+    """``torch.export.load`` itself (consent given), its logging kept off stderr."""
+    with captured_torch_logs() as log, _log_on_error(log), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return torch.export.load(str(path))
+        except Exception as exc:
+            raise LoadError(f"{str(path)!r} is not a loadable torch.export archive: {_first(exc)}") from None
+
+
 def load_archive(path: Path, *, trusted: bool) -> tuple[Any, list[str]]:
     """(ExportedProgram, notes) of the archive's ``model`` program.
 
@@ -386,11 +406,14 @@ def load_archive(path: Path, *, trusted: bool) -> tuple[Any, list[str]]:
         from torch.export.pt2_archive import _package as package
         from torch.export.pt2_archive import constants as names
     except ImportError as exc:  # an older torch: its archive layout predates pt2_archive
+        if trusted:
+            return _torch_export_load(path), []
         raise LoadError(
-            f"this torch ({torch.__version__}) has no pt2_archive reader gradscope can use safely: {_first(exc)}"
+            f"this torch ({torch.__version__}) has no pt2_archive reader gradscope can use safely: {_first(exc)}; "
+            "pass --trust-code to load it with torch.export.load if you trust its source"
         ) from None
     notes: list[str] = []
-    with captured_torch_logs(), warnings.catch_warnings():
+    with captured_torch_logs() as log, _log_on_error(log), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             reader = package.PT2ArchiveReader(str(path))
