@@ -269,6 +269,7 @@ def test_graph_op_allow_list() -> None:
     aten = torch.ops.aten
     assert disallowed_op(aten.linear.default) is None and disallowed_op(aten.gelu.default) is None
     assert disallowed_op(aten.from_file.default) == "aten.from_file"
+    assert disallowed_op(aten.add) is None and disallowed_op(aten.from_file) == "aten.from_file"  # packets
     assert disallowed_op(aten._print.default) == "aten._print"
     assert disallowed_op(os.system) == "system"
     assert disallowed_op("torch.serialization.os.system") is not None  # an unresolved name is refused too

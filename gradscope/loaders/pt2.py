@@ -151,6 +151,9 @@ def disallowed_op(target: Any) -> str | None:
         return _op_name(target)
     if isinstance(target, torch._ops.HigherOrderOperator):
         return None if target.name() in _ALLOWED_HIGHER_ORDER else _op_name(target)
+    if isinstance(target, torch._ops.OpOverloadPacket):  # a name without overload: every overload must pass
+        overloads = [getattr(target, name) for name in target.overloads()]
+        return next((bad for op in overloads if (bad := disallowed_op(op))), None) if overloads else str(target)
     if not isinstance(target, str) and id(target) in _SAFE_FUNCTIONS:
         return None
     return _op_name(target)
