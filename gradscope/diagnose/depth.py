@@ -42,7 +42,7 @@ from typing import Any
 
 from gradscope import advice
 from gradscope.diagnose import thresholds as th
-from gradscope.diagnose.init import init_fix, poor_init_layers
+from gradscope.diagnose.init import compounding_runs, init_fix, poor_init_layers
 from gradscope.diagnose.layers import EMBEDDING_TYPES, NORM_TYPES, Context, width
 from gradscope.diagnose.structure import Structure, find_structure
 from gradscope.record import LayerRecord
@@ -324,7 +324,10 @@ def _depth_fix(ctx: Context, exploding: bool) -> Fix:
     """Init calls when the init is at fault; an activation change for sigmoid/tanh
     stacks; otherwise normalisation or residuals, with LSUV as the data-driven init."""
     rows = ctx.analysis.get("init") or []
-    bad = poor_init_layers(rows)
+    # Only layers whose gains really multiply (chained, not branches that a
+    # residual or normalisation rescues) are worth re-initialising.
+    chained = {id(r) for run in compounding_runs(ctx, rows) for r in run}
+    bad = [r for r in poor_init_layers(rows) if id(r) in chained]
     squash = _hidden_squash(rows)
     plain = not any(x.type in NORM_TYPES for x in ctx.layers)
     deep = len(ctx.parametrised()) >= th.PLAIN_DEEP_LAYERS

@@ -162,7 +162,7 @@ def _row_code(row: dict[str, Any]) -> str:
     return code
 
 
-def _compounding_runs(ctx: Context, rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+def compounding_runs(ctx: Context, rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """Runs of rows whose gains multiply: each layer feeds the next one directly.
 
     Two rows are chained when what the second layer receives is what the first
@@ -238,7 +238,7 @@ def rule_poor_init(ctx: Context) -> list[Finding]:
         return []
     rows = ctx.analysis.get("init") or []
     judged = []
-    for run in _compounding_runs(ctx, rows):
+    for run in compounding_runs(ctx, rows):
         predicted = math.prod(r["predicted_gain"] for r in run)
         # The rows are chained, so their measured gains telescope: from the input
         # of the first to the activation after the last, what the signal really did.

@@ -87,7 +87,9 @@ def find_structure(ctx: Context) -> Structure:
     """
     found = Structure(zero_layers=[x.name for x in ctx.layers if x.call == 1 and _all_zero(x)])
     found.head_boundary = _head_boundary(ctx)
-    if not _suspicious(ctx):
+    if ctx.during_training or not _suspicious(ctx):
+        # In training the gains have moved off their init (and reading each one
+        # would cost a host sync per parameter at every flush): the record alone.
         return found
     import torch
 
