@@ -339,17 +339,47 @@ def test_fully_saturated_layer_is_reported_as_100_percent() -> None:
 # -- TorchScript: never "healthy" when the depth analysis could not run -----------------------
 
 
-def test_torchscript_of_a_vanishing_stack_is_inconclusive_not_healthy(tmp_path) -> None:
+def test_torchscript_sequential_is_audited_layer_by_layer_like_the_factory(tmp_path) -> None:
+    model = mlp(30, init=xavier)
     path = tmp_path / "stack.ts"
-    torch.jit.save(torch.jit.script(mlp(30, init=xavier)), str(path))
+    torch.jit.save(torch.jit.script(model), str(path))
+    result = CliRunner().invoke(cli, ["audit", str(path), "--trust-pickle", "--format", "json"])
+    data = json.loads(result.stdout)
+    factory = audit(model, input_shape=(32, 64))
+    assert [(f["code"], f["severity"]) for f in data["findings"]] == [
+        (f.code, Severity(f.severity).value) for f in factory.findings
+    ]
+    assert data["summary"]["healthy"] is False
+    assert [layer["type"] for layer in data["layers"][:2]] == ["Linear", "ReLU"]
+    assert result.exit_code == 1
+
+
+class _Stack(nn.Module):
+    """A custom forward (not a Sequential): TorchScript gives no per-layer view of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(64, 64) for _ in range(30))
+        for layer in self.layers:
+            xavier(layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x
+
+
+def test_torchscript_of_a_vanishing_custom_stack_is_inconclusive_not_healthy(tmp_path) -> None:
+    path = tmp_path / "stack.ts"
+    torch.jit.save(torch.jit.script(_Stack()), str(path))
     runner = CliRunner()
-    result = runner.invoke(cli, ["audit", str(path), "--trust-pickle", "--format", "json"])
+    result = runner.invoke(cli, ["audit", str(path), "--trust-pickle", "--input-shape", "32,64", "--format", "json"])
     data = json.loads(result.stdout)
     assert data["summary"]["healthy"] is None
     assert data["summary"]["verdict"] == "inconclusive"
     assert any("TorchScript" in reason for reason in data["summary"]["inconclusive"])
     assert result.exit_code == 1  # inconclusive counts at --fail-on error (the default)
-    never = runner.invoke(cli, ["audit", str(path), "--trust-pickle", "--fail-on", "never"])
+    never = runner.invoke(cli, ["audit", str(path), "--trust-pickle", "--input-shape", "32,64", "--fail-on", "never"])
     assert never.exit_code == 0
     assert "— inconclusive: per-layer activations and ∂ℓ/∂h could not be recorded" in " ".join(never.stdout.split())
     assert "— healthy" not in never.stdout

@@ -280,6 +280,12 @@ def _check_lazy(loaded: LoadedModel) -> None:
             )
 
 
+def _unrolled(module: Any) -> Any:
+    from gradscope.loaders.hookless import unrolled
+
+    return unrolled(module)
+
+
 def audit_loaded(loaded: LoadedModel, inputs: Any = None, **kwargs: Any) -> Any:
     """Audit a loaded model, then diagnose; returns the Report.
 
@@ -317,6 +323,10 @@ def audit_loaded(loaded: LoadedModel, inputs: Any = None, **kwargs: Any) -> Any:
             original = loaded.layer_types.get(layer.module if layer.module != "model" else "")
             if original and layer.type in ("InterpreterModule", "UnflattenedModule", "Module"):
                 layer.type = original
+    elif (shell := _unrolled(loaded.module)) is not None:
+        report = audit(shell, inputs, **common, **kwargs)
+        report.record.note("TorchScript Sequential: run child by child from Python, so every layer was recorded")
+        loaded.notes = [n for n in loaded.notes if "cannot carry Python hooks" not in n]  # they were recorded
     else:
         from gradscope.loaders.hookless import ParameterProbe, merge_parameter_layers, parameter_layers
 

@@ -9,6 +9,7 @@ layers are not observable and the report says so.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -104,3 +105,106 @@ def merge_parameter_layers(record: Record, layers: list[LayerRecord]) -> None:
     record.layers = layers + [layer for layer in record.layers]
     for index, layer in enumerate(record.layers):
         layer.index = index
+
+
+# -- TorchScript Sequential: per-layer visibility by calling its children in order ----------
+
+
+class _ScriptedChild(nn.Module):
+    """A hookable stand-in for one scripted child: calls it, exposes its own parameters.
+
+    Subclassed per original class name (``Linear``, ``ReLU``...), so the record
+    carries the type the diagnosis reads.  The scripted child is not registered
+    as a submodule (it cannot carry hooks); its direct parameters and buffers are
+    listed as this module's, so the recorder finds the weight, its fans and its
+    gradient, and the audit restores ``.grad`` and buffers.
+    """
+
+    scripted: Any
+
+    def __init__(self, scripted: Any) -> None:
+        super().__init__()
+        object.__setattr__(self, "scripted", scripted)
+
+    def forward(self, *args: Any) -> Any:
+        return self.scripted(*args)
+
+    def train(self, mode: bool = True) -> _ScriptedChild:
+        super().train(mode)
+        self.scripted.train(mode)
+        return self
+
+    def named_parameters(  # type: ignore[override]  # ScriptModule parameters are plain tensors
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, param in self.scripted.named_parameters(recurse=recurse):
+            yield (f"{prefix}.{name}" if prefix else name), param
+
+    def named_buffers(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, buf in self.scripted.named_buffers(recurse=recurse):
+            yield (f"{prefix}.{name}" if prefix else name), buf
+
+
+_CHILD_CLASSES: dict[str, type[_ScriptedChild]] = {}
+
+
+def _child_class(original: str) -> type[_ScriptedChild]:
+    name = original if original.isidentifier() else "ScriptModule"
+    if name not in _CHILD_CLASSES:
+        _CHILD_CLASSES[name] = type(name, (_ScriptedChild,), {"__module__": __name__})
+    return _CHILD_CLASSES[name]
+
+
+class UnrolledSequential(nn.Module):
+    """A scripted ``nn.Sequential`` run child by child from Python.
+
+    ``Sequential.forward`` is exactly "feed each child the previous child's
+    output", so calling the scripted children in order computes the same
+    numbers, and each child, wrapped in a hookable stand-in, gets its own
+    activation, ∂ℓ/∂h, weight and weight gradient: a TorchScript audit of a
+    Sequential sees what the factory audit sees.
+    """
+
+    scripted: Any
+
+    def __init__(self, scripted: Any) -> None:
+        super().__init__()
+        object.__setattr__(self, "scripted", scripted)
+        for name, child in scripted.named_children():
+            self.add_module(name, _child_class(getattr(child, "original_name", "ScriptModule"))(child))
+
+    def forward(self, x: Any) -> Any:
+        for child in self.children():
+            x = child(x)
+        return x
+
+    def train(self, mode: bool = True) -> UnrolledSequential:
+        super().train(mode)
+        self.scripted.train(mode)
+        return self
+
+    def named_parameters(  # type: ignore[override]
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        if recurse:
+            for name, param in self.scripted.named_parameters():
+                yield (f"{prefix}.{name}" if prefix else name), param
+
+    def named_buffers(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        if recurse:
+            for name, buf in self.scripted.named_buffers():
+                yield (f"{prefix}.{name}" if prefix else name), buf
+
+
+def unrolled(module: nn.Module) -> UnrolledSequential | None:
+    """The per-layer stand-in for a hook-less shell around a scripted ``nn.Sequential``, else None."""
+    scripted = getattr(module, "scripted", None)
+    if scripted is None or getattr(scripted, "original_name", "") != "Sequential":
+        return None
+    if not isinstance(scripted, torch.jit.ScriptModule):
+        return None
+    return UnrolledSequential(scripted)
