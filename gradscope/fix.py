@@ -6,12 +6,13 @@ Schemes:
   (std ``sqrt(2 / fan_in)``), biases zeroed.
 * ``"xavier"`` — Glorot & Bengio 2010, ``xavier_normal_(w)`` (std
   ``sqrt(2 / (fan_in + fan_out))``), biases zeroed.
-* ``"auto"`` — audits the model and applies, per layer, what the diagnosis
-  recommends (Kaiming before the ReLU family, Xavier before tanh/sigmoid or
-  nothing) to the layers its ``poor-init`` finding names: weight std off the
-  recommendation, predicted gain far from 1, not followed by a normalisation
-  layer, on a model whose depth profile suffers (or would, but for residuals
-  or normalisation).  A healthy model is left untouched.
+* ``"auto"`` — audits the model and re-initialises exactly the layers its
+  ``poor-init`` warning names (chained layers whose predicted gains compound
+  outside the healthy band, confirmed by the measured signal), per layer with
+  what the diagnosis recommends (Kaiming before the ReLU family, Xavier before
+  tanh/sigmoid or nothing).  A healthy model, or one whose small branch gains
+  residuals and normalisation rescue, is left untouched; ask for ``"kaiming"``
+  or ``"xavier"`` to change every layer.
 * ``"lsuv"`` — Mishkin & Matas 2016, layer-sequential unit variance:
   orthonormal pre-init, then in execution order rescale each layer's weight by
   ``1/sqrt(Var(out))`` until ``|Var(out) - 1| < 0.1``, at most 10 tries.

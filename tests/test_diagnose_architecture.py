@@ -385,6 +385,13 @@ def test_torchscript_of_a_vanishing_custom_stack_is_inconclusive_not_healthy(tmp
     assert "— healthy" not in never.stdout
 
 
+def test_inconclusive_survives_the_json_round_trip() -> None:
+    report = audit(mlp(3, init=kaiming), input_shape=(8, 64), loss=lambda out: out.detach().sum() * 0)
+    again = Report.from_dict(json.loads(json.dumps(report.to_dict())))
+    assert again.summary() == report.summary()
+    assert again.summary()["verdict"] == "inconclusive"
+
+
 def test_no_gradient_reached_is_inconclusive() -> None:
     report = audit(mlp(3, init=kaiming), input_shape=(8, 64), loss=lambda out: out.detach().sum() * 0)
     assert report.summary()["healthy"] is None

@@ -169,7 +169,7 @@ def report_output_options(func: Callable[..., Any]) -> Callable[..., Any]:
                 type=click.Choice(FAIL_ON),
                 default="error",
                 show_default=True,
-                help="Exit 1 when a finding is at or above this severity.",
+                help="Exit 1 when a finding is at or above this severity (an inconclusive verdict counts as error).",
             ),
             click.option("--width", type=click.IntRange(min=40), help="Width of the table (default: the terminal's)."),
         ]
