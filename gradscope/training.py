@@ -60,17 +60,29 @@ class SpikeSummary:
     first: Spike | None = None
     worst: Spike | None = None
     steps: list[int] = field(default_factory=list)  # the first MAX_STEPS spike steps
-    # the largest per-parameter gradient norms at spikes on sampled steps (first MAX_STEPS)
+    # The largest per-parameter gradient norms at spikes on sampled steps: those of
+    # the first MAX_STEPS spikes, plus the worst spike's (kept whenever it changes),
+    # so the final report's worst spike has them however many spikes came before.
     parameter_norms: dict[int, dict[str, float]] = field(default_factory=dict)
 
     MAX_STEPS = 20
     TOP_PARAMETERS = 5
 
-    def add_parameter_norms(self, step: int, norms: dict[str, float]) -> None:
-        if len(self.parameter_norms) >= self.MAX_STEPS:
-            return
+    def add_parameter_norms(self, step: int, norms: dict[str, float]) -> dict[str, float]:
+        """The TOP_PARAMETERS largest of ``norms`` (returned whether or not the
+        bounded map keeps them: callers must not index the map afterwards)."""
         ranked = sorted(norms.items(), key=lambda kv: kv[1] if math.isfinite(kv[1]) else math.inf, reverse=True)
-        self.parameter_norms[step] = dict(ranked[: self.TOP_PARAMETERS])
+        top = dict(ranked[: self.TOP_PARAMETERS])
+        is_worst = self.worst is not None and self.worst.step == step
+        if len(self.parameter_norms) < self.MAX_STEPS or is_worst:
+            self.parameter_norms[step] = top
+        # At most MAX_STEPS + 1 entries: the first MAX_STEPS and the current worst.
+        kept = set(sorted(self.parameter_norms)[: self.MAX_STEPS])
+        if self.worst is not None:
+            kept.add(self.worst.step)
+        for old in [s for s in self.parameter_norms if s not in kept]:
+            del self.parameter_norms[old]
+        return top
 
     def add(self, spike: Spike) -> None:
         self.count += 1

@@ -698,10 +698,10 @@ class Scope:
             findings.extend(self._diagnose(record))
 
         if spike is not None and spike.step == step and param_grad_norms:
-            self._spikes.add_parameter_norms(step, param_grad_norms)
+            top = self._spikes.add_parameter_norms(step, param_grad_norms)
             for finding in findings:
                 if finding.code == "gradient-spike":
-                    finding.evidence["largest_parameter_norms"] = self._spikes.parameter_norms[step]
+                    finding.evidence["largest_parameter_norms"] = top
         findings.extend(
             self._regularisation.flush(
                 step, full=sampled and full, param_grad_norms=param_grad_norms, losses=losses, writer=self._writer

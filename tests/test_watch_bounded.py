@@ -1,0 +1,86 @@
+"""Watch never kills or bloats a run: every bounded structure stays consistent
+with whatever else indexes it (issue 10: a spike history capped at 20 steps that
+another map still indexed raised ``KeyError`` at the 21st spike), and memory
+between ``step()`` calls does not grow with the number of micro-batches or of
+``no_grad`` forwards."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gradscope.watching  # noqa: F401  (first: gradscope.training imports from it)
+from gradscope.training import SpikeSummary
+from gradscope.watching import Scope
+from gradscope.watching.norms import Spike
+
+SPIKE_EVERY = 30  # a multiple of EVERY: every spike lands on a sampled step (the crashing path)
+EVERY = 10
+STEPS = 10_000
+
+
+def tiny(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+@pytest.mark.slow
+def test_ten_thousand_steps_with_hundreds_of_spikes_end_without_error() -> None:
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+    alerts: list[str] = []
+    try:
+        with Scope(model, every=EVERY, on_finding=lambda f: alerts.append(f.code)) as scope:
+            for step in range(STEPS):
+                opt.zero_grad(set_to_none=True)
+                loss = nn.functional.mse_loss(model(x), y)
+                # A spike: the gradient 1000x its usual size (the loss is scaled, not the
+                # weights, and SGD's lr is small, so the run stays finite).
+                scaled = loss * 1000.0 if step % SPIKE_EVERY == 0 and step > 0 else loss
+                scaled.backward()
+                scope.step(opt, loss=loss)
+                opt.step()
+    finally:
+        torch.set_num_threads(old)
+    report = scope.report()
+    training = report.analysis["training"]
+    expected = (STEPS - 1) // SPIKE_EVERY
+    # the first spikes come before the detector has SPIKE_MIN_HISTORY norms: allow a few misses
+    assert expected - 2 <= training["spikes"] <= expected
+    assert training["spikes"] > 300
+    assert training["first_nonfinite"] is None
+    assert "nonfinite" not in alerts
+    assert all(math.isfinite(n) for n in (training["global_grad_norm_last"], training["global_grad_norm_max"]))
+    assert len(training["spike_steps"]) == SpikeSummary.MAX_STEPS  # the first 20, not all 330
+    spike = next(f for f in report.findings if f.code == "gradient-spike")
+    # the worst spike keeps its per-parameter norms however late it came
+    assert spike.evidence["largest_parameter_norms"]
+    assert spike.evidence["step"] == spike.evidence["worst_step"]
+    assert len(scope._spikes.parameter_norms) <= SpikeSummary.MAX_STEPS + 1
+    json.dumps(report.to_dict(), allow_nan=False)  # strict JSON: NaN-free
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def _spike(step: int, ratio: float) -> Spike:
+    return Spike(step=step, norm=ratio, median=1.0, ratio=ratio, z=10.0)
+
+
+def test_spike_summary_stays_bounded_and_answers_for_every_spike() -> None:
+    summary = SpikeSummary()
+    for step in range(1000):
+        spike = _spike(step, ratio=5.0 + (step % 97))  # the worst moves around
+        summary.add(spike)
+        top = summary.add_parameter_norms(step, {f"p{i}": float(i + step) for i in range(9)})
+        assert list(top) == ["p8", "p7", "p6", "p5", "p4"]  # returned whatever the map kept
+        assert len(summary.parameter_norms) <= SpikeSummary.MAX_STEPS + 1
+        assert len(summary.steps) <= SpikeSummary.MAX_STEPS
+        assert summary.worst is not None and summary.worst.step in summary.parameter_norms
+    assert summary.count == 1000
+    assert sorted(summary.parameter_norms)[: SpikeSummary.MAX_STEPS] == list(range(SpikeSummary.MAX_STEPS))
