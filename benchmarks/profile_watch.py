@@ -37,7 +37,7 @@ PARTS = [
     ("update ratio: resolve", "gradscope.watching.scope", "Scope._resolve_update_ratio", 1),
     ("flush", "gradscope.watching.scope", "Scope._flush", 1),
     ("parameter statistics (every 10 steps)", "gradscope.recorder", "Recorder.capture_parameters", 2),
-    ("reduce samples (sums, histograms)", "gradscope.recorder", "Recorder._reduce_pending", 2),
+    ("reduce and merge samples (sums, histograms)", "gradscope.recorder", "Recorder._merge_pending", 2),
     ("finalize statistics vectors", "gradscope.recorder", "finalize", 2),
     ("merge into the run aggregate", "gradscope.watching.aggregate", "RunningRecord.merge", 2),
     ("diagnosis (every 10 steps)", "gradscope.watching.scope", "Scope._diagnose", 2),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,10 +29,15 @@ from gradscope.stats import SIZE, RawStats, Sample, Stats, finalize, merge_stats
 ROOT_NAME = "model"  # the name given to the model itself when it is a leaf
 # With a bounded sample, hooks only take each tensor's extremes and a copy of its
 # sample; the rest of the statistics is computed at flush (see stats.Sample).
-# Copies waiting for the flush are capped at this many elements (8 MiB of
-# float64): beyond it they are reduced at once, so that gradient accumulation
-# over many micro-batches cannot grow memory.
+# What waits for the flush is capped, so that gradient accumulation over any
+# number of micro-batches (or forwards under no_grad) cannot grow memory: when
+# the sample copies pass PENDING_SAMPLE_BUDGET elements (8 MiB of float64) or
+# the entries pass PENDING_ENTRIES (each holds a 2048-bin int64 exponent
+# histogram once reduced, 16 KiB: 4 MiB in all), every entry is finalised and
+# merged exactly (Chan et al., ``stats.merge_stats``) into one statistics row
+# per (call site, role), 2 KiB each, kept on the device until the flush.
 PENDING_SAMPLE_BUDGET = 1 << 20
+PENDING_ENTRIES = 256
 
 
 def _graph_task() -> int:
@@ -147,9 +152,14 @@ class Recorder:
         exact_parameter_extremes: bool = True,
         reduce_ranks: bool = True,
         sequence_modules: Mapping[str, int] | None = None,
+        record_no_grad: bool = True,
     ) -> None:
         self.model = model
         self.record_inputs = record_inputs
+        # False: forwards run with grad disabled (no_grad, inference_mode: evaluation)
+        # are not recorded; see ``_counts_forward`` for how checkpointing is told apart.
+        self.record_no_grad = record_no_grad
+        self._root_grad: bool | None = None  # grad mode at the start of the running root forward
         self.sample = sample  # histogram sample size per tensor (see stats.tensor_stats); None = exact
         # False: min/max of weights and weight gradients from the sample too (watch,
         # which checks every gradient element through its exact per-step norms).
@@ -176,6 +186,7 @@ class Recorder:
         self._pending: list[tuple[str, str, RawStats | Sample]] = []
         self._input_pending: list[RawStats | Sample] = []
         self._pending_elements = 0  # elements of sample copies not reduced yet
+        self._merged: dict[tuple[str, str], torch.Tensor] = {}  # pending entries merged early (device rows)
         self._grad_hooks: dict[str, Any] = {}
         self.record = Record()
 
@@ -188,6 +199,8 @@ class Recorder:
         try:
             root = self.model.register_forward_pre_hook(self._on_root_forward, with_kwargs=True)
             self._handles.append(root)
+            # always_call: the grad mode of a forward that raised must not outlive it.
+            self._handles.append(self.model.register_forward_hook(self._on_root_forward_end, always_call=True))
             for name, module in self._selected:
                 self._handles.append(module.register_forward_hook(self._forward_hook(name)))
                 if name in self._sequences.names:
@@ -232,18 +245,40 @@ class Recorder:
     def _on_root_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if _in_backward():
             return
-        self._forward_recorded = self._active  # whether a recomputation in backward may hook
+        self._root_grad = torch.is_grad_enabled()
         if not self._active:
+            self._forward_recorded = False  # whether a recomputation in backward may hook
             return
+        if not self._counts_forward():
+            return  # an uncounted (evaluation) forward leaves the recorded forward's state alone
+        self._forward_recorded = True
         self._calls.clear()  # a new forward: call sites count from 1 again
         self._grad_hooked.clear()
         found = first_float_tensor((args, kwargs))
         if found is not None:
+            self._bound_pending()
             self._input_pending.append(self._take(found[0]))
 
     def _taps(self) -> bool:
         """Whether a forward starting now is recorded (not a recomputation in backward)."""
-        return self._active and not self._closed and not _in_backward()
+        return self._active and not self._closed and not _in_backward() and self._counts_forward()
+
+    def _on_root_forward_end(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not _in_backward():
+            self._root_grad = None
+
+    def _counts_forward(self) -> bool:
+        """Whether the forward running now is recorded (``record_no_grad``).
+
+        Inside a call of the root model, its grad mode at entry decides: a
+        reentrant activation checkpoint runs its segment under no_grad within a
+        training forward, and that segment is counted.  Submodules called
+        without the root (Lightning's ``training_step``) go by the grad mode of
+        their own call.
+        """
+        if self.record_no_grad:
+            return True
+        return self._root_grad if self._root_grad is not None else torch.is_grad_enabled()
 
     def _forward_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -254,7 +289,7 @@ class Recorder:
             task = _graph_task()
             if task != -1:
                 self._on_recompute(task, name, output)
-            elif self._active:
+            elif self._active and self._counts_forward():
                 self._on_forward(name, module, args, output)
 
         return hook
@@ -273,6 +308,7 @@ class Recorder:
             self.record.note(f"{key} ({type(module).__name__}): no floating-point output to record")
             return
         tensor, _ = found
+        self._bound_pending()
         self._pending.append((key, "activation", self._take(tensor)))
         if self.record_inputs and key in self._weights:
             arg = first_float_tensor(args)
@@ -317,6 +353,7 @@ class Recorder:
         def hook(grad: torch.Tensor) -> None:
             if self._closed:
                 return
+            self._bound_pending()
             self._pending.append((key, "gradient", self._take(grad)))
 
         return hook
@@ -393,16 +430,28 @@ class Recorder:
         taken = take_sample(tensor, self.sample)
         self._pending_elements += taken.values.numel()
         if self._pending_elements > PENDING_SAMPLE_BUDGET:
-            self._reduce_pending()
+            self._merge_pending()
         return taken
 
-    def _reduce_pending(self) -> None:
-        """Turn every sample copy still waiting into RawStats (frees the copies)."""
+    def _merge_pending(self) -> None:
+        """Finalise every entry still waiting and merge it into ``self._merged``
+        (frees the sample copies and the raw histograms).  Device ops only."""
         # In place: a hook may be inside ``self._pending.append(... self._take(...))``,
         # whose bound ``append`` already holds the list.
-        self._pending[:] = [(k, r, reduce_sample(v) if isinstance(v, Sample) else v) for k, r, v in self._pending]
-        self._input_pending[:] = [reduce_sample(v) if isinstance(v, Sample) else v for v in self._input_pending]
+        keys = [(key, role) for key, role, _ in self._pending] + [("", "model_input")] * len(self._input_pending)
+        values = [v for _, _, v in self._pending] + list(self._input_pending)
+        self._pending.clear()
+        self._input_pending.clear()
         self._pending_elements = 0
+        raws = [reduce_sample(v) if isinstance(v, Sample) else v for v in values]
+        for key, row in _finalize_and_merge(keys, raws).items():
+            before = self._merged.get(key)
+            self._merged[key] = row if before is None else merge_stats(before, row)
+
+    def _bound_pending(self) -> None:
+        """Merge early once PENDING_ENTRIES wait (called where entries are added)."""
+        if len(self._pending) + len(self._input_pending) >= PENDING_ENTRIES:
+            self._merge_pending()
 
     def flush(self) -> None:
         """Move pending statistics to the host (one transfer per device) and merge them.
@@ -412,19 +461,15 @@ class Recorder:
         across ranks; weights and weight gradients (identical on every DDP
         rank) are not.
         """
-        self._reduce_pending()
-        pending, self._pending = self._pending, []
-        inputs, self._input_pending = self._input_pending, []
-        keys: list[tuple[str, str]] = [(key, role) for key, role, _ in pending]
-        keys += [("", "model_input")] * len(inputs)
+        self._merge_pending()
+        merged, self._merged = self._merged, {}
+        keys = list(merged)
         for key, role, profile in self._sequences.flush():  # per rank: not merged across ranks
             if key in self._sites:
                 self._sites[key].add_time(role, profile)
         reduce = self.reduce_ranks and is_distributed()
         if not keys and not reduce:
             return
-        reduced = cast("list[RawStats]", [v for _, _, v in pending] + inputs)  # _reduce_pending ran
-        merged = _finalize_and_merge(keys, reduced)
         if reduce:
             shared = [k for k in merged if k[1] in REDUCED_ROLES]
             stacked = torch.stack([merged[k] for k in shared]) if shared else torch.zeros(0, SIZE)
@@ -453,7 +498,8 @@ class Recorder:
         return self.record
 
     def pending_count(self) -> int:
-        return len(self._pending) + len(self._input_pending)
+        """Statistics waiting for the flush: entries, and rows merged early."""
+        return len(self._pending) + len(self._input_pending) + len(self._merged)
 
 
 def _finalize_and_merge(keys: list[tuple[str, str]], raws: Sequence[RawStats]) -> dict[tuple[str, str], torch.Tensor]:
@@ -464,15 +510,31 @@ def _finalize_and_merge(keys: list[tuple[str, str]], raws: Sequence[RawStats]) -
     by_device: dict[torch.device, list[int]] = {}
     for i, raw in enumerate(raws):
         by_device.setdefault(raw.lo.device, []).append(i)
-    rows: list[torch.Tensor] = [torch.empty(0)] * len(raws)
-    for indices in by_device.values():
-        stacked = finalize([raws[i] for i in indices])
-        for i, row in zip(indices, stacked, strict=True):
-            rows[i] = row
     merged: dict[tuple[str, str], torch.Tensor] = {}
-    for key, row in zip(keys, rows, strict=True):
-        merged[key] = row if key not in merged else merge_stats(merged[key], row)
-    return merged
+    for indices in by_device.values():
+        merged.update(_merge_repeats([keys[i] for i in indices], finalize([raws[i] for i in indices])))
+    return {key: merged[key] for key in dict.fromkeys(keys)}  # first-seen order
+
+
+def _merge_repeats(keys: list[tuple[str, str]], rows: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
+    """One row per key: repeats merged pairwise (``merge_stats``, exact), all keys
+    at once per round, so k repeats cost log2(k) stacked merges, not k - 1."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    while any(len(g) > 1 for g in groups.values()):
+        left: list[int] = []
+        right: list[int] = []
+        for g in groups.values():
+            left += g[0 : len(g) - 1 : 2]
+            right += g[1 : len(g) : 2]
+        pairs = merge_stats(rows[left], rows[right])
+        rows = torch.cat([rows, pairs])
+        first_pair = len(rows) - len(pairs)
+        pair = iter(range(first_pair, len(rows)))
+        # each group: its merged pairs, then its odd row out (if any)
+        groups = {key: [next(pair) for _ in range(len(g) // 2)] + g[len(g) - len(g) % 2 :] for key, g in groups.items()}
+    return {key: rows[g[0]] for key, g in groups.items()}
 
 
 def _to_host(rows: dict[tuple[str, str], torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import watch_memory_scenarios as scenarios
 from torch import nn
 
 import gradscope.watching  # noqa: F401  (first: gradscope.training imports from it)
+from gradscope import recorder as recorder_module
 from gradscope.training import SpikeSummary
 from gradscope.watching import Scope
 from gradscope.watching.norms import Spike
@@ -84,3 +89,84 @@ def test_spike_summary_stays_bounded_and_answers_for_every_spike() -> None:
         assert summary.worst is not None and summary.worst.step in summary.parameter_norms
     assert summary.count == 1000
     assert sorted(summary.parameter_norms)[: SpikeSummary.MAX_STEPS] == list(range(SpikeSummary.MAX_STEPS))
+
+
+# -- memory between step() calls -----------------------------------------------------
+MEMORY_LIMIT_MIB = 20.0
+
+
+def _scenario(name: str) -> dict:
+    """Run one scenario of ``watch_memory_scenarios.py`` in a fresh process."""
+    script = Path(__file__).with_name("watch_memory_scenarios.py")
+    done = subprocess.run([sys.executable, str(script), name], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"{name}: RSS growth over {scenarios.MICRO_BATCHES} calls: {result['growth_mib']:.1f} MiB")
+    return result
+
+
+def _matches_truth(result: dict) -> None:
+    """Every call was merged exactly (Chan et al.), none dropped or counted twice."""
+    assert result["count"] == result["truth_count"]
+    assert result["mean"] == pytest.approx(result["truth_mean"], rel=1e-9, abs=1e-12)
+    assert result["std"] == pytest.approx(result["truth_std"], rel=1e-9)
+    assert result["max"] == pytest.approx(result["truth_max"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_memory_bounded_over_1500_accumulation_micro_batches() -> None:
+    result = _scenario("accumulation")
+    assert result["growth_mib"] < MEMORY_LIMIT_MIB
+    assert result["pending_at_step"] <= recorder_module.PENDING_ENTRIES + 2 * len(result["layers"]) + 1
+    _matches_truth(result)
+    assert result["truth_count"] == (scenarios.WARMUP + scenarios.MICRO_BATCHES) * scenarios.ROWS * scenarios.WIDTH
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_memory_bounded_over_1500_no_grad_forwards_which_are_not_counted(mode: str) -> None:
+    result = _scenario(mode)
+    assert result["growth_mib"] < MEMORY_LIMIT_MIB
+    # only the step's training forward counts, and no extra call site appeared
+    _matches_truth(result)
+    assert result["count"] == scenarios.ROWS * scenarios.WIDTH == result["input_count"]
+    assert result["layers"] == [str(i) for i in range(2 * scenarios.DEPTH)]
+
+
+@pytest.mark.slow
+def test_record_no_grad_counts_evaluation_forwards_exactly_and_bounded() -> None:
+    result = _scenario("no_grad_recorded")
+    assert result["growth_mib"] < MEMORY_LIMIT_MIB
+    _matches_truth(result)
+    assert result["count"] == (scenarios.WARMUP + scenarios.MICRO_BATCHES) * scenarios.ROWS * scenarios.WIDTH
+
+
+def test_reentrant_checkpoint_segments_still_count_without_record_no_grad() -> None:
+    """A reentrant checkpoint runs its segment under no_grad inside a training
+    forward: that forward is training, and its activations count."""
+    from torch.utils.checkpoint import checkpoint
+
+    width, rows = 16, 4
+
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Sequential(nn.Linear(width, width), nn.Tanh())
+            self.head = nn.Linear(width, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(checkpoint(self.inner, x, use_reentrant=True))
+
+    torch.manual_seed(0)
+    model = Checkpointed()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(rows, width, requires_grad=True)
+    with Scope(model, every=1, raise_on=(), diagnose=False) as scope:
+        model(x).sum().backward()
+        with torch.no_grad():
+            model(x)  # an evaluation forward: not counted
+        scope.step(opt)
+    record = scope.report().record
+    assert record.layer("inner.0").activation.count == rows * width
+    assert record.layer("inner.0").gradient is not None
+    assert record.layer("head").activation.count == rows

@@ -17,6 +17,12 @@ A thin adapter over ``gradscope.watch``:
 * ``on_evaluate`` feeds the evaluation's ``eval_loss`` (and its other metrics)
   to ``scope.validation``: gradscope tracks the best step and finds ``overfitting``;
 * ``on_train_end`` closes the Scope; the full report is in ``callback.report``.
+* when training raises (gradscope's own NaN stop included), the Scope is closed
+  too (hooks removed, report built, TensorBoard written) before the exception
+  reaches you: the Trainer has no event for it, so the callback wraps the
+  ``train`` method of the Trainer it was given to (found from ``on_init_end``;
+  a callback added later with ``trainer.add_callback`` is guarded from the
+  next ``train()`` call on, and always on its own NaN stop).
 
 The Trainer hides NaN/inf losses from its logs by default
 (``logging_nan_inf_filter=True``); gradscope does not.
@@ -33,6 +39,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "gradscope.integrations.huggingface needs transformers: pip install 'gradscope[transformers]'"
     ) from exc
 
+from gradscope.integrations.guard import close_on_exception, close_quietly, find_owner
 from gradscope.report import Report
 from gradscope.watching import Scope, watch
 
@@ -51,15 +58,38 @@ class GradscopeTrainerCallback(TrainerCallback):
         self._pause: Any = None
         self.event = "on_pre_optimizer_step" if HAS_PRE_OPTIMIZER_STEP else "on_step_end"
 
+    def _guard(self) -> None:
+        owner = find_owner(self)
+        if owner is not None:
+            close_on_exception(owner, self, self.close)
+
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._guard()
+
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self._guard()
         if model is None:
             return
+        self.close()  # a previous train() that raised without the guard (add_callback)
         self.report = None
         self.scope = watch(model, **self.kwargs)
 
+    def close(self) -> Report | None:
+        """Close the Scope (hooks off, report built, TensorBoard written); safe to call twice."""
+        if self._pause is not None:
+            pause, self._pause = self._pause, None
+            pause.__exit__(None, None, None)
+        if self.scope is not None and not self.scope.closed:
+            self.report = self.scope.close()
+        return self.report
+
     def _step(self, optimizer: Any) -> None:
         if self.scope is not None and not self.scope.closed:
-            self.scope.step(optimizer)
+            try:
+                self.scope.step(optimizer)
+            except BaseException as exc:  # gradscope's own stop (raise_on): close before it propagates
+                close_quietly(self.close, during=exc)
+                raise
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._pause is not None:
@@ -86,6 +116,4 @@ class GradscopeTrainerCallback(TrainerCallback):
             self.scope.validation(found[0], metrics=found[1])
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.on_step_begin(args, state, control)
-        if self.scope is not None and not self.scope.closed:
-            self.report = self.scope.close()
+        self.close()

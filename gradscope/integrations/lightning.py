@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover - exercised only without the extra
             "gradscope.integrations.lightning needs Lightning: pip install 'gradscope[lightning]'"
         ) from exc
 
+from gradscope.integrations.guard import close_quietly
 from gradscope.report import Report
 from gradscope.watching import Scope, watch
 
@@ -112,4 +113,5 @@ class GradscopeCallback(Callback):
         self._close()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._close()
+        # Lightning re-raises ``exception`` after this: a failing close must not replace it.
+        close_quietly(self._close, during=exception)

@@ -31,7 +31,10 @@ alerts fire; so a problem on a non-sampled step is seen at the next flush (with
 ``every=1``, at the same step).
 
 Gradient accumulation: statistics are per *optimizer step*; the forwards and
-backwards of all micro-batches of a sampled step are merged into its record.
+backwards of all micro-batches of a sampled step are merged into its record,
+as they come once more than a few hundred wait (``recorder.PENDING_ENTRIES``),
+so memory does not grow with the number of micro-batches.  Forwards under
+``no_grad``/``inference_mode`` are not recorded unless ``record_no_grad=True``.
 
 GradScaler: pass it to ``step``; the scale is read at flush, a decrease of the
 scale counts as a skipped step, and gradient statistics (∂ℓ/∂h always, weight
@@ -201,6 +204,7 @@ class Scope:
         tier: str = "full",
         sequence_modules: Mapping[str, int] | None = None,
         stop_on: Sequence[str] = (),
+        record_no_grad: bool = False,
     ) -> None:
         if int(every) < 1:
             raise GradscopeError(f"every must be a positive number of steps, not {every!r}")
@@ -277,6 +281,7 @@ class Scope:
             sample=WATCH_SAMPLE,
             exact_parameter_extremes=False,
             sequence_modules=sequence_modules,
+            record_no_grad=record_no_grad,
         )
         self._recorder.attach()
         self._recorder.start()  # step 0 is sampled
@@ -986,6 +991,7 @@ def watch(
     tier: str = "full",
     sequence_modules: Mapping[str, int] | None = None,
     stop_on: Sequence[str] = (),
+    record_no_grad: bool = False,
 ) -> Scope:
     """Watch a training run; returns a Scope (also a context manager).
 
@@ -1012,6 +1018,11 @@ def watch(
             also measured along time on sampled steps.
         stop_on: finding codes of ``scope.validation`` that stop training with a
             ``GradscopeError`` when they appear: "overfitting" (early stopping).
+        record_no_grad: also record forwards run under ``torch.no_grad()`` or
+            ``torch.inference_mode()`` (an evaluation loop inside the watched
+            run).  By default they are not counted into the training
+            statistics (the segments of a reentrant activation checkpoint,
+            run under no_grad inside a training forward, still are).
 
     Example:
         >>> import torch
@@ -1039,4 +1050,5 @@ def watch(
         tier=tier,
         sequence_modules=sequence_modules,
         stop_on=stop_on,
+        record_no_grad=record_no_grad,
     )

@@ -85,3 +85,79 @@ def test_trainer_callback_records_per_optimizer_step(tmp_path) -> None:
     assert training["update_ratio"]["net.0"]["samples"] == STEPS
     assert 0 < training["update_ratio"]["net.0"]["last"] < 1
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+class FailingRegressor(TinyRegressor):
+    """Raises ``RuntimeError`` (mode "raise") or returns NaN (mode "nan") from the
+    ``fail_at``-th training forward on."""
+
+    def __init__(self, mode: str, fail_at: int) -> None:
+        super().__init__()
+        self.mode, self.fail_at, self.forwards = mode, fail_at, 0
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        self.forwards += 1
+        if self.forwards >= self.fail_at:
+            if self.mode == "raise":
+                raise RuntimeError("the data pipeline broke")
+            x = x * float("nan")
+        return super().forward(x, labels)
+
+
+def _all_hooks_removed(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> bool:
+    modules_clean = all(
+        not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in model.modules()
+    )
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+    optimizer_clean = inner is None or (not inner._optimizer_step_pre_hooks and not inner._optimizer_step_post_hooks)
+    return modules_clean and optimizer_clean
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("raise", RuntimeError), ("nan", "GradscopeError")])
+def test_trainer_that_raises_leaves_no_hook_and_a_report(tmp_path, mode: str, expected) -> None:
+    from gradscope.errors import GradscopeError
+
+    expected = GradscopeError if expected == "GradscopeError" else expected
+    torch.manual_seed(0)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = FailingRegressor(mode, fail_at=5)  # the 3rd optimizer step (2 micro-batches each)
+    log_dir = tmp_path / "tb"
+    callback = GradscopeTrainerCallback(every=1, log_dir=str(log_dir))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=ACCUMULATE,
+        learning_rate=1e-2,
+        max_grad_norm=0.0,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=Rows(BATCH * ACCUMULATE * 6), callbacks=[callback]
+    )
+    try:
+        with pytest.raises(expected):
+            trainer.train()
+    finally:
+        torch.set_num_threads(old)
+    assert callback.scope is not None and callback.scope.closed
+    assert _all_hooks_removed(model, trainer.optimizer)
+    report = callback.report
+    assert report is not None
+    training = report.analysis["training"]
+    assert training["steps"] == (2 if mode == "raise" else 3)  # NaN: the 3rd step is observed, then stops
+    if mode == "nan":
+        assert training["first_nonfinite"]["step"] == 2
+        assert any(f.code == "nonfinite" for f in report.findings)
+    assert list(log_dir.glob("**/events.out.tfevents.*"))  # the TensorBoard run was written
+    # later forwards are not recorded: nothing is attached any more
+    model.mode = "ok"
+    model.fail_at = 10**9
+    model(torch.randn(2, 5))
+    assert callback.scope._recorder.pending_count() == 0

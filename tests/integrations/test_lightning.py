@@ -82,3 +82,62 @@ def test_lightning_callback_records_per_optimizer_step(tmp_path) -> None:
     assert training["update_ratio"]["net.0"]["samples"] == STEPS
     assert all(not m._forward_hooks for m in model.modules())
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+class Failing(Tiny):
+    """Raises ``RuntimeError`` (mode "raise") or feeds NaN (mode "nan") from the
+    ``fail_at``-th training batch on."""
+
+    def __init__(self, mode: str, fail_at: int) -> None:
+        super().__init__()
+        self.mode, self.fail_at, self.batches = mode, fail_at, 0
+
+    def training_step(self, batch, batch_idx):
+        self.batches += 1
+        if self.batches >= self.fail_at:
+            if self.mode == "raise":
+                raise RuntimeError("the data pipeline broke")
+            batch = (batch[0] * float("nan"), batch[1])
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("mode", ["raise", "nan"])
+def test_lightning_run_that_raises_leaves_no_hook_and_a_report(tmp_path, mode: str) -> None:
+    from gradscope.errors import GradscopeError
+
+    torch.manual_seed(0)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = Failing(mode, fail_at=5)  # the 3rd optimizer step (2 micro-batches each)
+    log_dir = tmp_path / "tb"
+    callback = GradscopeCallback(every=1, log_dir=str(log_dir))
+    trainer = pl.Trainer(
+        max_steps=6,
+        accumulate_grad_batches=ACCUMULATE,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(tmp_path),
+        callbacks=[callback],
+    )
+    try:
+        with pytest.raises(RuntimeError if mode == "raise" else GradscopeError):
+            trainer.fit(model, loader(BATCH * ACCUMULATE * 6))
+    finally:
+        torch.set_num_threads(old)
+    assert callback.scope is not None and callback.scope.closed
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    optimizer = trainer.optimizers[0]
+    assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
+    report = callback.report
+    assert report is not None
+    training = report.analysis["training"]
+    assert training["steps"] == (2 if mode == "raise" else 3)
+    if mode == "nan":
+        assert training["first_nonfinite"]["step"] == 2
+        assert any(f.code == "nonfinite" for f in report.findings)
+    assert list(log_dir.glob("**/events.out.tfevents.*"))
