@@ -1,6 +1,9 @@
 """gradscope: per-layer gradient health for PyTorch, with the fix.
 
-``import gradscope`` imports torch lazily and changes nothing else.
+``import gradscope`` imports torch lazily and changes nothing else: the names
+below and the public submodules (``gradscope.render``, ``gradscope.fix``, …) are
+imported on first use, so ``gradscope.render.render(report)`` works right after
+``import gradscope``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,26 @@ _EXPORTS = {
     "watch": "gradscope.watching",
 }
 
+# Submodules reachable as attributes right after ``import gradscope`` (the README
+# uses ``gradscope.render.render`` and ``gradscope.fix.apply_init``).
+_SUBMODULES = frozenset(
+    {
+        "advice",
+        "diagnose",
+        "distributed",
+        "errors",
+        "fix",
+        "integrations",
+        "recorder",
+        "render",
+        "report",
+        "stats",
+        "tensorboard",
+        "training",
+        "watching",
+    }
+)
+
 if TYPE_CHECKING:
     from gradscope.auditing import audit
     from gradscope.errors import GradscopeError, InputError
@@ -51,9 +74,15 @@ def __getattr__(name: str) -> Any:
         from gradscope.version import version
 
         return version()
+    import importlib
+
+    if name in _SUBMODULES:
+        return importlib.import_module(f"gradscope.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'gradscope' has no attribute {name!r}")
-    import importlib
-
     return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | _SUBMODULES)

@@ -4,6 +4,7 @@ once, write_audit, rank-0-only writing."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from pathlib import Path
@@ -64,7 +65,11 @@ def test_tag_list_matches_golden(tmp_path: Path) -> None:
     lines = tag_lines(accumulate(tmp_path))
     if os.environ.get("GRADSCOPE_OVERWRITE_GOLDEN"):
         GOLDEN.write_text("\n".join(lines) + "\n")
-    assert lines == GOLDEN.read_text().splitlines()
+    expected = GOLDEN.read_text().splitlines()
+    if importlib.util.find_spec("matplotlib") is None:
+        # the depth-profile image needs the optional `plot` extra; every other tag is written without it
+        expected = [line for line in expected if not line.startswith("images ")]
+    assert lines == expected
 
 
 def test_scalar_values_and_points_per_step(tmp_path: Path) -> None:
