@@ -178,6 +178,7 @@ class Recorder:
         # Activation checkpointing: sites whose output got a gradient hook in
         # this forward, and call counters of the recomputation in backward.
         self._grad_hooked: set[str] = set()
+        self._backward_since_forward = False  # a gradient hook fired since the last recorded forward
         self._recompute_calls: dict[str, int] = {}
         self._recompute_task = -1
         self._forward_recorded = False
@@ -254,6 +255,7 @@ class Recorder:
         self._forward_recorded = True
         self._calls.clear()  # a new forward: call sites count from 1 again
         self._grad_hooked.clear()
+        self._backward_since_forward = False
         found = first_float_tensor((args, kwargs))
         if found is not None:
             self._bound_pending()
@@ -296,6 +298,13 @@ class Recorder:
 
     def _on_forward(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
         self._forward_recorded = True
+        if self._backward_since_forward:
+            # Submodules called without the root model (no root hook to mark the new
+            # forward): a backward in between ends the pass, else every micro-batch
+            # would add call sites ``name#2``, ``name#3``… without bound.
+            self._backward_since_forward = False
+            self._calls.clear()
+            self._grad_hooked.clear()
         call = self._calls.get(name, 0) + 1
         self._calls[name] = call
         shown = _display_name(name)
@@ -353,6 +362,7 @@ class Recorder:
         def hook(grad: torch.Tensor) -> None:
             if self._closed:
                 return
+            self._backward_since_forward = True
             self._bound_pending()
             self._pending.append((key, "gradient", self._take(grad)))
 

@@ -170,3 +170,26 @@ def test_reentrant_checkpoint_segments_still_count_without_record_no_grad() -> N
     assert record.layer("inner.0").activation.count == rows * width
     assert record.layer("inner.0").gradient is not None
     assert record.layer("head").activation.count == rows
+
+
+def test_submodules_called_without_the_root_keep_their_call_sites_over_micro_batches() -> None:
+    """A loop that calls the model's parts directly (no root forward to mark a new
+    pass) must not add a call site per micro-batch: a backward ends the pass."""
+    torch.manual_seed(0)
+    encoder, head = nn.Sequential(nn.Linear(6, 8), nn.Tanh()), nn.Linear(8, 1)
+    model = nn.ModuleDict({"encoder": encoder, "head": head})
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    micro_batches, rows = 40, 3
+    with Scope(model, every=1, raise_on=(), diagnose=False) as scope:
+        for _ in range(3):
+            for _ in range(micro_batches):
+                x = torch.randn(rows, 6)
+                h = encoder(x)
+                head(encoder[1](h)).sum().backward()  # encoder.1 called twice in one pass: a second site
+            scope.step(opt)
+            opt.step()
+            opt.zero_grad()
+    record = scope.report().record
+    assert [layer.name for layer in record.layers] == ["encoder.0", "encoder.1", "encoder.1#2", "head"]
+    assert record.layer("encoder.0").activation.count == 3 * micro_batches * rows * 8
+    assert record.layer("encoder.1#2").gradient.count == 3 * micro_batches * rows * 8
