@@ -298,10 +298,11 @@ class Recorder:
 
     def _on_forward(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
         self._forward_recorded = True
-        if self._backward_since_forward:
+        if self._backward_since_forward and self._root_grad is None:
             # Submodules called without the root model (no root hook to mark the new
             # forward): a backward in between ends the pass, else every micro-batch
-            # would add call sites ``name#2``, ``name#3``… without bound.
+            # would add call sites ``name#2``, ``name#3``… without bound.  (Inside a
+            # root forward, an ``autograd.grad`` call does not end it.)
             self._backward_since_forward = False
             self._calls.clear()
             self._grad_hooked.clear()
