@@ -45,7 +45,9 @@ steps) and are counted, not raised; non-finite activations and losses still are.
 
 Memory: running aggregates (merged statistics, a fixed-size norm histogram, a
 64-step spike window, a few numbers per layer and per finding) plus a ring of
-the last ``ring`` flushes.  Nothing grows with the number of steps.
+the last ``ring`` flushes.  Nothing grows with the number of steps, and
+between two ``step()`` calls the statistics waiting for the flush are capped
+(``recorder.PENDING_ENTRIES``), whatever the number of micro-batches.
 """
 
 from __future__ import annotations
