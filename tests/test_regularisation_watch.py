@@ -196,6 +196,16 @@ def test_forgotten_eval_is_train_mode_inference_once_per_run() -> None:
     assert "train-mode-inference" not in dropout_run("eval").codes()
 
 
+def test_the_detection_records_nothing_into_training_statistics() -> None:
+    # watch(record_no_grad=False), the default: the no-grad forward is not counted
+    with_eval = dropout_run("forgotten")
+    without = dropout_run("none")
+    for layer in without.layers:
+        other = with_eval.record.layer(layer.name)
+        assert other.activation.count == layer.activation.count, layer.name
+        assert other.activation.mean == layer.activation.mean, layer.name
+
+
 def test_dropout_mean_matches_its_input_within_binomial_error() -> None:
     """x' = m·x/(1−p), m ~ Bernoulli(1−p): E[x'] = x and Var[mean(x')] = p/(1−p)·E[x²]/n."""
     torch.manual_seed(0)
