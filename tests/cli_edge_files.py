@@ -188,6 +188,7 @@ def make_edge_files(folder: Path) -> dict[str, Path]:
     files["json_list"].write_text("[1, 2]")
     files["schema2"] = folder / "schema2.json"
     files["schema2"].write_text('{"schema": 2}')
+    files["report_bad_types"] = folder / "bad_types.json"
     return files
 
 

@@ -9,6 +9,7 @@ real file descriptors (stdout failures) are in test_cli_contract.py.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from collections.abc import Callable
@@ -30,6 +31,10 @@ def src(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     result = CliRunner().invoke(cli, ["audit", f"{files['models']}:build", "-o", str(report), "--format", "json"])
     assert result.exit_code in (0, 1), result.output
     files["report"] = report
+    data = json.loads(report.read_text())
+    data["layers"][0]["name"] = 5  # valid JSON, parsed, but a layer name that is not text
+    data["analysis"] = {"init": 5, "depth": "x"}
+    files["report_bad_types"].write_text(json.dumps(data))
     return files
 
 
@@ -230,6 +235,11 @@ CASES: list[Case] = [
     Case("report-not-json", lambda e: ["report", e.src["not_json"], "-o", e.out / "r.md"], ("not valid JSON",)),
     Case("report-json-list", lambda e: ["report", e.src["json_list"], "-o", e.out / "r.md"], ("JSON object",)),
     Case("report-schema-2", lambda e: ["report", e.src["schema2"], "-o", e.out / "r.md"], ("schema",)),
+    Case(
+        "report-wrong-field-types",
+        lambda e: ["report", e.src["report_bad_types"], "-o", e.out / "r.md"],
+        ("bad_types.json", "wrong type"),
+    ),
     Case("report-missing", lambda e: ["report", e.out / "absent.json"], ("does not exist",)),
     # -- inputs that are not regular files (refused without opening: no hang) -------------------
     Case("model-fifo", lambda e: ["audit", e.src["fifo"], "-o", e.out / "r.json"], ("model file", "FIFO")),

@@ -100,7 +100,9 @@ def audit(
                 audit_planned_optimizer(report, loaded.module, planned)
             text = render_report(report, fmt, width=width, color=color)
             if tensorboard:
-                _write_tensorboard(report, staging.directory(plan.directories["--tensorboard"]))
+                run_dir = plan.directories["--tensorboard"]
+                with staging.writing(run_dir):
+                    _write_tensorboard(report, staging.directory(run_dir))
             if output:
                 staging.write_text(plan.files["--output"], text)
             staging.commit()

@@ -80,7 +80,8 @@ def fix(
             before = audit_loaded(loaded, inputs, **kwargs)
             changes = apply_init(loaded.module, scheme=scheme, inputs=inputs, **kwargs)
             after = audit_loaded(loaded, inputs, **kwargs)
-            saved = save_fixed(loaded, model, staging.file(target), target)
+            with staging.writing(target, also=(RuntimeError,)):  # torch.save reports a full disk as RuntimeError
+                saved = save_fixed(loaded, model, staging.file(target), target)
             staging.commit()
         lines = _summary(scheme, changes, before, after) + [f"wrote {out} ({saved})"]
     app.emit(clean_text("\n".join(lines)) + "\n")

@@ -52,7 +52,14 @@ def report(file: str, fmt: str, output: str | None, fail_on: str, width: int | N
             raise InputError(f"{file!r}: {exc}") from None
         except (KeyError, TypeError, AttributeError) as exc:
             raise InputError(f"{file!r} is not a gradscope report (schema 1): missing or bad field {exc}") from None
-        rendered = render_report(loaded, fmt, width=width, color=color)
+        try:
+            rendered = render_report(loaded, fmt, width=width, color=color)
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+            # a report JSON that parsed but holds values of the wrong kind (written by hand or by another tool)
+            raise InputError(
+                f"{file!r} is not a valid gradscope report (schema 1): a field has the wrong type "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
         with Staging(before_commit=check_not_interrupted) as staging:
             if output:
                 staging.write_text(plan.files["--output"], rendered)

@@ -75,11 +75,27 @@ class Staging:
         return Path(staged)
 
     def write_text(self, target: Path, text: str) -> None:
-        staged = self.file(target)
-        with staged.open("w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        with self.writing(target):
+            staged = self.file(target)
+            with staged.open("w", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+
+    @contextlib.contextmanager
+    def writing(self, target: Path, *, also: tuple[type[Exception], ...] = ()) -> Iterator[None]:
+        """Failures while writing ``target``'s staged copy (a full disk, a quota) name
+        ``target``, the path the user gave, not the hidden staging name.  ``also``:
+        more exception types that mean "the write failed" (torch.save raises RuntimeError)."""
+        try:
+            yield
+        except (OSError, *also) as exc:
+            if isinstance(exc, OSError) and exc.strerror:
+                reason = exc.strerror
+            else:
+                lines = str(exc).strip().splitlines()
+                reason = lines[-1] if lines else type(exc).__name__
+            raise InputError(f"cannot write {str(target)!r}: {reason}") from exc
 
     def directory(self, target: Path) -> Path:
         """A hidden empty directory, on ``target``'s filesystem, to write a run into."""
