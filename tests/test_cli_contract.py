@@ -287,3 +287,18 @@ def test_standard_stream_closed_at_start_gets_dev_null(src: dict[str, Path]) -> 
     assert done.returncode == 0, done.stderr
     assert int(done.stderr) > 2
     assert os.path.exists(src["weights"])
+
+
+def test_help_and_version_to_a_stdout_that_cannot_take_them() -> None:
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "gradscope", "--help"], stdout=full, stderr=subprocess.PIPE, text=True, timeout=60
+        )
+    assert done.returncode == 2 and "No space left on device" in one_error_line(done.stderr)
+    closed = subprocess.run(
+        ["sh", "-c", 'exec "$0" -m gradscope --version >&-', sys.executable],
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+    )
+    assert closed.returncode == 2 and "stdout is closed" in one_error_line(closed.stderr)

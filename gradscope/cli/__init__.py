@@ -65,7 +65,7 @@ class LazyGroup(click.Group):
         click prints "Usage: ...", "Try ... for help." and "Error: ..."; here it is
         ``gradscope: error: <message> (see 'gradscope audit --help')`` and exit 2.
         """
-        from gradscope.cli.stdout import standard_streams_open
+        from gradscope.cli.stdout import StdoutError, silence_stdout, standard_streams_open
 
         standard_streams_open()
         if not standalone_mode:
@@ -82,6 +82,11 @@ class LazyGroup(click.Group):
         except click.Abort:
             _error_line("interrupted")
             sys.exit(130)
+        except (OSError, StdoutError) as exc:  # --help or --version to a stdout that cannot take it
+            silence_stdout()
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            _error_line(reason if isinstance(exc, StdoutError) else f"cannot write to stdout: {reason}")
+            sys.exit(2)
         sys.exit(code if isinstance(code, int) else 0)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
@@ -101,9 +106,10 @@ def _error_line(message: str) -> None:
 def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     if not value or ctx.resilient_parsing:
         return
+    from gradscope.cli.stdout import emit
     from gradscope.version import version
 
-    click.echo(f"gradscope {version()}")
+    emit(f"gradscope {version()}\n")
     ctx.exit(0)
 
 

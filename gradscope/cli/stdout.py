@@ -41,7 +41,7 @@ def standard_streams_open() -> None:
                 _Streams.stdout_closed_at_start = True
 
 
-def _silence_stdout() -> None:
+def silence_stdout() -> None:
     """After a failed write, point fd 1 at /dev/null and drop the buffered rest, so
     Python does not retry (and print "Exception ignored ...") when it exits."""
     stream = sys.stdout
@@ -81,12 +81,12 @@ def emit(text: str, stream: TextIO | None = None) -> None:
         stream.write(text)
         stream.flush()
     except BrokenPipeError:
-        _silence_stdout()
+        silence_stdout()
         raise StdoutError("cannot write the report: stdout was closed by its reader (broken pipe)") from None
     except UnicodeEncodeError as exc:
         raise StdoutError(f"cannot write the report: stdout's encoding {encoding!r} failed ({exc.reason})") from None
     except OSError as exc:
-        _silence_stdout()
+        silence_stdout()
         raise StdoutError(f"cannot write the report to stdout: {exc.strerror or exc}") from None
     except ValueError:  # "I/O operation on closed file"
         raise StdoutError("cannot write the report: stdout is closed (redirect it, or use --output FILE)") from None
