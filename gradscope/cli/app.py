@@ -103,8 +103,6 @@ class App:
             if isinstance(exc, SystemExit):
                 self._traceback()
                 where = f" in {subject!r}" if subject else ""
-                from gradscope.cli.isolation import describe_exit
-
                 self.abort(
                     f"the model code{where} called {describe_exit(exc.code)}; gradscope stopped, nothing written"
                 )
