@@ -156,6 +156,17 @@ def test_fix_keeps_prefix_dtype_and_untouched_tensors(src: dict[str, Path], tmp_
     assert changed and all(k.endswith(("weight", "bias")) for k in changed)
 
 
+def test_fix_trusted_checkpoint_keeps_python_objects(src: dict[str, Path], tmp_path: Path) -> None:
+    """With consent for code, a checkpoint holding Python objects (argparse's Namespace) keeps them too."""
+    import argparse
+
+    base = torch.load(src["weights"], weights_only=True)
+    torch.save({"model": base, "args": argparse.Namespace(lr=0.25)}, tmp_path / "ckpt.pt")
+    _fix(src, tmp_path / "ckpt.pt", tmp_path / "o.pt", "--trust-pickle")
+    fixed = torch.load(tmp_path / "o.pt", weights_only=False)
+    assert fixed["args"].lr == 0.25 and set(fixed["model"]) == set(base)
+
+
 def test_fix_safetensors_keeps_names_and_metadata(src: dict[str, Path], tmp_path: Path) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file

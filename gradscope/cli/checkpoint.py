@@ -75,13 +75,16 @@ def _where(path: tuple[Any, ...]) -> str:
     return "".join(f"[{key!r}]" for key in path)
 
 
-def save_fixed(loaded: Any, source: str, staged: Path, target: Path) -> str:
-    """Write the fixed model to ``staged`` (moved to ``target`` later); returns what was written."""
+def save_fixed(loaded: Any, source: str, staged: Path, target: Path, *, trusted: bool = False) -> str:
+    """Write the fixed model to ``staged`` (moved to ``target`` later); returns what was written.
+
+    ``trusted``: the user allowed code (``--trust-code``), so the checkpoint is
+    re-read with the full unpickler, as the loader read it; otherwise weights only.
+    """
     module = loaded.module
     fixed = {name: tensor.detach() for name, tensor in module.state_dict().items()}
     as_safetensors = target.suffix == ".safetensors"
     if loaded.format == "state_dict":
-        trusted = "weights_only=False" in str(loaded.loader)  # reread as the loader read it
         original = torch.load(source, map_location="cpu", weights_only=not trusted)
         replaced, path = merge_fixed(original, fixed)
         kept = [str(k) for k in original if not path or k != path[0]] if isinstance(original, Mapping) else []
