@@ -81,7 +81,7 @@ def fix(
             changes = apply_init(loaded.module, scheme=scheme, inputs=inputs, **kwargs)
             after = audit_loaded(loaded, inputs, **kwargs)
             with staging.writing(target, also=(RuntimeError,)):  # torch.save reports a full disk as RuntimeError
-                saved = save_fixed(loaded, model, staging.file(target), target, trusted=trust_pickle)
+                saved = save_fixed(loaded, model, staging.file(target), target, trusted=trust_code)
             staging.commit()
         lines = _summary(scheme, changes, before, after) + [f"wrote {out} ({saved})"]
     app.emit(clean_text("\n".join(lines)) + "\n")
