@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradscope.distributed import NO_REDUCTION, data_parallel_size, resolve_group
 from gradscope.errors import GradscopeError, InputError
 from gradscope.inputs import InputSpec, check_batch_not_empty, compute_loss, resolve_spec, synthetic_input
 from gradscope.recorder import Recorder
@@ -150,6 +151,7 @@ def audit(
     model_format: str = "module",
     sequence_modules: Mapping[str, int] | None = None,
     optimizer: Any = None,
+    process_group: Any = "auto",
 ) -> Report:
     """Record one or more forward+backward passes of ``model`` and diagnose them.
 
@@ -175,6 +177,15 @@ def audit(
         optimizer: the optimizer that will train ``model``: its weight decay is
             audited per parameter group (``weight-decay`` findings, see
             ``gradscope.optimizer_audit``) when ``diagnose`` is true.
+        process_group: under torch.distributed, whose statistics to merge:
+            "auto" (default) merges over the default group only when the model
+            is sharded (FSDP, DTensor parameters), where every rank must run
+            the audit anyway, and otherwise runs no collective, so that
+            ``if rank == 0: audit(model)`` never waits; None, the default
+            group; a ProcessGroup; "none", per-rank statistics.  With a group,
+            every rank of it must call ``audit``; synthetic inputs then differ
+            between data-parallel ranks (seeded by ``seed`` and the rank), as
+            a training batch would.
 
     Returns:
         A Report; ``report.to_dict()`` is JSON schema 1.
@@ -203,7 +214,12 @@ def audit(
         check_batch_not_empty(inputs)
         inputs = _to_device(inputs, device)
 
-    generator = torch.Generator().manual_seed(seed)
+    group = resolve_group(process_group, model)
+    data_seed = seed
+    if group is not None and spec is not None:
+        data_parallel = data_parallel_size(model, group)
+        data_seed = seed + 1_000_003 * (group.rank // max(1, group.size // data_parallel))
+    generator = torch.Generator().manual_seed(data_seed)
     loss_description = ""
     with preserved_state(model):
         torch.manual_seed(seed)
@@ -220,6 +236,7 @@ def audit(
             record_inputs=True,
             sample=AUDIT_SAMPLE,
             sequence_modules=sequence_modules,
+            process_group=group if group is not None else NO_REDUCTION,
         ) as recorder:
             for _ in range(batches):
                 batch = inputs if spec is None else synthetic_input(spec, generator, device)
@@ -241,6 +258,9 @@ def audit(
     }
     if spec is not None and spec.vocab is not None:
         run["vocab"] = spec.vocab
+    reduction = recorder.reduction_summary()
+    if reduction != "single process":
+        run["reduction"] = reduction
     if spec is not None and spec.inferred_from:
         run["input_inferred_from"] = spec.inferred_from
     report = Report(

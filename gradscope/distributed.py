@@ -1,26 +1,45 @@
-"""torch.distributed support: merge statistics across ranks, let one rank write.
+"""torch.distributed: which ranks reduce together, and the reduction itself.
 
-Activations and ``∂ℓ/∂h`` differ per rank (each sees its own data), so their
-statistics are merged across ranks at flush: moments with Chan's formula,
-minima/maxima, counts and histograms summed.  Weights and weight gradients
-are not merged: under DDP the gradients are all-reduced before the optimizer
-sees them, so every rank holds the same numbers and rank 0's copy is the one
-the optimizer uses.  (FSDP shards them; see docs/distributed.md.)
+What is reduced (docs/distributed.md says it for users):
 
-Ranks may have recorded different layers (a conditional branch taken on one
-rank only), so the ranks first agree on the union of statistic keys with
-``all_gather_object`` and then exchange one dense tensor each.
+* activations, ∂ℓ/∂h and layer inputs: each data-parallel rank sees its own
+  rows, so their statistics are merged over the group (exactly: counts, power
+  sums, histograms add; extremes combine).  ∂ℓ/∂h is then divided by the
+  data-parallel degree: each rank's loss is a mean over its own rows, the
+  single-process loss over all of them is the mean of the ranks' losses, so a
+  rank's ∂ℓ/∂h is W times the single-process one.
+* weights and weight gradients: statistics of each rank's local part (see
+  ``gradscope.placement``) merged, shards summed and replicas counted once.
+* global gradient norm: √(Σ over ranks of the local Σg²), replicas once; the
+  loss: the mean over ranks.
+
+How: one flush is a few packed all-reduces whose size depends on the number
+of statistics, never on the world size — a sum of every row's counts, power
+sums and histogram (plus the caller's extra numbers: losses, squared norms),
+and a min of every row's (min, −max).  The ranks must lay rows out the same
+way: they agree on the set of keys once (the first flush, or when a rank sees
+a new key, signalled by a flag inside the sum itself) with one
+``all_gather_object`` of the new keys only.
+
+Nothing here runs a collective unless a group was chosen (``resolve_group``),
+and callers never reduce on an exception path, so a failing rank fails fast.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+import math
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
-from gradscope.stats import merge_stats
+from gradscope.errors import GradscopeError
+from gradscope.stats import COUNT, M2, MAX, MCOUNT, MEAN, MIN, NANSEEN, SIZE
 
-REDUCED_ROLES = frozenset({"activation", "gradient", "input", "model_input"})
+NO_REDUCTION = "none"
+AUTO = "auto"  # audit's default: reduce only a sharded model (every rank runs its forward anyway)
 
 
 def is_distributed() -> bool:
@@ -46,41 +65,220 @@ def is_writer() -> bool:
     return rank() == 0
 
 
-def collective_device() -> torch.device:
-    """Where tensors must live for the default process group's backend."""
-    import torch.distributed as dist
+def is_sharded(model: nn.Module) -> bool:
+    """Whether some parameter is a DTensor (FSDP2, tensor parallel) or lives in
+    an FSDP1 FlatParameter: then every rank must run the model together."""
+    for module in model.modules():
+        if getattr(module, "_handle", None) is not None and hasattr(module, "_fsdp_wrapped_module"):
+            return True
+        for param in module._parameters.values():
+            if param is not None and hasattr(param, "placements") and hasattr(param, "to_local"):
+                return True
+    return False
 
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+
+@dataclass(frozen=True)
+class ReductionGroup:
+    """The ranks whose statistics are merged (a torch.distributed process group)."""
+
+    group: Any  # a ProcessGroup, or None for the default group
+    rank: int  # this rank's index in the group
+    size: int
+
+    def device(self) -> torch.device:
+        """Where tensors must live for the group's backend."""
+        import torch.distributed as dist
+
+        if dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
 
-def merge_across_ranks(keys: Sequence[Hashable], vectors: torch.Tensor) -> tuple[list[Hashable], torch.Tensor]:
-    """Merge statistics vectors (``(len(keys), SIZE)``, one row per key) over all ranks.
+def resolve_group(choice: Any, model: nn.Module | None = None) -> ReductionGroup | None:
+    """The group to reduce over, or None for per-rank statistics.
 
-    Every rank must call this at the same point (it is collective).  Returns
-    the union of keys (in rank order of first appearance) and their merged rows.
+    ``choice``: None, the default group (when torch.distributed is initialised
+    with more than one rank); a ProcessGroup; ``"none"``, no reduction (and no
+    collective, ever); ``"auto"``, the default group only if ``model`` is
+    sharded (``audit``'s default, so that ``if rank == 0: audit(model)`` on an
+    unsharded model never waits for the other ranks).
     """
     import torch.distributed as dist
 
-    size = dist.get_world_size()
-    all_keys: list[list[Hashable] | None] = [None] * size
-    dist.all_gather_object(all_keys, list(keys))
-    union: list[Hashable] = []
-    position: dict[Hashable, int] = {}
-    for rank_keys in all_keys:
-        for key in rank_keys or []:
-            if key not in position:
-                position[key] = len(union)
-                union.append(key)
-    device = collective_device()
-    aligned = torch.zeros(len(union), vectors.shape[-1], dtype=torch.float64, device=device)
-    if len(keys):
-        index = torch.tensor([position[k] for k in keys], device=device)
-        aligned[index] = vectors.to(device, torch.float64)
-    gathered = [torch.empty_like(aligned) for _ in range(size)]
-    dist.all_gather(gathered, aligned)
-    merged = gathered[0]
-    for other in gathered[1:]:
-        merged = merge_stats(merged, other)  # an all-zero row is an empty side
-    return union, merged
+    if isinstance(choice, ReductionGroup):
+        return choice
+    if isinstance(choice, str):
+        if choice == NO_REDUCTION:
+            return None
+        if choice != AUTO:
+            raise GradscopeError(f"process_group: choose None, a ProcessGroup, 'none' or 'auto', not {choice!r}")
+        if model is None or not is_distributed() or not is_sharded(model):
+            return None
+        choice = None
+    if not (dist.is_available() and dist.is_initialized()):
+        if choice is not None:
+            raise GradscopeError("process_group was given but torch.distributed is not initialised")
+        return None
+    size = dist.get_world_size(choice)
+    if size <= 1:
+        return None
+    return ReductionGroup(choice, dist.get_rank(choice), size)
+
+
+def data_parallel_size(model: nn.Module, group: ReductionGroup) -> int:
+    """How many ranks of ``group`` see different data (and average their gradients).
+
+    Tensor parallelism gives every rank of its mesh the same rows: a model
+    with DTensor parameters and no FSDP2 module is tensor parallel over its
+    mesh, the rest of the group is data parallel.  FSDP2 shards over the
+    data-parallel mesh dimension (the first one).  Otherwise (DDP, FSDP1,
+    plain) every rank is a data-parallel rank.
+    """
+    fsdp2 = False
+    mesh = None
+    for module in model.modules():
+        if any(base.__name__ == "FSDPModule" for base in type(module).__mro__):
+            fsdp2 = True
+        for param in module._parameters.values():
+            if mesh is None and param is not None and hasattr(param, "device_mesh"):
+                mesh = param.device_mesh
+    if mesh is None:
+        return group.size
+    if fsdp2:
+        return int(mesh.size(0))
+    return max(1, group.size // int(mesh.size()))
+
+
+def _sum_part(rows: torch.Tensor) -> torch.Tensor:
+    """Rows as quantities that add across ranks: counts, S1 = n·mean,
+    S2 = M2 + n·mean² (power sums about 0), histograms; MIN/MAX zeroed."""
+    out = rows.clone()
+    n, mean = rows[:, MCOUNT], rows[:, MEAN]
+    out[:, MEAN] = n * mean
+    out[:, M2] = rows[:, M2] + n * mean * mean
+    out[:, MIN] = 0.0
+    out[:, MAX] = 0.0
+    return out
+
+
+def _min_part(rows: torch.Tensor) -> torch.Tensor:
+    """(min, −max) per row for a MIN all-reduce: +inf for empty rows, and NaN
+    replaced (the NaN flag travels in the sum and restores it)."""
+    pair = torch.stack([rows[:, MIN], -rows[:, MAX]], dim=-1)
+    pair = torch.nan_to_num(pair, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    return torch.where((rows[:, COUNT] == 0).unsqueeze(-1), torch.full_like(pair, math.inf), pair)
+
+
+def _rows_back(sums: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """Reduced sums and minima back to statistics vectors (M2 = S2 − S1²/n,
+    float64, as each rank's own rows were computed)."""
+    out = sums.clone()
+    n = sums[:, MCOUNT]
+    safe = torch.where(n > 0, n, torch.ones_like(n))
+    mean = sums[:, MEAN] / safe
+    out[:, MEAN] = torch.where(n > 0, mean, torch.zeros_like(n))
+    out[:, M2] = torch.where(n > 0, (sums[:, M2] - sums[:, MEAN] * mean).clamp_min(0.0), torch.zeros_like(n))
+    empty = sums[:, COUNT] == 0
+    nan = sums[:, NANSEEN] > 0
+    lo, hi = mins[:, 0], -mins[:, 1]
+    zero = torch.zeros_like(lo)
+    out[:, MIN] = torch.where(empty, zero, torch.where(nan, torch.full_like(lo, math.nan), lo))
+    out[:, MAX] = torch.where(empty, zero, torch.where(nan, torch.full_like(hi, math.nan), hi))
+    return out
+
+
+class Reducer:
+    """Merges keyed statistics rows and extra numbers over a group, O(1) in its size.
+
+    Every rank of the group must call ``reduce`` at the same points (it is
+    collective); the keys may differ between ranks (a branch taken on one rank
+    only): their union is agreed on the first time a rank sees a new key.
+    """
+
+    def __init__(self, group: ReductionGroup) -> None:
+        self.group = group
+        self._keys: list[Hashable] = []
+        self._position: dict[Hashable, int] = {}
+        self.collectives = 0  # all-reduces and gathers run so far (tests count them)
+
+    def reduce(
+        self, rows: dict[Hashable, torch.Tensor], extra: torch.Tensor | None = None
+    ) -> tuple[dict[Hashable, torch.Tensor], torch.Tensor | None]:
+        """Merged rows (host float64) for every key any rank holds, and ``extra``
+        (a 1-D tensor) summed over the group (host float64)."""
+        device = self.group.device()
+        local = {k: v.to(device, torch.float64) for k, v in rows.items()}
+        new = [k for k in local if k not in self._position]
+        n_extra = 0 if extra is None else extra.numel()
+        known = self._stack(local, self._keys, device)
+        head = torch.zeros(1 + n_extra, dtype=torch.float64, device=device)
+        head[0] = float(len(new) > 0)
+        if extra is not None:
+            head[1:] = extra.reshape(-1).to(device, torch.float64)
+        sums = torch.cat([head, _sum_part(known).reshape(-1)])
+        mins = _min_part(known).reshape(-1)
+        self._all_reduce(sums, "sum")
+        self._all_reduce(mins, "min")
+        out_rows = _rows_back(sums[1 + n_extra :].reshape(-1, SIZE), mins.reshape(-1, 2))
+        host_extra = sums[1 : 1 + n_extra].cpu() if extra is not None else None
+        merged_rows = out_rows
+        if sums[0].item() > 0:  # some rank holds a key the group has not agreed on yet
+            added = self._agree(new)
+            fresh = self._stack(local, added, device)
+            fresh_sums, fresh_mins = _sum_part(fresh).reshape(-1), _min_part(fresh).reshape(-1)
+            self._all_reduce(fresh_sums, "sum")
+            self._all_reduce(fresh_mins, "min")
+            merged_rows = torch.cat([out_rows, _rows_back(fresh_sums.reshape(-1, SIZE), fresh_mins.reshape(-1, 2))])
+        host = merged_rows.cpu()
+        result: dict[Hashable, torch.Tensor] = {}
+        for key, row in zip(self._keys, host, strict=True):
+            if key in local or row[COUNT] > 0:
+                result[key] = row
+        return result, host_extra
+
+    @staticmethod
+    def _stack(local: dict[Hashable, torch.Tensor], keys: list[Hashable], device: torch.device) -> torch.Tensor:
+        out = torch.zeros(len(keys), SIZE, dtype=torch.float64, device=device)
+        for i, key in enumerate(keys):
+            row = local.get(key)
+            if row is not None:
+                out[i] = row
+        return out
+
+    def _agree(self, new: list[Hashable]) -> list[Hashable]:
+        """Append every rank's new keys (in rank order) to the agreed layout."""
+        import torch.distributed as dist
+
+        gathered: list[list[Hashable] | None] = [None] * self.group.size
+        dist.all_gather_object(gathered, new, group=self.group.group)
+        self.collectives += 1
+        added: list[Hashable] = []
+        for rank_keys in gathered:
+            for key in rank_keys or []:
+                if key not in self._position:
+                    self._position[key] = len(self._keys)
+                    self._keys.append(key)
+                    added.append(key)
+        return added
+
+    def _all_reduce(self, tensor: torch.Tensor, op: str) -> None:
+        import torch.distributed as dist
+
+        reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MIN
+        if tensor.numel():
+            dist.all_reduce(tensor, op=reduce_op, group=self.group.group)
+            self.collectives += 1
+
+
+def scale_gradient_rows(rows: dict[Hashable, torch.Tensor], factor: float) -> None:
+    """Divide the ∂ℓ/∂h rows (role "gradient") by ``factor``, in place (see the
+    module docstring; the histogram shifts by log2(factor) binades, exactly
+    for a power of two)."""
+    if factor == 1.0:
+        return
+    from gradscope.stats import Stats
+    from gradscope.watching.scaling import divide_stats
+
+    for key, row in rows.items():
+        if isinstance(key, tuple) and len(key) == 2 and key[1] == "gradient":
+            rows[key] = divide_stats(Stats(row), factor).vector

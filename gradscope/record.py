@@ -130,6 +130,9 @@ class Record:
     not_executed: list[str] = field(default_factory=list)  # hooked modules that never ran
     notes: list[str] = field(default_factory=list)  # things recorded partially, said once
     steps: int = 0  # flushes merged into this record
+    # torch.distributed: role -> "global" (merged over ranks) or "per rank"; empty
+    # for one process.  Written into every statistics block of that role.
+    reduction: dict[str, str] = field(default_factory=dict)
 
     def layer(self, name: str) -> LayerRecord:
         for layer in self.layers:
@@ -150,13 +153,25 @@ class Record:
             self.notes.append(text)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "layers": [layer.to_dict() for layer in self.layers],
-            "input": self.input.to_dict() if self.input is not None else None,
+        layers = [layer.to_dict() for layer in self.layers]
+        data_input = self.input.to_dict() if self.input is not None else None
+        if self.reduction:
+            for layer in layers:
+                for role, how in self.reduction.items():
+                    if isinstance(layer.get(role), dict):
+                        layer[role]["reduction"] = how
+            if data_input is not None and "input" in self.reduction:
+                data_input["reduction"] = self.reduction["input"]
+        out: dict[str, Any] = {
+            "layers": layers,
+            "input": data_input,
             "not_executed": list(self.not_executed),
             "notes": list(self.notes),
             "steps": self.steps,
         }
+        if self.reduction:
+            out["reduction"] = dict(self.reduction)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Record:
@@ -166,4 +181,5 @@ class Record:
             not_executed=list(data.get("not_executed", [])),
             notes=list(data.get("notes", [])),
             steps=data.get("steps", 0),
+            reduction=dict(data.get("reduction", {})),
         )

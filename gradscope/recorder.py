@@ -14,17 +14,27 @@ gradient; the tensor hooks live on the autograd graph and die with it.
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from gradscope.distributed import REDUCED_ROLES, is_distributed, merge_across_ranks, world_size
+from gradscope.distributed import Reducer, ReductionGroup, data_parallel_size, resolve_group, scale_gradient_rows
 from gradscope.outputs import first_float_tensor
+from gradscope.placement import (
+    ParameterRef,
+    ParameterTable,
+    clean_name,
+    is_wrapper,
+    layer_type,
+    main_weight_ref,
+    owns_parameters,
+)
 from gradscope.record import LayerRecord, Record
 from gradscope.sequence import SequenceTaps
-from gradscope.stats import SIZE, RawStats, Sample, Stats, finalize, merge_stats, raw_stats, reduce_sample, take_sample
+from gradscope.stats import RawStats, Sample, Stats, finalize, merge_stats, raw_stats, reduce_sample, take_sample
 
 ROOT_NAME = "model"  # the name given to the model itself when it is a leaf
 # With a bounded sample, hooks only take each tensor's extremes and a copy of its
@@ -38,6 +48,7 @@ ROOT_NAME = "model"  # the name given to the model itself when it is a leaf
 # per (call site, role), 2 KiB each, kept on the device until the flush.
 PENDING_SAMPLE_BUDGET = 1 << 20
 PENDING_ENTRIES = 256
+REPORTED_ROLES = ("activation", "gradient", "weight", "weight_grad", "input")
 
 
 def _graph_task() -> int:
@@ -55,7 +66,9 @@ def _in_backward() -> bool:
 
 
 def _display_name(name: str) -> str:
-    return name if name else ROOT_NAME
+    """The name a layer is reported under: the model's own (wrapper components
+    such as FSDP1's ``_fsdp_wrapped_module`` dropped), ``model`` for the root."""
+    return clean_name(name) or ROOT_NAME
 
 
 def main_weight(module: nn.Module) -> tuple[str, nn.Parameter] | None:
@@ -73,15 +86,17 @@ def main_weight(module: nn.Module) -> tuple[str, nn.Parameter] | None:
     return pname, params[pname]
 
 
-def fans(weight: torch.Tensor) -> tuple[int | None, int | None]:
-    """(fan_in, fan_out) with the convention of ``torch.nn.init``, so that the
-    init call gradscope recommends computes the same numbers."""
-    if weight.dim() < 2:
+def fans(weight: torch.Tensor | Sequence[int]) -> tuple[int | None, int | None]:
+    """(fan_in, fan_out) of a weight or of its (unsharded) shape, with the
+    convention of ``torch.nn.init``, so that the init call gradscope recommends
+    computes the same numbers."""
+    shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else tuple(weight)
+    if len(shape) < 2:
         return None, None
     receptive = 1
-    for size in weight.shape[2:]:
+    for size in shape[2:]:
         receptive *= int(size)
-    return int(weight.shape[1]) * receptive, int(weight.shape[0]) * receptive
+    return int(shape[1]) * receptive, int(shape[0]) * receptive
 
 
 def select_modules(
@@ -98,23 +113,27 @@ def select_modules(
     ``include`` / ``exclude`` are fnmatch patterns on qualified names (the
     model itself is called ``model``); ``types`` keeps only those classes;
     ``parametrised_only`` only modules that own parameters directly.
+    Wrappers (FSDP1 units, checkpoint wrappers, compiled modules) are never
+    chosen: the module they wrap is, under its own name.
     """
     chosen: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
+        if is_wrapper(module):
+            continue
         shown = _display_name(name)
         if include:
             if not any(fnmatch.fnmatchcase(shown, pat) for pat in include):
                 continue
         else:
             is_leaf = next(module.children(), None) is None
-            owns_params = next(module.parameters(recurse=False), None) is not None
+            owns_params = owns_parameters(module)
             if not (is_leaf or owns_params):
                 continue
         if exclude and any(fnmatch.fnmatchcase(shown, pat) for pat in exclude):
             continue
         if types and not isinstance(module, tuple(types)):
             continue
-        if parametrised_only and next(module.parameters(recurse=False), None) is None:
+        if parametrised_only and not owns_parameters(module):
             continue
         chosen.append((name, module))
     return chosen
@@ -150,9 +169,9 @@ class Recorder:
         record_inputs: bool = False,
         sample: int | None = None,
         exact_parameter_extremes: bool = True,
-        reduce_ranks: bool = True,
         sequence_modules: Mapping[str, int] | None = None,
         record_no_grad: bool = True,
+        process_group: Any = None,
     ) -> None:
         self.model = model
         self.record_inputs = record_inputs
@@ -164,7 +183,12 @@ class Recorder:
         # False: min/max of weights and weight gradients from the sample too (watch,
         # which checks every gradient element through its exact per-step norms).
         self.exact_parameter_extremes = exact_parameter_extremes
-        self.reduce_ranks = reduce_ranks  # merge statistics across torch.distributed ranks at flush
+        # Ranks whose statistics flush() merges (gradscope.distributed.resolve_group):
+        # None = the default group when there is one, "none" = never reduce.
+        self.group: ReductionGroup | None = resolve_group(process_group, model)
+        self._reducer = Reducer(self.group) if self.group is not None else None
+        self._data_parallel: int | None = None
+        self._table: ParameterTable | None = None
         self._selected = select_modules(model, include, exclude, types, parametrised_only)
         # RNN/LSTM/GRU and marked modules: gradient RMS per time step (gradscope.sequence)
         self._sequences = SequenceTaps(
@@ -183,7 +207,9 @@ class Recorder:
         self._recompute_task = -1
         self._forward_recorded = False
         self._sites: dict[str, LayerRecord] = {}
-        self._weights: dict[str, nn.Parameter] = {}  # site name -> weight parameter
+        # site name -> where its weight is found; looked up at capture time, never
+        # kept (FSDP frees or swaps parameter storage between forward and backward).
+        self._weights: dict[str, ParameterRef] = {}
         self._pending: list[tuple[str, str, RawStats | Sample]] = []
         self._input_pending: list[RawStats | Sample] = []
         self._pending_elements = 0  # elements of sample copies not reduced yet
@@ -377,13 +403,14 @@ class Recorder:
         call: int,
         found: tuple[torch.Tensor, str] | None,
     ) -> LayerRecord:
+        refs = self.parameter_table().of_module(module)
         site = LayerRecord(
             name=key,
             module=shown,
-            type=type(module).__name__,
+            type=layer_type(module),
             index=len(self.record.layers),
             call=call,
-            parameters=sum(p.numel() for p in module.parameters(recurse=False)),
+            parameters=sum(math.prod(ref.shape) for ref in refs),
         )
         if found is not None:
             site.output_path = found[1]
@@ -392,17 +419,32 @@ class Recorder:
         if call > 1:
             site.shares_weights_with = shown
         else:
-            weight = main_weight(module)
+            weight = main_weight_ref(refs)
             if weight is not None:
-                site.weight_name, param = weight
-                site.weight_shape = list(param.shape)
-                site.fan_in, site.fan_out = fans(param)
-                self._weights[key] = param
+                site.weight_name = weight.attr
+                site.weight_shape = list(weight.shape)
+                site.fan_in, site.fan_out = fans(weight.shape)
+                self._weights[key] = weight
         self._sites[key] = site
         self.record.layers.append(site)
         return site
 
     # -- parameters and flushing ------------------------------------------------
+    def parameter_table(self) -> ParameterTable:
+        """The model's parameters by module, built on first use (after any sharding)."""
+        if self._table is None:
+            self._table = ParameterTable(self.model)
+        return self._table
+
+    def weight_ref(self, key: str) -> ParameterRef | None:
+        """Where the weight of a recorded site is found."""
+        return self._weights.get(key)
+
+    @property
+    def owner(self) -> bool:
+        """Whether this rank counts replicated parameters (rank 0 of the group)."""
+        return self.group is None or self.group.rank == 0
+
     def capture_parameters(self, weights: bool = True, grads: bool = True) -> None:
         """Enqueue statistics of each recorded layer's weight and its ``.grad``.
 
@@ -413,12 +455,14 @@ class Recorder:
 
     def parameter_stats(self) -> dict[str, dict[str, Stats]]:
         """Weight and weight-gradient statistics of each recorded layer, now, on the
-        host, outside the pending queue and without any collective (weights are
-        the same on every DDP rank): for a caller that needs them off-schedule."""
+        host, outside the pending queue: for a caller that needs them off-schedule.
+        With a reduction group this is collective (every rank must call it)."""
         entries = self._parameter_raws(weights=True, grads=True)
         keys = [(key, role) for key, role, _ in entries]
+        rows = _finalize_and_merge(keys, [raw for _, _, raw in entries])
+        host = self._reducer.reduce(rows)[0] if self._reducer is not None else _to_host(rows)  # type: ignore[arg-type]
         out: dict[str, dict[str, Stats]] = {}
-        for (key, role), row in _to_host(_finalize_and_merge(keys, [raw for _, _, raw in entries])).items():
+        for (key, role), row in host.items():  # type: ignore[misc]
             out.setdefault(key, {})[role] = Stats(row)
         return out
 
@@ -426,12 +470,17 @@ class Recorder:
         """(site, role, statistics) of each recorded weight and its gradient; not in
         a hook, so computed whole at once (warm caches, nothing to defer)."""
         exact = self.exact_parameter_extremes
+        owner = self.owner
         out: list[tuple[str, str, RawStats]] = []
-        for key, param in self._weights.items():
-            if weights:
-                out.append((key, "weight", raw_stats(param, self.sample, exact)))
-            if grads and param.grad is not None:
-                out.append((key, "weight_grad", raw_stats(param.grad, self.sample, exact)))
+        with torch.no_grad():
+            for key, ref in self._weights.items():
+                local = ref.resolve(owner)
+                if local is None or not local.owned:
+                    continue  # a replica another rank counts
+                if weights:
+                    out.append((key, "weight", raw_stats(local.value, self.sample, exact)))
+                if grads and local.grad is not None:
+                    out.append((key, "weight_grad", raw_stats(local.grad, self.sample, exact)))
         return out
 
     def _take(self, tensor: torch.Tensor) -> RawStats | Sample:
@@ -464,13 +513,17 @@ class Recorder:
         if len(self._pending) + len(self._input_pending) >= PENDING_ENTRIES:
             self._merge_pending()
 
-    def flush(self) -> None:
+    def flush(self, extra: torch.Tensor | None = None) -> torch.Tensor | None:
         """Move pending statistics to the host (one transfer per device) and merge them.
 
-        Under torch.distributed this is a collective: every rank must flush at
-        the same steps.  Activation, ``∂ℓ/∂h`` and input statistics are merged
-        across ranks; weights and weight gradients (identical on every DDP
-        rank) are not.
+        With a reduction group this is a collective: every rank must flush at
+        the same steps.  Every statistic is merged over the group
+        (gradscope.distributed): activations, ``∂ℓ/∂h`` and inputs over the
+        data-parallel ranks' rows, ``∂ℓ/∂h`` brought to single-process scale,
+        weights and weight gradients from each rank's shard, replicas once.
+        ``extra``: a 1-D tensor of numbers to sum over the group in the same
+        reduction (the caller's losses and squared norms); returned summed, on
+        the host, float64 (as given when nothing is reduced).
         """
         self._merge_pending()
         merged, self._merged = self._merged, {}
@@ -478,19 +531,22 @@ class Recorder:
         for key, role, profile in self._sequences.flush():  # per rank: not merged across ranks
             if key in self._sites:
                 self._sites[key].add_time(role, profile)
-        reduce = self.reduce_ranks and is_distributed()
-        if not keys and not reduce:
-            return
-        if reduce:
-            shared = [k for k in merged if k[1] in REDUCED_ROLES]
-            stacked = torch.stack([merged[k] for k in shared]) if shared else torch.zeros(0, SIZE)
-            union, rows = merge_across_ranks(shared, stacked)
-            merged.update(zip(union, rows, strict=True))  # type: ignore[arg-type]  # the keys we sent
-            self.record.note(
-                f"activation and gradient statistics merged over {world_size()} ranks; "
-                "weights and weight gradients are rank 0's (all-reduced under DDP)"
-            )
-        for (key, role), row in _to_host(merged).items():
+        if not keys and self._reducer is None:
+            return None if extra is None else extra.to("cpu", torch.float64)
+        host_extra = None
+        if self._reducer is not None and self.group is not None:
+            host, host_extra = self._reducer.reduce(merged, extra)  # type: ignore[arg-type]
+            if self._data_parallel is None:
+                self._data_parallel = data_parallel_size(self.model, self.group)
+            scale_gradient_rows(host, float(self._data_parallel))
+            self.record.reduction = self.reduction()
+        else:
+            host = _to_host(merged)  # type: ignore[assignment]
+            if extra is not None:
+                host_extra = extra.to("cpu", torch.float64)
+            if self.reduction():
+                self.record.reduction = self.reduction()
+        for (key, role), row in host.items():  # type: ignore[misc]
             if role == "model_input":
                 stats = Stats(row)
                 self.record.input = stats if self.record.input is None else self.record.input.merge(stats)
@@ -498,8 +554,37 @@ class Recorder:
                 self._sites[key].add(role, Stats(row))
             else:
                 self.record.note(f"{key}: recorded on another rank only; not in this rank's report")
-        if keys:
+        if host:
             self.record.steps += 1
+        return host_extra
+
+    def reduction(self) -> dict[str, str]:
+        """Per statistic role, "global" (merged over the group) or "per rank"; empty
+        outside torch.distributed (one process: every number is global)."""
+        from gradscope.distributed import is_distributed
+
+        if self.group is None:
+            return dict.fromkeys(REPORTED_ROLES, "per rank") if is_distributed() else {}
+        return dict.fromkeys(REPORTED_ROLES, "global")
+
+    def reduction_summary(self) -> dict[str, Any] | str:
+        """What ``report.run["reduction"]`` says: how each kind of number was reduced."""
+        from gradscope.distributed import is_distributed
+
+        if self.group is None:
+            if is_distributed():
+                return "per rank: this rank's statistics only, nothing reduced across ranks (process_group)"
+            return "single process"
+        dp = self._data_parallel if self._data_parallel is not None else data_parallel_size(self.model, self.group)
+        return {
+            "ranks": self.group.size,
+            "data_parallel": dp,
+            "activation": "global: merged over the data-parallel ranks' rows",
+            "gradient": f"global, at single-process scale (each rank's ∂ℓ/∂h divided by the data-parallel degree {dp})",
+            "weight": "global: each rank's shard merged, replicated parameters counted once",
+            "weight_grad": "global: each rank's shard merged, replicated parameters counted once",
+            "input": "global: merged over the data-parallel ranks' rows",
+        }
 
     def finish(self) -> Record:
         """Flush and return the record, with the hooked modules that never ran."""

@@ -198,6 +198,11 @@ def take_sample(x: torch.Tensor, sample: int | None = None, exact_extremes: bool
     # kernels have just evicted the caches), so this path avoids all it can: no
     # reshape of a contiguous tensor, no torch.device object.
     flat = x.detach()
+    if type(flat) is not torch.Tensor and hasattr(flat, "to_local") and hasattr(flat, "placements"):
+        # A DTensor (tensor parallel, FSDP2): statistics of this rank's local part,
+        # which the flush merges across ranks; DTensor ops such as bincount have no
+        # sharding rule.
+        flat = flat.to_local()
     if flat.dtype not in _NATIVE_DTYPES:
         flat = flat.float()  # fp8 and others: aminmax has no kernel for them
     if not flat.is_contiguous():

@@ -1,18 +1,28 @@
-"""Statistics merged across torch.distributed ranks (2-process gloo group on CPU).
+"""gradscope under torch.distributed: 2-process gloo groups on CPU.
 
-Each rank feeds its own half of the data through a DDP-wrapped MLP; the
-activation statistics merged at flush must equal one process's statistics on
-the union of the data, and ranks that recorded different layers must not
-deadlock.
+One spawn per engine (FSDP2, FSDP1, tensor parallel, DDP), several checks per
+spawn.  The reference is always one unsharded process on the same data: the
+statistics every rank ends with must equal it — weights and weight gradients
+merged from shards (replicas once), the global gradient norm, the loss, and
+activations and ∂ℓ/∂h merged over the data-parallel ranks' rows at
+single-process scale.  Failure modes (one rank raising, one rank's NaN loss,
+an audit on rank 0 only) run in processes of their own, timed against the
+same job without gradscope.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+import multiprocessing
 import os
 import socket
 import time
+import traceback
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,10 +30,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+import gradscope
 from gradscope.recorder import Recorder
+
+pytestmark = pytest.mark.slow
 
 WORLD = 2
 STEPS = 3
+ROWS = 32  # global batch; data-parallel ranks take half each
+LAYERS = ["0", "1", "2", "3", "4"]
 
 
 def _free_port() -> int:
@@ -37,8 +52,140 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
 
 
-def _data(step: int) -> torch.Tensor:
-    return torch.randn(2 * 16, 8, generator=torch.Generator().manual_seed(100 + step))
+def _vanishing_model() -> nn.Module:
+    """Ten Linear+Sigmoid layers with N(0, 0.01²) weights: ∂ℓ/∂h shrinks ~0.028x per layer."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for i in range(10):
+        layers.append(nn.Linear(16, 16 if i < 9 else 4))
+        if i < 9:
+            layers.append(nn.Sigmoid())
+    model = nn.Sequential(*layers)
+    for module in model:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.01)
+    return model
+
+
+def _data(step: int, features: int = 8) -> torch.Tensor:
+    return torch.randn(ROWS, features, generator=torch.Generator().manual_seed(100 + step))
+
+
+def _rows(x: torch.Tensor, rank: int) -> torch.Tensor:
+    half = x.shape[0] // WORLD
+    return x[rank * half : (rank + 1) * half]
+
+
+def _square_loss(output: torch.Tensor) -> torch.Tensor:
+    return output.pow(2).mean()
+
+
+def _train(model: nn.Module, scope: Any, rank: int | None, steps: int = STEPS) -> None:
+    """SGD steps on the shared data (``rank``: this data-parallel rank's rows; None: all rows)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(steps):
+        opt.zero_grad()
+        x = _data(step) if rank is None else _rows(_data(step), rank)
+        loss = _square_loss(model(x))
+        loss.backward()
+        scope.step(opt, loss=loss)
+        opt.step()
+
+
+def _quiet(finding: Any) -> None:
+    """on_finding for runs whose alerts are not under test."""
+
+
+def _summary(report: Any) -> dict[str, Any]:
+    training = report.analysis["training"]
+    return {
+        "record": report.record.to_dict(),
+        "norm": training["global_grad_norm_last"],
+        "loss": training["loss_last"],
+        "reduction": report.run["reduction"],
+        "codes": sorted(report.codes()),
+    }
+
+
+def _watched(model: nn.Module, rank: int | None, *, attach_before: Any = None) -> dict[str, Any]:
+    """Watch a training run; ``attach_before``: shard the model after watch attached."""
+    scope = gradscope.watch(model, every=1, raise_on=(), on_finding=_quiet) if attach_before else None
+    if attach_before is not None:
+        model = attach_before(model)
+    if scope is None:
+        scope = gradscope.watch(model, every=1, raise_on=(), on_finding=_quiet)
+    with scope:
+        _train(model, scope, rank)
+        flush = scope.recent[-1]
+    out = _summary(scope.report())
+    out["param_norms"] = flush.param_grad_norms
+    return out
+
+
+def _audit(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    report = gradscope.audit(model, x, loss=_square_loss)
+    return {"codes": sorted(report.codes()), "reduction": report.run.get("reduction")}
+
+
+def _fsdp2(reshard_after_forward: bool = True) -> Any:
+    from torch.distributed.fsdp import fully_shard
+
+    def shard(model: nn.Module) -> nn.Module:
+        for module in model:
+            if isinstance(module, nn.Linear):
+                fully_shard(module, reshard_after_forward=reshard_after_forward)
+        fully_shard(model, reshard_after_forward=reshard_after_forward)
+        return model
+
+    return shard
+
+
+def _fsdp1(use_orig_params: bool) -> Any:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    def policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+        # Nested units for the 32-wide layers, the rest in the root unit.
+        return recurse or (isinstance(module, nn.Linear) and module.out_features == 32)
+
+    def shard(model: nn.Module) -> nn.Module:
+        return FullyShardedDataParallel(
+            model, use_orig_params=use_orig_params, device_id=torch.device("cpu"), auto_wrap_policy=policy
+        )
+
+    return shard
+
+
+def _tensor_parallel(model: nn.Module) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    # Layer 0 column-wise, layer 2 row-wise, layer 4 a plain (replicated) Linear.
+    return parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+
+
+def _engine_worker(rank: int, engine: str) -> dict[str, Any]:
+    if engine == "fsdp2":
+        return {
+            "default": _watched(_fsdp2()(_model()), rank),
+            "keep_unsharded": _watched(_fsdp2(reshard_after_forward=False)(_model()), rank),
+            "attached_before": _watched(_model(), rank, attach_before=_fsdp2()),
+            "audit": _audit(_fsdp2()(_vanishing_model()), _rows(_data(0, 16), rank)),
+        }
+    if engine == "fsdp1":
+        return {
+            "flat": _watched(_fsdp1(use_orig_params=False)(_model()), rank),
+            "orig_params": _watched(_fsdp1(use_orig_params=True)(_model()), rank),
+            "audit": _audit(_fsdp1(use_orig_params=False)(_vanishing_model()), _rows(_data(0, 16), rank)),
+        }
+    if engine == "tp":
+        return {
+            "tp": _watched(_tensor_parallel(_model()), None),  # every TP rank sees every row
+            "audit": _audit(_tensor_parallel(_vanishing_model()), _data(0, 16)),
+        }
+    if engine == "ddp":
+        return _ddp_worker(rank)
+    raise ValueError(engine)
 
 
 class _Branchy(nn.Module):
@@ -55,74 +202,98 @@ class _Branchy(nn.Module):
         return self.b(x) if self.extra else x
 
 
-def _worker(rank: int, port: int, out_dir: str, mode: str) -> None:
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _ddp_worker(rank: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    # watch on a DDP model whose diagnosis alerts (a vanishing stack): only rank 0 logs.
+    handler = _Collect()
+    logger = logging.getLogger("gradscope")
+    logger.addHandler(handler)
+    try:
+        model = _vanishing_model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        with gradscope.watch(model, every=1, raise_on=()) as scope:
+            for step in range(STEPS):
+                opt.zero_grad()
+                loss = _square_loss(ddp(_rows(_data(step, 16), rank)))
+                loss.backward()
+                scope.step(opt, loss=loss)
+                opt.step()
+        out["watch"] = _summary(scope.report())
+    finally:
+        logger.removeHandler(handler)
+    out["log_messages"] = handler.messages
+    # Ranks recording different layers: the union is agreed on, nothing deadlocks.
+    branchy = _Branchy(extra=rank == 1)
+    with Recorder(branchy) as rec:
+        rec.start()
+        branchy(torch.randn(3, 4)).sum().backward()
+        out["branchy"] = rec.finish().to_dict()
+    # An audit on rank 0 only must not wait for rank 1 (which runs no collective
+    # until rank 0 says it is done, through a file).
+    flag = Path(os.environ["GRADSCOPE_TEST_DIR"], "audit-done")
+    if rank == 0:
+        started = time.monotonic()
+        report = gradscope.audit(_vanishing_model(), input_shape=(8, 16))
+        out["rank0_audit_seconds"] = time.monotonic() - started
+        out["rank0_audit_codes"] = sorted(report.codes())
+        out["rank0_audit_reduction"] = report.run.get("reduction")
+        flag.write_text("done")
+    else:
+        deadline = time.monotonic() + 60
+        while not flag.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        out["saw_rank0_audit_finish"] = flag.exists()
+    dist.barrier()
+    return out
+
+
+def _worker(rank: int, port: int, out_dir: str, engine: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
+    os.environ["GRADSCOPE_TEST_DIR"] = out_dir
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
-        if mode == "ddp":
-            model = _model()
-            ddp = nn.parallel.DistributedDataParallel(model)
-            with Recorder(model) as rec:
-                for step in range(STEPS):
-                    rec.start()
-                    x = _data(step)[rank * 16 : (rank + 1) * 16]
-                    ddp(x).pow(2).mean().backward()
-                    rec.capture_parameters()
-                    rec.flush()  # every rank flushes at the same steps
-                record = rec.finish()
-        elif mode == "watch":
-            import gradscope
-
-            model = _model()
-            ddp = nn.parallel.DistributedDataParallel(model)
-            opt = torch.optim.SGD(model.parameters(), lr=0.01)
-            log_dir = Path(out_dir, f"tb{rank}")
-            with gradscope.watch(model, every=1, log_dir=str(log_dir), raise_on=()) as scope:
-                for step in range(STEPS):
-                    opt.zero_grad()
-                    x = _data(step)[rank * 16 : (rank + 1) * 16]
-                    ddp(x).pow(2).mean().backward()
-                    scope.step(opt)
-                    opt.step()
-            record = scope.report().record
-        else:
-            model = _Branchy(extra=rank == 1)
-            with Recorder(model) as rec:
-                rec.start()
-                model(torch.randn(3, 4)).sum().backward()
-                record = rec.finish()
+        result = _engine_worker(rank, engine)
         # Written whole, then renamed: the parent reads only complete results.
         partial = Path(out_dir, f"rank{rank}.json.partial")
-        partial.write_text(json.dumps(record.to_dict()))
+        partial.write_text(json.dumps(result))
         partial.rename(Path(out_dir, f"rank{rank}.json"))
     finally:
         dist.destroy_process_group()
 
 
-def _run(mode: str, tmp_path: Path, attempts: int = 2) -> dict[int, dict]:
+def _run(engine: str, tmp_path: Path, attempts: int = 2) -> dict[int, dict]:
     results = [Path(tmp_path, f"rank{r}.json") for r in range(WORLD)]
     for attempt in range(attempts):
-        for path in results:
+        for path in [*results, Path(tmp_path, "audit-done")]:
             path.unlink(missing_ok=True)
         context = mp.start_processes(
-            _worker, args=(_free_port(), str(tmp_path), mode), nprocs=WORLD, join=False, start_method="spawn"
+            _worker, args=(_free_port(), str(tmp_path), engine), nprocs=WORLD, join=False, start_method="spawn"
         )
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240
         try:
             while not context.join(timeout=1):
                 if time.monotonic() > deadline:
                     for p in context.processes:
                         p.kill()
-                    pytest.fail("the ranks did not finish within 120 s: a flush deadlocked")
+                    pytest.fail(f"the {engine} ranks did not finish within 240 s: a collective deadlocked")
             break
         except mp.ProcessExitedException:
-            # gloo sometimes aborts a rank on this loaded 2-core machine
-            # ("terminate called without an active exception", SIGABRT; about
-            # once in ten full-suite runs, never alone).  Results every rank
-            # wrote whole are still its results; otherwise try once more on a
-            # fresh port (a real bug fails both times).
+            # gloo sometimes aborts a rank at teardown on this loaded 2-core machine
+            # ("terminate called without an active exception", SIGABRT).  Results
+            # every rank wrote whole are still its results; otherwise try once
+            # more on a fresh port (a real bug fails both times).
             if all(path.exists() for path in results):
                 break
             if attempt == attempts - 1:
@@ -130,14 +301,139 @@ def _run(mode: str, tmp_path: Path, attempts: int = 2) -> dict[int, dict]:
     return {r: json.loads(path.read_text()) for r, path in enumerate(results)}
 
 
-def _single_process_record() -> dict:
+# -- the single-process references -------------------------------------------------
+
+
+def _reference() -> dict[str, Any]:
     model = _model()
-    with Recorder(model) as rec:
-        for step in range(STEPS):
-            rec.start()
-            model(_data(step)).pow(2).mean().backward()
-            rec.flush()
-        return rec.finish().to_dict()
+    out = _watched(model, None)
+    return out
+
+
+def _reference_audit() -> list[str]:
+    return _audit(_vanishing_model(), _data(0, 16))["codes"]
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, Any]:
+    return _reference()
+
+
+def _layers(summary: dict[str, Any]) -> dict[str, dict]:
+    return {layer["name"]: layer for layer in summary["record"]["layers"]}
+
+
+def _assert_stats_equal(got: dict, want: dict, what: str) -> None:
+    assert got is not None and want is not None, what
+    assert got["count"] == want["count"], what
+    assert got["hist_samples"] == got["count"], f"{what}: sampled, cannot compare moments exactly"
+    assert got["mean"] == pytest.approx(want["mean"], rel=1e-6, abs=1e-12), what
+    assert got["std"] == pytest.approx(want["std"], rel=1e-6), what
+    assert got["min"] == pytest.approx(want["min"], rel=1e-6), what
+    assert got["max"] == pytest.approx(want["max"], rel=1e-6), what
+    assert got["zero_hist"] == want["zero_hist"], what
+
+
+def _assert_matches_one_process(got: dict[str, Any], want: dict[str, Any], *, data_parallel: bool, engine: str) -> None:
+    """Per-layer weight and weight-gradient statistics, the global gradient norm and
+    the loss equal the unsharded run's; with data parallelism, activations and
+    ∂ℓ/∂h too (merged over the ranks' rows, ∂ℓ/∂h at single-process scale)."""
+    layers, ref = _layers(got), _layers(want)
+    assert list(layers) == LAYERS, f"{engine}: layers under the model's own names"
+    for name in LAYERS:
+        assert layers[name]["type"] == ref[name]["type"], engine
+        assert (layers[name]["fan_in"], layers[name]["fan_out"]) == (ref[name]["fan_in"], ref[name]["fan_out"])
+        assert layers[name]["weight_shape"] == ref[name]["weight_shape"], engine
+        roles = ["weight", "weight_grad"] + (["activation", "gradient"] if data_parallel else [])
+        for role in roles:
+            if ref[name][role] is None:
+                assert layers[name][role] is None, f"{engine} {name} {role}"
+                continue
+            _assert_stats_equal(layers[name][role], ref[name][role], f"{engine} {name} {role}")
+            assert layers[name][role]["reduction"] == "global"
+    assert got["norm"] == pytest.approx(want["norm"], rel=1e-6), f"{engine}: global gradient norm"
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-6), f"{engine}: loss"
+    assert set(got["param_norms"]) == set(want["param_norms"]), f"{engine}: parameter names"
+    for name, norm in want["param_norms"].items():
+        assert got["param_norms"][name] == pytest.approx(norm, rel=1e-5), f"{engine}: norm of {name}"
+    assert got["reduction"]["weight"].startswith("global")
+
+
+# -- FSDP2 ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fsdp2_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
+    return _run("fsdp2", tmp_path_factory.mktemp("fsdp2"))
+
+
+@pytest.mark.parametrize("variant", ["default", "keep_unsharded", "attached_before"])
+def test_fsdp2_statistics_equal_one_unsharded_process(
+    fsdp2_ranks: dict[int, dict], reference: dict[str, Any], variant: str
+) -> None:
+    for rank in range(WORLD):
+        got = fsdp2_ranks[rank][variant]
+        _assert_matches_one_process(got, reference, data_parallel=True, engine=f"fsdp2 {variant}")
+    assert fsdp2_ranks[0][variant]["reduction"]["data_parallel"] == WORLD
+
+
+def test_fsdp2_audit_finds_what_one_process_finds(fsdp2_ranks: dict[int, dict]) -> None:
+    want = _reference_audit()
+    assert "vanishing-gradient" in want
+    for rank in range(WORLD):
+        assert fsdp2_ranks[rank]["audit"]["codes"] == want
+        assert fsdp2_ranks[rank]["audit"]["reduction"]["ranks"] == WORLD  # "auto": a sharded model is reduced
+
+
+# -- FSDP1 ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fsdp1_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
+    return _run("fsdp1", tmp_path_factory.mktemp("fsdp1"))
+
+
+@pytest.mark.parametrize("variant", ["flat", "orig_params"])
+def test_fsdp1_statistics_equal_one_unsharded_process(
+    fsdp1_ranks: dict[int, dict], reference: dict[str, Any], variant: str
+) -> None:
+    for rank in range(WORLD):
+        got = fsdp1_ranks[rank][variant]
+        _assert_matches_one_process(got, reference, data_parallel=True, engine=f"fsdp1 {variant}")
+
+
+def test_fsdp1_audit_finds_what_one_process_finds(fsdp1_ranks: dict[int, dict]) -> None:
+    want = _reference_audit()
+    for rank in range(WORLD):
+        assert fsdp1_ranks[rank]["audit"]["codes"] == want
+
+
+# -- tensor parallel -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tp_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
+    return _run("tp", tmp_path_factory.mktemp("tp"))
+
+
+def test_tensor_parallel_statistics_equal_one_process(tp_ranks: dict[int, dict], reference: dict[str, Any]) -> None:
+    for rank in range(WORLD):
+        got = tp_ranks[rank]["tp"]
+        _assert_matches_one_process(got, reference, data_parallel=False, engine="tp")
+        # Every TP rank sees every row: no data parallelism, ∂ℓ/∂h not rescaled.
+        assert got["reduction"]["data_parallel"] == 1
+        gradient = _layers(got)["4"]["gradient"]
+        want = _layers(reference)["4"]["gradient"]
+        assert gradient["std"] == pytest.approx(want["std"], rel=1e-6)
+
+
+def test_tensor_parallel_audit_finds_what_one_process_finds(tp_ranks: dict[int, dict]) -> None:
+    want = _reference_audit()
+    for rank in range(WORLD):
+        assert tp_ranks[rank]["audit"]["codes"] == want
+
+
+# -- DDP -------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -145,44 +441,132 @@ def ddp_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
     return _run("ddp", tmp_path_factory.mktemp("ddp"))
 
 
-def test_merged_activation_statistics_equal_the_union_of_the_data(ddp_ranks: dict[int, dict]) -> None:
-    ranks = ddp_ranks
-    single = _single_process_record()
-    for merged in ranks.values():  # every rank ends with the same merged numbers
-        for got, want in zip(merged["layers"], single["layers"], strict=True):
-            assert got["name"] == want["name"]
-            a, b = got["activation"], want["activation"]
-            assert a["count"] == b["count"] == STEPS * 32 * {"0": 32, "1": 32, "2": 32, "3": 32, "4": 4}[got["name"]]
-            assert a["mean"] == pytest.approx(b["mean"], rel=1e-6, abs=1e-9)
-            assert a["std"] == pytest.approx(b["std"], rel=1e-6)
-            assert a["min"] == b["min"] and a["max"] == b["max"]
-            assert a["exponent_hist"] == b["exponent_hist"] and a["zero_hist"] == b["zero_hist"]
-        assert any("merged over 2 ranks" in note for note in merged["notes"])
+def _reference_ddp_watch() -> dict[str, Any]:
+    model = _vanishing_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gradscope.watch(model, every=1, raise_on=(), on_finding=_quiet) as scope:
+        for step in range(STEPS):
+            opt.zero_grad()
+            loss = _square_loss(model(_data(step, 16)))
+            loss.backward()
+            scope.step(opt, loss=loss)
+            opt.step()
+    return _summary(scope.report())
 
 
-def test_weight_gradients_are_the_all_reduced_ones(ddp_ranks: dict[int, dict]) -> None:
-    ranks = ddp_ranks
-    for got0, got1 in zip(ranks[0]["layers"], ranks[1]["layers"], strict=True):
-        if got0["weight_grad"] is None:
-            continue
-        # DDP averaged the gradients: both ranks hold identical numbers, not merged twice.
-        assert got0["weight_grad"] == got1["weight_grad"]
-        assert got0["weight_grad"]["count"] == got0["weight"]["count"]
+def test_ddp_gradients_wrt_outputs_are_at_single_process_scale(ddp_ranks: dict[int, dict]) -> None:
+    want = _reference_ddp_watch()
+    ref = _layers(want)
+    for rank in range(WORLD):
+        got = _layers(ddp_ranks[rank]["watch"])
+        assert list(got) == list(ref)
+        for name in ref:
+            for role in ("activation", "gradient", "weight", "weight_grad"):
+                if ref[name][role] is not None:
+                    _assert_stats_equal(got[name][role], ref[name][role], f"ddp {name} {role}")
+        assert ddp_ranks[rank]["watch"]["norm"] == pytest.approx(want["norm"], rel=1e-6)
+        assert ddp_ranks[rank]["watch"]["loss"] == pytest.approx(want["loss"], rel=1e-6)
+        assert ddp_ranks[rank]["watch"]["codes"] == want["codes"]
+        assert "single-process scale" in ddp_ranks[rank]["watch"]["reduction"]["gradient"]
+    assert "vanishing-gradient" in want["codes"]
 
 
-def test_ranks_recording_different_layers_do_not_deadlock(tmp_path: Path) -> None:
-    ranks = _run("branchy", tmp_path)
-    assert [layer["name"] for layer in ranks[0]["layers"]] == ["a"]
-    assert [layer["name"] for layer in ranks[1]["layers"]] == ["a", "b"]
+def test_ddp_only_rank_zero_prints(ddp_ranks: dict[int, dict]) -> None:
+    assert any("vanishing-gradient" in message for message in ddp_ranks[0]["log_messages"])
+    assert ddp_ranks[1]["log_messages"] == []
+
+
+def test_ranks_recording_different_layers_do_not_deadlock(ddp_ranks: dict[int, dict]) -> None:
+    first, second = ddp_ranks[0]["branchy"], ddp_ranks[1]["branchy"]
+    assert [layer["name"] for layer in first["layers"]] == ["a"]
+    assert [layer["name"] for layer in second["layers"]] == ["a", "b"]
     # layer "a" ran on both ranks with 3 x 4 outputs each: merged count 24.
-    assert ranks[0]["layers"][0]["activation"]["count"] == 24
-    assert any("another rank" in note for note in ranks[0]["notes"])
+    assert first["layers"][0]["activation"]["count"] == 24
+    assert second["layers"][1]["activation"]["count"] == 12
+    assert any("another rank" in note for note in first["notes"])
 
 
-def test_watch_under_ddp_merges_and_only_rank_zero_writes(tmp_path: Path) -> None:
-    ranks = _run("watch", tmp_path)
-    first = {layer["name"]: layer for layer in ranks[0]["layers"]}
-    # Each rank saw 16 rows per step; the merged activations count both ranks' rows.
-    assert first["0"]["activation"]["count"] == STEPS * 2 * 16 * 32
-    assert list((tmp_path / "tb0").rglob("events.out.tfevents.*")), "rank 0 wrote no TensorBoard events"
-    assert not (tmp_path / "tb1").exists() or not any((tmp_path / "tb1").rglob("*")), "rank 1 wrote files"
+def test_an_audit_on_rank_zero_only_does_not_block(ddp_ranks: dict[int, dict]) -> None:
+    assert ddp_ranks[1]["saw_rank0_audit_finish"]
+    assert ddp_ranks[0]["rank0_audit_seconds"] < 30
+    assert "vanishing-gradient" in ddp_ranks[0]["rank0_audit_codes"]
+    # "auto" on an unsharded model: no collective, and the report says the numbers are this rank's.
+    assert ddp_ranks[0]["rank0_audit_reduction"].startswith("per rank")
+
+
+# -- failures end the job as fast as without gradscope -----------------------------------
+
+
+def _failing_worker(rank: int, port: int, out_dir: str, mode: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    # A bounded timeout, so that even a hang would end this test (the default is 30 min).
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    outcome: dict[str, Any] = {"stopped_at": None, "error": None}
+    try:
+        model = _model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        scope = gradscope.watch(model, every=1) if mode != "baseline" else None
+        try:
+            for step in range(50):
+                outcome["stopped_at"] = step
+                opt.zero_grad()
+                if mode in ("baseline", "error") and rank == 1 and step == 2:
+                    raise RuntimeError("rank 1 fails")
+                loss = _square_loss(ddp(_rows(_data(step), rank)))
+                if mode == "nan" and rank == 1 and step == 2:
+                    loss = loss * math.nan
+                loss.backward()
+                if scope is not None:
+                    scope.step(opt, loss=loss)
+                opt.step()
+            outcome["stopped_at"] = None
+        finally:
+            if scope is not None:
+                scope.__exit__(*__import__("sys").exc_info())
+    except Exception as exc:
+        outcome["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        outcome["trace"] = traceback.format_exc()[-2000:]
+    finally:
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(outcome))
+        if outcome["error"] is None:
+            dist.destroy_process_group()
+    if outcome["error"] is not None:
+        os._exit(1)  # as an uncaught error would end the rank, without a teardown collective
+
+
+def _time_job(mode: str, tmp_path: Path) -> tuple[float, dict[int, dict]]:
+    """Seconds from start until every rank has exited by itself (no rank is killed)."""
+    out = tmp_path / mode
+    out.mkdir()
+    context = multiprocessing.get_context("spawn")
+    port = _free_port()
+    started = time.monotonic()
+    procs = [context.Process(target=_failing_worker, args=(r, port, str(out), mode)) for r in range(WORLD)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=max(1.0, 150 - (time.monotonic() - started)))
+    elapsed = time.monotonic() - started
+    alive = [proc for proc in procs if proc.is_alive()]
+    for proc in alive:
+        proc.kill()
+    assert not alive, f"{mode}: a rank was still running after {elapsed:.0f} s (hung)"
+    return elapsed, {r: json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)}
+
+
+def test_failing_ranks_end_the_job_as_fast_as_without_gradscope(tmp_path: Path) -> None:
+    baseline, _ = _time_job("baseline", tmp_path)
+    error_time, error = _time_job("error", tmp_path)
+    nan_time, nan = _time_job("nan", tmp_path)
+    assert error[1]["error"] == "RuntimeError: rank 1 fails"
+    assert error[0]["error"] is not None  # rank 0 learns from gloo that its peer is gone
+    assert error_time < baseline + 10, (baseline, error_time)
+    # A NaN loss on rank 1 only: the reduced loss is NaN on every rank, so both stop at
+    # the same step with the same diagnosis.
+    assert nan[0]["stopped_at"] == nan[1]["stopped_at"] == 2
+    assert nan[0]["error"] == nan[1]["error"]
+    assert nan[0]["error"].startswith("GradscopeError") and "loss" in nan[0]["error"]
+    assert nan_time < baseline + 10, (baseline, nan_time)

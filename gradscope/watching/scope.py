@@ -64,9 +64,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradscope.distributed import is_writer
 from gradscope.errors import GradscopeError
 from gradscope.formats import get_format
 from gradscope.learning_rate import LearningRateMonitor
+from gradscope.placement import ParameterRef, local_gradients
 from gradscope.record import Record
 from gradscope.recorder import Recorder
 from gradscope.report import Finding, Report, Severity
@@ -207,6 +209,7 @@ class Scope:
         sequence_modules: Mapping[str, int] | None = None,
         stop_on: Sequence[str] = (),
         record_no_grad: bool = False,
+        process_group: Any = None,
     ) -> None:
         if int(every) < 1:
             raise GradscopeError(f"every must be a positive number of steps, not {every!r}")
@@ -230,7 +233,9 @@ class Scope:
         self._report: Report | None = None
         self.first_nonfinite: dict[str, Any] | None = None
 
-        self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        # Parameters are looked up by name at each step (never kept: FSDP swaps and
+        # frees parameter storage), from the recorder's table, built after sharding.
+        self._param_refs: list[ParameterRef] | None = None
         self._step = 0
         self._last_flushed = -1
         self._buf: torch.Tensor | None = None
@@ -284,6 +289,7 @@ class Scope:
             exact_parameter_extremes=False,
             sequence_modules=sequence_modules,
             record_no_grad=record_no_grad,
+            process_group=process_group,
         )
         self._recorder.attach()
         self._recorder.start()  # step 0 is sampled
@@ -294,8 +300,10 @@ class Scope:
     def __enter__(self) -> Scope:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        # Leaving on an exception: no collective (another rank may never reach it),
+        # so a failing job fails as fast as it would without gradscope.
+        self.close(collective=exc_type is None)
 
     @property
     def closed(self) -> bool:
@@ -306,10 +314,13 @@ class Scope:
         """Optimizer steps observed so far."""
         return self._step
 
-    def close(self) -> Report:
+    def close(self, collective: bool = True) -> Report:
         """Flush what is left, remove every hook, build and return the full report.
 
-        Safe to call twice (the second call returns the same report).
+        Safe to call twice (the second call returns the same report).  With a
+        reduction group the last flush is collective (every rank must close);
+        ``collective=False`` (what leaving the ``with`` block on an exception
+        does) skips it: statistics not flushed yet are dropped.
         """
         if self._closed:
             assert self._report is not None
@@ -317,15 +328,11 @@ class Scope:
         self._closed = True
         try:
             self._resolve_update_ratio()
-            from gradscope.distributed import is_distributed
-
-            # Under torch.distributed the recorder's flush is a collective: every rank flushes.
-            if (
-                self._last_flushed < self._step - 1
-                or self._recorder.pending_count()
-                or self._ratios_ready
-                or is_distributed()
-            ):
+            reduced = self._recorder.group is not None
+            # With a reduction group the recorder's flush is a collective: every rank flushes.
+            if not collective and reduced:
+                self._aggregate.record.note("closed on an exception: the last steps' statistics were not reduced")
+            elif self._last_flushed < self._step - 1 or self._recorder.pending_count() or self._ratios_ready or reduced:
                 self._flush(max(self._step - 1, 0), sampled=False, raise_errors=False)
         finally:
             self._recorder.close()
@@ -478,21 +485,54 @@ class Scope:
             self._buf = torch.full((3, self.every), math.nan, dtype=torch.float32, device=device)
         return self._buf
 
+    def _trainable(self) -> list[ParameterRef]:
+        """The trainable parameters, by name (the table is built after any sharding)."""
+        if self._param_refs is None:
+            owner = self._recorder.owner
+            refs = []
+            for ref in self._recorder.parameter_table():
+                local = ref.resolve(owner)
+                if local is not None and local.requires_grad:
+                    refs.append(ref)
+            self._param_refs = refs
+        return self._param_refs
+
     def _observe_norms(self, step: int, scaler: Any, scaled: bool, sampled: bool) -> None:
-        """Device-only work of every step: global norm, loss, scale into the ring."""
+        """Device-only work of every step: global norm, loss, scale into the ring.
+
+        The ring holds squared norms of this rank's part (shards whole, replicas
+        on one rank only), which the flush sums over the reduction group before
+        the square root: √(Σ over ranks of local Σg²), as clip_grad_norm_ does for DTensors.
+        """
         slot = step % self.every
         measure = sampled or self.tier == "full"
         self._norm_given[slot] = measure
-        names = [n for n, p in self._params if p.grad is not None] if measure else []
-        grads = [p.grad for _, p in self._params if p.grad is not None] if measure else []
+        names: list[str] = []
+        grads: list[torch.Tensor] = []
+        if measure:
+            refs = self._trainable()
+            grads_by_name = local_gradients(refs, self._recorder.owner)
+            if self._recorder.group is not None:
+                names = [ref.name for ref in refs]  # the same layout on every rank
+            else:
+                names = [name for name, grad in grads_by_name if grad is not None]
+            grads = [grad for _, grad in grads_by_name if grad is not None]
+        device = grads[0].device if grads else self._default_device()
+        presence: torch.Tensor | None = None
         if grads:
             squares = _squared_norms(grads)
-            total = squares.sum().sqrt()
-            stacked = squares.sqrt() if sampled else squares  # per-parameter norms: sampled steps only
-            device = squares.device
+            total = squares.sum()
+            stacked = squares  # per-parameter squared norms: sampled steps only
+            if sampled and self._recorder.group is not None:
+                # The shared layout: 0 where this rank holds none of a parameter;
+                # whether it holds a gradient travels alongside.
+                mask = torch.tensor([grad is not None for _, grad in grads_by_name], device=device)
+                stacked = torch.zeros(len(grads_by_name), dtype=squares.dtype, device=device)
+                stacked[mask] = squares
+                presence = mask.to(squares.dtype)
         else:
-            device = self._params[0][1].device if self._params else torch.device("cpu")
-            stacked = torch.zeros(0, device=device)
+            stacked = torch.zeros(len(names), device=device)
+            presence = torch.zeros(len(names), device=device) if self._recorder.group is not None else None
             total = torch.zeros((), device=device)
         buf = self._buffer(device)
         scale = scale_tensor(scaler) if scaler is not None else None
@@ -500,8 +540,8 @@ class Scope:
             scale = scale.to(device=device, dtype=torch.float32)
             self._scaler_seen = True
             if scaled:
-                total = total / scale
-                stacked = stacked / scale
+                total = total / (scale * scale)  # squared norms
+                stacked = stacked / (scale * scale)
             buf[_SCALE, slot] = scale
         self._scale_given[slot] = scale is not None
         if measure:
@@ -511,18 +551,28 @@ class Scope:
         self._loss_given[slot] = self._pending_loss is not None
         self._pending_loss = None
         if sampled:
-            self._param_norms = (names, stacked)
+            self._param_norms = (names, stacked if presence is None else torch.cat([stacked, presence]))
+
+    def _default_device(self) -> torch.device:
+        for ref in self._trainable():
+            local = ref.resolve(True)
+            if local is not None:
+                return local.value.device
+        return torch.device("cpu")
 
     # -- update ratio -----------------------------------------------------------
     def _layer_weights(self) -> dict[str, torch.Tensor]:
-        """Each recorded layer's main weight (first call site only), by layer name."""
-        layers = self._recorder.record.layers
-        if len(self._weights) < sum(1 for layer in layers if layer.weight_name and layer.call == 1):
-            for layer in layers:
-                if layer.weight_name and layer.call == 1 and layer.name not in self._weights:
-                    module = self.model if layer.module == "model" else self.model.get_submodule(layer.module)
-                    self._weights[layer.name] = getattr(module, layer.weight_name)
-        return self._weights
+        """Each recorded layer's main weight (first call site only), by layer name:
+        this rank's part of it, looked up now (a view that follows in-place
+        updates; FSDP may swap the parameter object between steps)."""
+        weights: dict[str, torch.Tensor] = {}
+        for layer in self._recorder.record.layers:
+            ref = self._recorder.weight_ref(layer.name) if layer.call == 1 else None
+            local = ref.resolve(True) if ref is not None else None
+            if local is not None:
+                weights[layer.name] = local.value
+        self._weights = weights
+        return weights
 
     def _take_snapshot(self, step: int) -> None:
         """Keep the weights as they are before ``optimizer.step()``.
@@ -570,25 +620,30 @@ class Scope:
                 diffs = torch._foreach_sub(params, before)  # one call for every layer
             else:
                 diffs = [p - b for p, b in zip(params, before, strict=True)]
-            ratio = (_squared_norms(diffs) / _squared_norms(before)).sqrt()
+            # Squared norms of Δw and w, summed over the ranks' parts at the flush.
+            ratio = torch.cat([_squared_norms(diffs), _squared_norms(before)])
         self._ratios_ready.append((step, names, ratio))
 
     # -- flush ------------------------------------------------------------------
-    def _layer_record(self) -> Record:
-        """This flush's per-layer statistics, as a Record of its own."""
+    def _layer_record(self, extra: torch.Tensor | None = None) -> tuple[Record, torch.Tensor | None]:
+        """This flush's per-layer statistics, as a Record of its own, and ``extra``
+        reduced in the same collective (see Recorder.flush)."""
         recorder = self._recorder
         for layer in recorder.record.layers:
             layer.stats = {}
             layer.time = {}
         recorder.record.input = None
-        recorder.flush()
+        host_extra = recorder.flush(extra)
         layers = [
             dataclasses.replace(layer, stats=dict(layer.stats)) for layer in recorder.record.layers if layer.stats
         ]
-        return Record(layers=layers, input=recorder.record.input, steps=1)
+        return Record(layers=layers, input=recorder.record.input, steps=1, reduction=dict(recorder.record.reduction)), (
+            host_extra
+        )
 
-    def _to_host(self) -> tuple[torch.Tensor | None, list[str], torch.Tensor | None, list[tuple[int, list[str], Any]]]:
-        """One device-to-host transfer for the ring, parameter norms and update ratios."""
+    def _pack(self) -> tuple[torch.Tensor | None, list[str], list[tuple[int, list[str]]]]:
+        """The ring, parameter norms and update ratios in one device vector, to
+        travel with the statistics (one transfer; one reduction under torch.distributed)."""
         pieces: list[torch.Tensor] = []
         if self._buf is not None:
             pieces.append(self._buf.reshape(-1))
@@ -601,28 +656,55 @@ class Scope:
         self._ratios_ready = []
         self._param_norms = None
         if not pieces:
-            return None, [], None, []
+            return None, [], []
         device = pieces[0].device
-        host = torch.cat([p.to(device) for p in pieces]).to("cpu", torch.float64)
+        packed = torch.cat([p.to(device) for p in pieces])
+        if self._buf is not None:
+            self._buf.fill_(math.nan)
+        return packed, names, [(step, layer_names) for step, layer_names, _ in ratios]
+
+    def _unpack(
+        self, host: torch.Tensor | None, names: list[str], ratio_layout: list[tuple[int, list[str]]]
+    ) -> tuple[torch.Tensor | None, list[str], torch.Tensor | None, list[tuple[int, list[str], Any]]]:
+        """Squared norms (summed over ranks) to norms; losses and scales summed over
+        ranks to their mean (the ranks' mean loss is the global batch's)."""
+        if host is None:
+            return None, [], None, []
+        ranks = self._recorder.group.size if self._recorder.group is not None else 1
         offset = 0
         ring = None
         if self._buf is not None:
-            ring = host[: 3 * self.every].reshape(3, self.every)
+            ring = host[: 3 * self.every].reshape(3, self.every).clone()
+            ring[_NORM] = ring[_NORM].sqrt()
+            ring[_LOSS] = ring[_LOSS] / ranks
+            ring[_SCALE] = ring[_SCALE] / ranks
             offset = 3 * self.every
-            self._buf.fill_(math.nan)
-        param_norms = host[offset : offset + len(names)] if names else None
-        offset += len(names)
+        param_norms = None
+        if names:
+            if self._recorder.group is not None:
+                squares = host[offset : offset + len(names)]
+                present = host[offset + len(names) : offset + 2 * len(names)] > 0
+                kept = [name for name, here in zip(names, present.tolist(), strict=True) if here]
+                param_norms = squares[present].sqrt()
+                offset += 2 * len(names)
+                names = kept
+            else:
+                param_norms = host[offset : offset + len(names)].sqrt()
+                offset += len(names)
         out_ratios = []
-        for step, layer_names, _ in ratios:
-            out_ratios.append((step, layer_names, host[offset : offset + len(layer_names)]))
-            offset += len(layer_names)
+        for step, layer_names in ratio_layout:
+            k = len(layer_names)
+            diff, before = host[offset : offset + k], host[offset + k : offset + 2 * k]
+            out_ratios.append((step, layer_names, (diff / before).sqrt()))
+            offset += 2 * k
         return ring, names, param_norms, out_ratios
 
     def _flush(self, step: int, *, sampled: bool, raise_errors: bool, full: bool = False) -> GradscopeError | None:
         """Move this flush's numbers to the host and run the training rules; a
         ``full`` flush also carries parameter statistics and runs the diagnosis."""
-        record = self._layer_record()
-        ring, names, param_norms, ratios = self._to_host()
+        packed, packed_names, ratio_layout = self._pack()
+        record, host = self._layer_record(packed)
+        ring, names, param_norms, ratios = self._unpack(host, packed_names, ratio_layout)
         if sampled and not full and self._in_trouble(record, ring, step):
             # Parameter statistics are skipped on most steps, but a NaN/Inf search
             # needs them: the weights are still those of this forward (step() runs
@@ -834,7 +916,7 @@ class Scope:
 
     def _nan_parameter(self, record: Record, step: int, norms: dict[str, float]) -> dict[str, Any] | None:
         """The first parameter (in forward order) whose exact gradient norm is NaN
-        (the norms are of ``self._params``, so each name is found there)."""
+        (the norms are of ``self._trainable()``, so each name is found there)."""
         nan_params = [name for name, value in norms.items() if math.isnan(value)]
         if not nan_params:
             return None
@@ -843,21 +925,23 @@ class Scope:
         owners.sort(key=lambda item: item[1].index if item[1] is not None else len(order))
         name, layer = owners[0]
         received = layer is not None and layer.gradient is not None and layer.gradient.nonfinite_count > 0
-        param = dict(self._params)[name]
+        ref = next(ref for ref in self._trainable() if ref.name == name)
+        local = ref.resolve(True)
+        dtype = local.value.dtype if local is not None else None
         return {
             "step": step,
             "layer": layer.name if layer is not None else None,
             "type": layer.type if layer is not None else None,
             "role": "weight_grad",
             "parameter": name,
-            "dtype": str(param.dtype).removeprefix("torch."),
+            "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
             "origin": "received" if received else "produced",
             "source": (f"∂ℓ/∂h of {layer.name}" if received and layer is not None else f"the gradient of {name}")
             + " (found by its exact gradient norm; the sampled statistics missed the element)",
             "nonfinite_count": None,
             "has_nan": True,
             "has_inf": None,
-            "count": param.numel(),
+            "count": math.prod(ref.shape),
         }
 
     def _diagnose(self, record: Record) -> list[Finding]:
@@ -876,8 +960,10 @@ class Scope:
         if self._writer is not None:
             self._writer.write_alert(step, finding)
         if self.on_finding is not None:
-            self.on_finding(finding)
+            self.on_finding(finding)  # on every rank: each saw the same reduced numbers
             return
+        if not is_writer():
+            return  # one voice per job: rank 0 prints
         # Loud by default: without a handler configured, logging's last-resort
         # handler prints warnings and errors to stderr.
         level = logging.ERROR if Severity(finding.severity) is Severity.ERROR else logging.WARNING
@@ -907,8 +993,17 @@ class Scope:
             "first_nonfinite": self.first_nonfinite,
         }
 
+    def _reduction_summary(self) -> dict[str, Any] | str:
+        summary = self._recorder.reduction_summary()
+        if isinstance(summary, dict):
+            summary = dict(summary)
+            summary["global_grad_norm"] = "global: √(Σ over ranks of local Σg²), replicated parameters once"
+            summary["loss"] = "global: the mean of the ranks' losses"
+        return summary
+
     def _final_report(self) -> Report:
         record = self._aggregate.materialize()
+        record.reduction = dict(self._recorder.record.reduction)
         ran = {layer.module for layer in self._recorder.record.layers}
         selected = self._recorder._selected  # the modules the recorder hooked
         record.not_executed = [name or "model" for name, _ in selected if (name or "model") not in ran]
@@ -959,7 +1054,7 @@ class Scope:
                 "formats": list(self.formats),
                 "gradients": "unscaled (divided by the GradScaler scale)" if self._scaler_seen else "as computed",
                 "gradient_accumulation": "statistics per optimizer step, micro-batches merged",
-                "reduction": "per rank (statistics are not reduced across ranks)",
+                "reduction": self._reduction_summary(),
             },
             findings=findings,
             analysis=analysis,
@@ -994,6 +1089,7 @@ def watch(
     sequence_modules: Mapping[str, int] | None = None,
     stop_on: Sequence[str] = (),
     record_no_grad: bool = False,
+    process_group: Any = None,
 ) -> Scope:
     """Watch a training run; returns a Scope (also a context manager).
 
@@ -1025,6 +1121,10 @@ def watch(
             run).  By default they are not counted into the training
             statistics (the segments of a reentrant activation checkpoint,
             run under no_grad inside a training forward, still are).
+        process_group: under torch.distributed, the ranks whose statistics are
+            reduced at each flush (a collective: every rank of it must call
+            ``step``): None, the default group; a ProcessGroup; or "none",
+            per-rank statistics and no collective (docs/distributed.md).
 
     Example:
         >>> import torch
@@ -1053,4 +1153,5 @@ def watch(
         sequence_modules=sequence_modules,
         stop_on=stop_on,
         record_no_grad=record_no_grad,
+        process_group=process_group,
     )
