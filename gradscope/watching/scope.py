@@ -254,6 +254,7 @@ class Scope:
         self._paused = False
         self._closed = False
         self._raised = False
+        self._hooks_checked = False
 
         self._history = NormHistogram()
         self._detector = SpikeDetector()
@@ -710,6 +711,8 @@ class Scope:
             # needs them: the weights are still those of this forward (step() runs
             # before optimizer.step()), so take them now.
             self._add_parameter_stats(record)
+        if sampled and not self._hooks_checked:
+            self._check_hooks_fired(names)
         steps = list(range(self._last_flushed + 1, step + 1))
         self._last_flushed = step
         self._flushes += 1
@@ -833,6 +836,23 @@ class Scope:
                 self._raised = True
                 return GradscopeError(f"{alert.message}; stopping (raise_on includes {alert.code!r})", alert.to_dict())
         return None
+
+    def _check_hooks_fired(self, grad_names: list[str]) -> None:
+        """Warn once when a sampled step trained the model (gradients arrived) yet
+        no hook of the recorder fired: a model compiled with ``torch.compile``
+        and run before ``watch`` attached keeps running the graph it traced
+        without the hooks."""
+        self._hooks_checked = True
+        if self._recorder.record.layers or not grad_names or not self._recorder._selected:
+            return
+        message = (
+            "no layer was recorded although gradients arrived: if the model was compiled with torch.compile "
+            "and run before gradscope.watch attached, its compiled graph has no hooks; attach watch before "
+            "the first compiled call (compile after gradscope.watch)"
+        )
+        self._aggregate.record.note(message)
+        if is_writer():
+            logger.warning("gradscope: %s", message)
 
     def _in_trouble(self, record: Record, ring: torch.Tensor | None, step: int) -> bool:
         """Whether this sampled step saw a non-finite tensor or gradient norm."""
