@@ -202,8 +202,8 @@ class Reducer:
         self.collectives = 0  # all-reduces and gathers run so far (tests count them)
 
     def reduce(
-        self, rows: dict[Hashable, torch.Tensor], extra: torch.Tensor | None = None
-    ) -> tuple[dict[Hashable, torch.Tensor], torch.Tensor | None]:
+        self, rows: dict[Any, torch.Tensor], extra: torch.Tensor | None = None
+    ) -> tuple[dict[Any, torch.Tensor], torch.Tensor | None]:
         """Merged rows (host float64) for every key any rank holds, and ``extra``
         (a 1-D tensor) summed over the group (host float64)."""
         device = self.group.device()
@@ -230,19 +230,21 @@ class Reducer:
             self._all_reduce(fresh_mins, "min")
             merged_rows = torch.cat([out_rows, _rows_back(fresh_sums.reshape(-1, SIZE), fresh_mins.reshape(-1, 2))])
         host = merged_rows.cpu()
-        result: dict[Hashable, torch.Tensor] = {}
+        result: dict[Any, torch.Tensor] = {}
         for key, row in zip(self._keys, host, strict=True):
             if key in local or row[COUNT] > 0:
                 result[key] = row
         return result, host_extra
 
     @staticmethod
-    def _stack(local: dict[Hashable, torch.Tensor], keys: list[Hashable], device: torch.device) -> torch.Tensor:
+    def _stack(local: dict[Any, torch.Tensor], keys: list[Hashable], device: torch.device) -> torch.Tensor:
+        """Rows of ``keys`` in that order (zeros where this rank has none): one
+        indexed copy, not a copy per row."""
         out = torch.zeros(len(keys), SIZE, dtype=torch.float64, device=device)
-        for i, key in enumerate(keys):
-            row = local.get(key)
-            if row is not None:
-                out[i] = row
+        at = [(i, local[key]) for i, key in enumerate(keys) if key in local]
+        if at:
+            index = torch.tensor([i for i, _ in at], device=device)
+            out[index] = torch.stack([row for _, row in at])
         return out
 
     def _agree(self, new: list[Hashable]) -> list[Hashable]:
@@ -270,7 +272,7 @@ class Reducer:
             self.collectives += 1
 
 
-def scale_gradient_rows(rows: dict[Hashable, torch.Tensor], factor: float) -> None:
+def scale_gradient_rows(rows: dict[Any, torch.Tensor], factor: float) -> None:
     """Divide the ∂ℓ/∂h rows (role "gradient") by ``factor``, in place (see the
     module docstring; the histogram shifts by log2(factor) binades, exactly
     for a power of two)."""

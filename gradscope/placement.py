@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -89,8 +89,7 @@ def _is_flat_parameter(tensor: Any) -> bool:
     return hasattr(tensor, "_param_infos") and hasattr(tensor, "_shard_param_infos")
 
 
-@dataclass(frozen=True)
-class Local:
+class Local(NamedTuple):
     """One parameter as this rank holds it now (plain tensors, nothing kept)."""
 
     value: torch.Tensor  # this rank's part (the whole parameter for a replica); may be empty
@@ -138,6 +137,15 @@ def _local_of(tensor: Any) -> torch.Tensor:
     # A detached DTensor's local tensor: a view of this rank's storage that
     # follows in-place optimizer updates.
     return tensor.detach().to_local()
+
+
+def _owns(param: Any) -> bool:
+    """Whether this rank counts its part of a DTensor: it is in the mesh, and at
+    coordinate 0 of every mesh dimension the tensor is replicated over."""
+    coordinate = param.device_mesh.get_coordinate()
+    if coordinate is None:
+        return False
+    return all(c == 0 for c, p in zip(coordinate, param.placements, strict=True) if p.is_replicate())
 
 
 def _resolve_dtensor(param: Any) -> Local:
@@ -272,6 +280,11 @@ def local_gradients(refs: list[ParameterRef], owner_rank: bool) -> list[tuple[st
                 continue
             if not _is_dtensor(param):
                 out.append((ref.name, param.grad if owner_rank else None))
+                continue
+            grad: Any = param.grad
+            if grad is None or not any(p.is_partial() for p in grad.placements):
+                # The common DTensor case without building the parameter's local view.
+                out.append((ref.name, _local_of(grad) if grad is not None and _owns(param) else None))
                 continue
         local = ref.resolve(owner_rank)
         out.append((ref.name, local.grad if local is not None and local.owned else None))

@@ -460,9 +460,11 @@ class Recorder:
         entries = self._parameter_raws(weights=True, grads=True)
         keys = [(key, role) for key, role, _ in entries]
         rows = _finalize_and_merge(keys, [raw for _, _, raw in entries])
-        host = self._reducer.reduce(rows)[0] if self._reducer is not None else _to_host(rows)  # type: ignore[arg-type]
+        host: dict[tuple[str, str], torch.Tensor] = (
+            self._reducer.reduce(rows)[0] if self._reducer is not None else _to_host(rows)
+        )
         out: dict[str, dict[str, Stats]] = {}
-        for (key, role), row in host.items():  # type: ignore[misc]
+        for (key, role), row in host.items():
             out.setdefault(key, {})[role] = Stats(row)
         return out
 
@@ -534,19 +536,20 @@ class Recorder:
         if not keys and self._reducer is None:
             return None if extra is None else extra.to("cpu", torch.float64)
         host_extra = None
+        host: dict[tuple[str, str], torch.Tensor]
         if self._reducer is not None and self.group is not None:
-            host, host_extra = self._reducer.reduce(merged, extra)  # type: ignore[arg-type]
+            host, host_extra = self._reducer.reduce(merged, extra)
             if self._data_parallel is None:
                 self._data_parallel = data_parallel_size(self.model, self.group)
             scale_gradient_rows(host, float(self._data_parallel))
             self.record.reduction = self.reduction()
         else:
-            host = _to_host(merged)  # type: ignore[assignment]
+            host = _to_host(merged)
             if extra is not None:
                 host_extra = extra.to("cpu", torch.float64)
             if self.reduction():
                 self.record.reduction = self.reduction()
-        for (key, role), row in host.items():  # type: ignore[misc]
+        for (key, role), row in host.items():
             if role == "model_input":
                 stats = Stats(row)
                 self.record.input = stats if self.record.input is None else self.record.input.merge(stats)
