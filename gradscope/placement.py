@@ -120,6 +120,13 @@ class ParameterRef:
         param = self.module._parameters.get(self.attr)
         return tuple(param.shape) if param is not None else ()
 
+    def registered(self) -> torch.Tensor | None:
+        """The parameter object registered now (what an optimizer holds): the
+        module's attribute, or the FSDP1 FlatParameter the parameter lives in."""
+        if self.handle is not None:
+            return self.handle.flat_param
+        return self.module._parameters.get(self.attr)
+
     def resolve(self, owner_rank: bool) -> Local | None:
         """The parameter now.  ``owner_rank``: whether this rank counts replicas
         (rank 0 of the reduction group; True when nothing is reduced)."""

@@ -248,7 +248,7 @@ class Scope:
         self._sample_scaled = False  # weight gradients of the sampled step still scaled
         self._snapshot: tuple[int, list[str], list[torch.Tensor], list[torch.Tensor]] | None = None
         self._ratios_ready: list[tuple[int, list[str], torch.Tensor]] = []
-        self._weights: dict[str, torch.Tensor] = {}
+        self._weight_dtypes: dict[str, str] = {}  # layer -> dtype of its weight
         self._optimizer_handles: list[Any] = []
         self._hooked: set[int] = set()
         self._paused = False
@@ -469,7 +469,7 @@ class Scope:
             self._sample_scaled = scaled
             if optimizer is not None:
                 types = {layer.name: layer.type for layer in self._recorder.record.layers}
-                self._rates.observe_optimizer(step, optimizer, self._layer_weights(), types)
+                self._rates.observe_optimizer(step, optimizer, self._layer_weights(registered=True), types)
             self._take_snapshot(step)
             error = self._flush(step, sampled=True, full=full, raise_errors=True)
         self._step += 1
@@ -562,17 +562,27 @@ class Scope:
         return torch.device("cpu")
 
     # -- update ratio -----------------------------------------------------------
-    def _layer_weights(self) -> dict[str, torch.Tensor]:
-        """Each recorded layer's main weight (first call site only), by layer name:
-        this rank's part of it, looked up now (a view that follows in-place
-        updates; FSDP may swap the parameter object between steps)."""
+    def _layer_weights(self, registered: bool = False) -> dict[str, torch.Tensor]:
+        """Each recorded layer's main weight (first call site only), by layer name,
+        looked up now and not kept (FSDP may swap the parameter object between
+        steps): this rank's part of it (a view that follows in-place updates),
+        or with ``registered`` the parameter object the optimizer holds (an
+        FSDP1 unit's FlatParameter)."""
         weights: dict[str, torch.Tensor] = {}
         for layer in self._recorder.record.layers:
             ref = self._recorder.weight_ref(layer.name) if layer.call == 1 else None
-            local = ref.resolve(True) if ref is not None else None
+            if ref is None:
+                continue
+            if registered:
+                param = ref.registered()
+                if param is not None:
+                    weights[layer.name] = param
+                continue
+            local = ref.resolve(True)
             if local is not None:
                 weights[layer.name] = local.value
-        self._weights = weights
+        if not registered:
+            self._weight_dtypes = {name: str(w.dtype).removeprefix("torch.") for name, w in weights.items()}
         return weights
 
     def _take_snapshot(self, step: int) -> None:
@@ -892,7 +902,7 @@ class Scope:
         the global norm or loss of the steps in between (layer unknown)."""
         loss_at_step = dict(losses).get(step)
         loss_finite = None if loss_at_step is None else math.isfinite(loss_at_step)
-        weight_dtypes = {name: str(w.dtype).removeprefix("torch.") for name, w in self._weights.items()}
+        weight_dtypes = self._weight_dtypes
         located = None
         if sampled:
             located = first_nonfinite(
