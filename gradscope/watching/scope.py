@@ -295,7 +295,8 @@ class Scope:
         self._recorder.attach()
         self._recorder.start()  # step 0 is sampled
         # Weight decay, weights over time, eval-mode mistakes, validation (gradscope.watching.regularisation).
-        self._regularisation = RegularisationWatch(model, self._params, tuple(stop_on))
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self._regularisation = RegularisationWatch(model, trainable, tuple(stop_on))
 
     # -- lifecycle --------------------------------------------------------------
     def __enter__(self) -> Scope:
