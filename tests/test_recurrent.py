@@ -312,3 +312,14 @@ def test_without_the_model_the_measurement_still_judges_and_the_spectra_are_not_
     reasons = [x["reason"] for x in analysis["not_assessed"] if x.get("layer") == "model"]
     assert any("recurrent weights not analysed" in r for r in reasons)
     assert "spectral_radius_max" not in analysis["recurrent"]["model"]
+
+
+def test_during_training_the_init_fix_is_for_the_next_run() -> None:
+    from gradscope.diagnose import diagnose_record
+
+    rnn = scaled_orthogonal_rnn(0.5)
+    record = audit(rnn, small_input(), loss=last_step_loss).record
+    findings, _ = diagnose_record(record, model=rnn, during_training=True)
+    f = next(x for x in findings if x.code == "vanishing-through-time")
+    assert f.fix.summary.startswith("for the next run") and "before training starts" not in f.fix.summary
+    assert f.fix.code.startswith("# for the next run")

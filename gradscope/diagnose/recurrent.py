@@ -321,6 +321,12 @@ def _finding(ctx: Context, layer: LayerRecord, row: dict[str, Any], verdict: tup
         summary = f"keep the Jacobian of {_quoted(layer.name)}'s recurrence near norm 1 (orthogonal recurrent weights)"
     if not vanishing:
         summary += f"; {clip_summary}"
+    if ctx.during_training:
+        # watch: the weights are being trained; never re-initialise them mid-run.
+        summary = summary.replace("before training starts, ", "for the next run, ")
+        lines = ["# for the next run, before training starts:", *lines] if lines else lines
+        if not vanishing and clip_code:
+            lines = [f"{clip_code}  # this run, now", "", *[x for x in lines if x != clip_code]]
     evidence = {
         "basis": basis,
         "factor_per_step": factor,
