@@ -274,3 +274,16 @@ def test_without_the_optimizer_the_snippet_sets_the_rate_in_place() -> None:
     assert "AdamW" not in finding.fix.code and finding.evidence["optimizer"] is None
     exec(finding.fix.code, {"optimizer": opt})
     assert opt.param_groups[0]["lr"] > 1e-6
+
+
+def test_adam_with_a_far_too_high_lr_is_named_at_step_1_and_a_sane_one_is_silent() -> None:
+    model = mlp()
+    _, alerts, losses = train(model, torch.optim.Adam(model.parameters(), lr=1.0), 6, mlp_data)
+    finding = next(a for a in alerts if a.code == "learning-rate-too-high")
+    assert finding.evidence["step"] == 1 and losses[1] > 10 * losses[0]
+    # Adam's first step moves each element by lr (sign of g): ratio ≈ lr / rms(w) ≫ 0.1
+    assert finding.evidence["median_update_ratio"] > 1
+    assert "torch.optim.Adam(model.parameters(), lr=" in finding.fix.code
+    model = mlp()
+    report, alerts, _ = train(model, torch.optim.Adam(model.parameters(), lr=1e-3), 12, mlp_data)
+    assert not {"learning-rate-too-high", "update-ratio"} & (set(codes(alerts)) | report.codes())
