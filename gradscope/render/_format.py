@@ -158,7 +158,7 @@ def split_evidence(evidence: Mapping[str, Any]) -> tuple[list[tuple[str, Any]], 
 # shown as one "seen" entry, the full history stays in the JSON report.
 EVOLUTION_KEYS = ("first_step", "last_step", "flushes_seen", "alerts", "active_at_end", "history", "note")
 EVIDENCE_ENTRIES = 8  # measurements shown per finding; the JSON report has them all
-EVIDENCE_VALUE_CHARS = 60
+EVIDENCE_VALUE_CHARS = 100
 
 
 def _seen(evidence: Mapping[str, Any]) -> str | None:
@@ -179,7 +179,7 @@ def _seen(evidence: Mapping[str, Any]) -> str | None:
 
 
 def _short(value: Any) -> str:
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, Mapping) for v in value):
+    if isinstance(value, (list, tuple)) and len(value) > 2 and all(isinstance(v, Mapping) for v in value):
         return _plural(len(value), "entry", "entries")
     text = evidence_value(value)
     return text if len(text) <= EVIDENCE_VALUE_CHARS else text[: EVIDENCE_VALUE_CHARS - 1] + "…"
