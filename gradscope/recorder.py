@@ -177,6 +177,9 @@ class Recorder:
         self._input_pending: list[RawStats | Sample] = []
         self._pending_elements = 0  # elements of sample copies not reduced yet
         self._grad_hooks: dict[str, Any] = {}
+        # watch's per-step non-finite check (gradscope.watching.nonfinite.ForwardSentinel):
+        # told of every forward and hooked call, recorded or not.
+        self.sentinel: Any = None
         self.record = Record()
 
     # -- lifecycle --------------------------------------------------------------
@@ -232,6 +235,8 @@ class Recorder:
     def _on_root_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if _in_backward():
             return
+        if self.sentinel is not None:
+            self.sentinel.begin_forward()
         self._forward_recorded = self._active  # whether a recomputation in backward may hook
         if not self._active:
             return
@@ -247,9 +252,13 @@ class Recorder:
 
     def _forward_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            # Not recording and no recorded forward to recompute: nothing to do
+            if self._closed:
+                return
+            if self.sentinel is not None:
+                self.sentinel.forward(name, args, output, self._active)
+            # Not recording and no recorded forward to recompute: nothing more to do
             # (the common case on watch's unsampled steps, so checked first).
-            if self._closed or not (self._active or self._forward_recorded):
+            if not (self._active or self._forward_recorded):
                 return
             task = _graph_task()
             if task != -1:
