@@ -252,6 +252,12 @@ class Scope:
         self._closed = False
         self._raised = False
         self._step_loss: torch.Tensor | None = None
+        # Gradient clipping done by a trainer between backward and step(): the norms
+        # measured before it (observe_gradients) and its max_norm, for the summary.
+        self._pre_clip: tuple[list[str], torch.Tensor] | None = None
+        self.clip_max_norm: float | None = None
+        self._clipped_steps = 0
+        self._post_clip_last: float | None = None
         self._step_squares: tuple[list[str], torch.Tensor | None] = ([], None)
 
         self._history = NormHistogram()
@@ -314,7 +320,7 @@ class Scope:
         """Optimizer steps observed so far."""
         return self._step
 
-    def close(self) -> Report:
+    def close(self, *, raise_pending: bool = True) -> Report:
         """Flush what is left, remove every hook, build and return the full report,
         and print the run summary (on the ``gradscope`` logger).
 
@@ -324,8 +330,10 @@ class Scope:
             GradscopeError: with ``raise_on`` containing "nonfinite", when a step
                 whose check was still in flight (on an accelerator, the last
                 step) went non-finite; the scope is closed and the report built.
+                ``raise_pending=False`` (an exception is already on its way) only
+                records it.
         """
-        return self._close(raise_pending=True)
+        return self._close(raise_pending=raise_pending)
 
     def _close(self, raise_pending: bool) -> Report:
         if self._closed:
@@ -405,6 +413,21 @@ class Scope:
         """
         value = loss.detach().float().sum() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
         self._pending_loss = value if self._pending_loss is None else self._pending_loss + value.to(self._pending_loss)
+
+    def observe_gradients(self) -> None:
+        """Measure the gradient norms now, for the coming ``step()`` (device work, no sync).
+
+        For trainers that clip gradients between backward and the point where
+        ``step()`` can be called (the Hugging Face Trainer): call it at the end of
+        backward, so spikes and AutoClip see the norms the model really produced.
+        Set ``clip_max_norm`` to the trainer's max norm to also get the post-clip
+        norms (``clip_grad_norm_``'s factor min(1, max_norm / (norm + 1e-6))) in the
+        training summary.  A later call in the same step replaces the earlier one
+        (with gradient accumulation the last micro-batch's is the step's).
+        """
+        named = [(n, p.grad) for n, p in self._params if p.grad is not None]
+        if named:
+            self._pre_clip = ([n for n, _ in named], _squared_norms([g for _, g in named]))
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -532,10 +555,15 @@ class Scope:
         slot = step % self.every
         measure = sampled or self.tier == "full"
         self._norm_given[slot] = measure
-        names = [n for n, p in self._params if p.grad is not None] if measure else []
-        grads = [p.grad for _, p in self._params if p.grad is not None] if measure else []
-        if grads:
+        pre_clip, self._pre_clip = self._pre_clip, None
+        names = [n for n, p in self._params if p.grad is not None] if measure and pre_clip is None else []
+        grads = [p.grad for _, p in self._params if p.grad is not None] if measure and pre_clip is None else []
+        if measure and pre_clip is not None and pre_clip[0]:
+            names, squares = pre_clip  # measured before the trainer clipped (observe_gradients)
+            grads = [squares]
+        elif grads:
             squares = _squared_norms(grads)
+        if grads:
             total = squares.sum().sqrt()
             stacked = squares.sqrt() if sampled else squares  # per-parameter norms: sampled steps only
             device = squares.device
@@ -709,6 +737,10 @@ class Scope:
                 continue  # tier "light": gradient norms on sampled steps only
             norm = float(ring[_NORM, slot])
             global_norms.append((t, norm))
+            if self.clip_max_norm and math.isfinite(norm):
+                # torch.nn.utils.clip_grads_with_norm_: factor max_norm / (norm + 1e-6), at most 1
+                self._post_clip_last = norm * min(1.0, self.clip_max_norm / (norm + 1e-6))
+                self._clipped_steps += norm > self.clip_max_norm
             if not math.isfinite(norm) and first_bad_norm is None:
                 first_bad_norm = t
             self._history.add(norm)
@@ -991,6 +1023,14 @@ class Scope:
             "skipped_steps": self._skipped if self._scaler_seen else None,
             "update_ratio": self._rates.summary(),
             "first_nonfinite": self.first_nonfinite,
+            "clipping": None
+            if not self.clip_max_norm
+            else {
+                "norms": "measured before the trainer's gradient clipping",
+                "max_norm": self.clip_max_norm,
+                "clipped_steps": self._clipped_steps,
+                "global_grad_norm_post_clip_last": self._post_clip_last,
+            },
         }
 
     def _final_report(self) -> Report:
