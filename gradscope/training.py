@@ -141,7 +141,9 @@ def nonfinite_finding(record: dict[str, Any], clip: dict[str, Any] | None) -> Fi
     source = record.get("source")
     how = f", {origin} ({'from' if origin == 'received' else 'by'} {source})" if source else ""
     label = names.get(role, role) if role is not None else "value"
-    message = f"step {record['step']}: first non-finite {label} {where}{dtype}{how}".replace("  ", " ")
+    message = f"step {record['step']}: first non-finite {label} {where}{dtype}{how}".replace("  ", " ").replace(
+        " ,", ","
+    )
     if clip is not None:
         fix = Fix(
             "lower the learning rate, and clip the global gradient norm at "

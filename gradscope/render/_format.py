@@ -154,6 +154,55 @@ def split_evidence(evidence: Mapping[str, Any]) -> tuple[list[tuple[str, Any]], 
     return measured, thresholds
 
 
+# How a watched finding evolved (gradscope.watching.alerts.FindingHistory.evolution):
+# shown as one "seen" entry, the full history stays in the JSON report.
+EVOLUTION_KEYS = ("first_step", "last_step", "flushes_seen", "alerts", "active_at_end", "history", "note")
+EVIDENCE_ENTRIES = 8  # measurements shown per finding; the JSON report has them all
+EVIDENCE_VALUE_CHARS = 60
+
+
+def _seen(evidence: Mapping[str, Any]) -> str | None:
+    first, last = evidence.get("first_step"), evidence.get("last_step")
+    if first is None:
+        return str(evidence["note"]) if evidence.get("note") else None
+    steps = f"step {first}" if last in (None, first) else f"steps {first}–{last}"
+    seen = as_float(evidence.get("flushes_seen"))
+    alerts = as_float(evidence.get("alerts"))
+    bits = []
+    if seen is not None:
+        bits.append(_plural(int(seen), "observation", "observations"))
+    if alerts is not None:
+        bits.append(_plural(int(alerts), "alert", "alerts"))
+    if "active_at_end" in evidence:
+        bits.append("active at the end" if evidence["active_at_end"] else "cleared")
+    return steps + (f" ({', '.join(bits)})" if bits else "")
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, Mapping) for v in value):
+        return _plural(len(value), "entry", "entries")
+    text = evidence_value(value)
+    return text if len(text) <= EVIDENCE_VALUE_CHARS else text[: EVIDENCE_VALUE_CHARS - 1] + "…"
+
+
+def evidence_entries(evidence: Mapping[str, Any]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(measurements, thresholds) as short (key, text) pairs for a table: unknown
+    values left out, the watch's evolution fields folded into one ``seen`` entry,
+    long values cut, at most EVIDENCE_ENTRIES measurements."""
+    measured_raw, thresholds_raw = split_evidence(evidence)
+    tracked = "flushes_seen" in evidence  # annotated by the watch's alert tracker
+    folded = EVOLUTION_KEYS if tracked else ()
+    measured = [(str(k), _short(v)) for k, v in measured_raw if v is not None and k not in folded]
+    seen = _seen(evidence) if tracked else None
+    if seen is not None:
+        measured.append(("seen", seen))
+    if len(measured) > EVIDENCE_ENTRIES:
+        more = len(measured) - (EVIDENCE_ENTRIES - 1)
+        measured = measured[: EVIDENCE_ENTRIES - 1] + [("…", f"{more} more in the JSON report")]
+    thresholds = [(str(k), _short(v)) for k, v in thresholds_raw if v is not None]
+    return measured, thresholds
+
+
 def layer_list(names: list[str], *, limit: int = 4) -> str:
     """``a, b, c … z (30 layers)`` for long lists; the first and last layers matter most."""
     if not names:
@@ -354,6 +403,8 @@ def header_items(report: Report) -> list[tuple[str, str]]:
         if isinstance(trainable, int) and isinstance(params, int) and trainable != params:
             text += f" ({number(trainable)} trainable)"
         items.append(("size", text))
+    if run.get("mode") == "watch":
+        return items + _watch_header(report)
     shape = run.get("input_shape")
     dtype = run.get("input_dtype")
     inputs = " ".join(x for x in (str(dtype) if dtype else "", str(list(shape)) if shape else "") if x) or MISSING
@@ -381,6 +432,114 @@ def header_items(report: Report) -> list[tuple[str, str]]:
     if run_bits:
         items.append(("run", " · ".join(run_bits)))
     return items
+
+
+def _watch_header(report: Report) -> list[tuple[str, str]]:
+    """What a watched run knows instead of an audit's inputs and loss: the steps,
+    the loss given to ``scope.step``, and how the statistics were taken."""
+    run = report.run
+    training = report.analysis.get("training") if isinstance(report.analysis, Mapping) else None
+    training = training if isinstance(training, Mapping) else {}
+    steps = training.get("steps", run.get("steps"))
+    every = training.get("every", run.get("every"))
+    sampled = training.get("sampled_steps")
+    bits = [f"{steps} optimizer steps"] if steps is not None else []
+    if every is not None:
+        bits.append(f"every {every}" + (f" ({sampled} sampled)" if sampled is not None else ""))
+    if run.get("tier"):
+        bits.append(f"tier {run['tier']}")
+    items = [("steps", " · ".join(bits) or MISSING)]
+    record_input = report.record.input
+    inputs = "the training batches"
+    if record_input is not None and record_input.count:
+        inputs += f" ({number(record_input.count)} values recorded on sampled steps)"
+    items.append(("inputs", inputs))
+    loss = as_float(training.get("loss_last"))
+    items.append(
+        ("loss", f"last {number(loss)} (as given to scope.step)" if loss is not None else "not given to scope.step")
+    )
+    run_bits = ["mode watch"]
+    if run.get("formats"):
+        run_bits.append("formats " + ", ".join(str(f) for f in run["formats"]))
+    if run.get("gradients"):
+        run_bits.append(f"gradients {run['gradients']}")
+    items.append(("run", " · ".join(run_bits)))
+    return items
+
+
+def training_lines(training: Mapping[str, Any]) -> list[str]:
+    """The watched run in sentences: steps, norms, spikes, AutoClip, first bad step."""
+    lines = []
+    norm_last, norm_max = (
+        as_float(training.get("global_grad_norm_last")),
+        as_float(training.get("global_grad_norm_max")),
+    )
+    if norm_last is not None:
+        text = f"global gradient norm: last {number(norm_last)}, max {number(norm_max)}"
+        nonfinite = training.get("nonfinite_norm_steps") or 0
+        if nonfinite:
+            text += f"; non-finite at {_plural(int(nonfinite), 'step', 'steps')}"
+        lines.append(text)
+    clipping = training.get("clipping")
+    if isinstance(clipping, Mapping):
+        lines.append(
+            f"norms measured before the trainer's clipping at max_norm {number(clipping.get('max_norm'))}: "
+            f"{clipping.get('clipped_steps', 0)} steps clipped, last post-clip norm "
+            f"{number(clipping.get('global_grad_norm_post_clip_last'))}"
+        )
+    spikes = int(as_float(training.get("spikes")) or 0)
+    if spikes:
+        steps = [str(s) for s in training.get("spike_steps") or []]
+        shown = ", ".join(steps[:6]) + (" …" if len(steps) > 6 or spikes > len(steps) else "")
+        lines.append(f"gradient spikes: {spikes} (steps {shown})")
+    else:
+        lines.append("gradient spikes: none")
+    clip = training.get("clip")
+    if isinstance(clip, Mapping) and clip.get("threshold") is not None:
+        seen = int(as_float(clip.get("norms_seen")) or 0)
+        if seen >= MIN_NORMS_FOR_ADVICE:
+            lines.append(
+                f"AutoClip: clip the global norm at {number(clip['threshold'])}, the 10th percentile of "
+                f"{seen} global norms (median {number(clip.get('median_threshold'))})"
+            )
+        else:
+            lines.append(f"AutoClip: {_plural(seen, 'global norm', 'global norms')} seen, too few for a threshold")
+    first = training.get("first_nonfinite")
+    if isinstance(first, Mapping):
+        where = f" in {first['layer']}" if first.get("layer") else ""
+        role = ROLE_NAMES.get(str(first.get("role")), str(first.get("role") or "value"))
+        origin = first.get("origin")
+        how = f", {origin}" if origin and origin != "unknown" else ""
+        source = f" ({'from' if origin == 'received' else 'by'} {first['source']})" if first.get("source") else ""
+        lines.append(f"first non-finite: step {first.get('step')}, {role}{where}{how}{source}")
+    else:
+        lines.append("first non-finite: none")
+    skipped = training.get("skipped_steps")
+    if skipped is not None:
+        lines.append(f"GradScaler: {skipped} steps skipped, last scale {number(training.get('loss_scale'))}")
+    return lines
+
+
+# Advice needs a distribution: a percentile of one norm is that norm.
+MIN_NORMS_FOR_ADVICE = 2
+ROLE_NAMES = {
+    "activation": "activation",
+    "gradient": "gradient ∂ℓ/∂h",
+    "weight_grad": "weight gradient",
+    "weight": "weight",
+    "loss": "loss",
+    "input": "input",
+}
+
+
+def _diverged(report: Report) -> int | None:
+    """The first non-finite step of a watched run, whose whole-run statistics then
+    include the blow-up; None otherwise (an audit's batch is one moment)."""
+    training = report.analysis.get("training") if isinstance(report.analysis, Mapping) else None
+    first = training.get("first_nonfinite") if isinstance(training, Mapping) else None
+    if isinstance(first, Mapping):
+        return int(as_float(first.get("step")) or 0)
+    return None
 
 
 @dataclass
@@ -414,13 +573,28 @@ def analysis_items(report: Report) -> list[AnalysisItem]:
     """Facts from the depth analysis: first unhealthy layers, the loss scale, the clipping threshold."""
     analysis = report.analysis if isinstance(report.analysis, Mapping) else {}
     items = []
+    training = analysis.get("training")
+    if isinstance(training, Mapping):
+        items.append(AnalysisItem("Training run", training_lines(training)))
+    diverged = _diverged(report)
     if "first_unhealthy_forward" in analysis or "first_unhealthy_backward" in analysis:
         unseen = "not assessed" if analysis.get("inconclusive") else "none"
         fwd = analysis.get("first_unhealthy_forward") or unseen
         bwd = analysis.get("first_unhealthy_backward") or unseen
         items.append(AnalysisItem("First layer out of the healthy range", [f"forward: {fwd} · backward: {bwd}"]))
     scale = analysis.get("loss_scale")
-    if isinstance(scale, Mapping) and scale:
+    if isinstance(scale, Mapping) and scale and diverged is not None:
+        items.append(
+            AnalysisItem(
+                "Loss scale",
+                [
+                    f"not advised: the run went non-finite at step {diverged} and the statistics include the "
+                    "blow-up, so a scale computed from "
+                    "them would fit the blow-up, not the training; fix the non-finite values first"
+                ],
+            )
+        )
+    elif isinstance(scale, Mapping) and scale:
         exponent, value = scale.get("exponent"), scale.get("scale")
         fmt = scale.get("format") or primary_format(report)
         headline = None
@@ -430,7 +604,21 @@ def analysis_items(report: Report) -> list[AnalysisItem]:
             headline = f"{fmt}: " + " = ".join(x for x in (power, amount) if x)
         items.append(_recommendation("Loss scale", scale, headline))
     clip = analysis.get("clip")
-    if isinstance(clip, Mapping) and clip:
+    observed = as_float(clip.get("norms_observed")) if isinstance(clip, Mapping) else None
+    if isinstance(training, Mapping) and isinstance(training.get("clip"), Mapping):
+        pass  # a watched run: AutoClip from every step's norm is in the training item
+    elif isinstance(clip, Mapping) and clip and observed is not None and observed < MIN_NORMS_FOR_ADVICE:
+        median = number(clip.get("median_norm")) if clip.get("median_norm") is not None else ""
+        items.append(
+            AnalysisItem(
+                "Gradient clipping",
+                [
+                    f"one global gradient norm observed{f' ({median})' if median else ''}: too few to choose a "
+                    "threshold; gradscope.watch derives one (AutoClip) from a training run"
+                ],
+            )
+        )
+    elif isinstance(clip, Mapping) and clip:
         threshold = clip.get("threshold")
         headline = f"clip the global gradient norm at {number(threshold)}" if threshold is not None else None
         items.append(_recommendation("Gradient clipping", clip, headline))

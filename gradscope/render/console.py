@@ -298,20 +298,15 @@ def _findings(report: Report) -> list[RenderableType]:
             head.overflow = "fold"
             parts.append(head)
             body: list[RenderableType] = [Text(finding.message, overflow="fold")]
-            measured, thresholds = F.split_evidence(finding.evidence)
+            measured, thresholds = F.evidence_entries(finding.evidence)
             if measured:
-                body.append(
-                    Text.assemble(
-                        ("evidence: ", "bold"),
-                        ", ".join(f"{k}={F.evidence_value(v)}" for k, v in measured),
-                        overflow="fold",
-                    )
-                )
+                body.append(Text("evidence:", style="bold"))
+                body.append(Padding(_evidence_table(measured), (0, 0, 0, 2)))
             if thresholds:
                 body.append(
                     Text.assemble(
                         ("threshold: ", "bold"),
-                        ", ".join(f"{k}={F.evidence_value(v)}" for k, v in thresholds),
+                        ", ".join(f"{k}={v}" for k, v in thresholds),
                         overflow="fold",
                     )
                 )
@@ -323,3 +318,13 @@ def _findings(report: Report) -> list[RenderableType]:
             parts.append(Padding(Group(*body), (0, 0, 0, 2)))
         parts.append(Text(""))
     return parts
+
+
+def _evidence_table(entries: list[tuple[str, str]]) -> Table:
+    """Evidence as a short two-column table (key, value), one measurement a row."""
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="dim", no_wrap=True)
+    table.add_column(overflow="fold")
+    for key, value in entries:
+        table.add_row(Text(key), Text(value))
+    return table

@@ -89,9 +89,9 @@ def _fixes(report: Report) -> list[str]:
         for f in findings:
             assert f.fix is not None
             out.append(f"**{_code(f.code)}** ({_cell(F.layer_list(f.layers))}): {_cell(f.fix.summary)}")
-            measured, thresholds = F.split_evidence(f.evidence)
-            facts = [f"{k}={F.evidence_value(v)}" for k, v in measured]
-            limits = [f"{k}={F.evidence_value(v)}" for k, v in thresholds]
+            measured, thresholds = F.evidence_entries(f.evidence)
+            facts = [f"{k}={v}" for k, v in measured]
+            limits = [f"{k}={v}" for k, v in thresholds]
             if facts or limits:
                 line = "Evidence: " + ", ".join(facts) if facts else ""
                 if limits:
