@@ -27,8 +27,16 @@ sample copy (``stats.take_sample``); sums and histograms run at the flush.
 ``tier="light"`` hooks only layers that own parameters and measures gradient
 norms on sampled steps only.  At the sampled step's
 ``step()`` call everything moves to the host in one flush, the rules run, and
-alerts fire; so a problem on a non-sampled step is seen at the next flush (with
-``every=1``, at the same step).
+alerts fire (``gradscope.watching.alerts``: one alert when a finding appears,
+escalates, changes layers or clears; a run summary at close).
+
+Non-finite values are checked at *every* step (``gradscope.watching.nonfinite``):
+an unsampled step leaves one device flag (loss, global norm, the exact min/max of
+each hooked output: one ``aminmax`` per hooked tensor), read at once on the CPU,
+so training stops at the step that went non-finite, before ``optimizer.step()``;
+on an accelerator it is read once its copy has landed (the next ``step()`` or
+``close()``), without stalling the queue.  With ``tier="light"`` a NaN made in
+backward only (finite loss and outputs) waits for the next sampled step.
 
 Gradient accumulation: statistics are per *optimizer step*; the forwards and
 backwards of all micro-batches of a sampled step are merged into its record.
@@ -493,8 +501,9 @@ class Scope:
         step; None reads it from the scaler's state for ``optimizer``.
 
         Raises:
-            GradscopeError: with ``raise_on`` containing "nonfinite", at the flush
-                that sees the first NaN/Inf; ``error.record`` says where.
+            GradscopeError: with ``raise_on`` containing "nonfinite", at the step
+                that went non-finite (sampled or not; one step late on an
+                accelerator); ``error.record`` says where.
         """
         self._check_open()
         if loss is not None:
@@ -1148,8 +1157,11 @@ def watch(
         log_dir: write TensorBoard dashboards there (rank 0 only).
         formats: low-precision formats to check ranges against.
         include, exclude: fnmatch patterns on module names (see ``Recorder``).
-        on_finding: called with each alert (a ``Finding``) as it happens; alerts
-            are also logged on the ``gradscope`` logger.
+        on_finding: called with each finding (a ``Finding``) when it appears,
+            escalates (warning to error) or changes layers, not when it clears.
+            Every alert is also logged on the ``gradscope`` logger, one short
+            line, whether or not ``on_finding`` is set (silence it with
+            ``logging.getLogger("gradscope").setLevel(logging.CRITICAL)``).
         raise_on: finding codes that stop training with a ``GradscopeError``;
             by default the first non-finite value.
         tier: "full" (default), or "light": only layers that own parameters,
