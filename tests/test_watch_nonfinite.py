@@ -126,7 +126,7 @@ def test_on_an_accelerator_the_flag_is_read_late_and_close_checks_the_pending_st
     assert scope.closed and scope.report().findings[0].code == "nonfinite"
 
 
-@pytest.mark.parametrize("every", [1, 10])
+@pytest.mark.parametrize("every", EVERIES)
 def test_an_infinite_global_norm_is_nonfinite_at_every_rate(every: int) -> None:
     """Gradients of ~1e30 are finite elements whose float32 sum of squares is inf:
     clip_grad_norm_ would see an inf norm too.  One name at every rate: nonfinite."""

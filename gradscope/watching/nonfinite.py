@@ -270,14 +270,28 @@ class StepCheck:
         _, inputs = self.sentinel.take()
         return inputs
 
-    def record(self, step: int, loss: torch.Tensor | None, names: list[str], squares: torch.Tensor | None) -> None:
-        """Queue the flag of unsampled step ``step`` (device ops and one copy, no sync)."""
+    def record(
+        self,
+        step: int,
+        loss: torch.Tensor | None,
+        names: list[str],
+        squares: torch.Tensor | None,
+        total: torch.Tensor | None = None,
+    ) -> None:
+        """Queue the flag of unsampled step ``step`` (device ops and one copy, no sync).
+
+        ``squares``: the per-parameter squared gradient norms (kept for the search);
+        ``total``: the global norm the Scope computed from them (non-finite exactly
+        when one of them is), so the flag costs no reduction of its own.
+        """
         activations, inputs = self.sentinel.take()
         scalars: list[torch.Tensor] = [t for _, lo, hi in activations for t in (lo, hi)]
         scalars += [t for _, extremes in inputs if extremes is not None for t in extremes]
         if loss is not None:
             scalars.append(loss)
-        if squares is not None and squares.numel():
+        if total is not None:
+            scalars.append(total)
+        elif squares is not None and squares.numel():
             scalars.append(squares.sum())
         if not scalars:
             return

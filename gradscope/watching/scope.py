@@ -266,7 +266,7 @@ class Scope:
         self.clip_max_norm: float | None = None
         self._clipped_steps = 0
         self._post_clip_last: float | None = None
-        self._step_squares: tuple[list[str], torch.Tensor | None] = ([], None)
+        self._step_squares: tuple[list[str], torch.Tensor | None, torch.Tensor | None] = ([], None, None)
 
         self._history = NormHistogram()
         self._detector = SpikeDetector()
@@ -529,12 +529,14 @@ class Scope:
         if sampled:
             input_flags = self._check.discard()
         else:
-            names, squares = self._step_squares
-            self._check.record(step, self._step_loss, names, None if self._scaler_seen else squares)
+            names, squares, total = self._step_squares
+            if self._scaler_seen:  # the scaler skips overflowing steps: expected, not checked
+                squares = total = None
+            self._check.record(step, self._step_loss, names, squares, total)
             bad = self._check.poll()
             if bad is not None:
                 error = self._bad_step(bad) or error
-        self._step_loss, self._step_squares = None, ([], None)
+        self._step_loss, self._step_squares = None, ([], None, None)
         if sampled:
             full = step - self._last_diagnosed >= DIAGNOSE_EVERY_STEPS
             if full:
@@ -595,7 +597,8 @@ class Scope:
         if self._pending_loss is not None:
             buf[_LOSS, slot] = self._pending_loss.to(device)
         self._loss_given[slot] = self._pending_loss is not None
-        self._step_loss, self._step_squares = self._pending_loss, (names, squares if grads else None)
+        self._step_loss = self._pending_loss
+        self._step_squares = (names, squares if grads else None, total if grads else None)
         self._pending_loss = None
         if sampled:
             self._param_norms = (names, stacked)
@@ -884,6 +887,8 @@ class Scope:
     def _bad_step(self, flags: StepFlags) -> GradscopeError | None:
         """An unsampled step whose check flag was non-finite: find where, alert, and
         return the error to raise (None for a false alarm or when not raising)."""
+        if self._episode is not None:
+            return None  # already reported, and the run goes on (raise_on): no search per step
         located = locate_step(flags, self._layer_infos(), self._params, include_gradients=not self._scaler_seen)
         if located is None:
             return None

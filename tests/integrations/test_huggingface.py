@@ -153,7 +153,8 @@ def test_trainer_stops_at_the_first_nan_step_and_names_the_layer(tmp_path, every
     with pytest.raises(GradscopeError) as info:
         trainer.train()
     record = info.value.record
-    assert (record["step"], record["layer"], record["role"], record["origin"]) == (6, "net.1", "activation", "produced")
+    where = (record["step"], record["layer"], record["role"], record["origin"])
+    assert where == (6, "net.1", "activation", "produced")
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())  # step 6's update never ran
     assert callback.report is not None and callback.scope.closed
     # the default log_dir: the Trainer's TensorBoard directory, <output_dir>/runs, + gradscope

@@ -133,7 +133,8 @@ def test_lightning_stops_at_the_first_nan_step_and_names_the_layer(tmp_path, eve
     with pytest.raises(GradscopeError) as info:
         trainer.fit(model, loader(BATCH * 12))
     record = info.value.record
-    assert (record["step"], record["layer"], record["role"], record["origin"]) == (6, "net.1", "activation", "produced")
+    where = (record["step"], record["layer"], record["role"], record["origin"])
+    assert where == (6, "net.1", "activation", "produced")
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())  # step 6's update never ran
     assert trainer.global_step == 6
     report = callback.report
