@@ -215,6 +215,9 @@ class Recorder:
         self._pending_elements = 0  # elements of sample copies not reduced yet
         self._merged: dict[tuple[str, str], torch.Tensor] = {}  # pending entries merged early (device rows)
         self._grad_hooks: dict[str, Any] = {}
+        # watch's per-step non-finite check (gradscope.watching.nonfinite.ForwardSentinel):
+        # told of every forward and hooked call, recorded or not.
+        self.sentinel: Any = None
         self.record = Record()
 
     # -- lifecycle --------------------------------------------------------------
@@ -273,6 +276,9 @@ class Recorder:
         if _in_backward():
             return
         self._root_grad = torch.is_grad_enabled()
+        if self.sentinel is not None and self._counts_forward():
+            # The non-finite check skips the forwards the recorder skips (record_no_grad).
+            self.sentinel.begin_forward()
         if not self._active:
             self._forward_recorded = False  # whether a recomputation in backward may hook
             return
@@ -310,9 +316,13 @@ class Recorder:
 
     def _forward_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            # Not recording and no recorded forward to recompute: nothing to do
+            if self._closed:
+                return
+            if self.sentinel is not None and self._counts_forward():
+                self.sentinel.forward(name, args, output, self._active)
+            # Not recording and no recorded forward to recompute: nothing more to do
             # (the common case on watch's unsampled steps, so checked first).
-            if self._closed or not (self._active or self._forward_recorded):
+            if not (self._active or self._forward_recorded):
                 return
             task = _graph_task()
             if task != -1:

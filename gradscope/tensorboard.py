@@ -30,7 +30,7 @@ tag                                         value, one point per sampled step
                                             previous evaluation
 ``gradscope/exponents/activation/<layer>``  histogram of floor(log2|x|) of the output
 ``gradscope/exponents/gradient/<layer>``    histogram of floor(log2|∂ℓ/∂h|)
-``gradscope/alerts``                        text: each alert as it fired (Markdown)
+``gradscope/alerts``                        text: the alerts of each step, one entry per step
 ``gradscope/findings``                      text: the full report (Markdown)
 ``gradscope/depth_profile``                 image: activation std and ∂ℓ/∂h RMS per
                                             layer (needs matplotlib, the ``plot`` extra)
@@ -291,6 +291,12 @@ class DashboardWriter:
     def write_alert(self, step: int, finding: Finding) -> None:
         if self._writer is not None:
             self._writer.add_text(f"{PREFIX}/alerts", alert_markdown(step, finding), step)
+
+    def write_alerts(self, step: int, entries: list[str]) -> None:
+        """Every alert of one step as ONE text entry: the Text plugin shows one entry
+        per (tag, step), so a second ``add_text`` at the same step would hide the first."""
+        if self._writer is not None and entries:
+            self._writer.add_text(f"{PREFIX}/alerts", f"**step {step}**\n\n" + "\n".join(entries), step)
 
     def write_report(self, report: Report, step: int = 0) -> None:
         """The findings as Markdown text and the depth profile as an image."""

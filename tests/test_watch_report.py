@@ -91,3 +91,13 @@ def test_the_header_says_what_a_watched_run_knows(diverged_report: Report) -> No
     assert "steps  60 optimizer steps · every 5 (12 sampled) · tier full" in header
     assert "loss   last nan (as given to scope.step)" in header
     assert "inputs the training batches" in header
+
+
+def test_the_watch_record_of_the_first_nonfinite_step_is_the_reported_one(diverged_report: Report) -> None:
+    nonfinite = [f for f in diverged_report.findings if f.code == "nonfinite"]
+    assert len(nonfinite) == 1
+    assert nonfinite[0].evidence["step"] == 50 and nonfinite[0].evidence["role"] == "loss"
+    assert (
+        nonfinite[0].message
+        == "step 50: first non-finite loss, produced (by the loss function (every recorded activation was finite))"
+    )

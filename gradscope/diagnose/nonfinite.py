@@ -56,12 +56,14 @@ def _forward(ctx: Context) -> Finding | None:
             )
         return None
     source_name, source = _forward_source(ctx, first)
-    produced = source is not None and not _bad(source)
+    # Missing statistics are no evidence either way (under Lightning the model
+    # itself is never called, so its input is not recorded): not "received".
+    produced = source is None or not _bad(source)
     stats = first.activation
     assert stats is not None
     target = advice.module_expression(first.module)
     if produced:
-        verb = "produces"
+        verb = "produces" if source is not None else "likely produces"
         fix = Fix(
             f"'{first.name}' ({first.type}) turns finite inputs into NaN/inf: guard its arithmetic "
             "(clamp before log/sqrt/exp, add an epsilon to divisions), or run it in fp32.",
@@ -84,7 +86,8 @@ def _forward(ctx: Context) -> Finding | None:
         layers=[first.name],
         message=(
             f"Forward: '{first.name}' ({first.type}) is the first layer whose output holds NaN/inf, "
-            f"and it {verb} it ({source_name} was {'finite' if produced else 'already non-finite'})."
+            f"and it {verb} it ({source_name} was "
+            f"{'not observed' if source is None else 'finite' if produced else 'already non-finite'})."
         ),
         evidence={
             "pass": "forward",

@@ -1,24 +1,36 @@
-"""Lightning: ``trainer = Trainer(callbacks=[GradscopeCallback(every=50, log_dir="tb")])``.
+"""Lightning: ``trainer = Trainer(callbacks=[GradscopeCallback(every=50)])``.
 
 The callback is a thin adapter over ``gradscope.watch``:
 
-* ``on_fit_start`` creates the Scope on the LightningModule (hooks attached);
+* ``on_fit_start`` creates the Scope on the LightningModule (hooks attached),
+  writing TensorBoard dashboards to ``<trainer.log_dir>/gradscope`` (the
+  logger's version directory, or ``default_root_dir`` without a logger) unless
+  ``log_dir`` is given (``log_dir=None``: none);
 * ``on_before_backward`` remembers the (unscaled) loss of the micro-batch;
 * ``on_before_optimizer_step`` calls ``scope.step(optimizer, scaler, loss)``.
   Lightning calls it after the optimizer closure ran every forward/backward of
   the step (so after gradient accumulation) and after AMP's ``unscale_``, and
   before gradient clipping: gradscope sees the gradients the clipping sees.
+* the first NaN/inf stops training at the step that produced it, at any
+  ``every``: ``scope.step`` raises ``gradscope.GradscopeError`` from
+  ``on_before_optimizer_step``, before the optimizer applies the bad
+  gradients; Lightning then calls ``on_exception`` (the Scope is closed, the
+  report kept) and ``trainer.fit`` re-raises it.  Raising, rather than
+  ``trainer.should_stop``, because Lightning would still run that optimizer
+  step and end the fit normally.
 * validation and sanity-check forwards are not recorded (``scope.paused()``);
 * at the end of each validation run (not the sanity check) the logged
   ``monitor`` metric (default ``"val_loss"``, as ``EarlyStopping``'s) and the
   other logged numbers go to ``scope.validation``: gradscope tracks the best
   step and finds ``overfitting``;
-* ``on_fit_end`` / ``on_exception`` close the Scope; the full report is then in
-  ``callback.report`` (and in TensorBoard when ``log_dir`` is set).
+* ``on_fit_end`` / ``on_exception`` close the Scope and print the run summary
+  (on the ``gradscope`` logger); the full report is then in ``callback.report``
+  (and in TensorBoard).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from gradscope.errors import GradscopeError
@@ -48,6 +60,16 @@ def _scaler_of(trainer: Any) -> Any:
     return None
 
 
+def _trainer_log_dir(trainer: Any) -> str | None:
+    """``<trainer.log_dir>/gradscope``, or None without TensorBoard installed."""
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        return None
+    root = getattr(trainer, "log_dir", None) or getattr(trainer, "default_root_dir", None)
+    return os.path.join(str(root), "gradscope") if root else None
+
+
 class GradscopeCallback(Callback):
     """Watch a Lightning run with gradscope.  Keyword arguments go to ``gradscope.watch``."""
 
@@ -66,7 +88,10 @@ class GradscopeCallback(Callback):
         if self.scope is not None and not self.scope.closed:
             raise GradscopeError("this GradscopeCallback is already watching a run; use one callback per fit")
         self.report = None
-        self.scope = watch(pl_module, **self.kwargs)
+        kwargs = dict(self.kwargs)
+        if "log_dir" not in kwargs:
+            kwargs["log_dir"] = _trainer_log_dir(trainer)
+        self.scope = watch(pl_module, **kwargs)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.scope is not None:
@@ -104,14 +129,18 @@ class GradscopeCallback(Callback):
         if metrics is not None:
             self.scope.validation(metrics[0], metrics=metrics[1])
 
-    def _close(self) -> None:
+    def _close(self, raise_pending: bool = True, collective: bool = True) -> None:
         self._pause_end()
         if self.scope is not None and not self.scope.closed:
-            self.report = self.scope.close()
+            try:
+                self.scope.close(collective=collective, raise_pending=raise_pending)
+            finally:
+                self.report = self.scope.report()
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self._close()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        # Lightning re-raises ``exception`` after this: a failing close must not replace it.
-        close_quietly(self._close, during=exception)
+        # Lightning re-raises ``exception`` after this: a failing close must not replace
+        # it; and no collective (another rank may never reach it).
+        close_quietly(lambda: self._close(raise_pending=False, collective=False), during=exception)

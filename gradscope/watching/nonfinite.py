@@ -14,8 +14,15 @@ before" is an approximation of "the layer that fed it" (stated in the record).
 
 from __future__ import annotations
 
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from gradscope.outputs import first_float_tensor
 from gradscope.record import LayerRecord, Record
 from gradscope.stats import Stats
 
@@ -60,12 +67,16 @@ def first_nonfinite(
     loss_finite: bool | None = None,
     include_gradients: bool = True,
     weight_dtypes: dict[str, str] | None = None,
+    input_finite: bool | None = None,
 ) -> dict[str, Any] | None:
     """The first non-finite tensor of one step's record, or None.
 
     ``weight_dtypes`` maps layer names to their weight's dtype (for the weight
     roles).  ``include_gradients=False`` ignores ∂ℓ/∂h and weight gradients (used under a
     GradScaler, whose overflowing steps are expected and skipped by the scaler).
+    ``input_finite``: whether the input of the first layer was finite, when the
+    record has no model-input statistics (the model itself was not called, as
+    under Lightning); None = not observed, which is never read as either.
     """
     layers = sorted(record.layers, key=lambda layer: layer.index)
     for layer in layers:
@@ -77,8 +88,12 @@ def first_nonfinite(
         act = layer.activation
         if _bad(act):
             if previous is None:
-                received = _bad(record.input)
-                source = "the model input" if received else f"the forward of {layer.name}"
+                known = record.input is not None or input_finite is not None
+                received = _bad(record.input) if record.input is not None else input_finite is False
+                if not known:
+                    source = f"the forward of {layer.name} or its input (the input was not observed)"
+                    return _describe(layer, "activation", act, step, "unknown", source)
+                source = f"the input of {layer.name}" if received else f"the forward of {layer.name}"
             else:
                 received = _bad(previous.activation)
                 source = previous.name if received else f"the forward of {layer.name}"
@@ -113,10 +128,428 @@ def first_nonfinite(
             else:
                 origin, source = "produced", f"the backward of {after.name}"
             return _describe(layer, "gradient", layer.gradient, step, origin, source)
-    for layer in layers:
+    for layer in reversed(layers):  # backward order: the deepest first
         if _bad(layer.weight_grad):
             received = _bad(layer.gradient)
             source = f"∂ℓ/∂h of {layer.name}" if received else f"the weight-gradient computation of {layer.name}"
             origin = "received" if received else "produced"
             return _describe(layer, "weight_grad", layer.weight_grad, step, origin, source, weight_dtypes)
+    return None
+
+
+# -- the per-step check ------------------------------------------------------
+#
+# A sampled step is searched through its full record at its flush.  Every other
+# step leaves a few device scalars behind, with no host sync: the loss, the
+# global gradient norm (already computed every step from exact per-parameter
+# norms), and the exact min/max of each hooked layer's output (one ``aminmax``
+# per activation, the only op the hooks add on unsampled steps) and of each
+# forward's input.  Their sum is non-finite when any of them is (NaN and inf
+# propagate through a sum; a finite sum that overflows is a false alarm the
+# host-side search then dismisses).  That one number is copied into a host
+# buffer and read:
+#   * on the CPU at once (there is nothing to wait for), so training stops at
+#     the step that went non-finite, before ``optimizer.step()`` applies it;
+#   * on an accelerator once the copy has landed (``Event.query()``), at the
+#     next ``step()`` call or at ``close()``, so the GPU's queue never drains.
+#     The error then names the step that went non-finite, one step late.
+# Only when the number is non-finite are the step's scalars read back and
+# searched (``locate_step``).
+
+PENDING_CHECKS = 4  # unsampled steps whose flag may be in flight at once
+
+
+def reads_are_free(device: torch.device) -> bool:
+    """Whether reading a value of ``device`` costs no pipeline stall (the CPU runs ops synchronously)."""
+    return device.type == "cpu"
+
+
+def _completion_event(device: torch.device) -> Any:
+    """An event recorded after the flag's copy, to ask without blocking whether it
+    landed; None when the copy was synchronous (the CPU, and accelerators other
+    than CUDA, whose copy to the host blocks)."""
+    if reads_are_free(device) or device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
+_AMINMAX_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _extremes(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Exact min and max of ``tensor`` (NaN-propagating), queued on its device."""
+    flat = tensor.detach()
+    if flat.numel() == 0:
+        return None
+    if flat.dtype not in _AMINMAX_DTYPES:
+        flat = flat.float()  # fp8 and others: aminmax has no kernel for them
+    lo, hi = torch.aminmax(flat)
+    return lo, hi
+
+
+class ForwardSentinel:
+    """The forward-hook side of the check: called by the Recorder for every hooked
+    call (``Recorder.sentinel``).
+
+    For each forward it keeps the extremes of the first hooked layer's input
+    (None when that input holds no floating-point tensor: token ids are finite
+    by type), and, on forwards the Recorder does not record, the extremes of
+    each hooked output in execution order.  Nothing is read on the host here.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = True  # False while the scope is paused (evaluation forwards)
+        self.activations: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        self.inputs: list[tuple[str, tuple[torch.Tensor, torch.Tensor] | None]] = []
+        self._calls: dict[str, int] = {}
+        self._forward_start = True
+
+    def begin_forward(self) -> None:
+        """A new forward starts (root forward pre-hook, ``Scope.mark_forward``)."""
+        self._forward_start = True
+        self._calls.clear()
+
+    def forward(self, name: str, args: Any, output: Any, recording: bool) -> None:
+        if not self.enabled:
+            return
+        shown = name or "model"
+        call = self._calls.get(shown, 0) + 1
+        self._calls[shown] = call
+        key = shown if call == 1 else f"{shown}#{call}"
+        if self._forward_start:
+            self._forward_start = False
+            found = first_float_tensor(args)
+            self.inputs.append((key, _extremes(found[0]) if found is not None else None))
+        if recording:
+            return  # the Recorder takes the exact extremes itself
+        found = first_float_tensor(output)
+        if found is None:
+            return
+        extremes = _extremes(found[0])
+        if extremes is not None:
+            self.activations.append((key, *extremes))
+
+    def take(self) -> tuple[list[tuple[str, torch.Tensor, torch.Tensor]], list[Any]]:
+        """This step's flags; the next step starts empty."""
+        activations, inputs = self.activations, self.inputs
+        self.activations, self.inputs = [], []
+        self.begin_forward()
+        return activations, inputs
+
+
+@dataclass
+class StepFlags:
+    """What one unsampled step left on the device for the check (a few scalars
+    and the per-parameter squared gradient norms; no activation is kept)."""
+
+    step: int
+    loss: torch.Tensor | None
+    names: list[str]  # parameter names of ``squares``
+    squares: torch.Tensor | None  # exact squared gradient norm per parameter (None: not measured)
+    activations: list[tuple[str, torch.Tensor, torch.Tensor]]
+    inputs: list[Any]
+    slot: int
+    event: Any = None
+    same_step: bool = True  # read before optimizer.step() of this step (weights and .grad unchanged)
+
+
+@dataclass
+class StepCheck:
+    """The per-step non-finite check of a Scope (see the comment above)."""
+
+    sentinel: ForwardSentinel = field(default_factory=ForwardSentinel)
+    pending: deque[StepFlags] = field(default_factory=deque)
+    _host: torch.Tensor | None = None
+    _host_view: Any = None
+    _next_slot: int = 0
+
+    def discard(self) -> list[Any]:
+        """Drop the activation flags of a sampled step (its record has them); return its input flags."""
+        _, inputs = self.sentinel.take()
+        return inputs
+
+    def record(
+        self,
+        step: int,
+        loss: torch.Tensor | None,
+        names: list[str],
+        squares: torch.Tensor | None,
+        total: torch.Tensor | None = None,
+    ) -> None:
+        """Queue the flag of unsampled step ``step`` (device ops and one copy, no sync).
+
+        ``squares``: the per-parameter squared gradient norms (kept for the search);
+        ``total``: the global norm the Scope computed from them (non-finite exactly
+        when one of them is), so the flag costs no reduction of its own.
+        """
+        activations, inputs = self.sentinel.take()
+        scalars: list[torch.Tensor] = [t for _, lo, hi in activations for t in (lo, hi)]
+        scalars += [t for _, extremes in inputs if extremes is not None for t in extremes]
+        if loss is not None:
+            scalars.append(loss)
+        if total is not None:
+            scalars.append(total)
+        elif squares is not None and squares.numel():
+            scalars.append(squares.sum())
+        if not scalars:
+            return
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for t in scalars:
+            by_device.setdefault(t.device, []).append(t.reshape(()))
+        device = next(iter(by_device))
+        sums = [torch.stack(ts).sum(dtype=torch.float32).to(device) for ts in by_device.values()]
+        flag = sums[0] if len(sums) == 1 else torch.stack(sums).sum()
+        host = self._buffer(device)
+        slot = self._next_slot
+        self._next_slot = (slot + 1) % PENDING_CHECKS
+        host[slot : slot + 1].copy_(flag.reshape(1), non_blocking=device.type == "cuda")
+        event = _completion_event(device)
+        self.pending.append(
+            StepFlags(step, loss, names, squares, activations, inputs, slot, event, same_step=reads_are_free(device))
+        )
+
+    def _buffer(self, device: torch.device) -> torch.Tensor:
+        if self._host is None:
+            self.prepare(device)
+        assert self._host is not None
+        return self._host
+
+    def prepare(self, device: torch.device) -> None:
+        """Allocate the host buffer the flags land in (pinned for CUDA, so the copy
+        is asynchronous) and its numpy view, read without a Tensor method."""
+        self._host = torch.zeros(PENDING_CHECKS, dtype=torch.float32, pin_memory=device.type == "cuda")
+        self._host_view = self._host.numpy()
+
+    def poll(self, wait: bool = False) -> StepFlags | None:
+        """The first pending step whose flag has landed and is non-finite, or None.
+
+        Clean steps are dropped.  ``wait=True`` waits for every flag (flush,
+        close); otherwise only for the oldest when PENDING_CHECKS are in flight
+        (its host slot is about to be reused), which bounds the lag.
+        """
+        while self.pending:
+            flags = self.pending[0]
+            if flags.event is not None and not flags.event.query():
+                if not wait and len(self.pending) < PENDING_CHECKS:
+                    return None
+                flags.event.synchronize()
+            self.pending.popleft()
+            if not math.isfinite(float(self._host_view[flags.slot])):
+                return flags
+        return None
+
+    def clear(self) -> None:
+        self.pending.clear()
+
+
+def _host_extremes(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[bool]:
+    """Whether each (lo, hi) pair is finite, in one transfer (slow path only)."""
+    if not pairs:
+        return []
+    values = torch.stack([torch.stack([lo.float().cpu(), hi.float().cpu()]) for lo, hi in pairs])
+    return torch.isfinite(values).all(dim=1).tolist()
+
+
+def nonfinite_kinds(tensor: torch.Tensor) -> tuple[bool, bool]:
+    """(has NaN, has inf) of ``tensor``, read now (slow path only)."""
+    with torch.no_grad():
+        return bool(torch.isnan(tensor).any()), bool(torch.isinf(tensor).any())
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A hooked layer as the Scope knows it: its call-site name, module and type."""
+
+    name: str
+    module: str
+    type: str
+    index: int
+    dtype: str | None = None  # of the output
+
+
+def owner_of(parameter: str, modules: dict[str, LayerInfo]) -> LayerInfo | None:
+    """The hooked layer that owns ``parameter`` directly (``0.weight`` -> layer ``0``)."""
+    module = parameter.rpartition(".")[0] or "model"
+    return modules.get(module)
+
+
+def locate_gradient(
+    step: int,
+    bad: Sequence[str],
+    layers: Sequence[LayerInfo],
+    *,
+    dtypes: dict[str, str],
+    elements: Callable[[str], tuple[bool, bool] | None],
+    forward_finite: bool,
+    gradient_bad: Callable[[str], bool | None] = lambda name: None,
+) -> dict[str, Any] | None:
+    """The first non-finite weight gradient in backward order (the deepest owner
+    first), from the exact per-parameter norms.
+
+    ``elements(param)`` is (has NaN, has inf) of the gradient's elements (both
+    False: only the float32 sum of squares overflowed; None: cannot tell now);
+    ``gradient_bad(layer)`` whether ∂ℓ/∂h of that layer was non-finite (None:
+    not recorded, as on unsampled steps).
+    """
+    if not bad:
+        return None
+    modules = {layer.module: layer for layer in layers if layer.name == layer.module}
+    ranked = sorted(bad, key=lambda p: -(owner.index if (owner := owner_of(p, modules)) is not None else -1))
+    parameter = ranked[0]
+    layer = owner_of(parameter, modules)
+    name = layer.name if layer is not None else None
+    kinds = elements(parameter)
+    if kinds is not None and not any(kinds):
+        origin = "produced"
+        source = (
+            f"the squared gradient norm of {parameter} overflowed float32 (norm above ~1.8e19, every element "
+            "finite), as clip_grad_norm_ would compute it"
+        )
+    else:
+        upstream = gradient_bad(name) if name is not None else None
+        if upstream is None and forward_finite and name is not None:
+            origin = "received"
+            source = (
+                f"∂ℓ/∂h of {name}: the forward was finite, so the backward of {name} or of a layer after it made "
+                "the gradient non-finite (∂ℓ/∂h is recorded on sampled steps only)"
+            )
+        elif upstream:
+            origin, source = "received", f"∂ℓ/∂h of {name}"
+        elif upstream is False:
+            origin, source = "produced", f"the weight-gradient computation of {name}"
+        else:
+            origin, source = "unknown", f"the gradient of {parameter}"
+    return {
+        "step": step,
+        "layer": name,
+        "type": layer.type if layer is not None else None,
+        "role": "weight_grad",
+        "parameter": parameter,
+        "dtype": dtypes.get(parameter),
+        "origin": origin,
+        "source": source + " (found by its exact gradient norm)",
+        "nonfinite_count": None,
+        "has_nan": kinds[0] if kinds is not None else None,
+        "has_inf": kinds[1] if kinds is not None else None,
+        "count": None,
+    }
+
+
+def locate_step(
+    flags: StepFlags,
+    layers: Sequence[LayerInfo],
+    params: Sequence[tuple[str, torch.Tensor, torch.Tensor | None]],
+    *,
+    include_gradients: bool,
+) -> dict[str, Any] | None:
+    """Where unsampled step ``flags.step`` went non-finite, in the order things
+    happen in a step (weights, forward, loss, backward), or None when the flag
+    was a false alarm (a finite sum that overflowed).
+
+    Weights are read now: exact when the check ran before ``optimizer.step()``
+    (``flags.same_step``); one step late, a weight made non-finite by this
+    step's own update cannot be told from one that was before the forward, so
+    a weight is blamed only together with the activation it spoiled.
+    """
+    step = flags.step
+    by_module = {layer.module: layer for layer in layers if layer.name == layer.module}
+    by_name = {layer.name: layer for layer in layers}
+    dtypes = {name: str(p.dtype).removeprefix("torch.") for name, p, _ in params}
+    with torch.no_grad():
+        bad_weights = [name for name, p, _ in params if not bool(torch.isfinite(p).all())]
+    act_ok = _host_extremes([(lo, hi) for _, lo, hi in flags.activations])
+    input_ok = _host_extremes([extremes for _, extremes in flags.inputs if extremes is not None])
+    input_iter = iter(input_ok)
+    inputs = {key: (next(input_iter) if extremes is not None else True) for key, extremes in flags.inputs}
+    first_bad = next((i for i, ok in enumerate(act_ok) if not ok), None)
+
+    def weight_record(parameter: str, layer: LayerInfo | None) -> dict[str, Any]:
+        update = "the previous optimizer update" if flags.same_step else "an optimizer update (at or before this step)"
+        return {
+            "step": step,
+            "layer": layer.name if layer is not None else None,
+            "type": layer.type if layer is not None else None,
+            "role": "weight",
+            "parameter": parameter,
+            "dtype": dtypes.get(parameter),
+            "origin": "produced",
+            "source": update,
+            "nonfinite_count": None,
+            "has_nan": None,
+            "has_inf": None,
+            "count": None,
+        }
+
+    if bad_weights and flags.same_step:
+        ranked = sorted(bad_weights, key=lambda p: o.index if (o := owner_of(p, by_module)) is not None else 1 << 30)
+        return weight_record(ranked[0], owner_of(ranked[0], by_module))
+    if first_bad is not None:
+        key = flags.activations[first_bad][0]
+        layer = by_name.get(key)
+        module = layer.module if layer is not None else key.partition("#")[0]
+        spoiled = [p for p in bad_weights if (p.rpartition(".")[0] or "model") == module]
+        if spoiled:
+            return weight_record(spoiled[0], layer)
+        starts_forward = key in inputs and (first_bad == 0 or flags.activations[first_bad - 1][0] not in inputs)
+        if first_bad == 0 or starts_forward:
+            received = inputs.get(key) is False
+            source = f"the input of {key}" if received else f"the forward of {key}"
+        else:
+            received = False  # the layer that ran just before was finite
+            source = f"the forward of {key}"
+        return {
+            "step": step,
+            "layer": key,
+            "type": layer.type if layer is not None else None,
+            "role": "activation",
+            "dtype": layer.dtype if layer is not None else None,
+            "origin": "received" if received else "produced",
+            "source": source,
+            "nonfinite_count": None,
+            "has_nan": None,
+            "has_inf": None,
+            "count": None,
+        }
+    if not all(inputs.values()):
+        key = next(k for k, ok in inputs.items() if not ok)
+        layer = by_name.get(key)
+        return {
+            "step": step,
+            "layer": key,
+            "type": layer.type if layer is not None else None,
+            "role": "input",
+            "dtype": None,
+            "origin": "received",
+            "source": f"the input of {key} (the batch or the code before the first hooked layer)",
+            "nonfinite_count": None,
+            "has_nan": None,
+            "has_inf": None,
+            "count": None,
+        }
+    if flags.loss is not None and not math.isfinite(float(flags.loss.detach().float().cpu())):
+        return {
+            "step": step,
+            "layer": None,
+            "type": None,
+            "role": "loss",
+            "dtype": None,
+            "origin": "produced",
+            "source": "the loss function (every recorded activation was finite)",
+            "nonfinite_count": 1,
+            "has_nan": None,
+            "has_inf": None,
+            "count": 1,
+        }
+    if include_gradients and flags.squares is not None and flags.squares.numel():
+        finite = torch.isfinite(flags.squares.detach().float().cpu()).tolist()
+        bad = [name for name, ok in zip(flags.names, finite, strict=True) if not ok]
+        grads = {name: grad for name, _, grad in params}
+
+        def elements(parameter: str) -> tuple[bool, bool] | None:
+            grad = grads.get(parameter)
+            return nonfinite_kinds(grad) if flags.same_step and grad is not None else None
+
+        return locate_gradient(step, bad, layers, dtypes=dtypes, elements=elements, forward_finite=True)
     return None

@@ -27,8 +27,16 @@ sample copy (``stats.take_sample``); sums and histograms run at the flush.
 ``tier="light"`` hooks only layers that own parameters and measures gradient
 norms on sampled steps only.  At the sampled step's
 ``step()`` call everything moves to the host in one flush, the rules run, and
-alerts fire; so a problem on a non-sampled step is seen at the next flush (with
-``every=1``, at the same step).
+alerts fire (``gradscope.watching.alerts``: one alert when a finding appears,
+escalates, changes layers or clears; a run summary at close).
+
+Non-finite values are checked at *every* step (``gradscope.watching.nonfinite``):
+an unsampled step leaves one device flag (loss, global norm, the exact min/max of
+each hooked output: one ``aminmax`` per hooked tensor), read at once on the CPU,
+so training stops at the step that went non-finite, before ``optimizer.step()``;
+on an accelerator it is read once its copy has landed (the next ``step()`` or
+``close()``), without stalling the queue.  With ``tier="light"`` a NaN made in
+backward only (finite loss and outputs) waits for the next sampled step.
 
 Gradient accumulation: statistics are per *optimizer step*; the forwards and
 backwards of all micro-batches of a sampled step are merged into its record,
@@ -81,8 +89,16 @@ from gradscope.training import (
     spike_finding,
 )
 from gradscope.watching.aggregate import RunningRecord
-from gradscope.watching.alerts import AlertTracker
-from gradscope.watching.nonfinite import first_nonfinite
+from gradscope.watching.alerts import Alert, AlertTracker, run_summary
+from gradscope.watching.nonfinite import (
+    LayerInfo,
+    StepCheck,
+    StepFlags,
+    first_nonfinite,
+    locate_gradient,
+    locate_step,
+    nonfinite_kinds,
+)
 from gradscope.watching.norms import NormHistogram, SpikeDetector
 from gradscope.watching.regularisation import RegularisationWatch, check_stop_on
 from gradscope.watching.scaling import active_scaler, divide_stats, grads_already_unscaled, scale_tensor
@@ -255,6 +271,14 @@ class Scope:
         self._closed = False
         self._raised = False
         self._hooks_checked = False
+        self._step_loss: torch.Tensor | None = None
+        # Gradient clipping done by a trainer between backward and step(): the norms
+        # measured before it (observe_gradients) and its max_norm, for the summary.
+        self._pre_clip: tuple[list[str], list[str], torch.Tensor | None, torch.Tensor | None] | None = None
+        self.clip_max_norm: float | None = None
+        self._clipped_steps = 0
+        self._post_clip_last: float | None = None
+        self._step_squares: tuple[list[str], torch.Tensor | None, torch.Tensor | None] = ([], None, None)
 
         self._history = NormHistogram()
         self._detector = SpikeDetector()
@@ -292,6 +316,12 @@ class Scope:
             record_no_grad=record_no_grad,
             process_group=process_group,
         )
+        self._check = StepCheck()  # the per-step non-finite check (gradscope.watching.nonfinite)
+        self._recorder.sentinel = self._check.sentinel
+        first = next(iter(model.parameters()), None)
+        self._check.prepare(first.device if first is not None else torch.device("cpu"))
+        self._episode: Finding | None = None  # the nonfinite finding of the current non-finite episode
+        self._pending_error: GradscopeError | None = None
         self._recorder.attach()
         self._recorder.start()  # step 0 is sampled
         # Weight decay, weights over time, eval-mode mistakes, validation (gradscope.watching.regularisation).
@@ -304,8 +334,9 @@ class Scope:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         # Leaving on an exception: no collective (another rank may never reach it),
-        # so a failing job fails as fast as it would without gradscope.
-        self.close(collective=exc_type is None)
+        # so a failing job fails as fast as it would without gradscope; and a
+        # pending non-finite error is only recorded (an exception is on its way).
+        self._close(collective=exc_type is None, raise_pending=exc_type is None)
 
     @property
     def closed(self) -> bool:
@@ -316,19 +347,33 @@ class Scope:
         """Optimizer steps observed so far."""
         return self._step
 
-    def close(self, collective: bool = True) -> Report:
-        """Flush what is left, remove every hook, build and return the full report.
+    def close(self, collective: bool = True, *, raise_pending: bool = True) -> Report:
+        """Flush what is left, remove every hook, build and return the full report,
+        and print the run summary (on the ``gradscope`` logger).
 
         Safe to call twice (the second call returns the same report).  With a
         reduction group the last flush is collective (every rank must close);
         ``collective=False`` (what leaving the ``with`` block on an exception
         does) skips it: statistics not flushed yet are dropped.
+
+        Raises:
+            GradscopeError: with ``raise_on`` containing "nonfinite", when a step
+                whose check was still in flight (on an accelerator, the last
+                step) went non-finite; the scope is closed and the report built.
+                ``raise_pending=False`` (an exception is already on its way) only
+                records it.
         """
+        return self._close(collective=collective, raise_pending=raise_pending)
+
+    def _close(self, collective: bool, raise_pending: bool) -> Report:
         if self._closed:
             assert self._report is not None
             return self._report
         self._closed = True
         try:
+            bad = self._check.poll(wait=True)  # steps whose flag was still in flight
+            if bad is not None:
+                self._pending_error = self._bad_step(bad)
             self._resolve_update_ratio()
             reduced = self._recorder.group is not None
             # With a reduction group the recorder's flush is a collective: every rank flushes.
@@ -350,7 +395,18 @@ class Scope:
                 self._writer.write_report(self._report, step=max(self._step - 1, 0))
             finally:
                 self._writer.close()
+        self._print_summary(self._report)
+        error, self._pending_error = self._pending_error, None
+        if error is not None and raise_pending:
+            raise error
         return self._report
+
+    def _print_summary(self, report: Report) -> None:
+        """The run summary, on the gradscope logger (WARNING: shown without logging configured;
+        silence it with ``logging.getLogger("gradscope").setLevel(logging.ERROR)``)."""
+        dashboards = self._writer.logdir if self._writer is not None else None
+        text = run_summary(report.analysis.get("training", {}), report.findings, self._tracker.counts, dashboards)
+        logger.warning("%s", text)
 
     def report(self) -> Report:
         """The full report: final once the scope is closed, else the run so far
@@ -384,15 +440,32 @@ class Scope:
         value = loss.detach().float().sum() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
         self._pending_loss = value if self._pending_loss is None else self._pending_loss + value.to(self._pending_loss)
 
+    def observe_gradients(self) -> None:
+        """Measure the gradient norms now, for the coming ``step()`` (device work, no sync).
+
+        For trainers that clip gradients between backward and the point where
+        ``step()`` can be called (the Hugging Face Trainer): call it at the end of
+        backward, so spikes and AutoClip see the norms the model really produced.
+        Set ``clip_max_norm`` to the trainer's max norm to also get the post-clip
+        norms (``clip_grad_norm_``'s factor min(1, max_norm / (norm + 1e-6))) in the
+        training summary.  A later call in the same step replaces the earlier one
+        (with gradient accumulation the last micro-batch's is the step's).
+        """
+        measured = self._gradient_squares()
+        if measured[2] is not None:
+            self._pre_clip = measured
+
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Forwards inside (evaluation, generation) are not recorded."""
         self._paused = True
         self._recorder.stop()
+        self._check.sentinel.enabled = False
         try:
             yield
         finally:
             self._paused = False
+            self._check.sentinel.enabled = True
             if not self._closed and self._step % self.every == 0:  # the coming step is sampled
                 self._recorder.start()
 
@@ -428,6 +501,7 @@ class Scope:
     def mark_forward(self) -> None:
         """Start a new forward (resets call-site numbering), for frameworks that call
         submodules without calling the watched model itself."""
+        self._check.sentinel.begin_forward()
         if self._recorder.active:
             self._recorder.start()
 
@@ -445,8 +519,9 @@ class Scope:
         step; None reads it from the scaler's state for ``optimizer``.
 
         Raises:
-            GradscopeError: with ``raise_on`` containing "nonfinite", at the flush
-                that sees the first NaN/Inf; ``error.record`` says where.
+            GradscopeError: with ``raise_on`` containing "nonfinite", at the step
+                that went non-finite (sampled or not; one step late on an
+                accelerator); ``error.record`` says where.
         """
         self._check_open()
         if loss is not None:
@@ -463,6 +538,23 @@ class Scope:
         scaled = scaler is not None and not unscaled
         self._observe_norms(step, scaler, scaled, sampled)
         error: GradscopeError | None = None
+        # Non-finite values on unsampled steps (gradscope.watching.nonfinite): earlier
+        # steps whose flag has landed, then this step's (read at once on the CPU).
+        bad = self._check.poll(wait=sampled)
+        if bad is not None:
+            error = self._bad_step(bad)
+        input_flags: list[Any] = []
+        if sampled:
+            input_flags = self._check.discard()
+        else:
+            names, squares, total = self._step_squares
+            if self._scaler_seen:  # the scaler skips overflowing steps: expected, not checked
+                squares = total = None
+            self._check.record(step, self._step_loss, names, squares, total)
+            bad = self._check.poll()
+            if bad is not None:
+                error = self._bad_step(bad) or error
+        self._step_loss, self._step_squares = None, ([], None, None)
         if sampled:
             full = step - self._last_diagnosed >= DIAGNOSE_EVERY_STEPS
             if full:
@@ -472,7 +564,7 @@ class Scope:
                 types = {layer.name: layer.type for layer in self._recorder.record.layers}
                 self._rates.observe_optimizer(step, optimizer, self._layer_weights(registered=True), types)
             self._take_snapshot(step)
-            error = self._flush(step, sampled=True, full=full, raise_errors=True)
+            error = self._flush(step, sampled=True, full=full, raise_errors=True, input_flags=input_flags) or error
         self._step += 1
         self._regularisation.set_step(self._step)
         if self._step % self.every == 0 and not self._paused:
@@ -509,27 +601,23 @@ class Scope:
         slot = step % self.every
         measure = sampled or self.tier == "full"
         self._norm_given[slot] = measure
+        pre_clip, self._pre_clip = self._pre_clip, None
         names: list[str] = []
-        grads: list[torch.Tensor] = []
+        present: list[str] = []
+        squares: torch.Tensor | None = None
+        mask: torch.Tensor | None = None
         if measure:
-            refs = self._trainable()
-            grads_by_name = local_gradients(refs, self._recorder.owner)
-            if self._recorder.group is not None:
-                names = [ref.name for ref in refs]  # the same layout on every rank
-            else:
-                names = [name for name, grad in grads_by_name if grad is not None]
-            grads = [grad for _, grad in grads_by_name if grad is not None]
-        device = grads[0].device if grads else self._default_device()
+            # measured before the trainer clipped (observe_gradients), else now
+            names, present, squares, mask = pre_clip if pre_clip is not None else self._gradient_squares()
+        device = squares.device if squares is not None else self._default_device()
         presence: torch.Tensor | None = None
-        if grads:
-            squares = _squared_norms(grads)
+        if squares is not None:
             total = squares.sum()
             stacked = squares  # per-parameter squared norms: sampled steps only
-            if sampled and self._recorder.group is not None:
+            if sampled and mask is not None:
                 # The shared layout: 0 where this rank holds none of a parameter;
                 # whether it holds a gradient travels alongside.
-                mask = torch.tensor([grad is not None for _, grad in grads_by_name], device=device)
-                stacked = torch.zeros(len(grads_by_name), dtype=squares.dtype, device=device)
+                stacked = torch.zeros(len(names), dtype=squares.dtype, device=device)
                 stacked[mask] = squares
                 presence = mask.to(squares.dtype)
         else:
@@ -551,9 +639,42 @@ class Scope:
         if self._pending_loss is not None:
             buf[_LOSS, slot] = self._pending_loss.to(device)
         self._loss_given[slot] = self._pending_loss is not None
+        self._step_loss = self._pending_loss
+        self._step_squares = (present, squares, total if squares is not None else None)
         self._pending_loss = None
         if sampled:
             self._param_norms = (names, stacked if presence is None else torch.cat([stacked, presence]))
+
+    def _gradient_squares(
+        self,
+    ) -> tuple[list[str], list[str], torch.Tensor | None, torch.Tensor | None]:
+        """This rank's gradients now: the layout of the names (every trainable
+        parameter with a reduction group, else those with a gradient), the names
+        with a gradient, their squared norms (device, no sync) and, with a
+        reduction group, which of the layout they are (a device mask)."""
+        refs = self._trainable()
+        grads_by_name = local_gradients(refs, self._recorder.owner)
+        present = [name for name, grad in grads_by_name if grad is not None]
+        grads = [grad for _, grad in grads_by_name if grad is not None]
+        reduced = self._recorder.group is not None
+        names = [ref.name for ref in refs] if reduced else present  # the same layout on every rank
+        if not grads:
+            return names, present, None, None
+        squares = _squared_norms(grads)
+        mask = None
+        if reduced:
+            mask = torch.tensor([grad is not None for _, grad in grads_by_name], device=squares.device)
+        return names, present, squares, mask
+
+    def _local_parameters(self) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
+        """(name, this rank's part of the value, its gradient) of each trainable
+        parameter, looked up now and not kept (for the non-finite search)."""
+        out = []
+        for ref in self._trainable():
+            local = ref.resolve(True)
+            if local is not None:
+                out.append((ref.name, local.value, local.grad))
+        return out
 
     def _default_device(self) -> torch.device:
         for ref in self._trainable():
@@ -711,7 +832,9 @@ class Scope:
             offset += 2 * k
         return ring, names, param_norms, out_ratios
 
-    def _flush(self, step: int, *, sampled: bool, raise_errors: bool, full: bool = False) -> GradscopeError | None:
+    def _flush(
+        self, step: int, *, sampled: bool, raise_errors: bool, full: bool = False, input_flags: list[Any] | None = None
+    ) -> GradscopeError | None:
         """Move this flush's numbers to the host and run the training rules; a
         ``full`` flush also carries parameter statistics and runs the diagnosis."""
         packed, packed_names, ratio_layout = self._pack()
@@ -753,6 +876,10 @@ class Scope:
                 continue  # tier "light": gradient norms on sampled steps only
             norm = float(ring[_NORM, slot])
             global_norms.append((t, norm))
+            if self.clip_max_norm and math.isfinite(norm):
+                # torch.nn.utils.clip_grads_with_norm_: factor max_norm / (norm + 1e-6), at most 1
+                self._post_clip_last = norm * min(1.0, self.clip_max_norm / (norm + 1e-6))
+                self._clipped_steps += norm > self.clip_max_norm
             if not math.isfinite(norm) and first_bad_norm is None:
                 first_bad_norm = t
             self._history.add(norm)
@@ -778,41 +905,50 @@ class Scope:
         findings: list[Finding] = []
         param_grad_norms = dict(zip(names, param_norms.tolist(), strict=True)) if param_norms is not None else {}
         located = self._locate_nonfinite(
-            record, step, sampled, first_bad_norm, first_bad_loss, losses, param_grad_norms
+            record, step, sampled, first_bad_norm, first_bad_loss, losses, param_grad_norms, input_flags
         )
+        nonfinite: list[Finding] = []
         if located is not None:
-            if self.first_nonfinite is None:
-                self.first_nonfinite = located
-            findings.append(nonfinite_finding(located, clip))
+            nonfinite.append(self._nonfinite_episode(located, clip))
+        training: list[Finding] = []
         if spike is not None:
-            findings.append(spike_finding(spike, self._spikes, clip))
+            training.append(spike_finding(spike, self._spikes, clip))
 
         update_ratios: dict[int, dict[str, float]] = {}
         for ratio_step, layer_names, values in ratios:
             for name, value in zip(layer_names, values.tolist(), strict=True):
                 update_ratios.setdefault(ratio_step, {})[name] = value
-        findings.extend(self._rates.observe(step, update_ratios, global_norms, losses))
+        training.extend(self._rates.observe(step, update_ratios, global_norms, losses))
         if self._scaler_seen:
             skipped = skipped_steps_finding(self._skipped, self._last_flushed + 1, self._last_scale)
             if skipped is not None:
-                findings.append(skipped)
+                training.append(skipped)
+        sources: dict[str, list[Finding]] = {"training": training}
+        if sampled or located is not None:
+            sources["nonfinite"] = nonfinite  # a sampled step is searched whole: absence clears
         if sampled and full and record.layers:
             self._last_diagnosed = step
-            findings.extend(self._diagnose(record))
+            diagnosed = self._diagnose(record)
+            if located is not None:
+                # The watch's own record of this step says where it started; the
+                # diagnosis reads the same statistics with less context.
+                diagnosed = [f for f in diagnosed if f.code != "nonfinite"]
+            sources["diagnosis"] = diagnosed
+        if not nonfinite and sampled:
+            self._episode = None
+        findings = [f for group in sources.values() for f in group]
 
         if spike is not None and spike.step == step and param_grad_norms:
             top = self._spikes.add_parameter_norms(step, param_grad_norms)
             for finding in findings:
                 if finding.code == "gradient-spike":
                     finding.evidence["largest_parameter_norms"] = top
-        findings.extend(
-            self._regularisation.flush(
-                step, full=sampled and full, param_grad_norms=param_grad_norms, losses=losses, writer=self._writer
-            )
+        regularisation = self._regularisation.flush(
+            step, full=sampled and full, param_grad_norms=param_grad_norms, losses=losses, writer=self._writer
         )
-        alerts = self._tracker.observe(step, findings)
-        for alert in alerts:
-            self._announce(step, alert)
+        sources["training"].extend(regularisation)  # cached between measurements: evaluated every flush
+        findings.extend(regularisation)
+        alerts = self._alert(step, sources)
         self._aggregate.merge(record)
         result = FlushResult(
             step=step,
@@ -824,7 +960,7 @@ class Scope:
             param_grad_norms=param_grad_norms,
             clip=clip,
             findings=findings,
-            alerts=alerts,
+            alerts=[alert.finding for alert in alerts if alert.kind != "cleared"],
         )
         last = self.recent[-1] if self.recent else None
         if not steps and not record.layers and last is not None:
@@ -837,15 +973,18 @@ class Scope:
         if not raise_errors or self._raised:
             return None
         if located is not None and "nonfinite" in self.raise_on:
-            self._raised = True
-            return GradscopeError(
-                nonfinite_finding(located, None).message + "; stopping (raise_on includes 'nonfinite')",
-                record=located,
-            )
+            return self._nonfinite_error()
         for alert in alerts:
-            if alert.code in self.raise_on and alert.code != "nonfinite":
+            finding = alert.finding
+            if (
+                alert.kind in ("appeared", "escalated")
+                and finding.code in self.raise_on
+                and finding.code != "nonfinite"
+            ):
                 self._raised = True
-                return GradscopeError(f"{alert.message}; stopping (raise_on includes {alert.code!r})", alert.to_dict())
+                return GradscopeError(
+                    f"{finding.message}; stopping (raise_on includes {finding.code!r})", finding.to_dict()
+                )
         return None
 
     def _check_hooks_fired(self, grad_names: list[str]) -> None:
@@ -864,6 +1003,63 @@ class Scope:
         self._aggregate.record.note(message)
         if is_writer():
             logger.warning("gradscope: %s", message)
+
+    # -- non-finite values --------------------------------------------------------
+    def _nonfinite_episode(self, located: dict[str, Any], clip: dict[str, Any] | None) -> Finding:
+        """The nonfinite finding for a step that saw NaN/inf: the first such step of
+        the run names it, and it stays the same finding (one alert) while later
+        steps stay non-finite, until a sampled step is finite again."""
+        if self.first_nonfinite is None:
+            self.first_nonfinite = located
+        if self._episode is None:
+            self._episode = nonfinite_finding(located, clip)
+        return self._episode
+
+    def _nonfinite_error(self) -> GradscopeError | None:
+        if self._raised or "nonfinite" not in self.raise_on or self._episode is None:
+            return None
+        self._raised = True
+        record = self._episode.evidence
+        return GradscopeError(self._episode.message + "; stopping (raise_on includes 'nonfinite')", record=dict(record))
+
+    def _layer_infos(self) -> list[LayerInfo]:
+        return [
+            LayerInfo(layer.name, layer.module, layer.type, layer.index, layer.output_dtype)
+            for layer in sorted(self._recorder.record.layers, key=lambda layer: layer.index)
+        ]
+
+    def _bad_step(self, flags: StepFlags) -> GradscopeError | None:
+        """An unsampled step whose check flag was non-finite: find where, alert, and
+        return the error to raise (None for a false alarm or when not raising)."""
+        if self._episode is not None:
+            # Already reported, and the run goes on (raise_on): no search per step, but
+            # the finding's life story follows it (the same finding: no new alert).
+            self._alert(flags.step, {"nonfinite": [self._episode]})
+            return None
+        located = locate_step(
+            flags, self._layer_infos(), self._local_parameters(), include_gradients=not self._scaler_seen
+        )
+        if located is None:
+            return None
+        if not flags.same_step:
+            located["read"] = "one step late (accelerator): optimizer.step() of this step already ran"
+        finding = self._nonfinite_episode(located, clip_advice(self._history))
+        self._alert(flags.step, {"nonfinite": [finding]})
+        return self._nonfinite_error()
+
+    def _alert(self, step: int, sources: dict[str, list[Finding]]) -> list[Alert]:
+        """Feed one observation to the tracker and announce its alerts (one TensorBoard
+        text entry for all of them)."""
+        alerts = self._tracker.observe(step, sources)
+        if not alerts:
+            return alerts
+        details = "scope.report()"
+        if self._writer is not None:
+            details += f"; TensorBoard {self._writer.logdir}, Text tab"
+            self._writer.write_alerts(step, [alert.markdown() for alert in alerts])
+        for alert in alerts:
+            self._announce(alert, details)
+        return alerts
 
     def _in_trouble(self, record: Record, ring: torch.Tensor | None, step: int) -> bool:
         """Whether this sampled step saw a non-finite tensor or gradient norm."""
@@ -898,82 +1094,53 @@ class Scope:
         bad_loss: int | None,
         losses: list[tuple[int, float]],
         param_grad_norms: dict[str, float],
+        input_flags: list[Any] | None = None,
     ) -> dict[str, Any] | None:
-        """The first NaN/Inf of this flush: per layer on the sampled step, else from
-        the global norm or loss of the steps in between (layer unknown)."""
+        """The first NaN/Inf of a sampled step, searched in its record (the steps in
+        between are searched by their per-step check, ``gradscope.watching.nonfinite``)."""
+        if not sampled:
+            return None
         loss_at_step = dict(losses).get(step)
         loss_finite = None if loss_at_step is None else math.isfinite(loss_at_step)
         weight_dtypes = self._weight_dtypes
-        located = None
-        if sampled:
-            located = first_nonfinite(
-                record,
-                step,
-                loss_finite=loss_finite,
-                include_gradients=not self._scaler_seen,
-                weight_dtypes=weight_dtypes,
+        located = first_nonfinite(
+            record,
+            step,
+            loss_finite=loss_finite,
+            include_gradients=not self._scaler_seen,
+            weight_dtypes=weight_dtypes,
+            input_finite=_inputs_finite(input_flags),
+        )
+        if located is None and bad_norm == step and not self._scaler_seen:
+            # Parameter statistics are sampled, their norms exact: a non-finite norm is
+            # a NaN/inf element the sample missed, or a sum of squares that overflowed
+            # float32 -- non-finite either way, as clip_grad_norm_ would see it.
+            bad = [name for name, value in param_grad_norms.items() if not math.isfinite(value)]
+            params = self._local_parameters()
+            grads = {name: grad for name, _, grad in params}
+            forward_finite = not any(
+                layer.activation is not None and layer.activation.nonfinite_count > 0 for layer in record.layers
             )
-        if self._scaler_seen:
-            bad_norm = None  # the scaler skips overflowing steps: expected, counted as skipped steps
-        elif sampled and bad_norm == step:
-            if located is None:
-                # Parameter statistics are sampled, their norms exact: a NaN norm is
-                # a NaN element the sample missed (bias gradients have no statistics).
-                located = self._nan_parameter(record, step, param_grad_norms)
-            # Otherwise an infinite norm with finite gradients is float32 overflow of
-            # the sum of squares (norms above ~1.8e19, as clip_grad_norm_ would
-            # compute too): a spike, not a NaN yet.
-            bad_norm = None
-        earliest = min((t for t in (bad_norm, bad_loss) if t is not None), default=None)
-        if earliest is not None and (located is None or earliest < step):
-            role = "loss" if earliest == bad_loss else "weight_grad"
-            unsampled: dict[str, Any] = {
-                "step": earliest,
-                "layer": None,
-                "type": None,
-                "role": role,
-                "dtype": None,
-                "origin": "unknown",
-                "source": f"step {earliest} was not sampled (every={self.every}); the global "
-                + ("loss" if role == "loss" else "gradient norm")
-                + " was non-finite",
-                "nonfinite_count": None,
-                "count": None,
-            }
-            if located is not None:
-                unsampled["at_sampled_step"] = located
-            located = unsampled
-        return located
+            by_name = {layer.name: layer for layer in record.layers}
 
-    def _nan_parameter(self, record: Record, step: int, norms: dict[str, float]) -> dict[str, Any] | None:
-        """The first parameter (in forward order) whose exact gradient norm is NaN
-        (the norms are of ``self._trainable()``, so each name is found there)."""
-        nan_params = [name for name, value in norms.items() if math.isnan(value)]
-        if not nan_params:
-            return None
-        order = {layer.module: layer for layer in sorted(record.layers, key=lambda layer: layer.index)}
-        owners = [(name, order.get(name.rpartition(".")[0] or "model")) for name in nan_params]
-        owners.sort(key=lambda item: item[1].index if item[1] is not None else len(order))
-        name, layer = owners[0]
-        received = layer is not None and layer.gradient is not None and layer.gradient.nonfinite_count > 0
-        ref = next(ref for ref in self._trainable() if ref.name == name)
-        local = ref.resolve(True)
-        dtype = local.value.dtype if local is not None else None
-        return {
-            "step": step,
-            "layer": layer.name if layer is not None else None,
-            "type": layer.type if layer is not None else None,
-            "role": "weight_grad",
-            "parameter": name,
-            "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
-            "origin": "received" if received else "produced",
-            "source": (f"∂ℓ/∂h of {layer.name}" if received and layer is not None else f"the gradient of {name}")
-            + " (found by its exact gradient norm; the sampled statistics missed the element)",
-            "nonfinite_count": None,
-            "has_nan": True,
-            "has_inf": None,
-            "count": math.prod(ref.shape),
-        }
+            def gradient_bad(name: str) -> bool | None:
+                layer = by_name.get(name)
+                return None if layer is None or layer.gradient is None else layer.gradient.nonfinite_count > 0
+
+            def elements(parameter: str) -> tuple[bool, bool] | None:
+                grad = grads.get(parameter)
+                return None if grad is None else nonfinite_kinds(grad)
+
+            located = locate_gradient(
+                step,
+                bad,
+                self._layer_infos(),
+                dtypes={name: str(value.dtype).removeprefix("torch.") for name, value, _ in params},
+                elements=elements,
+                forward_finite=forward_finite,
+                gradient_bad=gradient_bad,
+            )
+        return located
 
     def _diagnose(self, record: Record) -> list[Finding]:
         if not self.diagnose or self._diagnose_failed:
@@ -987,18 +1154,16 @@ class Scope:
         findings, _ = diagnose_record(record, formats=self.formats, model=self.model, during_training=True)
         return list(findings)
 
-    def _announce(self, step: int, finding: Finding) -> None:
-        if self._writer is not None:
-            self._writer.write_alert(step, finding)
-        if self.on_finding is not None:
-            self.on_finding(finding)  # on every rank: each saw the same reduced numbers
-            return
-        if not is_writer():
-            return  # one voice per job: rank 0 prints
+    def _announce(self, alert: Alert, details: str) -> None:
+        """Log one alert (always: ``on_finding`` is called in addition), and pass
+        findings that appear, escalate or move to ``on_finding``."""
         # Loud by default: without a handler configured, logging's last-resort
         # handler prints warnings and errors to stderr.
-        level = logging.ERROR if Severity(finding.severity) is Severity.ERROR else logging.WARNING
-        logger.log(level, "gradscope step %d: %s: %s", step, finding.code, finding.message)
+        severity = Severity(alert.finding.severity)
+        level = logging.ERROR if severity is Severity.ERROR and alert.kind != "cleared" else logging.WARNING
+        logger.log(level, "%s", alert.line(details))
+        if self.on_finding is not None and alert.kind != "cleared":
+            self.on_finding(alert.finding)
 
     # -- the final report -------------------------------------------------------
     def training_summary(self) -> dict[str, Any]:
@@ -1022,6 +1187,14 @@ class Scope:
             "skipped_steps": self._skipped if self._scaler_seen else None,
             "update_ratio": self._rates.summary(),
             "first_nonfinite": self.first_nonfinite,
+            "clipping": None
+            if not self.clip_max_norm
+            else {
+                "norms": "measured before the trainer's gradient clipping",
+                "max_norm": self.clip_max_norm,
+                "clipped_steps": self._clipped_steps,
+                "global_grad_norm_post_clip_last": self._post_clip_last,
+            },
         }
 
     def _reduction_summary(self) -> dict[str, Any] | str:
@@ -1041,19 +1214,24 @@ class Scope:
         for note in self._recorder.record.notes:
             record.note(note)
         findings: list[Finding] = []
+        diagnosed: list[Finding] = []
         analysis: dict[str, Any] = {}
         if self.diagnose and not self._diagnose_failed and record.layers:
             try:
                 from gradscope.diagnose import diagnose_record
 
                 diag, analysis = diagnose_record(record, formats=self.formats, model=self.model, during_training=True)
-                findings.extend(diag)
+                diagnosed.extend(diag)
                 analysis = dict(analysis)
             except ImportError:
                 record.note("gradscope.diagnose.diagnose_record is unavailable: only training rules ran")
         clip = clip_advice(self._history)
         if self.first_nonfinite is not None:
+            # The watch's own record of the first non-finite step wins over the
+            # diagnosis of the whole-run statistics, which mixes every step
+            # before and after it (and so cannot tell who produced it).
             findings.append(nonfinite_finding(self.first_nonfinite, clip))
+            diagnosed = [f for f in diagnosed if f.code != "nonfinite"]
         if self._spikes.worst is not None:
             findings.append(spike_finding(self._spikes.worst, self._spikes, clip))
         findings.extend(self._rates.final_findings())
@@ -1062,7 +1240,7 @@ class Scope:
             if skipped is not None:
                 findings.append(skipped)
         findings.extend(self._regularisation.final_findings())
-        findings = _dedupe(findings)
+        findings = _dedupe(findings + diagnosed)
         findings = self._tracker.annotate(findings)
         order = {layer.name: layer.index for layer in record.layers}
         findings.sort(key=lambda f: (-Severity(f.severity).rank, order.get(f.layers[0], -1) if f.layers else -1))
@@ -1090,6 +1268,18 @@ class Scope:
             findings=findings,
             analysis=analysis,
         )
+
+
+def _inputs_finite(flags: list[Any] | None) -> bool | None:
+    """Whether every forward's first input was finite (a non-float input is), from the
+    sentinel's flags of a sampled step; None when no forward was seen."""
+    if not flags:
+        return None
+    pairs = [extremes for _, extremes in flags if extremes is not None]
+    if not pairs:
+        return True
+    values = torch.stack([torch.stack([lo.float().cpu(), hi.float().cpu()]) for lo, hi in pairs])
+    return bool(torch.isfinite(values).all())
 
 
 def _dedupe(findings: list[Finding]) -> list[Finding]:
@@ -1133,8 +1323,11 @@ def watch(
         log_dir: write TensorBoard dashboards there (rank 0 only).
         formats: low-precision formats to check ranges against.
         include, exclude: fnmatch patterns on module names (see ``Recorder``).
-        on_finding: called with each alert (a ``Finding``) as it happens; alerts
-            are also logged on the ``gradscope`` logger.
+        on_finding: called with each finding (a ``Finding``) when it appears,
+            escalates (warning to error) or changes layers, not when it clears.
+            Every alert is also logged on the ``gradscope`` logger, one short
+            line, whether or not ``on_finding`` is set (silence it with
+            ``logging.getLogger("gradscope").setLevel(logging.CRITICAL)``).
         raise_on: finding codes that stop training with a ``GradscopeError``;
             by default the first non-finite value.
         tier: "full" (default), or "light": only layers that own parameters,

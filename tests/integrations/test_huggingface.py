@@ -161,3 +161,105 @@ def test_trainer_that_raises_leaves_no_hook_and_a_report(tmp_path, mode: str, ex
     model.fail_at = 10**9
     model(torch.randn(2, 5))
     assert callback.scope._recorder.pending_count() == 0
+
+
+class Spiky(TinyRegressor):
+    """A regressor whose loss is scaled by ``factor`` at training forward ``at``."""
+
+    def __init__(self, at: int, factor: float) -> None:
+        super().__init__()
+        self.at, self.factor, self.calls = at, factor, 0
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if self.training:
+            self.calls += 1
+        result = super().forward(x, labels)
+        if self.training and self.calls == self.at + 1 and labels is not None:
+            result["loss"] = result["loss"] * self.factor
+        return result
+
+
+class Blowup(nn.Module):
+    """inf from its ``at``-th training forward on."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+        return x * float("inf") if self.training and self.calls > self.at else x
+
+
+class Diverging(TinyRegressor):
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 16), Blowup(at), nn.Tanh(), nn.Linear(16, 1))
+
+
+def _args(tmp_path, steps: int, **extra) -> transformers.TrainingArguments:
+    options = dict(
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=BATCH,
+        learning_rate=1e-3,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    options.update(extra)
+    return transformers.TrainingArguments(**options)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("every", [1, 4, 10, 50])
+def test_trainer_stops_at_the_first_nan_step_and_names_the_layer(tmp_path, every: int) -> None:
+    from gradscope.errors import GradscopeError
+
+    torch.manual_seed(0)
+    model = Diverging(at=6)
+    callback = GradscopeTrainerCallback(every=every)
+    trainer = transformers.Trainer(
+        model=model, args=_args(tmp_path, 12), train_dataset=Rows(BATCH * 12), callbacks=[callback]
+    )
+    with pytest.raises(GradscopeError) as info:
+        trainer.train()
+    record = info.value.record
+    where = (record["step"], record["layer"], record["role"], record["origin"])
+    assert where == (6, "net.1", "activation", "produced")
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())  # step 6's update never ran
+    assert callback.report is not None and callback.scope.closed
+    # the default log_dir: the Trainer's TensorBoard directory, <output_dir>/runs, + gradscope
+    assert list((tmp_path / "runs" / "gradscope").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_trainer_spike_detection_sees_the_norms_before_clipping(tmp_path) -> None:
+    """max_grad_norm=1.0 clips every step; a 1000x loss spike at step 30 is still
+    seen as a spike, at the raw norm the Trainer itself logs as grad_norm."""
+    torch.manual_seed(0)
+    model = Spiky(at=30, factor=1000.0)
+    logged: dict[int, float] = {}
+
+    class Log(transformers.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "grad_norm" in logs:
+                logged[state.global_step - 1] = float(logs["grad_norm"])
+
+    callback = GradscopeTrainerCallback(every=5)
+    args = _args(tmp_path, 40, max_grad_norm=1.0, logging_strategy="steps", logging_steps=1)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows(BATCH * 40), callbacks=[callback, Log()])
+    trainer.train()
+    assert callback.pre_clip
+    report = callback.report
+    spike = next(f for f in report.findings if f.code == "gradient-spike")
+    assert spike.evidence["step"] == 30
+    assert spike.evidence["global_norm"] == pytest.approx(logged[30], rel=1e-4)  # HF's pre-clip grad_norm
+    assert spike.evidence["global_norm"] > 10 * args.max_grad_norm
+    clipping = report.analysis["training"]["clipping"]
+    assert clipping["max_norm"] == 1.0 and clipping["clipped_steps"] >= 1
+    assert clipping["global_grad_norm_post_clip_last"] <= 1.0 + 1e-6

@@ -141,3 +141,63 @@ def test_lightning_run_that_raises_leaves_no_hook_and_a_report(tmp_path, mode: s
         assert training["first_nonfinite"]["step"] == 2
         assert any(f.code == "nonfinite" for f in report.findings)
     assert list(log_dir.glob("**/events.out.tfevents.*"))
+
+
+class Blowup(nn.Module):
+    """inf from its ``at``-th training forward on."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+        return x * float("inf") if self.training and self.calls > self.at else x
+
+
+class Diverging(pl.LightningModule):
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 16), Blowup(at), nn.Tanh(), nn.Linear(16, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("every", [1, 4, 10, 50])
+def test_lightning_stops_at_the_first_nan_step_and_names_the_layer(tmp_path, every: int) -> None:
+    from gradscope.errors import GradscopeError
+
+    torch.manual_seed(0)
+    model = Diverging(at=6)
+    callback = GradscopeCallback(every=every)
+    trainer = pl.Trainer(
+        max_steps=12,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(tmp_path),
+        callbacks=[callback],
+    )
+    with pytest.raises(GradscopeError) as info:
+        trainer.fit(model, loader(BATCH * 12))
+    record = info.value.record
+    where = (record["step"], record["layer"], record["role"], record["origin"])
+    assert where == (6, "net.1", "activation", "produced")
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())  # step 6's update never ran
+    assert trainer.global_step == 6
+    report = callback.report
+    assert report is not None and callback.scope.closed
+    assert report.analysis["training"]["first_nonfinite"]["layer"] == "net.1"
+    # the default log_dir is the trainer's own (default_root_dir without a logger)
+    assert list((tmp_path / "gradscope").glob("events.out.tfevents.*"))

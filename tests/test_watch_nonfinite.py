@@ -1,0 +1,320 @@
+"""The first non-finite step and layer, whatever ``every``: the per-step check
+(gradscope.watching.nonfinite) stops the run at the step that went non-finite,
+before ``optimizer.step()``, with the same name at every sampling rate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import gradscope
+from gradscope.errors import GradscopeError
+from gradscope.watching import Scope, nonfinite
+
+EVERIES = [1, 4, 10, 50]
+
+
+class Blowup(nn.Module):
+    """Multiplies by inf from its ``at``-th training call on (a forward that produces inf)."""
+
+    def __init__(self, at: int | None = None) -> None:
+        super().__init__()
+        self.at = at
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.at is not None and self.calls > self.at:
+            return x * torch.tensor(float("inf"))
+        return x
+
+
+def blowup_model(at: int | None) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), Blowup(at), nn.Tanh(), nn.Linear(16, 3))
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
+
+
+def train(model: nn.Module, scope: gradscope.watching.Scope, steps: int, loss_scale=None) -> int:
+    """Train ``steps`` steps as documented (scope.step before optimizer.step); return the steps completed."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    done = 0
+    for step in range(steps):
+        x, y = batch(step)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        if loss_scale is not None:
+            loss = loss * loss_scale(step)
+        loss.backward()
+        scope.step(opt, loss=loss)
+        opt.step()
+        done += 1
+    return done
+
+
+def where(record: dict) -> tuple:
+    return record["step"], record["layer"], record["role"], record["origin"]
+
+
+@pytest.mark.parametrize("every", EVERIES)
+def test_inf_activation_stops_at_its_step_with_one_name_at_every_rate(every: int) -> None:
+    model = blowup_model(at=7)
+    done = 0
+    with pytest.raises(GradscopeError) as info:
+        with gradscope.watch(model, every=every) as scope:
+            opt = torch.optim.SGD(model.parameters(), lr=0.01)
+            for step in range(30):
+                x, y = batch(step)
+                opt.zero_grad()
+                loss = nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                scope.step(opt, loss=loss)
+                opt.step()
+                done += 1
+    assert done == 7  # step 7 raised in its scope.step: its optimizer.step never ran
+    assert where(info.value.record) == (7, "1", "activation", "produced")
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    report = scope.report()
+    nonfinite_findings = [f for f in report.findings if f.code == "nonfinite"]
+    assert len(nonfinite_findings) == 1 and nonfinite_findings[0].layers == ["1"]
+    assert report.analysis["training"]["first_nonfinite"]["step"] == 7
+
+
+@pytest.mark.parametrize("every", [10, 50])
+def test_a_run_ending_before_the_next_sampled_step_still_stops(every: int) -> None:
+    model = blowup_model(at=7)
+    with pytest.raises(GradscopeError) as info:
+        with gradscope.watch(model, every=every) as scope:
+            train(model, scope, 8)  # steps 0..7: step 7 is the last, unsampled
+    assert where(info.value.record) == (7, "1", "activation", "produced")
+    assert scope.closed
+
+
+class LateEvent:
+    """An accelerator's copy that has not landed until someone waits for it."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.done = True
+
+
+def test_on_an_accelerator_the_flag_is_read_late_and_close_checks_the_pending_steps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where reading a device value would stall the queue, the flag is read once it
+    landed; close() waits for the flags still in flight and raises for them."""
+    monkeypatch.setattr(nonfinite, "reads_are_free", lambda device: False)
+    monkeypatch.setattr(nonfinite, "_completion_event", lambda device: LateEvent())
+    model = blowup_model(at=7)
+    scope = gradscope.watch(model, every=10)
+    assert train(model, scope, 8) == 8  # no stall: the step-7 flag was not read yet
+    with pytest.raises(GradscopeError) as info:
+        scope.close()
+    record = info.value.record
+    assert where(record) == (7, "1", "activation", "produced")
+    assert "one step late" in record["read"]
+    assert scope.closed and scope.report().findings[0].code == "nonfinite"
+
+
+@pytest.mark.parametrize("every", EVERIES)
+def test_an_infinite_global_norm_is_nonfinite_at_every_rate(every: int) -> None:
+    """Gradients of ~1e30 are finite elements whose float32 sum of squares is inf:
+    clip_grad_norm_ would see an inf norm too.  One name at every rate: nonfinite."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    with pytest.raises(GradscopeError) as info:
+        with Scope(model, every=every, diagnose=False) as scope:
+            train(model, scope, 20, loss_scale=lambda step: 1e30 if step == 5 else 1.0)
+    record = info.value.record
+    assert where(record) == (5, "2", "weight_grad", "produced")
+    assert record["has_nan"] is False and record["has_inf"] is False  # every element finite
+    assert "overflowed float32" in record["source"]
+    codes = [f.code for f in scope.report().findings]
+    assert codes.count("nonfinite") == 1 and "gradient-spike" not in codes
+
+
+class NanGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * torch.tensor(float("nan")) if NanInBackward.poison else g
+
+
+class NanInBackward(nn.Module):
+    poison = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return NanGrad.apply(x)
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_a_nan_made_in_backward_is_named_at_the_same_layer(every: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), NanInBackward(), nn.Tanh(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(GradscopeError) as info:
+        with Scope(model, every=every, diagnose=False) as scope:
+            for step in range(8):
+                NanInBackward.poison = step == 5
+                x, y = batch(step)
+                opt.zero_grad()
+                nn.functional.mse_loss(model(x), y).backward()
+                scope.step(opt)
+                opt.step()
+    NanInBackward.poison = False
+    record = info.value.record
+    assert (record["step"], record["layer"]) == (5, "0")
+    # sampled: ∂ℓ/∂h of 0 is recorded; unsampled: its weight gradient, received from it
+    assert (record["role"], record["origin"]) == (
+        ("gradient", "produced") if every == 1 else ("weight_grad", "received")
+    )
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert scope.closed
+
+
+class Wrapper(nn.Module):
+    """A LightningModule-like owner: training calls ``self.net`` directly, so the
+    watched model's own forward (and its input statistics) never runs."""
+
+    def __init__(self, first: nn.Module) -> None:
+        super().__init__()
+        self.net = nn.Sequential(first, nn.Tanh(), nn.Linear(16, 3))
+
+
+class InfFirst(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 16)
+        self.poison = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.lin(x)
+        return out * float("inf") if self.poison else out
+
+
+@pytest.mark.parametrize("every", [1, 4])
+@pytest.mark.parametrize("bad_input", [False, True])
+def test_missing_model_input_statistics_are_not_evidence(every: int, bad_input: bool) -> None:
+    torch.manual_seed(0)
+    first = InfFirst()
+    model = Wrapper(first)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(GradscopeError) as info:
+        with Scope(model, every=every, diagnose=False, include=["net.0", "net.1", "net.2"]) as scope:
+            for step in range(8):
+                scope.mark_forward()  # what the Lightning callback does per batch
+                x, y = batch(step)
+                if step == 5:
+                    if bad_input:
+                        x[0, 0] = float("nan")
+                    else:
+                        first.poison = True
+                opt.zero_grad()
+                nn.functional.mse_loss(model.net(x), y).backward()
+                scope.step(opt)
+                opt.step()
+    record = info.value.record
+    assert (record["step"], record["layer"], record["role"]) == (5, "net.0", "activation")
+    # the input of net.0 was observed (the sentinel takes each forward's first input)
+    assert record["origin"] == ("received" if bad_input else "produced")
+
+
+def test_a_weight_made_non_finite_by_the_update_keeps_that_diagnosis_in_the_final_report() -> None:
+    """The watch's own record (weight, produced by the previous optimizer update) wins
+    over the whole-run diagnosis, which cannot tell who produced it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradscope.watch(model, every=10, raise_on=()) as scope:
+        for step in range(25):
+            x, y = batch(step)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            scope.step(opt)
+            opt.step()
+            if step == 3:  # an update that writes NaN into a weight (fp16 AdamW's eps underflow does)
+                with torch.no_grad():
+                    model[2].weight[0, 0] = float("nan")
+    report = scope.report()
+    nonfinite_findings = [f for f in report.findings if f.code == "nonfinite"]
+    assert len(nonfinite_findings) == 1
+    finding = nonfinite_findings[0]
+    assert (finding.evidence["step"], finding.evidence["layer"], finding.evidence["role"]) == (4, "2", "weight")
+    assert "previous optimizer update" in finding.message
+    assert "model input" not in finding.message
+
+
+def test_unsampled_steps_cost_one_op_per_hooked_activation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hot-path budget: on an unsampled step the hooks add one aminmax per hooked
+    output plus one for the forward's input, and nothing else."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    calls = []
+    real = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda t: calls.append(t.shape) or real(t))
+    with Scope(model, every=4, diagnose=False) as scope:
+        for step in range(2):
+            calls.clear()
+            x, y = batch(step)
+            opt.zero_grad()
+            out = model(x)
+            forward_calls = len(calls)
+            nn.functional.mse_loss(out, y).backward()
+            scope.step(opt)
+            opt.step()
+    # step 1 is unsampled: 3 hooked outputs + the input of layer 0
+    assert forward_calls == 4
+    assert sorted(map(tuple, calls)) == [(8, 3), (8, 6), (8, 16), (8, 16)]
+
+
+def train_with_evaluation(model: nn.Module, scope: gradscope.watching.Scope, steps: int) -> int:
+    """Like ``train``, with an evaluation forward under no_grad on an infinite batch before each step."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    done = 0
+    for step in range(steps):
+        with torch.no_grad():
+            model(torch.full((8, 6), float("inf")))
+        x, y = batch(step)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        scope.step(opt, loss=loss)
+        opt.step()
+        done += 1
+    return done
+
+
+@pytest.mark.parametrize("every", [1, 4, 10])
+def test_the_per_step_check_skips_the_forwards_the_recorder_skips(every: int) -> None:
+    # Blowup counts every call: the training forward of step s is its call 2s+2.
+    model = blowup_model(at=2 * 7 + 1)
+    with pytest.raises(GradscopeError) as info:
+        with gradscope.watch(model, every=every) as scope:
+            train_with_evaluation(model, scope, 30)
+    # The infinite evaluation batches are not the training run's: the first bad step is
+    # the training forward's own, named as without them.
+    assert where(info.value.record) == (7, "1", "activation", "produced")
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_with_record_no_grad_the_per_step_check_counts_evaluation_forwards(every: int) -> None:
+    model = blowup_model(at=None)
+    with pytest.raises(GradscopeError) as info:
+        with gradscope.watch(model, every=every, record_no_grad=True) as scope:
+            train_with_evaluation(model, scope, 30)
+    assert info.value.record["step"] == 0
+    assert info.value.record["origin"] == "received"  # from the infinite evaluation input
