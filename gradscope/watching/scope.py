@@ -404,6 +404,8 @@ class Scope:
     def _print_summary(self, report: Report) -> None:
         """The run summary, on the gradscope logger (WARNING: shown without logging configured;
         silence it with ``logging.getLogger("gradscope").setLevel(logging.ERROR)``)."""
+        if not is_writer():
+            return  # one voice per job: rank 0 prints
         dashboards = self._writer.logdir if self._writer is not None else None
         text = run_summary(report.analysis.get("training", {}), report.findings, self._tracker.counts, dashboards)
         logger.warning("%s", text)
@@ -1161,9 +1163,10 @@ class Scope:
         # handler prints warnings and errors to stderr.
         severity = Severity(alert.finding.severity)
         level = logging.ERROR if severity is Severity.ERROR and alert.kind != "cleared" else logging.WARNING
-        logger.log(level, "%s", alert.line(details))
+        if is_writer():  # one voice per job: rank 0 prints
+            logger.log(level, "%s", alert.line(details))
         if self.on_finding is not None and alert.kind != "cleared":
-            self.on_finding(alert.finding)
+            self.on_finding(alert.finding)  # on every rank: each saw the same reduced numbers
 
     # -- the final report -------------------------------------------------------
     def training_summary(self) -> dict[str, Any]:
