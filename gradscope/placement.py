@@ -81,6 +81,14 @@ def owns_parameters(module: nn.Module) -> bool:
     return any(p is not None and not _is_flat_parameter(p) for p in module._parameters.values())
 
 
+def registered_parameter(module: nn.Module, attr: str) -> Any:
+    """``module._parameters[attr]``, or None.  Not ``.get``: a TorchScript
+    module's ``_parameters`` is an ``OrderedDictWrapper`` without it, and a
+    scripted Sequential is audited child by child (loaders.hookless.unrolled)."""
+    params = module._parameters
+    return params[attr] if attr in params else None
+
+
 def _is_dtensor(tensor: Any) -> bool:
     return hasattr(tensor, "to_local") and hasattr(tensor, "placements")
 
@@ -117,7 +125,7 @@ class ParameterRef:
         in its first forward."""
         if self.flat_shape is not None:
             return self.flat_shape
-        param = self.module._parameters.get(self.attr)
+        param = registered_parameter(self.module, self.attr)
         return tuple(param.shape) if param is not None else ()
 
     def registered(self) -> torch.Tensor | None:
@@ -125,14 +133,14 @@ class ParameterRef:
         module's attribute, or the FSDP1 FlatParameter the parameter lives in."""
         if self.handle is not None:
             return self.handle.flat_param
-        return self.module._parameters.get(self.attr)
+        return registered_parameter(self.module, self.attr)
 
     def resolve(self, owner_rank: bool) -> Local | None:
         """The parameter now.  ``owner_rank``: whether this rank counts replicas
         (rank 0 of the reduction group; True when nothing is reduced)."""
         if self.handle is not None:
             return _resolve_flat(self.handle, self.index, owner_rank)
-        param = self.module._parameters.get(self.attr)
+        param = registered_parameter(self.module, self.attr)
         if param is None:
             return None
         if _is_dtensor(param):
@@ -220,7 +228,10 @@ class ParameterTable:
                 flat.setdefault(id(info.module), {})[info.param_name] = (handle, i, shape)
         self._by_module: dict[int, list[ParameterRef]] = {}
         self._all: list[ParameterRef] = []
-        seen: set[int] = set()
+        # id -> parameter, held only while the table is built: a TorchScript
+        # module hands out a fresh Python object per access, and a dead one's
+        # id could be reused and mistaken for a tied parameter.
+        seen: dict[int, Any] = {}
         for module_name, module in model.named_modules():
             refs: list[ParameterRef] = []
             prefix = clean_name(module_name)
@@ -236,7 +247,7 @@ class ParameterTable:
                     refs.append(ParameterRef(full, module, attr))
                 if id(param) in seen:  # a tied parameter: its norm counts once
                     continue
-                seen.add(id(param))
+                seen[id(param)] = param
                 self._all.append(refs[-1])
             for attr, (handle, i, shape) in flattened.items():  # use_orig_params=False: no attribute left
                 full = f"{prefix}.{attr}" if prefix else attr
@@ -281,7 +292,7 @@ def local_gradients(refs: list[ParameterRef], owner_rank: bool) -> list[tuple[st
     out: list[tuple[str, torch.Tensor | None]] = []
     for ref in refs:
         if ref.handle is None:
-            param = ref.module._parameters.get(ref.attr)
+            param = registered_parameter(ref.module, ref.attr)
             if param is None:
                 out.append((ref.name, None))
                 continue

@@ -302,3 +302,17 @@ def test_help_and_version_to_a_stdout_that_cannot_take_them() -> None:
         timeout=60,
     )
     assert closed.returncode == 2 and "stdout is closed" in one_error_line(closed.stderr)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [["--help"], ["audit", "--help"], ["--version"]])
+def test_help_and_version_to_a_reader_that_has_gone(args: list[str]) -> None:
+    """click itself exits 1 in silence when --help meets EPIPE; gradscope keeps its contract."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "gradscope", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None and child.stderr is not None
+    child.stdout.close()  # the reader is gone before a byte is written: EPIPE
+    stderr = child.stderr.read()
+    assert child.wait(timeout=120) == 2
+    assert "broken pipe" in one_error_line(stderr)

@@ -300,3 +300,16 @@ def test_factories_returning_scripted_or_exported_models(
     assert math.isclose(report.record.layer("fc2").weight_grad.rms, float(expected.pow(2).mean().sqrt()), rel_tol=1e-5)
     with pytest.raises(LoadError, match="must build a Python nn.Module"):
         load_model(str(files["state_dict"]), arch=_spec(files, factory))
+
+
+def test_library_load_refuses_a_fifo_without_opening_it(tmp_path) -> None:
+    """Opening a FIFO blocks until a writer comes: the library refuses it from stat alone."""
+    import os
+
+    from gradscope.errors import GradscopeError
+    from gradscope.loaders.detect import check_file
+
+    fifo = tmp_path / "model.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(GradscopeError, match="not a regular file"):
+        check_file(fifo)

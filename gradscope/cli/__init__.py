@@ -72,6 +72,17 @@ class LazyGroup(click.Group):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            # --help text still sits in the buffer: write it now, where a reader
+            # that has gone (EPIPE) is caught below, not at interpreter exit.
+            sys.stdout.flush()
+        except SystemExit:
+            # click meets EPIPE while echoing --help and calls sys.exit(1) itself,
+            # after wrapping stdout in its _PacifyFlushWrapper: same contract as a report.
+            if type(sys.stdout).__name__ != "_PacifyFlushWrapper":
+                raise
+            silence_stdout()
+            _error_line("cannot write to stdout: stdout was closed by its reader (broken pipe)")
+            sys.exit(2)
         except click.UsageError as exc:
             command = exc.ctx.command_path if exc.ctx is not None else (prog_name or "gradscope")
             _error_line(f"{exc.format_message()} (see '{command} --help')")

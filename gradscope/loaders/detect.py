@@ -36,6 +36,8 @@ def check_file(path: Path, what: str = "model file") -> None:
         raise LoadError(f"{what} {str(path)!r} does not exist")
     if path.is_dir():
         raise LoadError(f"{what} {str(path)!r} is a directory, not a file")
+    if not path.is_file():  # a FIFO, socket or device: opening it could block forever
+        raise LoadError(f"{what} {str(path)!r} is not a regular file (a FIFO, socket or device?)")
     try:
         size = path.stat().st_size
         with path.open("rb"):

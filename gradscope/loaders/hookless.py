@@ -125,6 +125,9 @@ class _ScriptedChild(nn.Module):
     def __init__(self, scripted: Any) -> None:
         super().__init__()
         object.__setattr__(self, "scripted", scripted)
+        # The scripted child's own parameter mapping (an OrderedDictWrapper):
+        # the recorder finds a layer's weight through ``module._parameters``.
+        object.__setattr__(self, "_parameters", scripted._parameters)
 
     def forward(self, *args: Any) -> Any:
         return self.scripted(*args)
