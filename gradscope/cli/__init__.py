@@ -72,9 +72,6 @@ class LazyGroup(click.Group):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-            # --help text still sits in the buffer: write it now, where a reader
-            # that has gone (EPIPE) is caught below, not at interpreter exit.
-            sys.stdout.flush()
         except SystemExit:
             # click meets EPIPE while echoing --help and calls sys.exit(1) itself,
             # after wrapping stdout in its _PacifyFlushWrapper: same contract as a report.

@@ -21,7 +21,29 @@ import torch
 from torch import nn
 
 
-class OpaqueModel(nn.Module):
+class ScriptedTensors(nn.Module):
+    """A Python shell whose parameters and buffers are those of ``self.scripted``
+    (a compiled module it cannot register as a child): the audit restores their
+    ``.grad`` and buffers, and the optimizer-facing views see them."""
+
+    scripted: Any
+
+    def named_parameters(  # type: ignore[override]  # ScriptModule parameters are plain tensors
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        if recurse:
+            for name, param in self.scripted.named_parameters():
+                yield (f"{prefix}.{name}" if prefix else name), param
+
+    def named_buffers(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        if recurse:
+            for name, buf in self.scripted.named_buffers():
+                yield (f"{prefix}.{name}" if prefix else name), buf
+
+
+class OpaqueModel(ScriptedTensors):
     """A hookable shell around a model whose submodules cannot be hooked.
 
     Used for a ``torch.jit.ScriptModule`` and for an exported program that
@@ -53,20 +75,6 @@ class OpaqueModel(nn.Module):
         if self.follow_mode:
             self.scripted.train(mode)
         return self
-
-    def named_parameters(  # type: ignore[override]  # ScriptModule parameters are plain tensors
-        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        if recurse:
-            for name, param in self.scripted.named_parameters():
-                yield (f"{prefix}.{name}" if prefix else name), param
-
-    def named_buffers(
-        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        if recurse:
-            for name, buf in self.scripted.named_buffers():
-                yield (f"{prefix}.{name}" if prefix else name), buf
 
     def layer_types(self) -> dict[str, str]:
         """Qualified name -> the class a scripted submodule was compiled from."""

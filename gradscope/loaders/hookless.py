@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradscope.loaders.compiled import ScriptedTensors
 from gradscope.record import LayerRecord, Record
 from gradscope.recorder import fans
 from gradscope.stats import Stats, tensor_stats
@@ -160,7 +161,7 @@ def _child_class(original: str) -> type[_ScriptedChild]:
     return _CHILD_CLASSES[name]
 
 
-class UnrolledSequential(nn.Module):
+class UnrolledSequential(ScriptedTensors):
     """A scripted ``nn.Sequential`` run child by child from Python.
 
     ``Sequential.forward`` is exactly "feed each child the previous child's
@@ -187,20 +188,6 @@ class UnrolledSequential(nn.Module):
         super().train(mode)
         self.scripted.train(mode)
         return self
-
-    def named_parameters(  # type: ignore[override]
-        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        if recurse:
-            for name, param in self.scripted.named_parameters():
-                yield (f"{prefix}.{name}" if prefix else name), param
-
-    def named_buffers(
-        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        if recurse:
-            for name, buf in self.scripted.named_buffers():
-                yield (f"{prefix}.{name}" if prefix else name), buf
 
 
 def unrolled(module: nn.Module) -> UnrolledSequential | None:
