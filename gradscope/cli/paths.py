@@ -137,19 +137,24 @@ def _probe_writable(folder: Path, option: str, target: str) -> None:
         os.unlink(probe)
 
 
+def _existing(path: str, option: str, verb: str) -> os.stat_result | None:
+    """What stands at ``path`` itself (``lstat``: a link is not followed), or None."""
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        raise InputError(f"cannot {verb} {option} {path!r}: a part of the path is a file, not a directory") from None
+    except OSError as exc:
+        raise InputError(f"cannot {verb} {option} {path!r}: {exc.strerror or exc}") from None
+
+
 def check_output_file(path: str, option: str, inputs: list[InputFile]) -> Path:
     """A file output: new, or an existing regular file that is none of the inputs."""
     if not path:
         raise InputError(f"{option} needs a file name")
     target = Path(path)
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        info = None
-    except NotADirectoryError:
-        raise InputError(f"cannot write {option} {path!r}: a part of the path is a file, not a directory") from None
-    except OSError as exc:
-        raise InputError(f"cannot write {option} {path!r}: {exc.strerror or exc}") from None
+    info = _existing(path, option, "write")
     if info is not None:
         if stat.S_ISLNK(info.st_mode):
             raise InputError(
@@ -185,14 +190,7 @@ def check_output_directory(path: str, option: str, inputs: list[InputFile]) -> P
     if not path:
         raise InputError(f"{option} needs a directory name")
     target = Path(path)
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        info = None
-    except NotADirectoryError:
-        raise InputError(f"cannot create {option} {path!r}: a part of the path is a file, not a directory") from None
-    except OSError as exc:
-        raise InputError(f"cannot create {option} {path!r}: {exc.strerror or exc}") from None
+    info = _existing(path, option, "create")
     if info is not None:
         if stat.S_ISLNK(info.st_mode):
             raise InputError(f"{option} {path!r} is a symbolic link; name a new directory for the run")
