@@ -27,6 +27,23 @@ from gradscope.record import LayerRecord, Record
 from gradscope.stats import Stats
 
 
+def _loss_record(step: int) -> dict[str, Any]:
+    """The record of a non-finite loss whose every recorded activation was finite."""
+    return {
+        "step": step,
+        "layer": None,
+        "type": None,
+        "role": "loss",
+        "dtype": None,
+        "origin": "produced",
+        "source": "the loss function (every recorded activation was finite)",
+        "nonfinite_count": 1,
+        "has_nan": None,
+        "has_inf": None,
+        "count": 1,
+    }
+
+
 def _bad(stats: Stats | None) -> bool:
     return stats is not None and stats.nonfinite_count > 0
 
@@ -101,19 +118,7 @@ def first_nonfinite(
         if act is not None:
             previous = layer
     if loss_finite is False:
-        return {
-            "step": step,
-            "layer": None,
-            "type": None,
-            "role": "loss",
-            "dtype": None,
-            "origin": "produced",
-            "source": "the loss function (every recorded activation was finite)",
-            "nonfinite_count": 1,
-            "has_nan": None,
-            "has_inf": None,
-            "count": 1,
-        }
+        return _loss_record(step)
     if not include_gradients:
         return None
     with_grad = [layer for layer in layers if layer.gradient is not None]
@@ -529,19 +534,7 @@ def locate_step(
             "count": None,
         }
     if flags.loss is not None and not math.isfinite(float(flags.loss.detach().float().cpu())):
-        return {
-            "step": step,
-            "layer": None,
-            "type": None,
-            "role": "loss",
-            "dtype": None,
-            "origin": "produced",
-            "source": "the loss function (every recorded activation was finite)",
-            "nonfinite_count": 1,
-            "has_nan": None,
-            "has_inf": None,
-            "count": 1,
-        }
+        return _loss_record(step)
     if include_gradients and flags.squares is not None and flags.squares.numel():
         finite = torch.isfinite(flags.squares.detach().float().cpu()).tolist()
         bad = [name for name, ok in zip(flags.names, finite, strict=True) if not ok]
