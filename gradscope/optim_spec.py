@@ -54,7 +54,9 @@ class OptimizerSpec:
 
 def _split_args(text: str) -> list[str]:
     """Split on commas outside parentheses."""
-    parts, depth, current = [], 0, []
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
     for char in text:
         if char == "(":
             depth += 1
@@ -104,7 +106,7 @@ def parse_optimizer_spec(spec: str) -> OptimizerSpec:
     cls = classes.get(name.lower())
     if cls is None:
         raise InputError(f"--optimizer: unknown optimizer {name!r}; choose among {', '.join(sorted(classes))}")
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params")]
+    accepted = [p for p in inspect.signature(cls).parameters if p not in ("self", "params")]
     kwargs: dict[str, Any] = {}
     try:
         pieces = _split_args(args) if args else []

@@ -326,13 +326,13 @@ def optimizer_findings(optimizer: Any, model: nn.Module | None = None) -> list[F
 
     if model is not None:
         decayed: dict[str, list[str]] = {"norm": [], "bias": [], "embedding": []}
-        params = dict(model.named_parameters(remove_duplicate=False))
+        by_name = dict(model.named_parameters(remove_duplicate=False))
         decay_of: dict[str, float] = {}
         for g in groups:
             if g.mode == "none":
                 continue
             for name in g.parameters:
-                param = params.get(name)
+                param = by_name.get(name)
                 if param is None:
                     continue
                 which = no_decay_kind(model, name, param)

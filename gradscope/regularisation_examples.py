@@ -78,11 +78,11 @@ def example_weight_decay(out: Any) -> Outcome:
     outcome.before["adam"] = before
     _check(outcome, "before", before, present=outcome.expected)
 
-    fix = next(f for f in before.findings if f.code == "weight-decay" and f.fix and "AdamW" in f.fix.code)
+    fix = next(f.fix for f in before.findings if f.code == "weight-decay" and f.fix and "AdamW" in f.fix.code)
     out.text("Fix: the finding's snippet, executed on this model:")
-    out.text("\n".join("    " + line for line in fix.fix.code.splitlines()))
+    out.text("\n".join("    " + line for line in fix.code.splitlines()))
     namespace: dict[str, Any] = {"torch": torch, "model": model}
-    exec(compile(fix.fix.code, "<gradscope fix>", "exec"), namespace)
+    exec(compile(fix.code, "<gradscope fix>", "exec"), namespace)
     after = audit(model, x, loss=lambda o: nn.functional.cross_entropy(o, y), optimizer=namespace["optimizer"])
     out.text("After the fix:")
     out.report(after, _SECTIONS)
@@ -136,7 +136,8 @@ def sparse_regression(proximal: bool, steps: int = 200) -> tuple[Any, Any]:
     w_true = torch.zeros(2, 64)
     w_true[:, :8] = torch.randn(2, 8, generator=g).sign()
     y = x @ w_true.T + 0.5 * torch.randn(256, 2, generator=g)
-    model = nn.Sequential(nn.Linear(64, 2))
+    linear = nn.Linear(64, 2)
+    model = nn.Sequential(linear)
     lr, lam = 0.02, 0.1
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     with watch(model, every=25, **_quiet()) as scope:
@@ -144,7 +145,7 @@ def sparse_regression(proximal: bool, steps: int = 200) -> tuple[Any, Any]:
             opt.zero_grad()
             loss = nn.functional.mse_loss(model(x), y)
             if not proximal:
-                loss = loss + lam * model[0].weight.abs().sum() / 2
+                loss = loss + lam * linear.weight.abs().sum() / 2
             loss.backward()
             scope.step(opt, loss=loss)
             opt.step()
@@ -199,6 +200,7 @@ def example_dropout(out: Any) -> Outcome:
     for mode in ("train", "eval"):
         report = audit(layer, input_shape=(256, 16), loss="mean", mode=mode)
         x, x2 = report.record.layer("0").activation, report.record.layer("1").activation
+        assert x is not None and x2 is not None  # both layers ran forward
         sigma = math.sqrt(p / (1 - p) * x.rms**2 / x.count) if mode == "train" else 0.0
         out.text(
             f"  {mode:<5}: mean(x) = {x.mean:+.5f}   mean(x') = {x2.mean:+.5f}   zeros {x2.zero_frac:5.1%}"

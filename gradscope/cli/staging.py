@@ -89,7 +89,7 @@ class Staging:
         more exception types that mean "the write failed" (torch.save raises RuntimeError)."""
         try:
             yield
-        except (OSError, *also) as exc:
+        except (OSError, *also) as exc:  # type: ignore[misc]  # mypy cannot see through the unpacking
             if isinstance(exc, OSError) and exc.strerror:
                 reason = exc.strerror
             else:

@@ -162,7 +162,7 @@ def unassessed(record: Record) -> list[str]:
             "per-layer activations and ∂ℓ/∂h could not be recorded (the model's submodules take no hooks, "
             "as in TorchScript): the depth, init and unit analyses did not run"
         )
-    grads = [s for x in layers for s in (x.gradient, x.weight_grad) if seen(s)]
+    grads = [s for x in layers for s in (x.gradient, x.weight_grad) if s is not None and seen(s)]
     if not grads or all(s.moments_valid and s.rms == 0.0 for s in grads):
         reasons.append("no gradient reached any layer: the backward pass was not assessed")
     return reasons

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +27,7 @@ _SEARCH_FRAMES = 40  # callback -> handler -> Trainer.__init__ is 3 frames; subc
 def find_owner(callback: Any) -> Any:
     """The object up the call stack whose ``callback_handler`` holds ``callback``
     (the Trainer running the event being handled), or None."""
-    frame = sys._getframe(1)
+    frame: types.FrameType | None = sys._getframe(1)
     for _ in range(_SEARCH_FRAMES):
         if frame is None:
             return None

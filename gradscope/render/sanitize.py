@@ -18,7 +18,7 @@ import copy
 import dataclasses
 import re
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 T = TypeVar("T")
 
@@ -74,7 +74,7 @@ def _clean(value: Any, depth: int) -> Any:
         items = [(_clean(k, depth + 1), _clean(v, depth + 1)) for k, v in value.items()]
         if all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(items, value.items(), strict=True)):
             return value
-        out = copy.copy(value)
+        out: Any = copy.copy(cast(Any, value))
         out.clear()
         out.update(items)
         return out

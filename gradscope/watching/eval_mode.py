@@ -32,7 +32,7 @@ MAX_NAMES = 20
 def stochastic_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Modules whose training-mode forward differs from their eval forward: Dropout
     family (p > 0 is checked at the forward) and BatchNorm (batch statistics, running-stat updates)."""
-    out = []
+    out: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         if isinstance(module, (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)):
             out.append((name or "model", module))
