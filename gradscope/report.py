@@ -135,6 +135,19 @@ class Report:
             }
         )
 
+    def to_html(self) -> str:
+        """The report as one self-contained HTML page (``gradscope.render.html``): nothing is fetched."""
+        from gradscope.render import render
+
+        return render(self, "html")
+
+    def _repr_html_(self) -> str:
+        """Jupyter's rich display: the HTML report as a fragment with its own scoped style."""
+        from gradscope.render.html import render_html_fragment
+        from gradscope.render.sanitize import clean_tree
+
+        return render_html_fragment(clean_tree(self))
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
         if data.get("schema") != SCHEMA:

@@ -24,7 +24,7 @@ EXIT_FINDINGS = 1
 EXIT_ERROR = 2
 
 FAIL_ON = ("error", "warning", "never")
-OUTPUT_FORMATS = ("table", "json", "markdown")
+OUTPUT_FORMATS = ("table", "json", "markdown", "html")
 
 
 @dataclass
@@ -153,7 +153,8 @@ def report_output_options(func: Callable[..., Any]) -> Callable[..., Any]:
                 type=click.Choice(OUTPUT_FORMATS),
                 default="table",
                 show_default=True,
-                help="Report format; json is exactly one JSON document (schema 1) on stdout.",
+                help="Report format; json is exactly one JSON document (schema 1) on stdout; html is one "
+                "self-contained page (inline SVG charts, nothing fetched).",
             ),
             click.option(
                 "--output",

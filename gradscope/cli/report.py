@@ -24,7 +24,7 @@ from gradscope.cli.isolation import check_not_interrupted
 @report_output_options
 @debug_option
 def report(file: str, fmt: str, output: str | None, fail_on: str, width: int | None) -> None:
-    """Re-render FILE.json (from `gradscope audit --format json`) as a table, JSON or Markdown.
+    """Re-render FILE.json (from `gradscope audit --format json`) as a table, JSON, Markdown or HTML.
 
     FILE.json may be '-' for stdin.
     """

@@ -1,4 +1,4 @@
-"""Rendering a Report: console text (rich), JSON schema 1, Markdown.
+"""Rendering a Report: console text (rich), JSON schema 1, Markdown, a self-contained HTML page.
 
 ``render(report, fmt)`` is the one entry point; the CLI, the demos and the
 watch callback all go through it, so a report looks the same everywhere.
@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from gradscope.report import Report
 
-FORMATS: tuple[str, ...] = ("table", "json", "markdown")
+FORMATS: tuple[str, ...] = ("table", "json", "markdown", "html")
 
 
 def render(report: Report, fmt: str = "table", *, width: int = 100, color: bool = False) -> str:
-    """Render ``report`` as ``table`` (console text), ``json`` or ``markdown``.
+    """Render ``report`` as ``table`` (console text), ``json``, ``markdown`` or ``html``.
 
     Args:
         report: what an audit returned (or ``Report.from_dict`` of a saved one).
@@ -25,8 +25,8 @@ def render(report: Report, fmt: str = "table", *, width: int = 100, color: bool 
 
     Escape sequences and control characters in the report's strings (layer
     names, messages, evidence: they may come from model code or a foreign JSON)
-    are removed for ``table`` and ``markdown`` and escaped in ``json``
-    (``gradscope.render.sanitize``).
+    are removed for ``table``, ``markdown`` and ``html`` and escaped in ``json``
+    (``gradscope.render.sanitize``); ``html`` also escapes every string as HTML.
 
     Returns:
         The rendered text, without a trailing newline.
@@ -51,6 +51,10 @@ def render(report: Report, fmt: str = "table", *, width: int = 100, color: bool 
         from gradscope.render.markdown import render_markdown
 
         return render_markdown(report)
+    if fmt == "html":
+        from gradscope.render.html import render_html
+
+        return render_html(report)
     from gradscope.errors import GradscopeError
 
     raise GradscopeError(f"unknown report format {fmt!r}; choose one of {', '.join(FORMATS)}")
