@@ -406,8 +406,8 @@ def test_json_round_trip_rerenders_identically(diagnosed: bool) -> None:
 
 
 def test_unknown_format_is_a_gradscope_error() -> None:
-    with pytest.raises(GradscopeError, match="table, json, markdown"):
-        render(synthetic_report(), "html")
+    with pytest.raises(GradscopeError, match="table, json, markdown, html"):
+        render(synthetic_report(), "pdf")
 
 
 # --- colour ----------------------------------------------------------------------------------------
