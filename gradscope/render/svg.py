@@ -142,7 +142,7 @@ def depth_profile_svg(
     # Wide columns for a few layers, LAYER_PITCH (one rotated label each) for many: the chart then scrolls.
     pitch = max(LAYER_PITCH, min(120, 1000 // max(1, count)))
     longest = max((len(F.truncate_middle(n, LABEL_CHARS)) for n in names), default=1)
-    label_px = longest * FONT * 0.6  # ~0.6 em per character of an 11 px sans-serif
+    label_px = longest * FONT * 0.56  # ~0.56 em per character of an 11 px sans-serif
     upright = label_px + 8 <= pitch  # the names fit side by side: no need to turn them
     bottom = 28 if upright else 20 + round(label_px * math.sin(math.radians(50)))  # room for the rotated names
     # the first rotated name reaches left of its column: keep it inside the chart (a scrolling box clips it)
