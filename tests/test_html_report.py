@@ -15,6 +15,7 @@ golden after a deliberate change of layout with::
 from __future__ import annotations
 
 import base64
+import io
 import json
 import math
 import os
@@ -436,6 +437,24 @@ def test_watched_run_sections_appear_only_for_a_watched_run(heatmap_stub: list[A
     without = parse(watched_report(with_history=False).to_html())
     assert without.find_all("section", "gs-training") and not without.find_all("svg", "gs-curve")
     assert 'report.run["history"]' in without.find("section", "gs-training").all_text()
+
+
+def test_the_heatmaps_are_the_history_pngs_inline() -> None:
+    from PIL import Image
+
+    from gradscope.render.heatmap import heatmap_png
+
+    report = watched_report()
+    page = parse(report.to_html())
+    images = page.find("section", "gs-training").find_all("img", "gs-heatmap")
+    assert len(images) == 2
+    for image, quantity in zip(images, ("gradient", "activation"), strict=True):
+        prefix, _, data = image.attrs["src"].partition(",")
+        assert prefix == "data:image/png;base64"
+        png = base64.b64decode(data, validate=True)
+        assert png == heatmap_png(report.run["history"], quantity)
+        with Image.open(io.BytesIO(png)) as decoded:
+            assert (image.attrs["width"], image.attrs["height"]) == tuple(str(n) for n in decoded.size)
 
 
 def test_curves_have_one_point_per_measured_step_a_gap_after_the_bad_step_and_the_clip_line(

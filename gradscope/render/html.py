@@ -376,7 +376,10 @@ def _curves(history: Mapping[str, Any], training: Mapping[str, Any]) -> list[str
     legend = "Red line: the first non-finite step; dotted: gradient spikes"
     if threshold is not None:
         legend += "; dashed: the AutoClip threshold"
-    merged = " Columns are merged pairwise once the run is longer than the history keeps." if len(xs) >= 240 else ""
+    merged = (
+        " Each point is one column of the history (columns merge pairwise on long runs): "
+        "the loss of its last step, the largest global norm of its steps."
+    )
     return [
         "<h3>Loss and global gradient norm</h3>",
         '<figure class="gs-figure gs-figure-curves"><div class="gs-row">',
