@@ -45,14 +45,14 @@ def _e(text: object) -> str:
 
 # Every selector is scoped under the root class, so the fragment shown in Jupyter
 # styles itself and nothing around it.  The palette is set on the root in both
-# themes (a notebook's own dark theme does not tell the page), printed light.
+# themes (a notebook's own dark theme does not tell the page); the dark one only on screen, so print is light.
 _CSS = """
 .gradscope-report{--bg:#ffffff;--fg:#1f2328;--muted:#59636e;--border:#d1d9e0;--panel:#f6f8fa;
 --error:#cf222e;--warning:#9a6700;--info:#0969da;--ok:#1a7f37;--flag:rgba(207,34,46,.07);
 --band:rgba(26,127,55,.08);--act:#0969da;--grad:#bc4c00;--wgrad:#8250df;--loss:#0969da;--norm:#bc4c00;
 background:var(--bg);color:var(--fg);font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;
 padding:16px 20px;max-width:1200px;margin:0 auto;text-align:left}
-@media (prefers-color-scheme:dark){.gradscope-report{--bg:#0d1117;--fg:#e6edf3;--muted:#9198a1;
+@media screen and (prefers-color-scheme:dark){.gradscope-report{--bg:#0d1117;--fg:#e6edf3;--muted:#9198a1;
 --border:#3d444d;--panel:#151b23;--error:#ff7b72;--warning:#d29922;--info:#58a6ff;--ok:#3fb950;
 --flag:rgba(255,123,114,.12);--band:rgba(63,185,80,.10);--act:#58a6ff;--grad:#ffa657;--wgrad:#d2a8ff;
 --loss:#58a6ff;--norm:#ffa657}}
@@ -93,7 +93,7 @@ padding:8px 12px;margin:8px 0}
 .gradscope-report figcaption{color:var(--muted);font-size:12.5px;margin-top:4px;max-width:900px}
 .gradscope-report .gs-scroll{overflow-x:auto;max-width:100%}
 .gradscope-report .gs-row{display:flex;flex-wrap:wrap;gap:12px 28px}
-.gradscope-report img.gs-heatmap{image-rendering:pixelated;max-width:100%;height:auto;
+.gradscope-report img.gs-heatmap{max-width:100%;height:auto;
 border:1px solid var(--border);background:#fff}
 .gradscope-report svg{display:block;font-family:inherit;overflow:visible}
 .gradscope-report svg text{fill:var(--fg);font-size:11px}
@@ -122,8 +122,8 @@ border:1px solid var(--border);background:#fff}
 .gradscope-report svg .gs-line.gs-s-grad_norm{fill:none}
 .gradscope-report svg .gs-pt.gs-nonfinite{fill:none}
 .gradscope-report footer{margin-top:24px;color:var(--muted);font-size:12.5px}
-@media print{.gradscope-report{--bg:#fff;--fg:#000;--muted:#444;--border:#bbb;--panel:#f4f4f4;max-width:none;
-padding:0}.gradscope-report .gs-finding,.gradscope-report figure,.gradscope-report .gs-verdict{break-inside:avoid}
+@media print{.gradscope-report{max-width:none;padding:0}
+.gradscope-report .gs-finding,.gradscope-report figure,.gradscope-report .gs-verdict{break-inside:avoid}
 .gradscope-report .gs-scroll{overflow:visible}.gradscope-report svg,.gradscope-report img.gs-heatmap{max-width:100%;
 height:auto}.gradscope-report pre{white-space:pre-wrap}}
 """
@@ -420,9 +420,7 @@ def _heatmaps(history: Mapping[str, Any]) -> list[str]:
         data = base64.b64encode(png).decode("ascii")
         out.append(
             f'<figure class="gs-figure gs-figure-heatmap" data-quantity="{quantity}">'
-            f'<img class="gs-heatmap" alt="{_e(caption)}"{dims} src="data:image/png;base64,{data}">'
-            f"<figcaption>{_e(caption)}; layers top to bottom in forward order, steps left to right; "
-            "marked cells are NaN or inf.</figcaption></figure>"
+            f'<img class="gs-heatmap" alt="{_e(caption)}"{dims} src="data:image/png;base64,{data}"></figure>'
         )
     out.append("</div>")
     return out
