@@ -32,9 +32,9 @@ from models import WORKLOADS  # noqa: E402
 PARTS = [
     ("hooks: each tensor's extremes and sample copy", "gradscope.recorder", "Recorder._take", 0),
     ("scope.step", "gradscope.watching.scope", "Scope.step", 0),
-    ("gradient norms (every step)", "gradscope.watching.scope", "Scope._observe_norms", 1),
-    ("update ratio: snapshot", "gradscope.watching.scope", "Scope._take_snapshot", 1),
-    ("update ratio: resolve", "gradscope.watching.scope", "Scope._resolve_update_ratio", 1),
+    ("gradient norms (every step)", "gradscope.watching.step_norms", "StepNorms.observe", 1),
+    ("update ratio: snapshot", "gradscope.watching.update_ratio", "UpdateRatios.take_snapshot", 1),
+    ("update ratio: resolve", "gradscope.watching.update_ratio", "UpdateRatios.resolve", 1),
     ("flush", "gradscope.watching.scope", "Scope._flush", 1),
     ("parameter statistics (every 10 steps)", "gradscope.recorder", "Recorder.capture_parameters", 2),
     ("reduce and merge samples (sums, histograms)", "gradscope.recorder", "Recorder._merge_pending", 2),

@@ -55,7 +55,7 @@ from gradscope.stats import EXPONENT_OFFSET, HIST, HIST_BINS, Stats
 if TYPE_CHECKING:
     from gradscope.record import LayerRecord, Record
     from gradscope.report import Finding, Report
-    from gradscope.watching.scope import FlushResult
+    from gradscope.watching.flush_result import FlushResult
 
 PREFIX = "gradscope"
 
@@ -106,7 +106,7 @@ def layer_scalars(
     gives the weight-gradient norm of every layer, also on flushes that carry
     no weight-gradient statistics; without it the norm comes from the statistics.
     """
-    from gradscope.watching.scope import stats_norm
+    from gradscope.watching.flush_result import stats_norm
 
     out: dict[str, float] = {}
     for layer in record.layers:

@@ -1,0 +1,60 @@
+"""How a watched run speaks: alerts (one console line each, on the ``gradscope``
+logger; one TensorBoard text entry for all alerts of a step; ``on_finding``)
+and the run summary at close.  Only rank 0 prints and writes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from gradscope.distributed import is_writer
+from gradscope.report import Finding, Report, Severity
+from gradscope.watching.alerts import Alert, AlertTracker, run_summary
+
+logger = logging.getLogger("gradscope")
+
+
+class Announcer:
+    """Turns each observation of findings into alerts and says them."""
+
+    def __init__(self, writer: Any, on_finding: Callable[[Finding], Any] | None) -> None:
+        self.writer = writer
+        self.on_finding = on_finding
+        self.tracker = AlertTracker()
+
+    def alert(self, step: int, sources: dict[str, list[Finding]]) -> list[Alert]:
+        """Feed one observation to the tracker and announce its alerts (one TensorBoard
+        text entry for all of them)."""
+        alerts = self.tracker.observe(step, sources)
+        if not alerts:
+            return alerts
+        details = "scope.report()"
+        if self.writer is not None:
+            details += f"; TensorBoard {self.writer.logdir}, Text tab"
+            self.writer.write_alerts(step, [alert.markdown() for alert in alerts])
+        for alert in alerts:
+            self.announce(alert, details)
+        return alerts
+
+    def announce(self, alert: Alert, details: str) -> None:
+        """Log one alert (always: ``on_finding`` is called in addition), and pass
+        findings that appear, escalate or move to ``on_finding``."""
+        # Loud by default: without a handler configured, logging's last-resort
+        # handler prints warnings and errors to stderr.
+        severity = Severity(alert.finding.severity)
+        level = logging.ERROR if severity is Severity.ERROR and alert.kind != "cleared" else logging.WARNING
+        if is_writer():  # one voice per job: rank 0 prints
+            logger.log(level, "%s", alert.line(details))
+        if self.on_finding is not None and alert.kind != "cleared":
+            self.on_finding(alert.finding)  # on every rank: each saw the same reduced numbers
+
+    def print_summary(self, report: Report) -> None:
+        """The run summary, on the gradscope logger (WARNING: shown without logging configured;
+        silence it with ``logging.getLogger("gradscope").setLevel(logging.ERROR)``)."""
+        if not is_writer():
+            return  # one voice per job: rank 0 prints
+        dashboards = self.writer.logdir if self.writer is not None else None
+        text = run_summary(report.analysis.get("training", {}), report.findings, self.tracker.counts, dashboards)
+        logger.warning("%s", text)

@@ -1,0 +1,175 @@
+"""Non-finite episodes of a watched run: where the first NaN/Inf of a step came
+from (the search itself is ``gradscope.watching.nonfinite``), the one finding
+that names an episode until a sampled step is finite again, and the error that
+stops training.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from gradscope.errors import GradscopeError
+from gradscope.record import Record
+from gradscope.recorder import Recorder
+from gradscope.report import Finding
+from gradscope.training import clip_advice, nonfinite_finding
+from gradscope.watching.nonfinite import (
+    LayerInfo,
+    StepFlags,
+    first_nonfinite,
+    locate_gradient,
+    locate_step,
+    nonfinite_kinds,
+)
+from gradscope.watching.norms import NormHistogram
+from gradscope.watching.step_norms import NORM, StepNorms
+from gradscope.watching.update_ratio import UpdateRatios
+
+Alerting = Callable[[int, dict[str, list[Finding]]], Any]
+
+
+def inputs_finite(flags: list[Any] | None) -> bool | None:
+    """Whether every forward's first input was finite (a non-float input is), from the
+    sentinel's flags of a sampled step; None when no forward was seen."""
+    if not flags:
+        return None
+    pairs = [extremes for _, extremes in flags if extremes is not None]
+    if not pairs:
+        return True
+    values = torch.stack([torch.stack([lo.float().cpu(), hi.float().cpu()]) for lo, hi in pairs])
+    return bool(torch.isfinite(values).all())
+
+
+def in_trouble(record: Record, ring: torch.Tensor | None, step: int, every: int) -> bool:
+    """Whether this sampled step saw a non-finite tensor or gradient norm."""
+    if ring is not None and not math.isfinite(float(ring[NORM, step % every])):
+        return True
+    return any(
+        stats is not None and stats.nonfinite_count > 0
+        for layer in record.layers
+        for stats in (layer.activation, layer.gradient)
+    )
+
+
+class NonfiniteEpisodes:
+    """The first non-finite step of the run and the finding of the current episode."""
+
+    def __init__(
+        self,
+        recorder: Recorder,
+        norms: StepNorms,
+        ratios: UpdateRatios,
+        history: NormHistogram,
+        raise_on: tuple[str, ...],
+    ) -> None:
+        self.recorder = recorder
+        self.norms = norms
+        self.ratios = ratios
+        self.history = history
+        self.raise_on = raise_on
+        self.first: dict[str, Any] | None = None  # the run's first non-finite step
+        self.episode: Finding | None = None  # the nonfinite finding of the current non-finite episode
+        self.raised = False  # an error was returned once: training was told to stop
+
+    def layer_infos(self) -> list[LayerInfo]:
+        return [
+            LayerInfo(layer.name, layer.module, layer.type, layer.index, layer.output_dtype)
+            for layer in sorted(self.recorder.record.layers, key=lambda layer: layer.index)
+        ]
+
+    def locate(
+        self,
+        record: Record,
+        step: int,
+        bad_norm: int | None,
+        losses: list[tuple[int, float]],
+        param_grad_norms: dict[str, float],
+        input_flags: list[Any] | None = None,
+    ) -> dict[str, Any] | None:
+        """The first NaN/Inf of a sampled step, searched in its record (the steps in
+        between are searched by their per-step check, ``gradscope.watching.nonfinite``)."""
+        loss_at_step = dict(losses).get(step)
+        loss_finite = None if loss_at_step is None else math.isfinite(loss_at_step)
+        located = first_nonfinite(
+            record,
+            step,
+            loss_finite=loss_finite,
+            include_gradients=not self.norms.scaler_seen,
+            weight_dtypes=self.ratios.weight_dtypes,
+            input_finite=inputs_finite(input_flags),
+        )
+        if located is None and bad_norm == step and not self.norms.scaler_seen:
+            located = self._locate_in_parameters(record, step, param_grad_norms)
+        return located
+
+    def _locate_in_parameters(
+        self, record: Record, step: int, param_grad_norms: dict[str, float]
+    ) -> dict[str, Any] | None:
+        # Parameter statistics are sampled, their norms exact: a non-finite norm is
+        # a NaN/inf element the sample missed, or a sum of squares that overflowed
+        # float32 -- non-finite either way, as clip_grad_norm_ would see it.
+        bad = [name for name, value in param_grad_norms.items() if not math.isfinite(value)]
+        params = self.norms.local_parameters()
+        grads = {name: grad for name, _, grad in params}
+        forward_finite = not any(
+            layer.activation is not None and layer.activation.nonfinite_count > 0 for layer in record.layers
+        )
+        by_name = {layer.name: layer for layer in record.layers}
+
+        def gradient_bad(name: str) -> bool | None:
+            layer = by_name.get(name)
+            return None if layer is None or layer.gradient is None else layer.gradient.nonfinite_count > 0
+
+        def elements(parameter: str) -> tuple[bool, bool] | None:
+            grad = grads.get(parameter)
+            return None if grad is None else nonfinite_kinds(grad)
+
+        return locate_gradient(
+            step,
+            bad,
+            self.layer_infos(),
+            dtypes={name: str(value.dtype).removeprefix("torch.") for name, value, _ in params},
+            elements=elements,
+            forward_finite=forward_finite,
+            gradient_bad=gradient_bad,
+        )
+
+    def finding(self, located: dict[str, Any], clip: dict[str, Any] | None) -> Finding:
+        """The nonfinite finding for a step that saw NaN/inf: the first such step of
+        the run names it, and it stays the same finding (one alert) while later
+        steps stay non-finite, until a sampled step is finite again."""
+        if self.first is None:
+            self.first = located
+        if self.episode is None:
+            self.episode = nonfinite_finding(located, clip)
+        return self.episode
+
+    def error(self) -> GradscopeError | None:
+        if self.raised or "nonfinite" not in self.raise_on or self.episode is None:
+            return None
+        self.raised = True
+        record = self.episode.evidence
+        return GradscopeError(self.episode.message + "; stopping (raise_on includes 'nonfinite')", record=dict(record))
+
+    def bad_step(self, flags: StepFlags, alert: Alerting) -> GradscopeError | None:
+        """An unsampled step whose check flag was non-finite: find where, alert, and
+        return the error to raise (None for a false alarm or when not raising)."""
+        if self.episode is not None:
+            # Already reported, and the run goes on (raise_on): no search per step, but
+            # the finding's life story follows it (the same finding: no new alert).
+            alert(flags.step, {"nonfinite": [self.episode]})
+            return None
+        located = locate_step(
+            flags, self.layer_infos(), self.norms.local_parameters(), include_gradients=not self.norms.scaler_seen
+        )
+        if located is None:
+            return None
+        if not flags.same_step:
+            located["read"] = "one step late (accelerator): optimizer.step() of this step already ran"
+        finding = self.finding(located, clip_advice(self.history))
+        alert(flags.step, {"nonfinite": [finding]})
+        return self.error()

@@ -1,0 +1,121 @@
+"""The report of a watched run, built from the run's aggregate statistics, its
+training record (norms, spikes, update ratios, first non-finite step) and the
+diagnosis of the whole-run statistics.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from gradscope.record import Record
+from gradscope.recorder import Recorder
+from gradscope.report import Finding, Report, Severity
+from gradscope.training import clip_advice, nonfinite_finding, skipped_steps_finding, spike_finding
+
+if TYPE_CHECKING:
+    from gradscope.watching.scope import Scope
+
+
+def dedupe(findings: list[Finding]) -> list[Finding]:
+    """Keep the first finding of each (code, first layer): the diagnosis may also
+    report a nonfinite finding for the same layer."""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for finding in findings:
+        key = (finding.code, finding.layers[0] if finding.layers else "")
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(finding)
+    return out
+
+
+def reduction_summary(recorder: Recorder) -> dict[str, Any] | str:
+    summary = recorder.reduction_summary()
+    if isinstance(summary, dict):
+        summary = dict(summary)
+        summary["global_grad_norm"] = "global: √(Σ over ranks of local Σg²), replicated parameters once"
+        summary["loss"] = "global: the mean of the ranks' losses"
+    return summary
+
+
+def _run_record(scope: Scope) -> Record:
+    """The whole run's statistics, with what the recorder knows of the model."""
+    recorder = scope._recorder
+    record = scope._aggregate.materialize()
+    record.reduction = dict(recorder.record.reduction)
+    ran = {layer.module for layer in recorder.record.layers}
+    selected = recorder._selected  # the modules the recorder hooked
+    record.not_executed = [name or "model" for name, _ in selected if (name or "model") not in ran]
+    for note in recorder.record.notes:
+        record.note(note)
+    return record
+
+
+def _diagnosed(scope: Scope, record: Record) -> tuple[list[Finding], dict[str, Any]]:
+    if not (scope.diagnose and not scope._diagnose_failed and record.layers):
+        return [], {}
+    try:
+        from gradscope.diagnose import diagnose_record
+
+        diag, analysis = diagnose_record(record, formats=scope.formats, model=scope.model, during_training=True)
+        return list(diag), dict(analysis)
+    except ImportError:
+        record.note("gradscope.diagnose.diagnose_record is unavailable: only training rules ran")
+        return [], {}
+
+
+def _training_findings(scope: Scope, diagnosed: list[Finding]) -> tuple[list[Finding], list[Finding]]:
+    """The watch's own findings, and the diagnosis' findings it does not replace."""
+    training = scope._training
+    findings: list[Finding] = []
+    clip = clip_advice(training.history)
+    if scope.first_nonfinite is not None:
+        # The watch's own record of the first non-finite step wins over the
+        # diagnosis of the whole-run statistics, which mixes every step
+        # before and after it (and so cannot tell who produced it).
+        findings.append(nonfinite_finding(scope.first_nonfinite, clip))
+        diagnosed = [f for f in diagnosed if f.code != "nonfinite"]
+    if training.spikes.worst is not None:
+        findings.append(spike_finding(training.spikes.worst, training.spikes, clip))
+    findings.extend(scope._rates.final_findings())
+    if scope._norms.scaler_seen:
+        skipped = skipped_steps_finding(training.skipped, scope.steps, training.last_scale)
+        if skipped is not None:
+            findings.append(skipped)
+    findings.extend(scope._regularisation.final_findings())
+    return findings, diagnosed
+
+
+def final_report(scope: Scope) -> Report:
+    record = _run_record(scope)
+    diagnosed, analysis = _diagnosed(scope, record)
+    findings, diagnosed = _training_findings(scope, diagnosed)
+    findings = dedupe(findings + diagnosed)
+    findings = scope._tracker.annotate(findings)
+    order = {layer.name: layer.index for layer in record.layers}
+    findings.sort(key=lambda f: (-Severity(f.severity).rank, order.get(f.layers[0], -1) if f.layers else -1))
+    analysis["training"] = scope.training_summary()
+    analysis["regularisation"] = scope._regularisation.summary()
+    parameters = sum(p.numel() for p in scope.model.parameters())
+    return Report(
+        record=record,
+        model={
+            "source": type(scope.model).__name__,
+            "format": "module",
+            "type": type(scope.model).__name__,
+            "parameters": parameters,
+        },
+        run={
+            "mode": "watch",
+            "steps": scope.steps,
+            "every": scope.every,
+            "tier": scope.tier,
+            "formats": list(scope.formats),
+            "gradients": "unscaled (divided by the GradScaler scale)" if scope._norms.scaler_seen else "as computed",
+            "gradient_accumulation": "statistics per optimizer step, micro-batches merged",
+            "reduction": reduction_summary(scope._recorder),
+        },
+        findings=findings,
+        analysis=analysis,
+    )

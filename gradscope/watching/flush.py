@@ -1,0 +1,273 @@
+"""A flush: the numbers of the steps since the previous flush move to the host
+(one packed transfer; one reduction under torch.distributed), the training
+rules and (on a full flush) the layer diagnosis run, alerts fire, and the
+result joins the run's aggregate, the ring of recent flushes and the dashboards.
+
+Each function is one step of ``flush``, in order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gradscope.distributed import is_writer
+from gradscope.errors import GradscopeError
+from gradscope.record import Record
+from gradscope.report import Finding
+from gradscope.training import clip_advice, skipped_steps_finding, spike_finding
+from gradscope.watching.alerts import Alert
+from gradscope.watching.episodes import in_trouble
+from gradscope.watching.flush_result import FlushResult
+from gradscope.watching.packing import Unpacked, pack, unpack
+from gradscope.watching.scaling import divide_stats
+from gradscope.watching.training_state import RingReading
+
+if TYPE_CHECKING:
+    from gradscope.watching.scope import Scope
+
+logger = logging.getLogger("gradscope")
+
+
+def layer_record(scope: Scope, extra: torch.Tensor | None = None) -> tuple[Record, torch.Tensor | None]:
+    """This flush's per-layer statistics, as a Record of its own, and ``extra``
+    reduced in the same collective (see Recorder.flush)."""
+    recorder = scope._recorder
+    for layer in recorder.record.layers:
+        layer.stats = {}
+        layer.time = {}
+    recorder.record.input = None
+    host_extra = recorder.flush(extra)
+    layers = [dataclasses.replace(layer, stats=dict(layer.stats)) for layer in recorder.record.layers if layer.stats]
+    record = Record(layers=layers, input=recorder.record.input, steps=1, reduction=dict(recorder.record.reduction))
+    return record, host_extra
+
+
+def gather(scope: Scope) -> tuple[Record, Unpacked]:
+    """Everything waiting for this flush, on the host (reduced over the group)."""
+    packed, layout = pack(scope._norms, scope._ratios)
+    record, host = layer_record(scope, packed)
+    group = scope._recorder.group
+    ranks = group.size if group is not None else 1
+    return record, unpack(host, layout, scope.every, ranks, reduced=group is not None)
+
+
+def complete_sampled_record(scope: Scope, record: Record, host: Unpacked, step: int, full: bool) -> None:
+    """Parameter statistics for a NaN/Inf search, and the check that hooks fired."""
+    if not full and in_trouble(record, host.ring, step, scope.every):
+        # Parameter statistics are skipped on most steps, but a NaN/Inf search
+        # needs them: the weights are still those of this forward (step() runs
+        # before optimizer.step()), so take them now.  Local to this rank (no
+        # collective): under DDP only some ranks may be in trouble.
+        extra = scope._recorder.parameter_stats()
+        for layer in record.layers:
+            layer.stats.update(extra.get(layer.name, {}))
+    if not scope._hooks_checked:
+        check_hooks_fired(scope, host.names)
+
+
+def check_hooks_fired(scope: Scope, grad_names: list[str]) -> None:
+    """Warn once when a sampled step trained the model (gradients arrived) yet
+    no hook of the recorder fired: a model compiled with ``torch.compile``
+    and run before ``watch`` attached keeps running the graph it traced
+    without the hooks."""
+    scope._hooks_checked = True
+    recorder = scope._recorder
+    if recorder.record.layers or not grad_names or not recorder._selected:
+        return
+    message = (
+        "no layer was recorded although gradients arrived: if the model was compiled with torch.compile "
+        "and run before gradscope.watch attached, its compiled graph has no hooks; attach watch before "
+        "the first compiled call (compile after gradscope.watch)"
+    )
+    scope._aggregate.record.note(message)
+    if is_writer():
+        logger.warning("gradscope: %s", message)
+
+
+def unscale(record: Record, scale: float, weight_grads_scaled: bool) -> Record:
+    """Divide gradient statistics by the GradScaler's scale (weight gradients only
+    when ``scaler.unscale_`` had not run)."""
+    for layer in record.layers:
+        if "gradient" in layer.stats:
+            layer.stats["gradient"] = divide_stats(layer.stats["gradient"], scale)
+        if "weight_grad" in layer.stats and weight_grads_scaled:
+            layer.stats["weight_grad"] = divide_stats(layer.stats["weight_grad"], scale)
+    return record
+
+
+def drop_skipped_gradients(scope: Scope, record: Record, sampled: bool, reading: RingReading) -> None:
+    """The GradScaler skips a step whose scaled gradients overflowed: its gradient
+    statistics are not the ones training uses, so leave them out."""
+    norms = reading.global_norms
+    if scope._norms.scaler_seen and sampled and norms and not math.isfinite(norms[-1][1]):
+        for layer in record.layers:
+            layer.stats.pop("gradient", None)
+            layer.stats.pop("weight_grad", None)
+        scope._aggregate.record.note("steps skipped by the GradScaler are left out of the gradient statistics")
+
+
+def update_ratios_by_step(ratios: list[tuple[int, list[str], Any]]) -> dict[int, dict[str, float]]:
+    out: dict[int, dict[str, float]] = {}
+    for ratio_step, layer_names, values in ratios:
+        for name, value in zip(layer_names, values.tolist(), strict=True):
+            out.setdefault(ratio_step, {})[name] = value
+    return out
+
+
+def findings_by_source(
+    scope: Scope,
+    record: Record,
+    step: int,
+    *,
+    sampled: bool,
+    full: bool,
+    reading: RingReading,
+    located: dict[str, Any] | None,
+    update_ratios: dict[int, dict[str, float]],
+    clip: dict[str, Any] | None,
+) -> dict[str, list[Finding]]:
+    """The findings of this flush, by the source that produced them (a source that
+    ran and found nothing clears its earlier findings)."""
+    nonfinite: list[Finding] = []
+    if located is not None:
+        nonfinite.append(scope._episodes.finding(located, clip))
+    training: list[Finding] = []
+    if reading.spike is not None:
+        training.append(spike_finding(reading.spike, scope._training.spikes, clip))
+    training.extend(scope._rates.observe(step, update_ratios, reading.global_norms, reading.losses))
+    if scope._norms.scaler_seen:
+        skipped = skipped_steps_finding(scope._training.skipped, scope._last_flushed + 1, scope._training.last_scale)
+        if skipped is not None:
+            training.append(skipped)
+    sources: dict[str, list[Finding]] = {"training": training}
+    if sampled or located is not None:
+        sources["nonfinite"] = nonfinite  # a sampled step is searched whole: absence clears
+    if sampled and full and record.layers:
+        scope._last_diagnosed = step
+        diagnosed = scope._diagnose(record)
+        if located is not None:
+            # The watch's own record of this step says where it started; the
+            # diagnosis reads the same statistics with less context.
+            diagnosed = [f for f in diagnosed if f.code != "nonfinite"]
+        sources["diagnosis"] = diagnosed
+    if not nonfinite and sampled:
+        scope._episodes.episode = None
+    return sources
+
+
+def regularisation_findings(
+    scope: Scope,
+    step: int,
+    full: bool,
+    param_grad_norms: dict[str, float],
+    reading: RingReading,
+    sources: dict[str, list[Finding]],
+) -> list[Finding]:
+    """Weight decay, weights over time, validation (``gradscope.watching.regularisation``),
+    added to the training source: cached between measurements, evaluated every flush."""
+    found = scope._regularisation.flush(
+        step, full=full, param_grad_norms=param_grad_norms, losses=reading.losses, writer=scope._writer
+    )
+    sources["training"].extend(found)
+    return found
+
+
+def keep_result(scope: Scope, result: FlushResult, steps: list[int]) -> None:
+    """Into the ring of recent flushes and the dashboards."""
+    last = scope.recent[-1] if scope.recent else None
+    if not steps and not result.record.layers and last is not None:
+        # Only the update ratio of the last sampled step arrived (at close).
+        last.update_ratios.update(result.update_ratios)
+    else:
+        scope.recent.append(result)
+    if scope._writer is not None:
+        scope._writer.write_flush(result, skipped_steps=scope._training.skipped if scope._norms.scaler_seen else None)
+
+
+def error_to_raise(scope: Scope, located: dict[str, Any] | None, alerts: list[Alert]) -> GradscopeError | None:
+    """The error that stops training (``raise_on``), at most once per run."""
+    if scope._episodes.raised:
+        return None
+    if located is not None and "nonfinite" in scope.raise_on:
+        return scope._episodes.error()
+    for alert in alerts:
+        finding = alert.finding
+        if alert.kind in ("appeared", "escalated") and finding.code in scope.raise_on and finding.code != "nonfinite":
+            scope._episodes.raised = True
+            return GradscopeError(
+                f"{finding.message}; stopping (raise_on includes {finding.code!r})", finding.to_dict()
+            )
+    return None
+
+
+def flush(
+    scope: Scope,
+    step: int,
+    *,
+    sampled: bool,
+    raise_errors: bool,
+    full: bool = False,
+    input_flags: list[Any] | None = None,
+) -> GradscopeError | None:
+    """Move this flush's numbers to the host and run the training rules; a
+    ``full`` flush also carries parameter statistics and runs the diagnosis."""
+    record, host = gather(scope)
+    if sampled:
+        complete_sampled_record(scope, record, host, step, full)
+    steps = list(range(scope._last_flushed + 1, step + 1))
+    scope._last_flushed = step
+    scope._training.flushes += 1
+    reading = scope._training.read(steps, host.ring, scope._norms)
+    if reading.scale_now is not None:
+        scope._training.scale_history.append((step, reading.scale_now))
+        record = unscale(record, reading.scale_now, scope._sample_scaled)
+    drop_skipped_gradients(scope, record, sampled, reading)
+    clip = clip_advice(scope._training.history)
+    param_grad_norms = (
+        dict(zip(host.names, host.param_norms.tolist(), strict=True)) if host.param_norms is not None else {}
+    )
+    located = None
+    if sampled:
+        located = scope._episodes.locate(
+            record, step, reading.first_bad_norm, reading.losses, param_grad_norms, input_flags
+        )
+    update_ratios = update_ratios_by_step(host.ratios)
+    sources = findings_by_source(
+        scope,
+        record,
+        step,
+        sampled=sampled,
+        full=full,
+        reading=reading,
+        located=located,
+        update_ratios=update_ratios,
+        clip=clip,
+    )
+    findings = [f for group in sources.values() for f in group]
+    if reading.spike is not None and reading.spike.step == step and param_grad_norms:
+        top = scope._training.spikes.add_parameter_norms(step, param_grad_norms)
+        for finding in findings:
+            if finding.code == "gradient-spike":
+                finding.evidence["largest_parameter_norms"] = top
+    findings.extend(regularisation_findings(scope, step, sampled and full, param_grad_norms, reading, sources))
+    alerts = scope._announcer.alert(step, sources)
+    scope._aggregate.merge(record)
+    result = FlushResult(
+        step=step,
+        record=record,
+        global_norms=reading.global_norms,
+        losses=reading.losses,
+        loss_scale=reading.scale_now,
+        update_ratios=update_ratios,
+        param_grad_norms=param_grad_norms,
+        clip=clip,
+        findings=findings,
+        alerts=[alert.finding for alert in alerts if alert.kind != "cleared"],
+    )
+    keep_result(scope, result, steps)
+    return error_to_raise(scope, located, alerts) if raise_errors else None

@@ -1,0 +1,204 @@
+"""Every step's device-only numbers: the global gradient norm, the loss and the
+loss scale, in a ring of ``every`` slots read at the next flush (no host sync).
+
+The ring holds squared norms of this rank's part (shards whole, replicas on one
+rank only), which the flush sums over the reduction group before the square
+root: √(Σ over ranks of local Σg²), as ``clip_grad_norm_`` does for DTensors.
+Parameters are looked up by name at each step, never kept: FSDP swaps and
+frees parameter storage (``gradscope.placement``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from gradscope.placement import ParameterRef, local_gradients
+from gradscope.recorder import Recorder
+from gradscope.watching.scaling import scale_tensor
+
+# Rows of the ring.
+NORM, LOSS, SCALE = 0, 1, 2
+
+# (layout names, names with a gradient, their squared norms, which of the layout they are)
+GradientSquares = tuple[list[str], list[str], torch.Tensor | None, torch.Tensor | None]
+
+
+def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Squared 2-norms, stacked as one float32 vector on the first tensor's device;
+    accumulated in float32 for fp16/bf16 (an fp16 norm would overflow at 65504
+    although every element is finite).
+
+    On the CPU a BLAS dot per tensor: 1.6x faster than ``_foreach_norm`` (which
+    loops over ``vector_norm`` there) and more accurate (2e-6 vs 1e-5 relative at
+    1M elements, 1e-4 vs 7e-4 at 16M, measured against float64).  On CUDA one
+    fused ``_foreach_norm`` launch beats a launch per tensor.  Either way the
+    squares overflow float32 for norms above ~1.8e19, as ``clip_grad_norm_``'s do.
+    """
+    device = tensors[0].device
+    if all(t.dtype == torch.float32 and t.device == device for t in tensors):
+        if device.type == "cpu":
+            return torch.stack([torch.dot(flat, flat) for flat in (t.reshape(-1) for t in tensors)])
+        return torch.stack(torch._foreach_norm(list(tensors))).square()
+    squares = []
+    for t in tensors:
+        norm = torch.linalg.vector_norm(t, dtype=torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None)
+        squares.append(norm.float().square().to(device))
+    return torch.stack(squares)
+
+
+class StepNorms:
+    """The ring of per-step norm, loss and scale, and the per-parameter gradient
+    norms of the sampled step, for the flush to pack."""
+
+    def __init__(self, recorder: Recorder, every: int, tier: str) -> None:
+        self.recorder = recorder
+        self.every = every
+        self.tier = tier
+        self.buf: torch.Tensor | None = None
+        self.loss_given = [False] * every
+        self.scale_given = [False] * every
+        self.norm_given = [False] * every
+        self.pending_loss: torch.Tensor | None = None
+        self.param_norms: tuple[list[str], torch.Tensor] | None = None
+        self.scaler_seen = False
+        # Gradient clipping done by a trainer between backward and step(): the norms
+        # measured before it (observe_gradients).
+        self.pre_clip: GradientSquares | None = None
+        # This step's loss and gradient squares, for the per-step non-finite check.
+        self.step_loss: torch.Tensor | None = None
+        self.step_squares: tuple[list[str], torch.Tensor | None, torch.Tensor | None] = ([], None, None)
+        self._param_refs: list[ParameterRef] | None = None
+
+    def observe_loss(self, loss: Any) -> None:
+        value = loss.detach().float().sum() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        self.pending_loss = value if self.pending_loss is None else self.pending_loss + value.to(self.pending_loss)
+
+    def observe_gradients(self) -> None:
+        measured = self.gradient_squares()
+        if measured[2] is not None:
+            self.pre_clip = measured
+
+    def take_step_check(self) -> tuple[torch.Tensor | None, tuple[list[str], torch.Tensor | None, torch.Tensor | None]]:
+        """This step's loss and gradient squares, handed over once."""
+        out = (self.step_loss, self.step_squares)
+        self.step_loss, self.step_squares = None, ([], None, None)
+        return out
+
+    def buffer(self, device: torch.device) -> torch.Tensor:
+        if self.buf is None or self.buf.device != device:
+            self.buf = torch.full((3, self.every), math.nan, dtype=torch.float32, device=device)
+        return self.buf
+
+    def trainable(self) -> list[ParameterRef]:
+        """The trainable parameters, by name (the table is built after any sharding)."""
+        if self._param_refs is None:
+            owner = self.recorder.owner
+            refs = []
+            for ref in self.recorder.parameter_table():
+                local = ref.resolve(owner)
+                if local is not None and local.requires_grad:
+                    refs.append(ref)
+            self._param_refs = refs
+        return self._param_refs
+
+    def observe(self, step: int, scaler: Any, scaled: bool, sampled: bool) -> None:
+        """Device-only work of every step: global norm, loss, scale into the ring."""
+        slot = step % self.every
+        measure = sampled or self.tier == "full"
+        self.norm_given[slot] = measure
+        pre_clip, self.pre_clip = self.pre_clip, None
+        names: list[str] = []
+        present: list[str] = []
+        squares: torch.Tensor | None = None
+        mask: torch.Tensor | None = None
+        if measure:
+            # measured before the trainer clipped (observe_gradients), else now
+            names, present, squares, mask = pre_clip if pre_clip is not None else self.gradient_squares()
+        device = squares.device if squares is not None else self.default_device()
+        total, stacked, presence = self._layout(names, squares, mask, sampled, device)
+        buf = self.buffer(device)
+        scale = scale_tensor(scaler) if scaler is not None else None
+        if scale is not None:
+            scale = scale.to(device=device, dtype=torch.float32)
+            self.scaler_seen = True
+            if scaled:
+                total = total / (scale * scale)  # squared norms
+                stacked = stacked / (scale * scale)
+            buf[SCALE, slot] = scale
+        self.scale_given[slot] = scale is not None
+        if measure:
+            buf[NORM, slot] = total
+        if self.pending_loss is not None:
+            buf[LOSS, slot] = self.pending_loss.to(device)
+        self.loss_given[slot] = self.pending_loss is not None
+        self.step_loss = self.pending_loss
+        self.step_squares = (present, squares, total if squares is not None else None)
+        self.pending_loss = None
+        if sampled:
+            self.param_norms = (names, stacked if presence is None else torch.cat([stacked, presence]))
+
+    def _layout(
+        self,
+        names: list[str],
+        squares: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        sampled: bool,
+        device: torch.device,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The step's total squared norm, the per-parameter squares in the shared
+        layout, and (with a reduction group) which of them this rank holds."""
+        presence: torch.Tensor | None = None
+        if squares is not None:
+            total = squares.sum()
+            stacked = squares  # per-parameter squared norms: sampled steps only
+            if sampled and mask is not None:
+                # The shared layout: 0 where this rank holds none of a parameter;
+                # whether it holds a gradient travels alongside.
+                stacked = torch.zeros(len(names), dtype=squares.dtype, device=device)
+                stacked[mask] = squares
+                presence = mask.to(squares.dtype)
+        else:
+            stacked = torch.zeros(len(names), device=device)
+            presence = torch.zeros(len(names), device=device) if self.recorder.group is not None else None
+            total = torch.zeros((), device=device)
+        return total, stacked, presence
+
+    def gradient_squares(self) -> GradientSquares:
+        """This rank's gradients now: the layout of the names (every trainable
+        parameter with a reduction group, else those with a gradient), the names
+        with a gradient, their squared norms (device, no sync) and, with a
+        reduction group, which of the layout they are (a device mask)."""
+        refs = self.trainable()
+        grads_by_name = local_gradients(refs, self.recorder.owner)
+        present = [name for name, grad in grads_by_name if grad is not None]
+        grads = [grad for _, grad in grads_by_name if grad is not None]
+        reduced = self.recorder.group is not None
+        names = [ref.name for ref in refs] if reduced else present  # the same layout on every rank
+        if not grads:
+            return names, present, None, None
+        squares = squared_norms(grads)
+        mask = None
+        if reduced:
+            mask = torch.tensor([grad is not None for _, grad in grads_by_name], device=squares.device)
+        return names, present, squares, mask
+
+    def local_parameters(self) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
+        """(name, this rank's part of the value, its gradient) of each trainable
+        parameter, looked up now and not kept (for the non-finite search)."""
+        out = []
+        for ref in self.trainable():
+            local = ref.resolve(True)
+            if local is not None:
+                out.append((ref.name, local.value, local.grad))
+        return out
+
+    def default_device(self) -> torch.device:
+        for ref in self.trainable():
+            local = ref.resolve(True)
+            if local is not None:
+                return local.value.device
+        return torch.device("cpu")
