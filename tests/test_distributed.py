@@ -524,38 +524,81 @@ def test_an_audit_on_rank_zero_only_does_not_block(ddp_ranks: dict[int, dict]) -
 # -- failures end the job as fast as without gradscope -----------------------------------
 
 
+class _Poison(nn.Module):
+    """Tanh whose output turns NaN while ``on`` is set: an activation gone bad on one rank's rows only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(x)
+        return y * math.nan if self.on else y
+
+
+def _poisonable_model() -> nn.Module:
+    """``_model()`` with its Tanh (layer "3") able to turn NaN."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), _Poison(), nn.Linear(32, 4))
+
+
+# Phases of the watched job: (every, the step at which rank 1 alone goes bad, how).  Step 4
+# with every=10 is between two sampled steps (0 and 10).  "error" (rank 1 raises an ordinary
+# error) comes last: it ends the job.
+NAN_PHASES = {
+    "nan": (1, 2, "loss"),  # rank 1's loss times NaN
+    "input_inf": (1, 2, "input"),  # rank 1's batch times inf
+    "input_inf_every10": (10, 4, "input"),
+    "activation_every10": (10, 4, "activation"),  # rank 1's layer "3" outputs NaN
+    "activation_every1": (1, 2, "activation"),
+    # rank 1's loss value alone is NaN, its gradients are not: only rank 1's own check sees it
+    "loss_value_every10": (10, 4, "loss value"),
+}
+
+
 def _failing_worker(rank: int, port: int, out_dir: str, mode: str) -> None:
-    """``baseline``: rank 1 raises at step 2, no gradscope.  ``watched``: first rank 1's
-    loss turns NaN at step 2 (both ranks must stop there), then, in a new watched
-    run, rank 1 raises at step 2.  Each rank records when it failed."""
+    """``baseline``: rank 1 raises at step 2, no gradscope.  ``watched``: each of
+    NAN_PHASES in turn (both ranks must stop at the bad step with the same error),
+    then, in a new watched run, rank 1 raises at step 2.  Each rank records when it
+    failed, counted from the start of the bad step."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     # A bounded timeout, so that even a hang would end this test (the default is 30 min).
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     outcome: dict[str, Any] = {}
-    phases = ["error"] if mode == "baseline" else ["nan", "error"]
+    phases = ["error"] if mode == "baseline" else [*NAN_PHASES, "error"]
     failed = False
     for phase in phases:
-        result: dict[str, Any] = {"stopped_at": None, "error": None, "seconds_to_fail": None}
+        every, bad_step, how = NAN_PHASES.get(phase, (1, 2, "error"))
+        result: dict[str, Any] = {"stopped_at": None, "error": None, "seconds_to_fail": None, "record": None}
         outcome[phase] = result
         started = None
         try:
-            model = _model()
+            model = _poisonable_model()
             ddp = nn.parallel.DistributedDataParallel(model)
             opt = torch.optim.SGD(model.parameters(), lr=0.01)
             with contextlib.ExitStack() as stack:
-                scope = stack.enter_context(gradscope.watch(model, every=1)) if mode != "baseline" else None
-                for step in range(50):
+                scope = None
+                if mode != "baseline":
+                    scope = stack.enter_context(gradscope.watch(model, every=every, on_finding=_quiet))
+                for step in range(30):
                     result["stopped_at"] = step
-                    if step == 2:
+                    if step == bad_step:
                         started = time.monotonic()
                     opt.zero_grad()
-                    if phase == "error" and rank == 1 and step == 2:
+                    rank_one_goes_bad = rank == 1 and step == bad_step
+                    if how == "error" and rank_one_goes_bad:
                         raise RuntimeError("rank 1 fails")
-                    loss = _square_loss(ddp(_rows(_data(step), rank)))
-                    if phase == "nan" and rank == 1 and step == 2:
+                    x = _rows(_data(step), rank)
+                    if how == "input" and rank_one_goes_bad:
+                        x = x * math.inf
+                    model[3].on = how == "activation" and rank_one_goes_bad
+                    loss = _square_loss(ddp(x))
+                    if how == "loss" and rank_one_goes_bad:
                         loss = loss * math.nan
+                    if how == "loss value" and rank_one_goes_bad:
+                        loss = loss + math.nan * loss.detach()  # d/dθ unchanged
                     loss.backward()
                     if scope is not None:
                         scope.step(opt, loss=loss)
@@ -564,6 +607,8 @@ def _failing_worker(rank: int, port: int, out_dir: str, mode: str) -> None:
         except Exception as exc:
             result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             result["seconds_to_fail"] = time.monotonic() - started if started is not None else None
+            if isinstance(exc, gradscope.GradscopeError):
+                result["record"] = {k: exc.record.get(k) for k in ("step", "layer", "role", "origin", "rank")}
             failed = not isinstance(exc, gradscope.GradscopeError)
         if failed:
             break
@@ -592,9 +637,17 @@ def _job(mode: str, tmp_path: Path) -> dict[int, dict]:
     return {r: json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)}
 
 
-def test_failing_ranks_end_the_job_as_fast_as_without_gradscope(tmp_path: Path) -> None:
-    baseline = _job("baseline", tmp_path)
-    watched = _job("watched", tmp_path)
+@pytest.fixture(scope="module")
+def failing_jobs(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[int, dict], dict[int, dict]]:
+    """The job without gradscope (rank 1 raises) and the watched job (NAN_PHASES, then the error)."""
+    tmp_path = tmp_path_factory.mktemp("failing")
+    return _job("baseline", tmp_path), _job("watched", tmp_path)
+
+
+def test_failing_ranks_end_the_job_as_fast_as_without_gradscope(
+    failing_jobs: tuple[dict[int, dict], dict[int, dict]],
+) -> None:
+    baseline, watched = failing_jobs
     # An ordinary error on rank 1: rank 0 learns from gloo that its peer is gone, with
     # gradscope as fast as without (no collective runs on the exception exit).
     assert baseline[1]["error"]["error"] == watched[1]["error"]["error"] == "RuntimeError: rank 1 fails"
@@ -607,3 +660,41 @@ def test_failing_ranks_end_the_job_as_fast_as_without_gradscope(tmp_path: Path) 
     assert nan[0]["error"] == nan[1]["error"]
     assert nan[0]["error"].startswith("GradscopeError") and "loss" in nan[0]["error"]
     assert max(nan[0]["seconds_to_fail"], nan[1]["seconds_to_fail"]) < baseline[0]["error"]["seconds_to_fail"] + 10
+
+
+# What rank 1 alone saw, as every rank must name it: the layer, its role, where it came from.
+EXPECTED_RECORDS = {
+    "input_inf": {"layer": "0", "role": "activation", "origin": "received"},  # from the batch
+    "input_inf_every10": {"layer": "0", "role": "activation", "origin": "received"},
+    "activation_every10": {"layer": "3", "role": "activation", "origin": "produced"},
+    "activation_every1": {"layer": "3", "role": "activation", "origin": "produced"},
+    "loss_value_every10": {"layer": None, "role": "loss", "origin": "produced"},
+}
+
+
+@pytest.mark.parametrize("phase", list(EXPECTED_RECORDS))
+def test_a_nan_one_rank_sees_stops_every_rank_at_that_step_with_one_diagnosis(
+    failing_jobs: tuple[dict[int, dict], dict[int, dict]], phase: str
+) -> None:
+    """Rank 1 alone gets an inf batch, a NaN activation or a NaN loss value, at a sampled
+    step (every=1) or between two (every=10): both ranks raise the same GradscopeError,
+    naming the step and the layer rank 1's rows spoiled, and the job ends within 10 s of
+    the job that fails without gradscope.  With every=1 they stop at the bad step itself
+    (before optimizer.step); between sampled steps, at the next sampled step, the first
+    flush whose reduction carries rank 1's stop flag (gradscope.watching.agreement says
+    why not a collective per step)."""
+    baseline, watched = failing_jobs
+    every, bad_step, _ = NAN_PHASES[phase]
+    ranks = {rank: watched[rank][phase] for rank in range(WORLD)}
+    stop = bad_step if bad_step % every == 0 else (bad_step // every + 1) * every
+    assert ranks[0]["stopped_at"] == ranks[1]["stopped_at"] == stop
+    assert ranks[0]["error"] == ranks[1]["error"]
+    assert ranks[0]["error"].startswith("GradscopeError")
+    assert ranks[0]["record"] == ranks[1]["record"]
+    record = ranks[0]["record"]
+    assert record["step"] == bad_step
+    assert {key: record[key] for key in ("layer", "role", "origin")} == EXPECTED_RECORDS[phase]
+    if every > 1:
+        assert record["rank"] == 1  # the per-step check: rank 1's own search, shared with rank 0
+    limit = baseline[0]["error"]["seconds_to_fail"] + 10
+    assert max(ranks[0]["seconds_to_fail"], ranks[1]["seconds_to_fail"]) < limit

@@ -17,6 +17,7 @@ from gradscope.record import Record
 from gradscope.recorder import Recorder
 from gradscope.report import Finding
 from gradscope.training import clip_advice, nonfinite_finding
+from gradscope.watching.agreement import Agreement, first_of
 from gradscope.watching.nonfinite import (
     LayerInfo,
     StepFlags,
@@ -44,6 +45,15 @@ def inputs_finite(flags: list[Any] | None) -> bool | None:
     return bool(torch.isfinite(values).all())
 
 
+def reduced_evidence(
+    record: Record, ring: torch.Tensor | None, step: int, every: int, losses: list[tuple[int, float]]
+) -> bool:
+    """Whether the numbers every rank holds after a flush's reduction show a NaN/Inf
+    at ``step`` (its statistics, global norm or loss): the same answer on every rank."""
+    loss = dict(losses).get(step)
+    return in_trouble(record, ring, step, every) or (loss is not None and not math.isfinite(loss))
+
+
 def in_trouble(record: Record, ring: torch.Tensor | None, step: int, every: int) -> bool:
     """Whether this sampled step saw a non-finite tensor or gradient norm."""
     if ring is not None and not math.isfinite(float(ring[NORM, step % every])):
@@ -65,6 +75,7 @@ class NonfiniteEpisodes:
         ratios: UpdateRatios,
         history: NormHistogram,
         raise_on: tuple[str, ...],
+        agreement: Agreement | None = None,
     ) -> None:
         self.recorder = recorder
         self.norms = norms
@@ -74,6 +85,35 @@ class NonfiniteEpisodes:
         self.first: dict[str, Any] | None = None  # the run's first non-finite step
         self.episode: Finding | None = None  # the nonfinite finding of the current non-finite episode
         self.raised = False  # an error was returned once: training was told to stop
+        # Under torch.distributed: every rank keeps the same record (gradscope.watching.agreement).
+        self.agreement = agreement
+        # With an agreement: this rank's record of an unsampled step that went
+        # non-finite, kept for the next flush (which stops every rank).
+        self.held: dict[str, Any] | None = None
+
+    def agree(self, located: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The record every rank keeps: the earliest any rank found, held or at this
+        flush (a collective: call it only where every rank does, from reduced numbers)."""
+        if self.agreement is None:
+            return located
+        positions = {layer.name: layer.index for layer in self.layer_infos()}
+        mine = first_of([self.held, located], positions)
+        self.held = None
+        return self.agreement.first_record(mine, positions)
+
+    def hold(self, flags: StepFlags) -> None:
+        """Under torch.distributed, an unsampled step whose own flag was non-finite:
+        search this rank's tensors now, while they are those of the step, and keep
+        the record for the next flush (no alert, no error: the other ranks may not
+        have seen it; ``gradscope.watching.agreement``)."""
+        if self.held is not None or self.episode is not None:
+            return  # the first of the episode is already known
+        located = locate_step(
+            flags, self.layer_infos(), self.norms.local_parameters(), include_gradients=not self.norms.scaler_seen
+        )
+        if located is not None and not flags.same_step:
+            located["read"] = "one step late (accelerator): optimizer.step() of this step already ran"
+        self.held = located
 
     def layer_infos(self) -> list[LayerInfo]:
         return [

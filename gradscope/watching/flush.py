@@ -21,7 +21,7 @@ from gradscope.record import Record
 from gradscope.report import Finding
 from gradscope.training import clip_advice, skipped_steps_finding, spike_finding
 from gradscope.watching.alerts import Alert
-from gradscope.watching.episodes import in_trouble
+from gradscope.watching.episodes import in_trouble, reduced_evidence
 from gradscope.watching.flush_result import FlushResult
 from gradscope.watching.packing import Unpacked, pack, unpack
 from gradscope.watching.scaling import divide_stats
@@ -49,7 +49,9 @@ def layer_record(scope: Scope, extra: torch.Tensor | None = None) -> tuple[Recor
 
 def gather(scope: Scope) -> tuple[Record, Unpacked]:
     """Everything waiting for this flush, on the host (reduced over the group)."""
-    packed, layout = pack(scope._norms, scope._ratios)
+    episodes = scope._episodes
+    stop = episodes.held is not None if episodes.agreement is not None else None
+    packed, layout = pack(scope._norms, scope._ratios, stop)
     record, host = layer_record(scope, packed)
     group = scope._recorder.group
     ranks = group.size if group is not None else 1
@@ -236,6 +238,12 @@ def flush(
         located = scope._episodes.locate(
             record, step, reading.first_bad_norm, reading.losses, param_grad_norms, input_flags
         )
+    if scope._episodes.agreement is not None and (
+        host.stop > 0 or (sampled and reduced_evidence(record, host.ring, step, scope.every, reading.losses))
+    ):
+        # Every rank holds the same reduced numbers, so all agree here on one record:
+        # the earliest any rank found, at this step or held from an unsampled one.
+        located = scope._episodes.agree(located)
     update_ratios = update_ratios_by_step(host.ratios)
     sources = findings_by_source(
         scope,

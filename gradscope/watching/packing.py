@@ -23,6 +23,7 @@ class PackLayout:
     ring: bool = False
     names: list[str] = field(default_factory=list)  # per-parameter norms, in this order
     ratios: list[tuple[int, list[str]]] = field(default_factory=list)  # (sampled step, layers)
+    stop: bool = False  # the stop flag comes last (gradscope.watching.agreement)
 
 
 @dataclass
@@ -33,10 +34,12 @@ class Unpacked:
     names: list[str] = field(default_factory=list)
     param_norms: torch.Tensor | None = None
     ratios: list[tuple[int, list[str], Any]] = field(default_factory=list)
+    stop: float = 0.0  # ranks that hold a record of a non-finite step (summed)
 
 
-def pack(norms: StepNorms, ratios: UpdateRatios) -> tuple[torch.Tensor | None, PackLayout]:
-    """Take (and reset) what waits for the flush, as one device vector."""
+def pack(norms: StepNorms, ratios: UpdateRatios, stop: bool | None = None) -> tuple[torch.Tensor | None, PackLayout]:
+    """Take (and reset) what waits for the flush, as one device vector; ``stop``
+    (under torch.distributed): whether this rank holds a record of a non-finite step."""
     pieces: list[torch.Tensor] = []
     layout = PackLayout(ring=norms.buf is not None)
     if norms.buf is not None:
@@ -48,6 +51,10 @@ def pack(norms: StepNorms, ratios: UpdateRatios) -> tuple[torch.Tensor | None, P
     pieces.extend(r.float() for _, _, r in ready)
     ratios.ready = []
     norms.param_norms = None
+    if stop is not None:
+        device = pieces[0].device if pieces else norms.default_device()
+        pieces.append(torch.full((1,), float(stop), device=device))  # a fill, not a host-to-device copy
+        layout.stop = True
     if not pieces:
         return None, PackLayout()
     device = pieces[0].device
@@ -89,4 +96,6 @@ def unpack(host: torch.Tensor | None, layout: PackLayout, every: int, ranks: int
         diff, before = host[offset : offset + k], host[offset + k : offset + 2 * k]
         out.ratios.append((step, layer_names, (diff / before).sqrt()))
         offset += 2 * k
+    if layout.stop:
+        out.stop = float(host[offset])
     return out

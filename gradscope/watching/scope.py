@@ -75,13 +75,14 @@ from gradscope.recorder import Recorder
 from gradscope.report import Finding, Report
 from gradscope.training import SpikeSummary
 from gradscope.watching.aggregate import RunningRecord
+from gradscope.watching.agreement import Agreement
 from gradscope.watching.alerts import AlertTracker
 from gradscope.watching.announce import Announcer
 from gradscope.watching.episodes import NonfiniteEpisodes
 from gradscope.watching.final_report import final_report
 from gradscope.watching.flush import flush
 from gradscope.watching.flush_result import FlushResult
-from gradscope.watching.nonfinite import StepCheck
+from gradscope.watching.nonfinite import StepCheck, StepFlags
 from gradscope.watching.options import DIAGNOSE_EVERY_STEPS, RAISE_CODES, TIERS, WATCH_SAMPLE, check_arguments
 from gradscope.watching.regularisation import RegularisationWatch, check_stop_on
 from gradscope.watching.scaling import active_scaler, grads_already_unscaled
@@ -193,8 +194,12 @@ class Scope:
         self._norms = StepNorms(self._recorder, self.every, self.tier)
         self._ratios = UpdateRatios(self._recorder)
         self._training = TrainingState()
+        # Under torch.distributed every rank stops at the same step, with the same
+        # record of where (gradscope.watching.agreement).
+        group = self._recorder.group
+        self._agreement = Agreement(group) if group is not None else None
         self._episodes = NonfiniteEpisodes(
-            self._recorder, self._norms, self._ratios, self._training.history, self.raise_on
+            self._recorder, self._norms, self._ratios, self._training.history, self.raise_on, self._agreement
         )
         self._check = StepCheck()  # the per-step non-finite check (gradscope.watching.nonfinite)
         self._recorder.sentinel = self._check.sentinel
@@ -277,9 +282,11 @@ class Scope:
         try:
             bad = self._check.poll(wait=True)  # steps whose flag was still in flight
             if bad is not None:
-                pending = self._episodes.bad_step(bad, self._announcer.alert)
+                pending = self._bad_step(bad) if collective else self._episodes.bad_step(bad, self._announcer.alert)
             self._ratios.resolve()
             self._last_flush(collective)
+            if self._agreement is not None and collective and pending is None:
+                pending = self._episodes.error()  # a held record the last flush agreed on
         finally:
             self._recorder.close()
             self._regularisation.close()
@@ -465,7 +472,7 @@ class Scope:
         error: GradscopeError | None = None
         bad = self._check.poll(wait=sampled)
         if bad is not None:
-            error = self._episodes.bad_step(bad, self._announcer.alert)
+            error = self._bad_step(bad)
         input_flags: list[Any] = []
         step_loss, (names, squares, total) = self._norms.take_step_check()
         if sampled:
@@ -476,8 +483,17 @@ class Scope:
             self._check.record(step, step_loss, names, squares, total)
             bad = self._check.poll()
             if bad is not None:
-                error = self._episodes.bad_step(bad, self._announcer.alert) or error
+                error = self._bad_step(bad) or error
         return error, input_flags
+
+    def _bad_step(self, flags: StepFlags) -> GradscopeError | None:
+        """A step whose own flag was non-finite: alert and stop here, or under
+        torch.distributed keep the record for the next flush, which stops every
+        rank together (``gradscope.watching.agreement``)."""
+        if self._agreement is not None:
+            self._episodes.hold(flags)
+            return None
+        return self._episodes.bad_step(flags, self._announcer.alert)
 
     def _sampled_step(self, step: int, optimizer: Any, scaled: bool, input_flags: list[Any]) -> GradscopeError | None:
         """Parameter statistics (at the diagnosis cadence), the update-ratio
