@@ -117,8 +117,13 @@ def _watched(model: nn.Module, rank: int | None, *, attach_before: Any = None) -
     with scope:
         _train(model, scope, rank)
         flush = scope.recent[-1]
-    out = _summary(scope.report())
+    report = scope.report()
+    out = _summary(report)
     out["param_norms"] = flush.param_grad_norms
+    out["weights"] = {
+        name: {key: track[key] for key in ("elements", "norm_last", "zero_frac", "near_zero_frac", "trajectory")}
+        for name, track in report.analysis["regularisation"]["weights"].items()
+    }
     return out
 
 
@@ -397,6 +402,30 @@ def test_fsdp2_statistics_equal_one_unsharded_process(
         got = fsdp2_ranks[rank][variant]
         _assert_matches_one_process(got, reference, data_parallel=True, engine=f"fsdp2 {variant}")
     assert fsdp2_ranks[0][variant]["reduction"]["data_parallel"] == WORLD
+
+
+def _assert_weights_equal(got: dict[str, dict], want: dict[str, dict], what: str) -> None:
+    """The weight watch's numbers (norm trajectory, exact and near zeros) of every weight."""
+    assert got.keys() == want.keys() and want, what
+    for name, track in want.items():
+        mine = got[name]
+        assert mine["elements"] == track["elements"], f"{what} {name}"
+        assert [step for step, _ in mine["trajectory"]] == [step for step, _ in track["trajectory"]], f"{what} {name}"
+        for (_, norm), (_, reference) in zip(mine["trajectory"], track["trajectory"], strict=True):
+            assert norm == pytest.approx(reference, rel=1e-6), f"{what} {name} norm"
+        assert mine["zero_frac"] == track["zero_frac"], f"{what} {name}"
+        # The near-zero tolerance comes from the norm: one element may sit on its edge.
+        assert abs(mine["near_zero_frac"] - track["near_zero_frac"]) <= 1 / track["elements"], f"{what} {name}"
+
+
+@pytest.mark.parametrize("variant", ["default", "keep_unsharded", "attached_before"])
+def test_fsdp2_weight_watch_equals_one_unsharded_process(
+    fsdp2_ranks: dict[int, dict], reference: dict[str, Any], variant: str
+) -> None:
+    """Weights over time are looked up by name and their shards summed: each rank holds the
+    whole weight's norm and sparsity, as one unsharded process measures them."""
+    for rank in range(WORLD):
+        _assert_weights_equal(fsdp2_ranks[rank][variant]["weights"], reference["weights"], f"rank {rank} {variant}")
 
 
 def test_fsdp2_audit_finds_what_one_process_finds(fsdp2_ranks: dict[int, dict]) -> None:

@@ -57,7 +57,7 @@ def regularisation_report() -> Report:
     with torch.no_grad():  # half of the first weight piled up at 1e-5, never zero
         model[3].weight.fill_(0.5)
         model[3].weight.view(-1)[::2] = 1e-5
-    weights = WeightWatch(list(model.named_parameters()))
+    weights = WeightWatch(model)
     weights.measure(40, {n: (0.1, 0.0, "none") for n, _ in model.named_parameters()}, {})
     findings.append(weights.l1_finding())
 

@@ -17,10 +17,13 @@ alert tracker sees them as persisting rather than clearing and re-alerting.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import nn
 
+from gradscope.distributed import ReductionGroup
+from gradscope.placement import ParameterRef
 from gradscope.report import Finding
 from gradscope.watching.eval_mode import EvalModeGuard
 from gradscope.watching.validation import Evaluation, ValidationTracker, overfitting_finding
@@ -51,11 +54,20 @@ def check_stop_on(stop_on: Any) -> tuple[str, ...]:
 class RegularisationWatch:
     """The regularisation signals of a watched run."""
 
-    def __init__(self, model: nn.Module, params: list[tuple[str, Any]], stop_on: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        parameters: Callable[[], Iterable[ParameterRef]] | None = None,
+        stop_on: tuple[str, ...] = (),
+        group: ReductionGroup | None = None,
+    ) -> None:
+        """``parameters``: the model's parameters by name, looked up at each measurement
+        (the Recorder's table, built after any sharding); ``group``: the ranks whose
+        parts of each weight are summed (``WeightWatch``)."""
         self.stop_on = tuple(stop_on)
         self._model = weakref.ref(model)
         self.guard = EvalModeGuard(model)
-        self.weights = WeightWatch(params)
+        self.weights = WeightWatch(parameters if parameters is not None else model, group)
         self.validation = ValidationTracker()
         self._optimizer: Any = None
         self._cached: list[Finding] = []

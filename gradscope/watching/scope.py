@@ -154,8 +154,9 @@ class Scope:
         self._recorder.attach()
         self._recorder.start()  # step 0 is sampled
         # Weight decay, weights over time, eval-mode mistakes, validation (gradscope.watching.regularisation).
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self._regularisation = RegularisationWatch(model, trainable, tuple(stop_on))
+        self._regularisation = RegularisationWatch(
+            model, self._recorder.parameter_table, tuple(stop_on), self._recorder.group
+        )
 
     def _build_parts(
         self,

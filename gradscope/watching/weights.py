@@ -27,17 +27,26 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
+from gradscope.distributed import ReductionGroup
+from gradscope.placement import ParameterRef, ParameterTable
 from gradscope.report import Finding, Fix, Severity
 
 SPARSITY_RTOL = 1e-2  # "near zero": |w| below 1 % of the layer's RMS
 L1_PILEUP_FRAC = 0.2  # near-zero (non-zero) fraction that is a pile-up (see the module docstring)
 L1_MIN_ELEMENTS = 64  # smaller weights give too coarse a fraction to judge
 TRAJECTORY_POINTS = 64  # (step, norm) points kept per weight (the first one is kept apart)
+
+
+def _numel(ref: ParameterRef) -> int:
+    """Elements of the whole (unsharded) parameter."""
+    return math.prod(ref.shape)
 
 
 @dataclass
@@ -90,20 +99,62 @@ class WeightTrack:
         }
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (numbers are then per rank), else the tensor."""
-    to_local = getattr(tensor, "to_local", None)
-    return to_local() if callable(to_local) else tensor
+def _sum_over(group: ReductionGroup | None, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over the group's ranks (itself without a group): a collective."""
+    if group is None:
+        return tensor
+    import torch.distributed as dist
+
+    total = tensor.to(group.device())
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group.group)
+    return total.to(tensor.device)
 
 
 class WeightWatch:
-    """Norms, sparsity and decay share of every weight, at the diagnosis cadence."""
+    """Norms, sparsity and decay share of every weight, at the diagnosis cadence.
 
-    def __init__(self, params: list[tuple[str, torch.Tensor]]) -> None:
-        self._params = [(n, p) for n, p in params if p.ndim >= 2 and p.is_floating_point()]
-        self.tracks: dict[str, WeightTrack] = {
-            n: WeightTrack(layer=n.rpartition(".")[0] or "model", numel=p.numel()) for n, p in self._params
-        }
+    Parameters are looked up by name at each measurement (``gradscope.placement``:
+    FSDP swaps and frees parameter storage, so none is kept), as this rank's part:
+    shards are summed over ``group`` (squared norms and counts), replicas counted
+    once, so every rank holds the numbers of the whole weight.
+    """
+
+    def __init__(
+        self,
+        parameters: nn.Module | Callable[[], Iterable[ParameterRef]],
+        group: ReductionGroup | None = None,
+    ) -> None:
+        if isinstance(parameters, nn.Module):
+            table = ParameterTable(parameters)
+            self._table: Callable[[], Iterable[ParameterRef]] = lambda: table
+        else:
+            self._table = parameters
+        self.group = group
+        self._weights: list[ParameterRef] | None = None  # the table's weights, chosen at the first measure
+        self.tracks: dict[str, WeightTrack] = {}
+
+    def _chosen(self, owner: bool) -> list[tuple[ParameterRef, torch.Tensor]]:
+        """(ref, this rank's part now) of each trainable floating weight of two or more
+        dimensions; the part is empty where this rank holds none or a replica another
+        rank counts."""
+        if self._weights is None:
+            chosen = []
+            for ref in self._table():
+                local = ref.resolve(owner)
+                if local is None or not local.requires_grad or not local.value.is_floating_point():
+                    continue
+                if len(ref.shape) >= 2:
+                    chosen.append(ref)
+                    self.tracks[ref.name] = WeightTrack(layer=ref.name.rpartition(".")[0] or "model", numel=_numel(ref))
+            self._weights = chosen
+        out = []
+        for ref in self._weights:
+            local = ref.resolve(owner)
+            if local is None:
+                continue
+            value = local.value if local.owned else local.value.new_empty(0)
+            out.append((ref, value.detach()))
+        return out
 
     def measure(
         self,
@@ -111,40 +162,61 @@ class WeightWatch:
         decays: dict[str, tuple[float, float, str]] | None = None,
         grad_norms: dict[str, float] | None = None,
     ) -> None:
-        """Norm, zeros and near-zeros of each weight (one host transfer); ``decays`` maps
+        """Norm, zeros and near-zeros of each weight (one host transfer; with a group,
+        two all-reduces: the norms first, for the near-zero tolerance); ``decays`` maps
         parameter name -> (lr, weight_decay, applied), ``grad_norms`` name -> ‖g‖."""
-        if not self._params:
+        parts = self._chosen(self.group is None or self.group.rank == 0)
+        if not parts:
             return
-        rows = []
         with torch.no_grad():
-            for _, param in self._params:
-                w = _local(param.detach())
+            device = parts[0][1].device
+            norms = torch.stack(
+                [
+                    torch.linalg.vector_norm(w, dtype=torch.float32).to(device)
+                    if w.numel()
+                    else torch.zeros((), device=device)
+                    for _, w in parts
+                ]
+            )
+            if self.group is not None:
+                norms = _sum_over(self.group, norms.square()).sqrt()
+            counts = []
+            for (ref, w), norm in zip(parts, norms, strict=True):
                 if w.numel() == 0:
-                    rows.append(torch.zeros(3, device=self._params[0][1].device))
+                    counts.append(torch.zeros(2, device=device))
                     continue
-                norm = torch.linalg.vector_norm(w, dtype=torch.float32)
-                tol = norm / math.sqrt(w.numel()) * SPARSITY_RTOL
+                tol = norm / math.sqrt(_numel(ref)) * SPARSITY_RTOL
                 zeros = (w == 0).sum()
                 below = (w.abs() < tol.to(w.dtype)).sum()
-                rows.append(torch.stack([norm, zeros.float(), (below - zeros).float()]))
-            device = rows[0].device
-            host = torch.stack([r.to(device) for r in rows]).to("cpu", torch.float64).tolist()
+                counts.append(torch.stack([zeros.float(), (below - zeros).float()]).to(device))
+            summed = _sum_over(self.group, torch.stack(counts))
+            host = torch.cat([norms.unsqueeze(1), summed], dim=1).to("cpu", torch.float64).tolist()
         decays = decays or {}
         grad_norms = grad_norms or {}
-        for (name, _param), (norm, zeros, near) in zip(self._params, host, strict=True):
-            track = self.tracks[name]
-            n = max(track.numel, 1)
-            if track.first is None:
-                track.first = (step, norm)
-            track.trajectory.append((step, norm))
-            track.zero_frac = zeros / n
-            track.near_zero_frac = near / n
-            track.tolerance = norm / math.sqrt(n) * SPARSITY_RTOL
-            lr, wd, applied = decays.get(name, (math.nan, 0.0, "none"))
-            track.applied = applied
-            track.decay_step = lr * wd * norm if applied != "none" and math.isfinite(lr) else 0.0
-            g = grad_norms.get(name)
-            track.gradient_step = lr * g if g is not None and math.isfinite(lr) and math.isfinite(g) else None
+        for (ref, _), (norm, zeros, near) in zip(parts, host, strict=True):
+            self._record(self.tracks[ref.name], step, norm, zeros, near, decays.get(ref.name), grad_norms.get(ref.name))
+
+    @staticmethod
+    def _record(
+        track: WeightTrack,
+        step: int,
+        norm: float,
+        zeros: float,
+        near: float,
+        decay: tuple[float, float, str] | None,
+        g: float | None,
+    ) -> None:
+        n = max(track.numel, 1)
+        if track.first is None:
+            track.first = (step, norm)
+        track.trajectory.append((step, norm))
+        track.zero_frac = zeros / n
+        track.near_zero_frac = near / n
+        track.tolerance = norm / math.sqrt(n) * SPARSITY_RTOL
+        lr, wd, applied = decay if decay is not None else (math.nan, 0.0, "none")
+        track.applied = applied
+        track.decay_step = lr * wd * norm if applied != "none" and math.isfinite(lr) else 0.0
+        track.gradient_step = lr * g if g is not None and math.isfinite(lr) and math.isfinite(g) else None
 
     def summary(self) -> dict[str, Any]:
         return {name: track.to_dict() for name, track in self.tracks.items() if track.first is not None}
