@@ -113,6 +113,43 @@ def drop_skipped_gradients(scope: Scope, record: Record, sampled: bool, reading:
         scope._aggregate.record.note("steps skipped by the GradScaler are left out of the gradient statistics")
 
 
+def locate(
+    scope: Scope,
+    record: Record,
+    host: Unpacked,
+    reading: RingReading,
+    step: int,
+    sampled: bool,
+    param_grad_norms: dict[str, float],
+    input_flags: list[Any] | None,
+) -> dict[str, Any] | None:
+    """Where the first NaN/Inf of this flush started (a sampled step is searched
+    whole; under torch.distributed the record every rank agrees on)."""
+    episodes = scope._episodes
+    located = None
+    if sampled:
+        located = episodes.locate(record, step, reading.first_bad_norm, reading.losses, param_grad_norms, input_flags)
+    if episodes.agreement is not None and (
+        host.stop > 0 or (sampled and reduced_evidence(record, host.ring, step, scope.every, reading.losses))
+    ):
+        # Every rank holds the same reduced numbers, so all agree here on one record:
+        # the earliest any rank found, at this step or held from an unsampled one.
+        located = episodes.agree(located)
+    return located
+
+
+def name_spike_parameters(
+    scope: Scope, findings: list[Finding], reading: RingReading, step: int, param_grad_norms: dict[str, float]
+) -> None:
+    """A spike at this very step: the parameters with the largest gradient norms, in its evidence."""
+    if reading.spike is None or reading.spike.step != step or not param_grad_norms:
+        return
+    top = scope._training.spikes.add_parameter_norms(step, param_grad_norms)
+    for finding in findings:
+        if finding.code == "gradient-spike":
+            finding.evidence["largest_parameter_norms"] = top
+
+
 def update_ratios_by_step(ratios: list[tuple[int, list[str], Any]]) -> dict[int, dict[str, float]]:
     out: dict[int, dict[str, float]] = {}
     for ratio_step, layer_names, values in ratios:
@@ -233,17 +270,7 @@ def flush(
     param_grad_norms = (
         dict(zip(host.names, host.param_norms.tolist(), strict=True)) if host.param_norms is not None else {}
     )
-    located = None
-    if sampled:
-        located = scope._episodes.locate(
-            record, step, reading.first_bad_norm, reading.losses, param_grad_norms, input_flags
-        )
-    if scope._episodes.agreement is not None and (
-        host.stop > 0 or (sampled and reduced_evidence(record, host.ring, step, scope.every, reading.losses))
-    ):
-        # Every rank holds the same reduced numbers, so all agree here on one record:
-        # the earliest any rank found, at this step or held from an unsampled one.
-        located = scope._episodes.agree(located)
+    located = locate(scope, record, host, reading, step, sampled, param_grad_norms, input_flags)
     update_ratios = update_ratios_by_step(host.ratios)
     sources = findings_by_source(
         scope,
@@ -257,11 +284,7 @@ def flush(
         clip=clip,
     )
     findings = [f for group in sources.values() for f in group]
-    if reading.spike is not None and reading.spike.step == step and param_grad_norms:
-        top = scope._training.spikes.add_parameter_norms(step, param_grad_norms)
-        for finding in findings:
-            if finding.code == "gradient-spike":
-                finding.evidence["largest_parameter_norms"] = top
+    name_spike_parameters(scope, findings, reading, step, param_grad_norms)
     findings.extend(regularisation_findings(scope, step, sampled and full, param_grad_norms, reading, sources))
     alerts = scope._announcer.alert(step, sources)
     scope._aggregate.merge(record)
