@@ -637,7 +637,7 @@ def _failing_worker(rank: int, port: int, out_dir: str, mode: str) -> None:
             result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             result["seconds_to_fail"] = time.monotonic() - started if started is not None else None
             if isinstance(exc, gradscope.GradscopeError):
-                result["record"] = {k: exc.record.get(k) for k in ("step", "layer", "role", "origin", "rank")}
+                result["record"] = {k: exc.record.get(k) for k in ("step", "layer", "role", "origin", "rank", "read")}
             failed = not isinstance(exc, gradscope.GradscopeError)
         if failed:
             break
@@ -725,5 +725,6 @@ def test_a_nan_one_rank_sees_stops_every_rank_at_that_step_with_one_diagnosis(
     assert {key: record[key] for key in ("layer", "role", "origin")} == EXPECTED_RECORDS[phase]
     if every > 1:
         assert record["rank"] == 1  # the per-step check: rank 1's own search, shared with rank 0
+        assert record["read"].startswith(f"at step {stop}, the first flush after it")
     limit = baseline[0]["error"]["seconds_to_fail"] + 10
     assert max(ranks[0]["seconds_to_fail"], ranks[1]["seconds_to_fail"]) < limit

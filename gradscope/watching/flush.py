@@ -135,6 +135,8 @@ def locate(
         # Every rank holds the same reduced numbers, so all agree here on one record:
         # the earliest any rank found, at this step or held from an unsampled one.
         located = episodes.agree(located)
+        if located is not None and located.get("step") != step:
+            located.setdefault("read", f"at step {step}, the first flush after it: all ranks stop there together")
     return located
 
 
