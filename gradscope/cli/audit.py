@@ -70,6 +70,7 @@ def audit(
     Examples:
       gradscope audit model.py:build --input-shape 32,784
       gradscope audit model.pt2 --format json > report.json
+      gradscope audit model.py:build --format html -o report.html
       gradscope audit weights.safetensors --arch model.py:build --fail-on warning
       gradscope audit model.py:build --optimizer "adamw:lr=1e-3,weight_decay=0.01"
 
