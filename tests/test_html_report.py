@@ -605,6 +605,24 @@ def test_bad_input_is_one_line_and_no_file(models: Path, tmp_path: Path) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"]  # nothing staged was left behind
 
 
+def test_a_foreign_json_with_a_malformed_history_is_one_error_line(tmp_path: Path) -> None:
+    data = json.loads(render(watched_report(), "json"))
+    target = tmp_path / "out.html"
+    for broken in (
+        {"steps": "x", "layers": 5},
+        {**data["run"]["history"], "loss": ["<script>"] * 30, "steps": [1e999]},
+    ):
+        data["run"]["history"] = broken
+        (tmp_path / "r.json").write_text(json.dumps(data))
+        result = run("report", tmp_path / "r.json", "--format", "html", "-o", target)
+        assert result.exit_code in (1, 2), result.stderr
+        if result.exit_code == 2:
+            assert len(result.stderr.strip().splitlines()) == 1 and "internal error" not in result.stderr
+            assert not target.exists()
+        else:  # rendered without the parts it could not read
+            assert "<script>" not in target.read_text(encoding="utf-8")
+
+
 # -- headless Chromium -------------------------------------------------------------------------------
 
 SCREENSHOTS = Path("/tmp/gradscope-html")

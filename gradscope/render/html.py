@@ -19,6 +19,7 @@ The output is deterministic: no timestamp, nothing random.
 from __future__ import annotations
 
 import base64
+import math
 import struct
 from collections.abc import Mapping, Sequence
 from html import escape
@@ -333,19 +334,19 @@ def _floats(values: Any, count: int) -> list[float | None]:
 
 def _curves(history: Mapping[str, Any], training: Mapping[str, Any]) -> list[str]:
     steps = [F.as_float(s) for s in history.get("steps") or []]
-    if not steps or any(s is None for s in steps):
+    if not steps or not all(s is not None and math.isfinite(s) for s in steps):
         return []
     xs = [float(s) for s in steps if s is not None]
     marks: list[svg.Mark] = []
     first = training.get("first_nonfinite")
     first_step = F.as_float(first.get("step")) if isinstance(first, Mapping) else None
-    if isinstance(first, Mapping) and first_step is not None:
+    if isinstance(first, Mapping) and first_step is not None and math.isfinite(first_step):
         where = f" in {first['layer']}" if first.get("layer") else ""
         label = f"first non-finite value at step {F.number(int(first_step))}{where}"
         marks.append(svg.Mark(first_step, label, "gs-mark-nonfinite"))
     for s in training.get("spike_steps") or []:
         value = F.as_float(s)
-        if value is not None:
+        if value is not None and math.isfinite(value):
             marks.append(svg.Mark(value, f"gradient spike at step {F.number(int(value))}", "gs-mark-spike"))
     threshold = F.as_float(history.get("clip_threshold"))
     threshold_label = ""
