@@ -434,6 +434,10 @@ def test_watched_run_sections_appear_only_for_a_watched_run(heatmap_stub: list[A
     assert [q for q, _ in heatmap_stub] == ["gradient", "activation"]
     assert heatmap_stub[0][1] == [layer.name for layer in report.layers]
 
+    caption = page.find("figure", "gs-figure-depth").find("figcaption").all_text()
+    assert "non-finite at step 25: these whole-run statistics include the blow-up" in caption
+    assert "blow-up" not in parse(synthetic_report().to_html()).find("figure", "gs-figure-depth").all_text()
+
     without = parse(watched_report(with_history=False).to_html())
     assert without.find_all("section", "gs-training") and not without.find_all("svg", "gs-curve")
     assert 'report.run["history"]' in without.find("section", "gs-training").all_text()

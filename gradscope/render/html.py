@@ -109,7 +109,8 @@ border:1px solid var(--border);background:#fff}
 .gradscope-report svg .gs-pt{stroke:var(--bg);stroke-width:.8}
 .gradscope-report svg .gs-nonfinite{stroke-width:2.2;fill:none}
 .gradscope-report svg .gs-threshold{stroke:var(--error);stroke-width:1.4;stroke-dasharray:6 4}
-.gradscope-report svg .gs-threshold-label{fill:var(--error)}
+.gradscope-report svg .gs-threshold-label{fill:var(--error);paint-order:stroke;stroke:var(--bg);stroke-width:3px;
+stroke-linejoin:round}
 .gradscope-report svg .gs-mark{stroke-width:1.4}
 .gradscope-report svg .gs-mark-nonfinite{stroke:var(--error)}
 .gradscope-report svg .gs-mark-spike{stroke:var(--warning);stroke-dasharray:2 3}
@@ -281,6 +282,12 @@ def _depth_profile(report: Report) -> list[str]:
     caption = "Depth profile: per-layer RMS on a log axis, input to output"
     chart = svg.depth_profile_svg(names, series, flagged=flagged, caption=caption)
     lo, hi = F.HEALTHY_LOG10
+    diverged = _first_bad_step(report)
+    note = (
+        f" The run went non-finite at step {F.number(diverged)}: these whole-run statistics include the blow-up."
+        if diverged is not None
+        else ""
+    )
     out += [
         '<figure class="gs-figure gs-figure-depth">',
         f'<div class="gs-scroll">{chart}</div>',
@@ -288,10 +295,18 @@ def _depth_profile(report: Report) -> list[str]:
         f"log axis, layers in forward order (input → output). The shaded band is the healthy gradient range "
         f"[1e{lo:g}, 1e{hi:g}]; highlighted columns and red names are the layers with findings or raw flags; "
         f"✕ on the top edge is a value that is not finite, a mark on the bottom edge a zero. "
-        f"Hover a point for its value.</figcaption>",
+        f"Hover a point for its value.{_e(note)}</figcaption>",
         "</figure>",
     ]
     return out
+
+
+def _first_bad_step(report: Report) -> int | None:
+    """The first non-finite step of a watched run (its whole-run statistics then include the blow-up)."""
+    training = report.analysis.get("training") if isinstance(report.analysis, Mapping) else None
+    first = training.get("first_nonfinite") if isinstance(training, Mapping) else None
+    step = F.as_float(first.get("step")) if isinstance(first, Mapping) else None
+    return int(step) if step is not None and math.isfinite(step) else None
 
 
 # -- the watched run ------------------------------------------------------------------------------
