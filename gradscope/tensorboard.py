@@ -1,45 +1,71 @@
 """TensorBoard dashboards for audits and watched runs.
 
-Tags (stable; ``<layer>`` is the call-site name, e.g. ``features.0`` or ``relu#2``,
-``<fmt>`` each requested format, e.g. ``fp16``):
+The layout answers, in order: is training going wrong, which layer, when, how
+bad (``gradscope.dashboards.charts`` says why each chart is there).  TensorBoard
+colours a chart's lines by *run*, so every series told apart is a run (a
+sub-directory of the log directory); each chart has one tag.
 
-==========================================  ==========================================
-tag                                         value, one point per sampled step
-==========================================  ==========================================
-``gradscope/activation_std/<layer>``        std of the layer's output
-``gradscope/grad_rms/<layer>``              RMS of ∂ℓ/∂h, the gradient wrt that output
-``gradscope/weight_grad_norm/<layer>``      2-norm of the layer's weight gradient
-``gradscope/update_ratio/<layer>``          ‖Δw‖/‖w‖ of the layer's weight (watch only)
-``gradscope/<fmt>_overflow_frac/<layer>``   fraction of activation and ∂ℓ/∂h values above
-                                            the format's top binade (they become inf)
-``gradscope/<fmt>_underflow_frac/<layer>``  fraction of ∂ℓ/∂h values below the format's
-                                            smallest subnormal (they flush to zero)
-``gradscope/<fmt>_headroom/<layer>``        binades between the largest |activation| or
-                                            |∂ℓ/∂h| and the format's max (negative: over)
-``gradscope/global_grad_norm``              global gradient norm, every optimizer step
-``gradscope/clip_threshold``                AutoClip threshold: p10 of all past norms
-``gradscope/clip_threshold_median``         the median alternative
-``gradscope/loss``                          the loss, every step it was given
-``gradscope/loss_scale``                    GradScaler scale, at each flush
-``gradscope/skipped_steps``                 steps skipped by the GradScaler so far
-``gradscope/weight_norm/<param>``           2-norm of each weight (watch, diagnosis cadence)
-``gradscope/decay_share/<param>``           ηλ‖θ‖ / (ηλ‖θ‖ + η‖g‖): the decay's share of the step
-``gradscope/near_zero_frac/<param>``        fraction of weights with 0 < |w| < 1% of their RMS
-``gradscope/validation_loss``               ``scope.validation`` loss, at each evaluation
-``gradscope/train_validation_gap``          validation loss − mean training loss since the
-                                            previous evaluation
-``gradscope/exponents/activation/<layer>``  histogram of floor(log2|x|) of the output
-``gradscope/exponents/gradient/<layer>``    histogram of floor(log2|∂ℓ/∂h|)
-``gradscope/alerts``                        text: the alerts of each step, one entry per step
-``gradscope/findings``                      text: the full report (Markdown)
-``gradscope/depth_profile``                 image: activation std and ∂ℓ/∂h RMS per
-                                            layer (needs matplotlib, the ``plot`` extra)
-==========================================  ==========================================
+Runs and tags (stable; ``<fmt>`` each requested format, e.g. ``fp16``):
 
-Histograms are built from the exponent counts the statistics already computed
-on the device (``add_histogram_raw``): no tensor is copied to the host and NaNs
-cannot break them (zeros and non-finite values are not part of them).  The
-custom-scalars layout (one "gradscope" category) is written once, when the
+=============================  =======================================================
+run                            what it holds
+=============================  =======================================================
+``.`` (the log directory)      the custom-scalars layout, text, images, histograms
+``training``                   the run-level scalars below
+``validation``                 ``gradscope 1 training/loss``: the validation loss
+``clip AutoClip p10``          ``gradscope 1 training/grad_norm_log10``: log10 of the
+                               AutoClip threshold (p10 of all past norms)
+``clip median``                the same for the median alternative
+``layer/<layer>``              the per-layer tags below, for the layers a chart names
+                               (the 6 worst by its own measure; ``<layer>`` is the
+                               call-site name, e.g. ``features.0`` or ``relu#2``)
+``median of layers``           the per-layer tags: the median over all layers
+``param/<param>``              the per-parameter tags, for the parameters a chart names
+``median of parameters``       the per-parameter tags: the median over all parameters
+``reference``                  constant lines: headroom 0, update ratio log10 = -3
+=============================  =======================================================
+
+==================================================  ===========================================
+tag                                                 value
+==================================================  ===========================================
+``gradscope 1 training/loss``                       the loss, every step it was given
+``gradscope 1 training/grad_norm_log10``            log10 of the global gradient norm, every step
+``gradscope 1 training/train_validation_gap``       validation loss − mean training loss since the
+                                                    previous evaluation
+``gradscope 1 training/loss_scale_log2``            log2 of the GradScaler scale, at each flush
+``gradscope 1 training/skipped_steps``              steps skipped by the GradScaler so far
+``gradscope 2 gradients/dloss_dh_rms_log10``        log10 RMS of ∂ℓ/∂h, the gradient wrt the
+                                                    layer's output (per layer)
+``gradscope 2 gradients/weight_grad_norm_log10``    log10 2-norm of the layer's weight gradient
+``gradscope 3 activations/std_log10``               log10 std of the layer's output
+``gradscope 4 <fmt> range/headroom_binades``        binades between the largest |activation| or
+                                                    |∂ℓ/∂h| and the format's max (below 0: over)
+``gradscope 4 <fmt> range/overflow_frac``           fraction of activation and ∂ℓ/∂h values above
+                                                    the format's top binade (they become inf)
+``gradscope 4 <fmt> range/underflow_frac``          fraction of ∂ℓ/∂h values below the format's
+                                                    smallest subnormal (they flush to zero)
+``gradscope 5 updates/update_ratio_log10``          log10 ‖Δw‖/‖w‖ of the layer's weight (watch)
+``gradscope 6 weights/norm_log10``                  log10 2-norm of each weight (per parameter)
+``gradscope 6 weights/decay_share``                 ηλ‖θ‖ / (ηλ‖θ‖ + η‖g‖): the decay's share
+``gradscope 6 weights/near_zero_frac``              fraction of weights with 0 < |w| < 1% of RMS
+``gradscope 0 heatmaps/dloss_dh_rms_log10``         image: layer × step heatmap of log10 ∂ℓ/∂h
+                                                    RMS, NaN/inf cells in red (watch)
+``gradscope 0 heatmaps/activation_rms_log10``       image: the same for the activations (watch)
+``gradscope/exponents/activation/<layer>``          histogram of floor(log2|x|) of the output
+``gradscope/exponents/gradient/<layer>``            histogram of floor(log2|∂ℓ/∂h|)
+``gradscope/alerts``                                text: the alerts of each step, one entry per step
+``gradscope/findings``                              text: the full report (Markdown)
+``gradscope/depth_profile``                         image (audits): activation std and ∂ℓ/∂h RMS
+                                                    per layer (needs matplotlib, the ``plot`` extra)
+==================================================  ===========================================
+
+A log10 of exactly 0 (a dead layer) is written as log10 of float32's smallest
+subnormal, about -44.85; non-finite values are written as they are (TensorBoard
+marks them).  Histograms are built from the exponent counts the statistics
+already computed on the device (``add_histogram_raw``): no tensor is copied to
+the host and NaNs cannot break them.  The heatmaps are drawn by a background
+thread (``gradscope.dashboards.heatmaps``) at a bounded cadence, at the first
+bad step and at close.  The custom-scalars layout is written once, when the
 writer is created: ``add_custom_scalars`` may be called only once per writer.
 Only rank 0 writes when torch.distributed is initialised.
 """
@@ -50,43 +76,33 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gradscope.dashboards import charts as ch
+from gradscope.dashboards.charts import LOG10_FLOOR, layout
 from gradscope.stats import EXPONENT_OFFSET, HIST, HIST_BINS, Stats
 
 if TYPE_CHECKING:
     from gradscope.record import LayerRecord, Record
     from gradscope.report import Finding, Report
+    from gradscope.watching.history import RunHistory
     from gradscope.watching.flush_result import FlushResult
 
 PREFIX = "gradscope"
 
-
-def layout(formats: tuple[str, ...] = ("fp16",)) -> dict[str, Any]:
-    """The custom-scalars layout: one "gradscope" dashboard."""
-    charts: dict[str, list[Any]] = {
-        "gradient flow across layers (∂ℓ/∂h RMS)": ["Multiline", [rf"^{PREFIX}/grad_rms/.*"]],
-        "weight-gradient norms": ["Multiline", [rf"^{PREFIX}/weight_grad_norm/.*"]],
-        "activation scale (std)": ["Multiline", [rf"^{PREFIX}/activation_std/.*"]],
-    }
-    for fmt in formats:
-        charts[f"{fmt} headroom (binades)"] = ["Multiline", [rf"^{PREFIX}/{fmt}_headroom/.*"]]
-        charts[f"{fmt} overflow and underflow fractions"] = [
-            "Multiline",
-            [rf"^{PREFIX}/{fmt}_overflow_frac/.*", rf"^{PREFIX}/{fmt}_underflow_frac/.*"],
-        ]
-    charts["update ratios ‖Δw‖/‖w‖"] = ["Multiline", [rf"^{PREFIX}/update_ratio/.*"]]
-    charts["global gradient norm vs clip threshold"] = [
-        "Multiline",
-        [rf"^{PREFIX}/global_grad_norm$", rf"^{PREFIX}/clip_threshold$", rf"^{PREFIX}/clip_threshold_median$"],
-    ]
-    charts["train vs validation loss"] = ["Multiline", [rf"^{PREFIX}/loss$", rf"^{PREFIX}/validation_loss$"]]
-    charts["train/validation gap"] = ["Multiline", [rf"^{PREFIX}/train_validation_gap$"]]
-    charts["weight norms"] = ["Multiline", [rf"^{PREFIX}/weight_norm/.*"]]
-    charts["weight decay's share of the update"] = ["Multiline", [rf"^{PREFIX}/decay_share/.*"]]
-    return {PREFIX: charts}
+__all__ = ["DashboardWriter", "exponent_histogram", "launch_dashboard", "layer_values", "layout", "write_audit"]
 
 
 def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
+
+
+def log10(value: float) -> float:
+    """log10 for the charts: 0 at the float32 floor (see the module docstring); NaN,
+    inf and negative values stay non-finite (TensorBoard marks them)."""
+    if math.isnan(value) or value < 0:
+        return math.nan
+    if math.isinf(value):
+        return math.inf
+    return LOG10_FLOOR if value == 0 else max(LOG10_FLOOR, math.log10(value))
 
 
 def _parameter_norm(layer: LayerRecord, norms: dict[str, float] | None) -> float | None:
@@ -97,42 +113,52 @@ def _parameter_norm(layer: LayerRecord, norms: dict[str, float] | None) -> float
     return norms.get(qualified)
 
 
-def layer_scalars(
+def _stats_norm(stats: Stats) -> float:
+    """The 2-norm of the tensor behind ``stats``: sqrt(n) x RMS (non-finite when it was)."""
+    if not stats.moments_valid:
+        return math.inf if stats.has_inf and not stats.has_nan else math.nan
+    return math.sqrt(stats.count) * stats.rms
+
+
+def layer_values(
     record: Record, formats: tuple[str, ...], param_grad_norms: dict[str, float] | None = None
-) -> dict[str, float]:
-    """Per-layer scalar values of one record, by tag (skipping unmeasurable ones).
+) -> dict[str, dict[str, float]]:
+    """Per-layer chart values of one record: tag -> layer -> value, layers in forward
+    order (skipping what was not measured).
 
     ``param_grad_norms`` (parameter name -> exact gradient norm, from watch)
     gives the weight-gradient norm of every layer, also on flushes that carry
     no weight-gradient statistics; without it the norm comes from the statistics.
     """
-    from gradscope.watching.flush_result import stats_norm
+    out: dict[str, dict[str, float]] = {}
 
-    out: dict[str, float] = {}
-    for layer in record.layers:
+    def put(tag: str, layer: str, value: float) -> None:
+        out.setdefault(tag, {})[layer] = value
+
+    for layer in sorted(record.layers, key=lambda item: item.index):
         name = layer.name
         act, grad, wgrad = layer.activation, layer.gradient, layer.weight_grad
         if act is not None and act.count:
-            out[f"{PREFIX}/activation_std/{name}"] = act.std if act.moments_valid else math.nan
+            put(ch.ACT_STD, name, log10(act.std) if act.moments_valid else math.nan)
         if grad is not None and grad.count:
-            out[f"{PREFIX}/grad_rms/{name}"] = grad.rms if grad.moments_valid else math.nan
+            put(ch.GRAD_RMS, name, log10(grad.rms) if grad.moments_valid else math.nan)
         exact = _parameter_norm(layer, param_grad_norms)
         if exact is not None:
-            out[f"{PREFIX}/weight_grad_norm/{name}"] = exact
+            put(ch.WEIGHT_GRAD, name, log10(exact))
         elif wgrad is not None and wgrad.count:
-            out[f"{PREFIX}/weight_grad_norm/{name}"] = stats_norm(wgrad)
+            put(ch.WEIGHT_GRAD, name, log10(_stats_norm(wgrad)))
         both = [s for s in (act, grad) if s is not None and s.count]
         if not both:
             continue
         merged = both[0] if len(both) == 1 else Stats.merged(both)
         for fmt in formats:
             fractions = merged.format_fractions(fmt)
-            out[f"{PREFIX}/{fmt}_overflow_frac/{name}"] = fractions[f"{fmt}_overflow_frac"]
+            put(ch.overflow_tag(fmt), name, fractions[f"{fmt}_overflow_frac"])
             if grad is not None and grad.count:
-                out[f"{PREFIX}/{fmt}_underflow_frac/{name}"] = grad.format_fractions(fmt)[f"{fmt}_underflow_frac"]
+                put(ch.underflow_tag(fmt), name, grad.format_fractions(fmt)[f"{fmt}_underflow_frac"])
             headroom = fractions[f"{fmt}_headroom_binades"]
-            if math.isfinite(headroom):
-                out[f"{PREFIX}/{fmt}_headroom/{name}"] = headroom
+            if not math.isnan(headroom) and headroom != math.inf:  # +inf: all zeros, nothing to overflow
+                put(ch.headroom_tag(fmt), name, headroom)
     return out
 
 
@@ -199,13 +225,25 @@ def alert_markdown(step: int, finding: Finding) -> str:
 
 
 class DashboardWriter:
-    """A SummaryWriter with gradscope's tags and layout.  Create it with
+    """gradscope's runs, tags and layout in one log directory.  Create it with
     ``for_rank_zero`` so other ranks get a writer that writes nothing."""
 
     def __init__(self, logdir: str | Path, formats: tuple[str, ...] = ("fp16",), enabled: bool = True) -> None:
+        from gradscope.dashboards.heatmaps import HeatmapWorker
+        from gradscope.dashboards.runs import RunWriters
+        from gradscope.dashboards.selection import WorstSeries
+
         self.formats = tuple(formats)
         self.logdir = str(logdir)
         self._writer = None
+        self._runs = RunWriters(self.logdir)
+        self._charts = {chart.tag: chart for chart in ch.charts(self.formats)}
+        self._named = {
+            tag: WorstSeries(chart, ch.WORST_SERIES) for tag, chart in self._charts.items() if chart.series != "runs"
+        }
+        self.heatmaps = HeatmapWorker(
+            self._write_image, {"gradient": ch.HEATMAP_GRADIENT, "activation": ch.HEATMAP_ACTIVATION}
+        )
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -220,6 +258,32 @@ class DashboardWriter:
     def enabled(self) -> bool:
         return self._writer is not None
 
+    @property
+    def runs(self) -> list[str]:
+        """The runs opened so far besides the log directory itself."""
+        return self._runs.names
+
+    # -- scalars ------------------------------------------------------------------
+    def _scalar(self, run: str, tag: str, value: float, step: int) -> None:
+        self._runs.scalar(run, tag, value, step)
+
+    def _series(self, tag: str, values: dict[str, float], step: int) -> None:
+        """One per-layer (or per-parameter) chart at one step: its named worst series,
+        the median of all, and its reference line."""
+        if not values or tag not in self._named:
+            return
+        chart = self._charts[tag]
+        named, median = self._named[tag].choose(values)
+        prefix, median_run = (
+            ("layer", ch.LAYER_MEDIAN_RUN) if chart.series == "layers" else ("param", ch.PARAMETER_MEDIAN_RUN)
+        )
+        for name in named:
+            self._scalar(f"{prefix}/{name}", tag, values[name], step)
+        if len(values) > 1 and math.isfinite(median):
+            self._scalar(median_run, tag, median, step)
+        if chart.reference is not None:
+            self._scalar(ch.REFERENCE_RUN, tag, chart.reference, step)
+
     def write_record(
         self,
         record: Record,
@@ -231,63 +295,81 @@ class DashboardWriter:
         w = self._writer
         if w is None:
             return
-        for tag, value in layer_scalars(record, self.formats, param_grad_norms).items():
-            w.add_scalar(tag, value, step)
+        for tag, values in layer_values(record, self.formats, param_grad_norms).items():
+            self._series(tag, values, step)
         for layer in record.layers:
             for role in ("activation", "gradient"):
                 stats = layer.stats.get(role)
                 hist = exponent_histogram(stats) if stats is not None else None
                 if hist is not None:
                     w.add_histogram_raw(f"{PREFIX}/exponents/{role}/{layer.name}", global_step=step, **hist)
-        for name, ratio in (update_ratios or {}).items():
-            if _finite(ratio):
-                w.add_scalar(f"{PREFIX}/update_ratio/{name}", ratio, step)
+        if update_ratios:
+            self._series(ch.UPDATE_RATIO, {name: log10(r) for name, r in update_ratios.items() if r is not None}, step)
 
-    def write_flush(self, result: FlushResult, skipped_steps: int | None = None) -> None:
-        """Everything one watch flush saw."""
-        w = self._writer
-        if w is None:
+    def write_flush(
+        self,
+        result: FlushResult,
+        skipped_steps: int | None = None,
+        history: RunHistory | None = None,
+        first_bad: bool = False,
+    ) -> None:
+        """Everything one watch flush saw; with ``history``, a heatmap when one is due
+        (``first_bad``: this flush is the run's first bad one, drawn whatever the cadence)."""
+        if self._writer is None:
             return
         if result.record.layers:
             self.write_record(result.record, result.step, param_grad_norms=result.param_grad_norms)
-        for ratio_step, ratios in result.update_ratios.items():
-            for name, ratio in ratios.items():
-                if _finite(ratio):
-                    w.add_scalar(f"{PREFIX}/update_ratio/{name}", ratio, ratio_step)
+        for ratio_step, ratios in sorted(result.update_ratios.items()):
+            self._series(ch.UPDATE_RATIO, {name: log10(r) for name, r in ratios.items() if r is not None}, ratio_step)
         for step, norm in result.global_norms:
-            w.add_scalar(f"{PREFIX}/global_grad_norm", norm, step)
+            self._scalar(ch.TRAINING_RUN, ch.GRAD_NORM, log10(norm), step)
         for step, loss in result.losses:
-            w.add_scalar(f"{PREFIX}/loss", loss, step)
-        if result.clip is not None:
-            w.add_scalar(f"{PREFIX}/clip_threshold", result.clip["threshold"], result.step)
+            self._scalar(ch.TRAINING_RUN, ch.LOSS, loss, step)
+        if result.clip is not None and _finite(result.clip.get("threshold")):
+            self._scalar(ch.CLIP_RUN, ch.GRAD_NORM, log10(result.clip["threshold"]), result.step)
             if _finite(result.clip.get("median_threshold")):
-                w.add_scalar(f"{PREFIX}/clip_threshold_median", result.clip["median_threshold"], result.step)
-        if result.loss_scale is not None:
-            w.add_scalar(f"{PREFIX}/loss_scale", result.loss_scale, result.step)
+                self._scalar(ch.CLIP_MEDIAN_RUN, ch.GRAD_NORM, log10(result.clip["median_threshold"]), result.step)
+        if result.loss_scale is not None and result.loss_scale > 0:
+            self._scalar(ch.TRAINING_RUN, ch.LOSS_SCALE, math.log2(result.loss_scale), result.step)
         if skipped_steps is not None:
-            w.add_scalar(f"{PREFIX}/skipped_steps", skipped_steps, result.step)
+            self._scalar(ch.TRAINING_RUN, ch.SKIPPED, skipped_steps, result.step)
+        if history is not None:
+            self.request_heatmaps(history, result.step, force=first_bad)
+
+    def request_heatmaps(self, history: RunHistory, step: int, force: bool = False) -> bool:
+        """Hand the history to the heatmap thread when a drawing is due (never waits)."""
+        if self._writer is None or not self.heatmaps.due(force):
+            return False
+        return self.heatmaps.request(history.to_dict(), step, force=force)
 
     def write_validation(self, step: int, loss: float, gap: float | None) -> None:
         """One ``scope.validation`` evaluation: its loss and the train/validation gap."""
         if self._writer is None:
             return
         if _finite(loss):
-            self._writer.add_scalar(f"{PREFIX}/validation_loss", loss, step)
+            self._scalar(ch.VALIDATION_RUN, ch.LOSS, loss, step)
         if _finite(gap):
-            self._writer.add_scalar(f"{PREFIX}/train_validation_gap", gap, step)
+            self._scalar(ch.TRAINING_RUN, ch.GAP, gap, step)
 
     def write_weights(self, step: int, tracks: dict[str, Any]) -> None:
         """Weight norms, decay shares and near-zero fractions (``gradscope.watching.weights``)."""
         if self._writer is None:
             return
+        norms: dict[str, float] = {}
+        shares: dict[str, float] = {}
+        near: dict[str, float] = {}
         for name, track in tracks.items():
             if track.trajectory and _finite(track.trajectory[-1][1]):
-                self._writer.add_scalar(f"{PREFIX}/weight_norm/{name}", track.trajectory[-1][1], step)
+                norms[name] = log10(track.trajectory[-1][1])
             if _finite(track.decay_share):
-                self._writer.add_scalar(f"{PREFIX}/decay_share/{name}", track.decay_share, step)
+                shares[name] = track.decay_share
             if _finite(track.near_zero_frac):
-                self._writer.add_scalar(f"{PREFIX}/near_zero_frac/{name}", track.near_zero_frac, step)
+                near[name] = track.near_zero_frac
+        self._series(ch.WEIGHT_NORM, norms, step)
+        self._series(ch.DECAY_SHARE, shares, step)
+        self._series(ch.NEAR_ZERO, near, step)
 
+    # -- text and images ------------------------------------------------------------
     def write_alert(self, step: int, finding: Finding) -> None:
         if self._writer is not None:
             self._writer.add_text(f"{PREFIX}/alerts", alert_markdown(step, finding), step)
@@ -298,17 +380,36 @@ class DashboardWriter:
         if self._writer is not None and entries:
             self._writer.add_text(f"{PREFIX}/alerts", f"**step {step}**\n\n" + "\n".join(entries), step)
 
+    def _write_image(self, tag: str, png: bytes, width: int, height: int, step: int) -> None:
+        """An encoded PNG as an image summary (called from the heatmap thread; the
+        event writer's queue is thread-safe)."""
+        writer = self._writer
+        if writer is None:
+            return
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=png)
+        writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+
     def write_report(self, report: Report, step: int = 0) -> None:
-        """The findings as Markdown text and the depth profile as an image."""
+        """The findings as Markdown text; for a watched run the final heatmaps (its
+        ``run["history"]``), for an audit the depth profile."""
         w = self._writer
         if w is None:
             return
         w.add_text(f"{PREFIX}/findings", _markdown(report), step)
+        history = report.run.get("history") if isinstance(report.run, dict) else None
+        if history and history.get("steps"):
+            self.heatmaps.request(history, step, force=True)
+            return
         figure = depth_figure(report.record)
         if figure is not None:
             w.add_figure(f"{PREFIX}/depth_profile", figure, step)
 
     def close(self) -> None:
+        """Draw the pending heatmap, join its thread, close every run's events file."""
+        self.heatmaps.close()
+        self._runs.close()
         if self._writer is not None:
             self._writer.flush()
             self._writer.close()
@@ -317,7 +418,8 @@ class DashboardWriter:
 
 def depth_figure(record: Record) -> Any:
     """A matplotlib Figure of activation std and ∂ℓ/∂h RMS per layer (log scale),
-    or None without matplotlib or without data."""
+    or None without matplotlib or without data.  Sized and lettered to be read at
+    TensorBoard's image size (12-pt labels, up to 40 layer names)."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -331,16 +433,19 @@ def depth_figure(record: Record) -> Any:
         grad.append(g.rms if g is not None and g.moments_valid and g.rms > 0 else math.nan)
     if not any(math.isfinite(v) for v in act + grad):
         return None
-    fig = Figure(figsize=(max(6.0, 0.35 * len(xs)), 4.0), dpi=80)
+    fig = Figure(figsize=(max(9.0, 0.3 * len(xs)), 5.5), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     ax.plot(xs, act, marker="o", label="activation std")
     ax.plot(xs, grad, marker="s", label="∂ℓ/∂h RMS")
     ax.set_yscale("log")
-    ax.set_xticks(xs)
-    ax.set_xticklabels([layer.name for layer in layers], rotation=90, fontsize=7)
-    ax.set_xlabel("layer (execution order)")
-    ax.set_title("gradscope depth profile")
-    ax.legend()
+    every = max(1, math.ceil(len(xs) / 40))
+    ax.set_xticks(xs[::every])
+    ax.set_xticklabels([layer.name for layer in layers][::every], rotation=90, fontsize=11)
+    ax.tick_params(axis="y", labelsize=12)
+    ax.set_xlabel("layer (forward order)", fontsize=12)
+    ax.set_title("gradscope depth profile", fontsize=14)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=12)
     fig.tight_layout()
     return fig
 

@@ -9,7 +9,7 @@ import math
 import pytest
 from PIL import Image
 
-from gradscope.render.heatmap import MISSING, NONFINITE, _ANCHORS, colour, heatmap_image, heatmap_png
+from gradscope.render.heatmap import _ANCHORS, MISSING, NONFINITE, colour, heatmap_image, heatmap_png
 
 BAD_LAYER, BAD_COLUMN = 5, 23
 
@@ -72,7 +72,9 @@ def test_bad_cell_is_red_exactly_where_its_row_and_column_are() -> None:
         red = reddish(image, (0, ry0, geo.x0 - 2, ry1))
         assert (red > 20) == (row == BAD_LAYER), row
     # the first-bad-step marker sits above the bad column
-    above = [x for x in range(image.width) for y in range(geo.y0 - 12, geo.y0 - 2) if image.getpixel((x, y)) == NONFINITE]
+    above = [
+        x for x in range(image.width) for y in range(geo.y0 - 12, geo.y0 - 2) if image.getpixel((x, y)) == NONFINITE
+    ]
     marker_centre = (x0 + x1) / 2
     assert above and min(abs(x - marker_centre) for x in above) <= 1
     assert min(above) >= marker_centre - 6  # the triangle starts at the column, the label runs away from it

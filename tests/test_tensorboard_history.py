@@ -104,7 +104,12 @@ def test_merge_keeps_the_worst_value_the_nonfinite_cell_and_the_later_loss() -> 
     # 16 flushes in 4 columns of 4: steps (..3], (3..7], (7..11], (11..15]
     assert out["steps"] == [3, 7, 11, 15]
     # max of log10 RMS: the one-flush spike of "a" at step 5 survives two halvings
-    assert out["gradient_rms_log10"][0] == [pytest.approx(0.0), pytest.approx(4.0), pytest.approx(0.0), pytest.approx(0.0)]
+    assert out["gradient_rms_log10"][0] == [
+        pytest.approx(0.0),
+        pytest.approx(4.0),
+        pytest.approx(0.0),
+        pytest.approx(0.0),
+    ]
     # OR of non-finite: the NaN of b at step 9 marks the column covering step 9 only
     assert out["nonfinite"]["gradient"] == [[1, 2]]
     # loss: the later step's value, None where a merged loss was non-finite

@@ -34,6 +34,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from gradscope.dashboards.charts import LOG10_FLOOR
+
 if TYPE_CHECKING:
     from gradscope.record import Record
     from gradscope.stats import Stats
@@ -42,10 +44,8 @@ if TYPE_CHECKING:
 # HTML report page, and 240 = 2^4 * 15 halves cleanly a few times.
 MAX_COLUMNS = 240
 
-# log10 of the smallest positive float32 subnormal (2^-149 ~ 1.4e-45): an RMS of
-# exactly zero (a dead layer) is drawn at this floor rather than left blank, which
-# would read as "not measured".
-LOG10_FLOOR = math.log10(2.0**-149)
+# An RMS of exactly zero (a dead layer) is drawn at this floor, log10 of float32's
+# smallest subnormal, rather than left blank, which would read as "not measured".
 
 QUANTITIES = ("gradient", "activation")
 
