@@ -239,7 +239,7 @@ class DashboardWriter:
         self._runs = RunWriters(self.logdir)
         self._charts = {chart.tag: chart for chart in ch.charts(self.formats)}
         self._named = {
-            tag: WorstSeries(chart, ch.WORST_SERIES) for tag, chart in self._charts.items() if chart.series != "runs"
+            tag: WorstSeries(chart, ch.WORST_SERIES) for tag, chart in self._charts.items() if chart.per_series
         }
         self.heatmaps = HeatmapWorker(
             self._write_image, {"gradient": ch.HEATMAP_GRADIENT, "activation": ch.HEATMAP_ACTIVATION}
@@ -249,6 +249,7 @@ class DashboardWriter:
 
             self._writer = SummaryWriter(log_dir=self.logdir)
             self._writer.add_custom_scalars(layout(self.formats))  # once per writer
+            self._runs.open(ch.RUN_ORDER)  # in colour order (gradscope.dashboards.charts)
 
     @classmethod
     def for_rank_zero(cls, logdir: str | Path, formats: tuple[str, ...] = ("fp16",)) -> DashboardWriter:
@@ -268,21 +269,20 @@ class DashboardWriter:
         self._runs.scalar(run, tag, value, step)
 
     def _series(self, tag: str, values: dict[str, float], step: int) -> None:
-        """One per-layer (or per-parameter) chart at one step: its named worst series,
-        the median of all, and its reference line."""
-        if not values or tag not in self._named:
+        """One per-layer (or per-parameter) chart at one step: its worst series, each
+        in its slot run, the median of all, and its reference line."""
+        chart = self._charts.get(tag)
+        if not values or chart is None or not chart.per_series:
             return
-        chart = self._charts[tag]
-        named, median = self._named[tag].choose(values)
-        prefix, median_run = (
-            ("layer", ch.LAYER_MEDIAN_RUN) if chart.series == "layers" else ("param", ch.PARAMETER_MEDIAN_RUN)
-        )
+        pick = self._named[tag]
+        named, median = pick.choose(values)
         for name in named:
-            self._scalar(f"{prefix}/{name}", tag, values[name], step)
+            slot = pick.named.index(name)
+            self._scalar(ch.SLOT_RUNS[slot], chart.series_tag(name), values[name], step)
         if len(values) > 1 and math.isfinite(median):
-            self._scalar(median_run, tag, median, step)
+            self._scalar(ch.MEDIAN_RUN, chart.series_tag(ch.MEDIAN_SERIES), median, step)
         if chart.reference is not None:
-            self._scalar(ch.REFERENCE_RUN, tag, chart.reference, step)
+            self._scalar(ch.REFERENCE_RUN, chart.series_tag(ch.REFERENCE_SERIES), chart.reference, step)
 
     def write_record(
         self,
@@ -302,7 +302,7 @@ class DashboardWriter:
                 stats = layer.stats.get(role)
                 hist = exponent_histogram(stats) if stats is not None else None
                 if hist is not None:
-                    w.add_histogram_raw(f"{PREFIX}/exponents/{role}/{layer.name}", global_step=step, **hist)
+                    w.add_histogram_raw(f"{ch.EXPONENTS}/{role}/{layer.name}", global_step=step, **hist)
         if update_ratios:
             self._series(ch.UPDATE_RATIO, {name: log10(r) for name, r in update_ratios.items() if r is not None}, step)
 

@@ -1,4 +1,4 @@
-"""Which charts the dashboards show, in which order, and the tag behind each.
+"""Which charts the dashboards show, in which order, and the tags behind them.
 
 Laid out from the questions a person asks of a run, in the order they ask them:
 is training going wrong (loss, global gradient norm against the clip
@@ -6,21 +6,26 @@ threshold)? which layer, when, how bad (the heatmaps, then ∂ℓ/∂h and weigh
 gradients per layer)? are the activations in scale? will fp16 hold (headroom,
 then overflow and underflow apart)? are the updates and weights sane?
 
-Two facts of TensorBoard shape the tags (read in its ``custom_scalar`` plugin,
-``tf-custom-scalar-helpers.ts``: ``DataSeriesColorScale`` colours a series by
-the *run* parsed from its name; the series of one run only differ by marker):
+What TensorBoard does shapes the tags and runs (read in its ``custom_scalar``
+plugin, ``tf-custom-scalar-helpers.ts``, and its runs list):
 
-- every chart has ONE tag, and its series are *runs*: a layer's series lives
-  in the run ``layer/<name>``, the median of all layers in ``median of layers``,
-  the clip thresholds in ``clip …`` runs.  So every line of a chart has its own
-  colour and its legend names the layer, and the Scalars tab has one card per
-  question (not one per layer);
-- the first path component of a tag is the Scalars tab's group, so groups are
-  numbered in question order (``gradscope 1 training`` …).
+- a line's colour is its *run*'s (``DataSeriesColorScale`` parses the run out of
+  the series name); the series of one run differ only by marker.  So the lines
+  of one chart are written to different runs: ``training``, ``validation``,
+  ``clip …`` for the training charts; five slot runs ``worst 1`` … ``worst 5``,
+  ``median`` and ``reference`` for a per-layer chart;
+- runs get colours from a 7-colour palette in the order of the runs list,
+  which is sorted by each run's first event: the writer creates every run at
+  start, in ``RUN_ORDER``, so the 7 runs of a per-layer chart take 7 different
+  colours and the training charts' runs differ too;
+- a per-layer series is named by its tag, ``<chart tag>/<layer>``: the legend
+  and tooltip say which layer;
+- the first path component of a tag is its group in the Scalars and Time Series
+  tabs, so groups are numbered in question order (``gradscope 1 training`` …).
 
 Quantities spanning decades are written as log10 values (the tag says
-``log10``): TensorBoard's default linear axis then shows decades, and a spike
-of 1e6 is 6 units, not a flat line under its own peak.  Headroom is written in
+``log10``): TensorBoard's default linear axis then shows decades, and a spike of
+1e6 is 6 units, not a flat line under its own peak.  Headroom is written in
 binades on a linear axis, with a reference line at 0 where the format
 overflows, so crossing 0 shows.
 """
@@ -42,32 +47,41 @@ ACTIVATIONS = "gradscope 3 activations"
 UPDATES = "gradscope 5 updates"
 WEIGHTS = "gradscope 6 weights"
 HEATMAPS = "gradscope 0 heatmaps"  # images: sorted first in the Images and Time Series tabs
+EXPONENTS = "gradscope 7 exponents"  # histograms: after the scalars, not before them
 
 
 def range_group(fmt: str) -> str:
     return f"gradscope 4 {fmt} range"
 
 
-# Runs (TensorBoard colours by run; see the module docstring)
+# How many layers a per-layer chart names: with its median and reference line,
+# 7 lines, the number of colours in TensorBoard's run palette.
+WORST_SERIES = 5
+
+# Runs (TensorBoard colours by run; see the module docstring), in creation order.
 TRAINING_RUN = "training"
 VALIDATION_RUN = "validation"
 CLIP_RUN = "clip AutoClip p10"
 CLIP_MEDIAN_RUN = "clip median"
-LAYER_MEDIAN_RUN = "median of layers"
-PARAMETER_MEDIAN_RUN = "median of parameters"
+SLOT_RUNS = tuple(f"worst {k}" for k in range(1, WORST_SERIES + 1))
+MEDIAN_RUN = "median"
 REFERENCE_RUN = "reference"
+RUN_ORDER = (TRAINING_RUN, VALIDATION_RUN, CLIP_RUN, CLIP_MEDIAN_RUN, *SLOT_RUNS, MEDIAN_RUN, REFERENCE_RUN)
 
-# How many layers a per-layer chart names (plus the median and maybe a
-# reference line): past ~8 lines a chart's colours stop being told apart.
-WORST_SERIES = 6
+# Tag suffixes of a chart's median and reference lines: PyTorch's layer names have
+# no spaces.  No parentheses anywhere in a tag: TensorBoard reads a series' run out
+# of "tag (run)" with a greedy /\((.*)\)$/, which a "(" in the tag would derail.
+MEDIAN_SERIES = "median of all"
+REFERENCE_SERIES = "reference line"
 
 
 @dataclass(frozen=True)
 class Chart:
-    """One custom-scalars chart: its category, title and the one tag its series share.
+    """One custom-scalars chart: its category, title and tag.
 
-    ``series`` is "runs" (fixed named runs), "layers" or "parameters" (the
-    ``WORST_SERIES`` worst by ``rank``, each in its own run, plus the median).
+    ``series`` is "runs" (the one tag ``tag``, written by fixed runs), or
+    "layers" / "parameters": the ``WORST_SERIES`` worst by ``rank``, each as
+    ``<tag>/<name>`` in a slot run, plus ``<tag>/(median)`` over all of them.
     ``rank`` says what "worst" means for this chart's own measure: "spread"
     (farthest from the median of all layers, either way), "high", "low", or
     "far" (farthest from ``target``).  A newcomer replaces a named series only
@@ -83,6 +97,18 @@ class Chart:
     target: float = 0.0
     margin: float = 0.0
     reference: float | None = None
+
+    @property
+    def per_series(self) -> bool:
+        return self.series != "runs"
+
+    def series_tag(self, name: str) -> str:
+        return f"{self.tag}/{name.replace('(', '[').replace(')', ']')}"
+
+    @property
+    def regex(self) -> str:
+        """The custom-scalars regex: the tag itself, or every series under it."""
+        return f"^{_escape(self.tag)}/" if self.per_series else f"^{_escape(self.tag)}$"
 
     def badness(self, value: float, median: float) -> float:
         """How bad one series' latest value is by this chart's measure (non-finite: worst)."""
@@ -137,22 +163,20 @@ def underflow_tag(fmt: str) -> str:
 def charts(formats: tuple[str, ...] = ("fp16",)) -> list[Chart]:
     """Every chart, in display order."""
     training = "1 · training: loss, global gradient norm, clip threshold"
-    flow = "2 · which layer: gradients (the 6 worst layers and the median)"
-    act = "3 · activations (the 6 worst layers and the median)"
-    updates = "5 · updates and weights"
+    flow = "2 · which layer: gradients (the 5 worst layers, the median)"
+    act = "3 · activations (the 5 worst layers, the median)"
+    updates = "5 · updates and weights (the 5 worst, the median)"
+    optional = "6 · validation and GradScaler (when used)"
     out = [
         Chart(training, "loss (training, validation)", LOSS),
         Chart(training, "global gradient norm, log10, and the AutoClip clip threshold", GRAD_NORM),
-        Chart(training, "validation − training loss", GAP),
-        Chart(training, "GradScaler scale, log2", LOSS_SCALE),
-        Chart(training, "steps skipped by the GradScaler", SKIPPED),
         # log10 units: a layer must be a decade worse to displace a named one
         Chart(flow, "∂ℓ/∂h RMS per layer, log10 (farthest from the median)", GRAD_RMS, "layers", "spread", margin=1.0),
         Chart(flow, "weight-gradient norm per layer, log10", WEIGHT_GRAD, "layers", "spread", margin=1.0),
         Chart(act, "activation std per layer, log10 (farthest from 1)", ACT_STD, "layers", "far", 0.0, 1.0),
     ]
     for fmt in formats:
-        group = f"4 · {fmt} range (the 6 layers closest to the limit and the median)"
+        group = f"4 · {fmt} range (the 5 worst layers, the median)"
         out += [
             # binades: 1 binade = a factor of 2 closer to the format's maximum
             Chart(group, f"{fmt} headroom per layer, binades (below 0: overflow)", headroom_tag(fmt), "layers",
@@ -170,6 +194,10 @@ def charts(formats: tuple[str, ...] = ("fp16",)) -> list[Chart]:
         Chart(updates, "weight decay's share of the update", DECAY_SHARE, "parameters", "high", margin=0.05),
         Chart(updates, "fraction of weights near zero (L1 without the proximal step)", NEAR_ZERO, "parameters",
               "high", margin=0.05),
+        # last: empty unless the run has scope.validation or a GradScaler
+        Chart(optional, "validation − training loss", GAP),
+        Chart(optional, "GradScaler scale, log2", LOSS_SCALE),
+        Chart(optional, "steps skipped by the GradScaler", SKIPPED),
     ]  # fmt: skip
     return out
 
@@ -179,7 +207,7 @@ def layout(formats: tuple[str, ...] = ("fp16",)) -> dict[str, dict[str, list[Any
     categories in question order, one chart per tag, each matching that tag exactly."""
     out: dict[str, dict[str, list[Any]]] = {}
     for chart in charts(formats):
-        out.setdefault(chart.category, {})[chart.title] = ["Multiline", [f"^{_escape(chart.tag)}$"]]
+        out.setdefault(chart.category, {})[chart.title] = ["Multiline", [chart.regex]]
     return out
 
 

@@ -14,9 +14,9 @@ from typing import Any
 
 logger = logging.getLogger("gradscope")
 
-# Each run is an events file and a writer thread: bound them (the per-chart
-# selection names at most a few layers each, so a run rarely needs more).
-MAX_RUNS = 96
+# Each run is an events file and a writer thread: gradscope's layout needs 11;
+# the bound keeps a caller's mistake from opening thousands.
+MAX_RUNS = 32
 
 
 def run_directory(name: str) -> str:
@@ -38,6 +38,12 @@ class RunWriters:
     @property
     def names(self) -> list[str]:
         return list(self._writers)
+
+    def open(self, runs: tuple[str, ...]) -> None:
+        """Create ``runs`` now, in this order: TensorBoard lists runs by their first
+        event's time and colours them in list order (``gradscope.dashboards.charts``)."""
+        for run in runs:
+            self._get(run)
 
     def scalar(self, run: str, tag: str, value: float, step: int) -> None:
         writer = self._get(run)

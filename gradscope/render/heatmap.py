@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 QUANTITY_TITLES = {
-    "gradient": ("log10 RMS of ∂ℓ/∂h per layer", "log10 RMS of dloss/dh per layer"),
-    "activation": ("log10 RMS of activations per layer", "log10 RMS of activations per layer"),
+    "gradient": ("∂ℓ/∂h RMS per layer", "dloss/dh RMS per layer"),
+    "activation": ("activation RMS per layer", "activation RMS per layer"),
 }
 
 BACKGROUND = (255, 255, 255)
@@ -40,16 +40,22 @@ _ANCHORS = [
     (1.00, (250, 230, 40)),
 ]
 
-# The widest decade span drawn: a dead layer (RMS 0, drawn at the float32 floor)
-# would otherwise squeeze every other decade into one colour.
-MAX_DECADES = 16
+# The colour scale covers the median's decade +-HALF_SPAN decades (cut to the
+# data): a blow-up to 1e30 or a dead layer at 0 would otherwise squeeze the
+# healthy layers' decades into one colour.  Cells beyond saturate at the ends,
+# which the colour bar labels "<=" and ">=".
+HALF_SPAN = 6
 
-PLOT_WIDTH = 720  # columns share this width (at least MIN_CELL_W px each)
-PLOT_MAX_HEIGHT = 640
-MIN_CELL_W, MAX_CELL_W = 2, 40
-MIN_ROW_H, MAX_ROW_H = 3, 20
-FONT_SIZE = 13  # px: legible at TensorBoard's image card without zooming
-LABEL_ROW_H = 15  # rows closer than this are labelled every k-th
+# TensorBoard shows an image scaled to its card, about 350-450 px wide by default:
+# the image is ~500 px wide with 15-17 px text, so the text stays >= ~11 px there.
+PLOT_WIDTH = 280  # columns share this width
+MIN_CELL_W = 2  # narrower columns are pooled at drawing time (max / OR, as history merges)
+MAX_CELL_W = 30
+PLOT_MAX_HEIGHT = 520
+MIN_ROW_H, MAX_ROW_H = 3, 24
+FONT_SIZE = 16
+LABEL_ROW_H = 18  # rows closer than this are labelled every k-th
+LABEL_MAX_W = 150
 
 
 def colour(t: float) -> tuple[int, int, int]:
@@ -88,9 +94,14 @@ class Geometry:
     cell_w: int
     row_h: int
     rows: int
-    columns: int
+    columns: int  # drawn columns (history columns pooled by ``pool``)
     vmin: float
     vmax: float
+    pool: int = 1
+
+    def column(self, history_column: int) -> int:
+        """The drawn column showing a history column."""
+        return history_column // self.pool
 
     def cell_box(self, row: int, column: int) -> tuple[int, int, int, int]:
         x = self.x0 + column * self.cell_w
@@ -99,14 +110,34 @@ class Geometry:
 
 
 def _scale(values: list[float]) -> tuple[float, float]:
+    """Decades drawn: the median's +-HALF_SPAN, cut to the data's range."""
     if not values:
         return -1.0, 0.0
-    vmax = math.ceil(max(values))
-    vmin = math.floor(min(values))
-    vmin = max(vmin, vmax - MAX_DECADES)
+    ordered = sorted(values)
+    median = ordered[len(ordered) // 2]
+    vmin = max(math.floor(ordered[0]), math.floor(median) - HALF_SPAN)
+    vmax = min(math.ceil(ordered[-1]), math.ceil(median) + HALF_SPAN)
     if vmin >= vmax:
         vmin = vmax - 1
     return float(vmin), float(vmax)
+
+
+def _pool(
+    steps: list[int], grid: list[list[float | None]], bad: set[tuple[int, int]], factor: int
+) -> tuple[list[int], list[list[float | None]], set[tuple[int, int]]]:
+    """Merge every ``factor`` neighbouring columns as the history merges them: the
+    largest value, non-finite when any was, the later step."""
+    if factor <= 1:
+        return steps, grid, bad
+    pooled_steps = [steps[min(len(steps), j + factor) - 1] for j in range(0, len(steps), factor)]
+    pooled = []
+    for row in grid:
+        out: list[float | None] = []
+        for j in range(0, len(row), factor):
+            chunk = [v for v in row[j : j + factor] if v is not None]
+            out.append(max(chunk) if chunk else None)
+        pooled.append(out)
+    return pooled_steps, pooled, {(i, j // factor) for i, j in bad}
 
 
 def _decade_label(exponent: int) -> str:
@@ -137,6 +168,8 @@ def heatmap_image(history: dict[str, Any], quantity: str) -> tuple[Any, Geometry
     steps: list[int] = list(history.get("steps") or [])
     grid: list[list[float | None]] = history.get(f"{quantity}_rms_log10") or [[] for _ in layers]
     bad = {(int(i), int(j)) for i, j in (history.get("nonfinite") or {}).get(quantity, [])}
+    pool = max(1, math.ceil(len(steps) / (PLOT_WIDTH // MIN_CELL_W)))
+    steps, grid, bad = _pool(steps, grid, bad, pool)
     rows, columns = max(1, len(layers)), max(1, len(steps))
 
     font, maths = _font(FONT_SIZE)
@@ -148,32 +181,43 @@ def heatmap_image(history: dict[str, Any], quantity: str) -> tuple[Any, Geometry
         left, _, right, _ = draw_probe.textbbox((0, 0), text, font=f)
         return int(right - left)
 
-    cell_w = max(MIN_CELL_W, min(MAX_CELL_W, PLOT_WIDTH // columns))
-    row_h = max(MIN_ROW_H, min(MAX_ROW_H, PLOT_MAX_HEIGHT // rows))
-    label_every = max(1, math.ceil(LABEL_ROW_H / row_h))
-    label_w = max((text_w(name) for name in layers), default=0)
-    margin = 10
-    x0 = margin + min(label_w, 260) + 8
-    y0 = 58  # title, subtitle and the first-bad-step marker above the plot
-    plot_w, plot_h = columns * cell_w, rows * row_h
-    bar_x = x0 + plot_w + 24
-    bar_w = 16
-    width = bar_x + bar_w + 8 + text_w("1e-10") + margin + 40
-    legend_y = y0 + plot_h + 44
-    height = max(legend_y + 24, y0 + 220)
-    width = max(width, x0 + 420)
+    def shown(name: str) -> str:
+        """A layer name cut from the left to fit (the end names the layer best)."""
+        if text_w(name) <= LABEL_MAX_W:
+            return name
+        while name and text_w("…" + name) > LABEL_MAX_W:
+            name = name[1:]
+        return "…" + name
 
     values = [v for row in grid for v in row if v is not None and math.isfinite(v)]
     vmin, vmax = _scale(values)
+    below = bool(values) and min(values) < vmin
+    above = bool(values) and max(values) > vmax
+
+    cell_w = max(MIN_CELL_W, min(MAX_CELL_W, PLOT_WIDTH // columns))
+    row_h = max(MIN_ROW_H, min(MAX_ROW_H, PLOT_MAX_HEIGHT // rows))
+    label_every = max(1, math.ceil(LABEL_ROW_H / row_h))
+    margin = 8
+    x0 = margin + max((text_w(shown(name)) for name in layers), default=0) + 8
+    y0 = 76  # title, subtitle and the first-bad-step marker above the plot
+    plot_w, plot_h = columns * cell_w, rows * row_h
+    bar_x, bar_w = x0 + plot_w + 18, 14
+    tick_w = max(text_w(f"≥{_decade_label(int(e))}", small) for e in (vmin, vmax))
+    legend = [(NONFINITE, "NaN/inf"), (MISSING, "not measured")]
+    legend_w = sum(18 + text_w(label, small) + 16 for _, label in legend)
+    bar_bottom = y0 + max(140, plot_h)
+    width = max(bar_x + bar_w + 6 + tick_w + margin, margin + legend_w, x0 + 160)
+    legend_y = max(y0 + plot_h + 46, bar_bottom + 8)
+    height = legend_y + 26
+
     image = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(image)
-
     title = QUANTITY_TITLES[quantity][0 if maths else 1]
-    draw.text((margin, 6), f"{title} × optimizer step", font=title_font, fill=TEXT)
-    draw.text((margin, 26), "rows: layers in forward order · colour: decades (bar at right)", font=small, fill=TEXT)
+    draw.text((margin, 4), title, font=title_font, fill=TEXT)
+    draw.text((margin, 28), "log10 colour · rows: layers, forward order", font=small, fill=TEXT)
 
     # cells
-    geometry = Geometry(x0, y0, cell_w, row_h, len(layers), len(steps), vmin, vmax)
+    geometry = Geometry(x0, y0, cell_w, row_h, len(layers), len(steps), vmin, vmax, pool)
     draw.rectangle((x0, y0, x0 + plot_w - 1, y0 + plot_h - 1), fill=MISSING)
     for i, row in enumerate(grid):
         for j, value in enumerate(row):
@@ -187,52 +231,58 @@ def heatmap_image(history: dict[str, Any], quantity: str) -> tuple[Any, Geometry
             draw.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=NONFINITE)
     draw.rectangle((x0 - 1, y0 - 1, x0 + plot_w, y0 + plot_h), outline=GRID)
 
-    # layer names: every row when rows are tall enough, else every k-th and every row with a NaN/inf
-    bad_rows = {i for i, _ in bad}
-    for i, name in enumerate(layers):
-        if i % label_every and i not in bad_rows:
-            continue
-        shown = name if text_w(name) <= 260 else "…" + name[-30:]
+    # layer names: bad rows first, then every k-th row, never two closer than LABEL_ROW_H
+    bad_rows = sorted({i for i, _ in bad if i < len(layers)})
+    placed: list[float] = []
+    for i in bad_rows + [i for i in range(0, len(layers), label_every) if i not in bad_rows]:
         y = y0 + i * row_h + row_h / 2
-        draw.text((x0 - 6, y), shown, font=font, fill=NONFINITE if i in bad_rows else TEXT, anchor="rm")
+        if any(abs(y - other) < LABEL_ROW_H for other in placed):
+            continue
+        placed.append(y)
+        draw.text((x0 - 6, y), shown(layers[i]), font=font, fill=NONFINITE if i in bad_rows else TEXT, anchor="rm")
+    for i in bad_rows:  # a red tick left of each bad row, even where its name did not fit
+        y = y0 + i * row_h
+        draw.rectangle((x0 - 5, y, x0 - 2, y + max(row_h, 3) - 1), fill=NONFINITE)
 
     # step ticks and the first bad step
     for j in _step_ticks(steps, cell_w):
         x = x0 + j * cell_w + cell_w // 2
         draw.line((x, y0 + plot_h, x, y0 + plot_h + 4), fill=TEXT)
         draw.text((x, y0 + plot_h + 6), str(steps[j]), font=small, fill=TEXT, anchor="mt")
-    draw.text((x0 + plot_w / 2, y0 + plot_h + 22), "optimizer step", font=small, fill=TEXT, anchor="mt")
+    draw.text((x0 + plot_w / 2, y0 + plot_h + 25), "optimizer step", font=small, fill=TEXT, anchor="mt")
     bad_columns = sorted({j for _, j in bad})
     if bad_columns and bad_columns[0] < len(steps):
         j = bad_columns[0]
         x = x0 + j * cell_w + cell_w // 2
-        draw.polygon([(x - 5, y0 - 11), (x + 5, y0 - 11), (x, y0 - 3)], fill=NONFINITE)
+        draw.polygon([(x - 6, y0 - 13), (x + 6, y0 - 13), (x, y0 - 3)], fill=NONFINITE)
         label = f"first NaN/inf: step {steps[j]}"
-        anchor = "rb" if x + 8 + text_w(label, small) > x0 + plot_w else "lb"
-        draw.text((x + (-8 if anchor == "rb" else 8), y0 - 3), label, font=small, fill=NONFINITE, anchor=anchor)
+        right = x + 9 + text_w(label, small) <= width - margin
+        draw.text(
+            (x + 9 if right else x - 9, y0 - 3), label, font=small, fill=NONFINITE, anchor="lb" if right else "rb"
+        )
 
-    # colour bar in decades
-    bar_top, bar_bottom = y0, y0 + max(120, min(plot_h, 320))
-    span = bar_bottom - bar_top
+    # colour bar in decades; "<=" / ">=" where cells beyond the scale saturate
+    span = bar_bottom - y0
     for k in range(span):
-        t = 1.0 - k / max(1, span - 1)
-        draw.line((bar_x, bar_top + k, bar_x + bar_w - 1, bar_top + k), fill=colour(t))
-    draw.rectangle((bar_x - 1, bar_top - 1, bar_x + bar_w, bar_bottom), outline=GRID)
+        draw.line((bar_x, y0 + k, bar_x + bar_w - 1, y0 + k), fill=colour(1.0 - k / max(1, span - 1)))
+    draw.rectangle((bar_x - 1, y0 - 1, bar_x + bar_w, bar_bottom), outline=GRID)
     decades = int(vmax - vmin)
-    step_d = max(1, math.ceil(decades / max(1, span // 18)))
-    for e in range(int(vmin), int(vmax) + 1, step_d):
+    every = max(1, math.ceil(decades / max(1, span // 22)))
+    ticks = list(range(int(vmin), int(vmax) + 1, every))
+    if ticks[-1] != int(vmax):
+        ticks.append(int(vmax))
+    for e in ticks:
         y = bar_bottom - 1 - (e - vmin) / (vmax - vmin) * (span - 1)
+        prefix = "≤" if e == int(vmin) and below else "≥" if e == int(vmax) and above else ""
         draw.line((bar_x + bar_w, y, bar_x + bar_w + 4, y), fill=TEXT)
-        draw.text((bar_x + bar_w + 6, y), _decade_label(e), font=small, fill=TEXT, anchor="lm")
-    draw.text((bar_x + bar_w // 2, bar_top - 22), "RMS", font=small, fill=TEXT, anchor="mb")
+        draw.text((bar_x + bar_w + 6, y), prefix + _decade_label(e), font=small, fill=TEXT, anchor="lm")
 
     # legend
-    lx = x0
-    draw.rectangle((lx, legend_y, lx + 12, legend_y + 12), fill=NONFINITE)
-    draw.text((lx + 18, legend_y + 6), "NaN/inf (outside the scale)", font=small, fill=TEXT, anchor="lm")
-    lx += 18 + text_w("NaN/inf (outside the scale)", small) + 18
-    draw.rectangle((lx, legend_y, lx + 12, legend_y + 12), fill=MISSING, outline=GRID)
-    draw.text((lx + 18, legend_y + 6), "not measured", font=small, fill=TEXT, anchor="lm")
+    lx = margin
+    for fill, label in legend:
+        draw.rectangle((lx, legend_y, lx + 13, legend_y + 13), fill=fill, outline=GRID)
+        draw.text((lx + 19, legend_y + 7), label, font=small, fill=TEXT, anchor="lm")
+        lx += 18 + text_w(label, small) + 16
     return image, geometry
 
 
