@@ -30,11 +30,18 @@ def test_layout_puts_training_first_and_gives_each_chart_one_exact_tag() -> None
     assert first == ["loss (training, validation)", "global gradient norm, log10, and the AutoClip clip threshold"]
     tags = [chart.tag for chart in ch.charts(("fp16", "bf16"))]
     assert len(tags) == len(set(tags))
+    # what each chart's series are written as: the tag itself, or <tag>/<layer>, /median of all
+    written = {
+        c.tag: [c.series_tag("blocks.3"), c.series_tag(ch.MEDIAN_SERIES)] if c.per_series else [c.tag]
+        for c in ch.charts(("fp16", "bf16"))
+    }
     for chart in ch.charts(("fp16", "bf16")):
         kind, regexes = layout[chart.category][chart.title]
         assert kind == "Multiline" and len(regexes) == 1
-        # the regex matches its own tag and no other chart's
-        assert [t for t in tags if re.search(regexes[0], t)] == [chart.tag]
+        # the regex matches its own series and no other chart's
+        matched = [t for series in written.values() for t in series if re.search(regexes[0], t)]
+        assert matched == written[chart.tag]
+        assert "(" not in "".join(written[chart.tag])  # TensorBoard parses "tag (run)" greedily
     # overflow and underflow are separate charts; log-scale quantities say log10 in the tag
     assert ch.overflow_tag("fp16") != ch.underflow_tag("fp16")
     for tag in (ch.GRAD_NORM, ch.GRAD_RMS, ch.WEIGHT_GRAD, ch.ACT_STD, ch.UPDATE_RATIO, ch.WEIGHT_NORM):
