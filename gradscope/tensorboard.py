@@ -60,8 +60,9 @@ tag                                                 value
 ==================================================  ===========================================
 
 A log10 of exactly 0 (a dead layer) is written as log10 of float32's smallest
-subnormal, about -44.85; non-finite values are written as they are (TensorBoard
-marks them).  Histograms are built from the exponent counts the statistics
+subnormal, about -44.85.  Non-finite values and values beyond ±1e18 are not
+written as points (TensorBoard's WebGL charts fail on them): a line stops at its
+last plottable point, and the heatmaps mark the NaN/inf cell in red.  Histograms are built from the exponent counts the statistics
 already computed on the device (``add_histogram_raw``): no tensor is copied to
 the host and NaNs cannot break them.  The heatmaps are drawn by a background
 thread (``gradscope.dashboards.heatmaps``) at a bounded cadence, at the first
@@ -87,6 +88,7 @@ if TYPE_CHECKING:
     from gradscope.watching.flush_result import FlushResult
 
 PREFIX = "gradscope"
+CHART_LIMIT = 1e18  # larger scalars break TensorBoard's WebGL charts (see DashboardWriter._scalar)
 
 __all__ = ["DashboardWriter", "exponent_histogram", "launch_dashboard", "layer_values", "layout", "write_audit"]
 
@@ -266,7 +268,12 @@ class DashboardWriter:
 
     # -- scalars ------------------------------------------------------------------
     def _scalar(self, run: str, tag: str, value: float, step: int) -> None:
-        self._runs.scalar(run, tag, value, step)
+        # Non-finite points are left out: TensorBoard's WebGL charts (Time Series) fail
+        # on them with console errors, and on values whose square overflows float32
+        # (|x| > ~1.8e19, seen with a diverged loss of 1.5e35).  The heatmaps draw
+        # non-finite cells red and the alerts name them.
+        if math.isfinite(value) and abs(value) <= CHART_LIMIT:
+            self._runs.scalar(run, tag, value, step)
 
     def _series(self, tag: str, values: dict[str, float], step: int) -> None:
         """One per-layer (or per-parameter) chart at one step: its worst series, each
