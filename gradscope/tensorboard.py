@@ -1,74 +1,72 @@
 """TensorBoard dashboards for audits and watched runs.
 
 The layout answers, in order: is training going wrong, which layer, when, how
-bad (``gradscope.dashboards.charts`` says why each chart is there).  TensorBoard
-colours a chart's lines by *run*, so every series told apart is a run (a
-sub-directory of the log directory); each chart has one tag.
+bad (``gradscope.dashboards.charts`` says why each chart is there and why the
+series are runs).  TensorBoard colours a chart's lines by *run*, so the series
+of one chart are written to different runs (sub-directories of the log
+directory), created at start in colour order.
 
-Runs and tags (stable; ``<fmt>`` each requested format, e.g. ``fp16``):
+=======================  ==============================================================
+run                      what it holds
+=======================  ==============================================================
+``.`` (the log dir)      the custom-scalars layout, text, heatmap images, histograms
+``training``             the loss, the global gradient norm, the GradScaler's scale
+``validation``           the validation loss (tag ``gradscope 1 training/loss``)
+``clip AutoClip p10``    log10 of the AutoClip threshold (p10 of all past norms), as
+                         ``gradscope 1 training/grad_norm_log10``
+``clip median``          the same for the median alternative
+``worst 1`` … ``5``      per-layer charts: the 5 worst layers by the chart's own measure,
+                         as ``<chart tag>/<layer>``; a slot keeps its layer while it stays
+                         among the worst (``gradscope.dashboards.selection``)
+``median``               per-layer charts: ``<chart tag>/median of all`` over every layer
+``reference``            ``<chart tag>/reference line``: headroom 0, update ratio log10 -3
+=======================  ==============================================================
 
-=============================  =======================================================
-run                            what it holds
-=============================  =======================================================
-``.`` (the log directory)      the custom-scalars layout, text, images, histograms
-``training``                   the run-level scalars below
-``validation``                 ``gradscope 1 training/loss``: the validation loss
-``clip AutoClip p10``          ``gradscope 1 training/grad_norm_log10``: log10 of the
-                               AutoClip threshold (p10 of all past norms)
-``clip median``                the same for the median alternative
-``layer/<layer>``              the per-layer tags below, for the layers a chart names
-                               (the 6 worst by its own measure; ``<layer>`` is the
-                               call-site name, e.g. ``features.0`` or ``relu#2``)
-``median of layers``           the per-layer tags: the median over all layers
-``param/<param>``              the per-parameter tags, for the parameters a chart names
-``median of parameters``       the per-parameter tags: the median over all parameters
-``reference``                  constant lines: headroom 0, update ratio log10 = -3
-=============================  =======================================================
-
-==================================================  ===========================================
-tag                                                 value
-==================================================  ===========================================
-``gradscope 1 training/loss``                       the loss, every step it was given
-``gradscope 1 training/grad_norm_log10``            log10 of the global gradient norm, every step
-``gradscope 1 training/train_validation_gap``       validation loss − mean training loss since the
-                                                    previous evaluation
-``gradscope 1 training/loss_scale_log2``            log2 of the GradScaler scale, at each flush
-``gradscope 1 training/skipped_steps``              steps skipped by the GradScaler so far
-``gradscope 2 gradients/dloss_dh_rms_log10``        log10 RMS of ∂ℓ/∂h, the gradient wrt the
-                                                    layer's output (per layer)
-``gradscope 2 gradients/weight_grad_norm_log10``    log10 2-norm of the layer's weight gradient
-``gradscope 3 activations/std_log10``               log10 std of the layer's output
-``gradscope 4 <fmt> range/headroom_binades``        binades between the largest |activation| or
-                                                    |∂ℓ/∂h| and the format's max (below 0: over)
-``gradscope 4 <fmt> range/overflow_frac``           fraction of activation and ∂ℓ/∂h values above
-                                                    the format's top binade (they become inf)
-``gradscope 4 <fmt> range/underflow_frac``          fraction of ∂ℓ/∂h values below the format's
-                                                    smallest subnormal (they flush to zero)
-``gradscope 5 updates/update_ratio_log10``          log10 ‖Δw‖/‖w‖ of the layer's weight (watch)
-``gradscope 6 weights/norm_log10``                  log10 2-norm of each weight (per parameter)
-``gradscope 6 weights/decay_share``                 ηλ‖θ‖ / (ηλ‖θ‖ + η‖g‖): the decay's share
-``gradscope 6 weights/near_zero_frac``              fraction of weights with 0 < |w| < 1% of RMS
-``gradscope 0 heatmaps/dloss_dh_rms_log10``         image: layer × step heatmap of log10 ∂ℓ/∂h
-                                                    RMS, NaN/inf cells in red (watch)
-``gradscope 0 heatmaps/activation_rms_log10``       image: the same for the activations (watch)
-``gradscope/exponents/activation/<layer>``          histogram of floor(log2|x|) of the output
-``gradscope/exponents/gradient/<layer>``            histogram of floor(log2|∂ℓ/∂h|)
-``gradscope/alerts``                                text: the alerts of each step, one entry per step
-``gradscope/findings``                              text: the full report (Markdown)
-``gradscope/depth_profile``                         image (audits): activation std and ∂ℓ/∂h RMS
-                                                    per layer (needs matplotlib, the ``plot`` extra)
-==================================================  ===========================================
+====================================================  ============================================
+tag (``<fmt>``: each requested format, e.g. ``fp16``)  value
+====================================================  ============================================
+``gradscope 1 training/loss``                          the loss, every step it was given
+``gradscope 1 training/grad_norm_log10``               log10 of the global gradient norm, every step
+``gradscope 1 training/train_validation_gap``          validation loss − mean training loss since
+                                                       the previous evaluation
+``gradscope 1 training/loss_scale_log2``               log2 of the GradScaler scale, at each flush
+``gradscope 1 training/skipped_steps``                 steps skipped by the GradScaler so far
+``gradscope 2 gradients/dloss_dh_rms_log10/<layer>``   log10 RMS of ∂ℓ/∂h, the gradient wrt the
+                                                       layer's output
+``gradscope 2 gradients/weight_grad_norm_log10/<l>``   log10 2-norm of the layer's weight gradient
+``gradscope 3 activations/std_log10/<layer>``          log10 std of the layer's output
+``gradscope 4 <fmt> range/headroom_binades/<layer>``   binades between the largest |activation| or
+                                                       |∂ℓ/∂h| and the format's max (below 0: over)
+``gradscope 4 <fmt> range/overflow_frac/<layer>``      fraction of activation and ∂ℓ/∂h values
+                                                       above the format's top binade (they become inf)
+``gradscope 4 <fmt> range/underflow_frac/<layer>``     fraction of ∂ℓ/∂h values below the format's
+                                                       smallest subnormal (they flush to zero)
+``gradscope 5 updates/update_ratio_log10/<layer>``     log10 ‖Δw‖/‖w‖ of the layer's weight (watch)
+``gradscope 6 weights/norm_log10/<param>``             log10 2-norm of each weight
+``gradscope 6 weights/decay_share/<param>``            ηλ‖θ‖ / (ηλ‖θ‖ + η‖g‖): the decay's share
+``gradscope 6 weights/near_zero_frac/<param>``         fraction of weights with 0 < |w| < 1% of RMS
+``gradscope 0 heatmaps/dloss_dh_rms_log10``            image (watch): layer × step heatmap of log10
+                                                       ∂ℓ/∂h RMS, NaN/inf cells in red
+``gradscope 0 heatmaps/activation_rms_log10``          image (watch): the same for the activations
+``gradscope 7 exponents/activation/<layer>``           histogram of floor(log2|x|) of the output
+``gradscope 7 exponents/gradient/<layer>``             histogram of floor(log2|∂ℓ/∂h|)
+``gradscope/alerts``                                   text: the alerts of each step, one entry per step
+``gradscope/findings``                                 text: the full report (Markdown)
+``gradscope/depth_profile``                            image (audits): activation std and ∂ℓ/∂h RMS
+                                                       per layer (needs matplotlib, the ``plot`` extra)
+====================================================  ============================================
 
 A log10 of exactly 0 (a dead layer) is written as log10 of float32's smallest
 subnormal, about -44.85.  Non-finite values and values beyond ±1e18 are not
 written as points (TensorBoard's WebGL charts fail on them): a line stops at its
-last plottable point, and the heatmaps mark the NaN/inf cell in red.  Histograms are built from the exponent counts the statistics
-already computed on the device (``add_histogram_raw``): no tensor is copied to
-the host and NaNs cannot break them.  The heatmaps are drawn by a background
-thread (``gradscope.dashboards.heatmaps``) at a bounded cadence, at the first
-bad step and at close.  The custom-scalars layout is written once, when the
-writer is created: ``add_custom_scalars`` may be called only once per writer.
-Only rank 0 writes when torch.distributed is initialised.
+last plottable point, and the heatmaps mark the NaN/inf cell in red.
+Histograms are built from the exponent counts the statistics already computed
+on the device (``add_histogram_raw``): no tensor is copied to the host and NaNs
+cannot break them.  The heatmaps are drawn by a background thread
+(``gradscope.dashboards.heatmaps``) at a bounded cadence, at the first bad step
+and at close.  The custom-scalars layout is written once, when the writer is
+created: ``add_custom_scalars`` may be called only once per writer.  Only rank 0
+writes when torch.distributed is initialised.
 """
 
 from __future__ import annotations
@@ -84,8 +82,8 @@ from gradscope.stats import EXPONENT_OFFSET, HIST, HIST_BINS, Stats
 if TYPE_CHECKING:
     from gradscope.record import LayerRecord, Record
     from gradscope.report import Finding, Report
-    from gradscope.watching.history import RunHistory
     from gradscope.watching.flush_result import FlushResult
+    from gradscope.watching.history import RunHistory
 
 PREFIX = "gradscope"
 CHART_LIMIT = 1e18  # larger scalars break TensorBoard's WebGL charts (see DashboardWriter._scalar)

@@ -88,27 +88,27 @@ def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def check_served(base: str, proc: subprocess.Popen) -> None:
+    from gradscope.dashboards import charts as ch
+
     tags = wait_for(
         f"{base}/data/plugin/scalars/tags",
         proc,
-        lambda d: isinstance(d, dict) and any("gradscope/global_grad_norm" in t for t in d.get(".", {})),
+        lambda d: isinstance(d, dict) and ch.GRAD_NORM in d.get(ch.TRAINING_RUN, {}) and ch.CLIP_RUN in d,
     )
-    run_tags = tags["."]
-    for tag in (
-        "gradscope/global_grad_norm",
-        "gradscope/clip_threshold",
-        "gradscope/grad_rms/0",
-        "gradscope/activation_std/1",
-        "gradscope/fp16_headroom/2",
-        "gradscope/update_ratio/0",
-    ):
-        assert tag in run_tags
+    for tag in (ch.GRAD_NORM, ch.LOSS):
+        assert tag in tags[ch.TRAINING_RUN]
+    assert ch.GRAD_NORM in tags[ch.CLIP_RUN]
+    named = {tag for run in ch.SLOT_RUNS for tag in tags.get(run, {})}
+    for chart in (ch.GRAD_RMS, ch.ACT_STD, ch.headroom_tag("fp16"), ch.UPDATE_RATIO):
+        assert any(tag.startswith(chart + "/") for tag in named), chart
+        assert f"{chart}/{ch.MEDIAN_SERIES}" in tags[ch.MEDIAN_RUN]
     layout = wait_for(f"{base}/data/plugin/custom_scalars/layout", proc, lambda d: bool(d))
-    (category,) = layout["category"]
-    assert category["title"] == "gradscope"
-    titles = [chart["title"] for chart in category["chart"]]
-    assert "gradient flow across layers (∂ℓ/∂h RMS)" in titles
-    assert "global gradient norm vs clip threshold" in titles
+    titles = [category["title"] for category in layout["category"]]
+    assert titles == list(ch.layout(("fp16",)))
+    first = [chart["title"] for chart in layout["category"][0]["chart"]]
+    assert first == ["loss (training, validation)", "global gradient norm, log10, and the AutoClip clip threshold"]
+    images = wait_for(f"{base}/data/plugin/images/tags", proc, lambda d: isinstance(d, dict) and "." in d)
+    assert set(images["."]) == {ch.HEATMAP_GRADIENT, ch.HEATMAP_ACTIVATION}
 
 
 def test_tensorboard_server_serves_tags_and_layout(logdir: Path) -> None:

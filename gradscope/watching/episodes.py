@@ -85,6 +85,8 @@ class NonfiniteEpisodes:
         self.first: dict[str, Any] | None = None  # the run's first non-finite step
         self.episode: Finding | None = None  # the nonfinite finding of the current non-finite episode
         self.raised = False  # an error was returned once: training was told to stop
+        # Called with every located non-finite record (the layer x step history marks it).
+        self.on_located: Callable[[dict[str, Any]], None] | None = None
         # Under torch.distributed: every rank keeps the same record (gradscope.watching.agreement).
         self.agreement = agreement
         # With an agreement: this rank's record of an unsampled step that went
@@ -182,6 +184,8 @@ class NonfiniteEpisodes:
         """The nonfinite finding for a step that saw NaN/inf: the first such step of
         the run names it, and it stays the same finding (one alert) while later
         steps stay non-finite, until a sampled step is finite again."""
+        if self.on_located is not None:
+            self.on_located(located)
         if self.first is None:
             self.first = located
         if self.episode is None:

@@ -115,6 +115,7 @@ def final_report(scope: Scope) -> Report:
             "gradients": "unscaled (divided by the GradScaler scale)" if scope._norms.scaler_seen else "as computed",
             "gradient_accumulation": "statistics per optimizer step, micro-batches merged",
             "reduction": reduction_summary(scope._recorder),
+            "history": scope._layer_history.to_dict(),
         },
         findings=findings,
         analysis=analysis,

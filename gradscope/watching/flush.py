@@ -226,8 +226,17 @@ def keep_result(scope: Scope, result: FlushResult, steps: list[int]) -> None:
         last.update_ratios.update(result.update_ratios)
     else:
         scope.recent.append(result)
+    first_bad = scope._layer_history.add_flush(
+        result.step, result.record, result.global_norms, result.losses, result.clip
+    )
+    first_bad, scope._heatmap_due = first_bad or scope._heatmap_due, False
     if scope._writer is not None:
-        scope._writer.write_flush(result, skipped_steps=scope._training.skipped if scope._norms.scaler_seen else None)
+        scope._writer.write_flush(
+            result,
+            skipped_steps=scope._training.skipped if scope._norms.scaler_seen else None,
+            history=scope._layer_history,
+            first_bad=first_bad,
+        )
 
 
 def error_to_raise(scope: Scope, located: dict[str, Any] | None, alerts: list[Alert]) -> GradscopeError | None:

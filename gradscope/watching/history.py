@@ -150,7 +150,15 @@ class RunHistory:
         if clip is not None and clip.get("threshold") is not None:
             self.clip_threshold = float(clip["threshold"])
         bad = self._is_bad(column)
-        self._append(column)
+        last = self.columns[-1] if self.columns else None
+        if last is not None and step <= last.step:
+            # A second flush of the same step (at close, only an update ratio arrived):
+            # one column per step, merged by the same rules.
+            flushes = last.flushes
+            last.absorb(column)
+            last.step, last.flushes = max(last.step, step), flushes
+        else:
+            self._append(column)
         if bad and self.first_bad_step is None:
             self.first_bad_step = step
             return True

@@ -82,6 +82,7 @@ from gradscope.watching.episodes import NonfiniteEpisodes
 from gradscope.watching.final_report import final_report
 from gradscope.watching.flush import flush
 from gradscope.watching.flush_result import FlushResult
+from gradscope.watching.history import RunHistory
 from gradscope.watching.nonfinite import StepCheck, StepFlags
 from gradscope.watching.options import DIAGNOSE_EVERY_STEPS, RAISE_CODES, TIERS, WATCH_SAMPLE, check_arguments
 from gradscope.watching.regularisation import RegularisationWatch, check_stop_on
@@ -202,6 +203,11 @@ class Scope:
         self._episodes = NonfiniteEpisodes(
             self._recorder, self._norms, self._ratios, self._training.history, self.raise_on, self._agreement
         )
+        # The layer x step history behind the heatmaps and report.run["history"]
+        # (gradscope.watching.history), marked at every located non-finite value.
+        self._layer_history = RunHistory()
+        self._heatmap_due = False
+        self._episodes.on_located = self._mark_nonfinite
         self._check = StepCheck()  # the per-step non-finite check (gradscope.watching.nonfinite)
         self._recorder.sentinel = self._check.sentinel
         self._check.prepare(_first_device(model))
@@ -421,6 +427,12 @@ class Scope:
         self._check.sentinel.begin_forward()
         if self._recorder.active:
             self._recorder.start()
+
+    def _mark_nonfinite(self, located: dict[str, Any]) -> None:
+        """Mark a located non-finite value in the history; the run's first is drawn at
+        the next flush whatever the heatmap cadence (gradscope.dashboards.heatmaps)."""
+        if self._layer_history.mark_nonfinite(int(located["step"]), located.get("layer"), located.get("role") or ""):
+            self._heatmap_due = True
 
     def _check_open(self) -> None:
         if self._closed:
