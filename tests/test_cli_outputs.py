@@ -51,8 +51,12 @@ def test_report_and_run_appear_together_and_parents_are_created(src: dict[str, P
     result = run("audit", spec(src, "build"), "-o", tmp_path / "r.json", "--format", "json", "--tensorboard", run_dir)
     assert result.exit_code in (0, 1), result.stderr
     assert (tmp_path / "r.json").read_text().startswith("{")
-    events = [p.name for p in run_dir.iterdir()]
+    events = [p.name for p in run_dir.iterdir() if p.is_file()]
     assert len(events) == 1 and events[0].startswith("events.out.tfevents"), events
+    # beside it, one sub-directory per TensorBoard run of the dashboards (gradscope.dashboards.charts)
+    from gradscope.dashboards.charts import RUN_ORDER
+
+    assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == sorted(RUN_ORDER)
     assert leftovers(tmp_path) == []
     assert oct((tmp_path / "r.json").stat().st_mode & 0o777) != oct(0o600)  # not mkstemp's private mode
 
@@ -62,7 +66,7 @@ def test_existing_empty_run_directory_is_used(src: dict[str, Path], tmp_path: Pa
     run_dir.mkdir()
     result = run("audit", spec(src, "build"), "--tensorboard", run_dir, "--format", "json")
     assert result.exit_code in (0, 1), result.stderr
-    assert [p.name for p in run_dir.iterdir()][0].startswith("events.out.tfevents")
+    assert [p.name for p in run_dir.iterdir() if p.is_file()][0].startswith("events.out.tfevents")
     assert leftovers(tmp_path) == []
 
 
