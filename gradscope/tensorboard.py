@@ -353,8 +353,8 @@ class DashboardWriter:
             return
         if _finite(loss):
             self._scalar(ch.VALIDATION_RUN, ch.LOSS, loss, step)
-        if _finite(gap):
-            self._scalar(ch.TRAINING_RUN, ch.GAP, gap, step)
+        if gap is not None:
+            self._scalar(ch.TRAINING_RUN, ch.GAP, gap, step)  # non-finite ones are left out there
 
     def write_weights(self, step: int, tracks: dict[str, Any]) -> None:
         """Weight norms, decay shares and near-zero fractions (``gradscope.watching.weights``)."""

@@ -118,10 +118,10 @@ def test_the_walk_finds_a_cycle_it_is_shown() -> None:
     """The walker itself: a made-up graph with a cycle through a lazy import."""
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycles(graph) == [{"a", "b", "c"}]
-    # and it reads the package: the scope imports its parts, the writer its flush result
+    # and it reads the package: the scope imports its parts, the writer its dashboard charts
     real = _graph()
     assert "gradscope.watching.flush" in real["gradscope.watching.scope"]
-    assert "gradscope.watching.flush_result" in real["gradscope.tensorboard"]
+    assert "gradscope.dashboards.charts" in real["gradscope.tensorboard"]
     assert "gradscope.tensorboard" in real["gradscope.watching.scope"]  # the lazy import in Scope.__init__
 
 

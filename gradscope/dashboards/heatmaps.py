@@ -42,7 +42,7 @@ def encode(history: dict[str, Any], quantity: str) -> tuple[bytes, int, int]:
 
     image, _ = heatmap_image(history, quantity)
     out = io.BytesIO()
-    image.save(out, format="PNG")
+    image.save(out, format="PNG", compress_level=1)  # fast: the image is small either way
     return out.getvalue(), image.width, image.height
 
 
