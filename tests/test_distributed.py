@@ -453,6 +453,21 @@ def test_fsdp1_statistics_equal_one_unsharded_process(
         _assert_matches_one_process(got, reference, data_parallel=True, engine=f"fsdp1 {variant}")
 
 
+@pytest.mark.parametrize("variant", ["flat", "orig_params"])
+def test_fsdp1_weight_watch_equals_one_unsharded_process(
+    fsdp1_ranks: dict[int, dict], reference: dict[str, Any], variant: str
+) -> None:
+    """The same for weights inside FSDP1 flat parameters (their slices, by name)."""
+    for rank in range(WORLD):
+        _assert_weights_equal(fsdp1_ranks[rank][variant]["weights"], reference["weights"], f"rank {rank} {variant}")
+
+
+def test_tensor_parallel_weight_watch_equals_one_process(tp_ranks: dict[int, dict], reference: dict[str, Any]) -> None:
+    """Column- and row-wise shards summed, the replicated layer counted once."""
+    for rank in range(WORLD):
+        _assert_weights_equal(tp_ranks[rank]["tp"]["weights"], reference["weights"], f"rank {rank} tp")
+
+
 def test_fsdp1_audit_finds_what_one_process_finds(fsdp1_ranks: dict[int, dict]) -> None:
     want = _reference_audit()
     for rank in range(WORLD):
