@@ -23,15 +23,17 @@ forward, loss, backward — so the rank whose rows produced it names it for all.
 Why not stop at the bad step itself with ``every`` > 1: that needs the flag of
 every unsampled step summed over the ranks, a collective per step (DDP's own
 gradient all-reduce cannot carry it).  Measured with
-``benchmarks/distributed_flag.py`` (2 gloo ranks on a shared, loaded 2-core
-machine, DDP on an MLP 4 x 256, batch 64, ``every=10``): a one-element
-all-reduce took 0.4 ms median and made the step 1.2x slower (every rank waits
-for the slowest at one more point per step), far over the 1.02x budget of
-``every=10``.  So with
-``every`` > 1 under a group, training stops at the next sampled step (at most
-``every`` − 1 steps later, or at ``close()``), naming the first bad step and
-layer any rank recorded; with ``every=1`` every step is a flush and training
-stops at the bad step itself, before ``optimizer.step()``.
+``benchmarks/distributed_flag.py`` (2 gloo ranks on a shared 2-core machine at
+load ~14): a one-element all-reduce takes 0.41-0.47 ms (median, three runs);
+on a DDP step of 40-60 ms there (MLP 4 x 256, batch 64, ``every=10``) its
+effect was within the noise (ratio 0.97-1.21 over three runs of 7-15
+interleaved rounds).  0.4 ms is 2 % of a 20 ms step, so on the short steps
+the ``every=10`` budget (<= 1.02x) is measured on it alone would exceed the
+budget, and it adds a point where every rank waits for the slowest at every
+step.  So with ``every`` > 1 under a group, training stops at the next
+sampled step (at most ``every`` - 1 steps later, or at ``close()``), naming
+the first bad step and layer any rank recorded; with ``every=1`` every step
+is a flush and training stops at the bad step itself, before ``optimizer.step()``.
 """
 
 from __future__ import annotations
