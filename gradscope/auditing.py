@@ -237,10 +237,15 @@ def audit(
             sample=AUDIT_SAMPLE,
             sequence_modules=sequence_modules,
             process_group=group if group is not None else NO_REDUCTION,
+            bounded=True,  # no temporary grows with a tensor: the audit's peak is the model's
         ) as recorder:
-            for _ in range(batches):
+            for index in range(batches):
                 batch = inputs if spec is None else synthetic_input(spec, generator, device)
-                loss_description = _one_pass(model, recorder, batch, loss, generator)
+                # Each pass's weight-gradient statistics are of ``.grad`` as backward
+                # left it, accumulated over the passes so far; only the last pass's
+                # gradients can be released as soon as they are read.
+                last = index == batches - 1
+                loss_description = _one_pass(model, recorder, batch, loss, generator, release_gradients=last)
             record = recorder.finish()
 
     shape, dtype_name = (list(spec.shape), str(spec.dtype).removeprefix("torch.")) if spec else _describe_inputs(inputs)
@@ -291,8 +296,13 @@ def _one_pass(
     batch: Any,
     loss: str | Callable[[Any], torch.Tensor],
     generator: torch.Generator,
+    release_gradients: bool = True,
 ) -> str:
-    """Forward, loss, backward, parameter capture; errors become one-line InputErrors."""
+    """Forward, loss, backward, parameter capture; errors become one-line InputErrors.
+
+    ``release_gradients``: free each ``.grad`` as soon as its statistics are taken
+    (``_GradientRelease``); the audit's last pass, after which no gradient is read.
+    """
     tracker = _LayerTracker(model)
     recorder.start()
     try:
@@ -310,16 +320,105 @@ def _one_pass(
     with torch.enable_grad():
         result = compute_loss(output, loss, generator)
     del output
+    released = False
     if not result.loss.requires_grad:
         recorder.record.note("the loss does not require grad: no parameter is trainable, so no gradient was recorded")
     else:
+        release = _GradientRelease(model, recorder, result.loss, enabled=release_gradients)
         try:
             result.loss.backward()
         except Exception as exc:
             raise InputError(f"the backward pass raised: {type(exc).__name__}: {_first_line(exc)}") from exc
+        finally:
+            released = release.close()
+    # Weights, and the gradients not captured (and released) during backward.
     recorder.capture_parameters()
+    if released:
+        for param in model.parameters():
+            param.grad = None  # every gradient of this pass is recorded: none outlives it
     recorder.flush()
     return result.description
+
+
+class _GradientRelease:
+    """Takes each recorded weight's gradient statistics as soon as backward has
+    accumulated it, then frees every parameter's ``.grad``.
+
+    A plain forward+backward ends holding one gradient per parameter; with this
+    the audit holds one at a time (preserved_state restores the caller's
+    ``.grad`` afterwards), so its peak memory is at most the plain step's
+    (``benchmarks/memory.py --audit``).  The statistics are those of the same
+    ``.grad`` read after backward: the hook runs once the gradient is whole.
+
+    Only where ``.grad`` is the whole, final gradient when the hook runs: one
+    process with plain parameters (DDP, FSDP and DTensor write or reduce
+    gradients after accumulation), and a backward in which no reentrant
+    activation checkpoint runs an inner backward (that accumulates a shared
+    parameter's gradient twice); otherwise nothing is registered and gradients
+    are read after backward as before.
+    """
+
+    def __init__(self, model: nn.Module, recorder: Recorder, loss: torch.Tensor, enabled: bool = True) -> None:
+        self._handles: list[Any] = []
+        self._released = False
+        if not enabled or not _releasable(model, loss):
+            return
+        sites: dict[int, list[str]] = {}
+        for layer in recorder.record.layers:
+            ref = recorder.weight_ref(layer.name)
+            param = ref.registered() if ref is not None else None
+            if param is not None:
+                sites.setdefault(id(param), []).append(layer.name)
+        seen: set[int] = set()
+        for param in model.parameters():
+            if param.requires_grad and id(param) not in seen:
+                seen.add(id(param))
+                self._handles.append(
+                    param.register_post_accumulate_grad_hook(self._hook(recorder, sites.get(id(param))))
+                )
+        self._released = bool(self._handles)
+
+    @staticmethod
+    def _hook(recorder: Recorder, keys: list[str] | None) -> Callable[[torch.Tensor], None]:
+        def hook(param: torch.Tensor) -> None:
+            if keys:
+                recorder.capture_parameters(weights=False, grads=True, only=keys)
+            param.grad = None
+
+        return hook
+
+    def close(self) -> bool:
+        """Remove the hooks; whether gradients were released during backward."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        return self._released
+
+
+def _releasable(model: nn.Module, loss: torch.Tensor) -> bool:
+    from gradscope.distributed import is_distributed
+
+    if is_distributed() or not hasattr(torch.Tensor, "register_post_accumulate_grad_hook"):
+        return False
+    if any(type(p) is not nn.Parameter for p in model.parameters()):
+        return False  # DTensor, FSDP1 flat parameters, other subclasses: gradients written elsewhere
+    return not _has_inner_backward(loss)
+
+
+def _has_inner_backward(loss: torch.Tensor) -> bool:
+    """Whether the graph holds a reentrant checkpoint (``torch.utils.checkpoint``
+    with ``use_reentrant=True``), whose backward runs a backward of its own."""
+    stack = [loss.grad_fn]
+    visited: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in visited:
+            continue
+        visited.add(id(node))
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
 
 
 def _first_line(exc: BaseException) -> str:

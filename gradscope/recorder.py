@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from gradscope.chunked import bounded_raw_stats
 from gradscope.distributed import Reducer, ReductionGroup, data_parallel_size, resolve_group, scale_gradient_rows
 from gradscope.outputs import first_float_tensor
 from gradscope.placement import (
@@ -172,8 +173,13 @@ class Recorder:
         sequence_modules: Mapping[str, int] | None = None,
         record_no_grad: bool = True,
         process_group: Any = None,
+        bounded: bool = False,
     ) -> None:
         self.model = model
+        # True (the audit): each tensor's statistics are taken in the hook, in slices of
+        # chunked.CHUNK elements, instead of a float64 sample copy reduced at flush, so
+        # that no temporary grows with the tensor (see gradscope.chunked).
+        self.bounded = bounded
         self.record_inputs = record_inputs
         # False: forwards run with grad disabled (no_grad, inference_mode: evaluation)
         # are not recorded; see ``_counts_forward`` for how checkpointing is told apart.
@@ -455,13 +461,14 @@ class Recorder:
         """Whether this rank counts replicated parameters (rank 0 of the group)."""
         return self.group is None or self.group.rank == 0
 
-    def capture_parameters(self, weights: bool = True, grads: bool = True) -> None:
+    def capture_parameters(self, weights: bool = True, grads: bool = True, only: Collection[str] | None = None) -> None:
         """Enqueue statistics of each recorded layer's weight and its ``.grad``.
 
         Call after backward (and, in training, before ``optimizer.step()``),
         when ``.grad`` holds the gradient the optimizer is about to use.
+        ``only``: the sites to capture (default: every recorded one).
         """
-        self._pending.extend(self._parameter_raws(weights, grads))
+        self._pending.extend(self._parameter_raws(weights, grads, only))
 
     def parameter_stats(self) -> dict[str, dict[str, Stats]]:
         """Weight and weight-gradient statistics of each recorded layer, now, on the
@@ -478,25 +485,32 @@ class Recorder:
             out.setdefault(key, {})[role] = Stats(row)
         return out
 
-    def _parameter_raws(self, weights: bool, grads: bool) -> list[tuple[str, str, RawStats]]:
+    def _parameter_raws(
+        self, weights: bool, grads: bool, only: Collection[str] | None = None
+    ) -> list[tuple[str, str, RawStats]]:
         """(site, role, statistics) of each recorded weight and its gradient; not in
         a hook, so computed whole at once (warm caches, nothing to defer)."""
         exact = self.exact_parameter_extremes
         owner = self.owner
+        stats_of = bounded_raw_stats if self.bounded else raw_stats
         out: list[tuple[str, str, RawStats]] = []
         with torch.no_grad():
             for key, ref in self._weights.items():
+                if only is not None and key not in only:
+                    continue
                 local = ref.resolve(owner)
                 if local is None or not local.owned:
                     continue  # a replica another rank counts
                 if weights:
-                    out.append((key, "weight", raw_stats(local.value, self.sample, exact)))
+                    out.append((key, "weight", stats_of(local.value, self.sample, exact)))
                 if grads and local.grad is not None:
-                    out.append((key, "weight_grad", raw_stats(local.grad, self.sample, exact)))
+                    out.append((key, "weight_grad", stats_of(local.grad, self.sample, exact)))
         return out
 
     def _take(self, tensor: torch.Tensor) -> RawStats | Sample:
         """A hook's share of a tensor's statistics (see PENDING_SAMPLE_BUDGET)."""
+        if self.bounded:
+            return bounded_raw_stats(tensor, self.sample)
         if self.sample is None:
             return raw_stats(tensor)
         taken = take_sample(tensor, self.sample)
