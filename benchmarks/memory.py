@@ -118,8 +118,8 @@ def _audit_child(model_key: str, batch: int, mode: str) -> dict:
     sys.path.insert(0, str(HERE))
     from models import LARGE_WORKLOADS
 
-    import gradscope  # imported before the baseline: its modules are not the step's memory
-
+    # imported before the baseline: their modules are not the step's memory
+    import gradscope
     import gradscope.diagnose  # noqa: F401
 
     torch.manual_seed(0)
@@ -157,7 +157,10 @@ def _audit_run(model_key: str, batch: int, mode: str) -> dict:
 
 
 def audit_table(specs: str) -> None:
-    print("| model | plain forward+backward: peak / above model+batch | `gradscope.audit`: peak / above model+batch | ratio |")
+    print(
+        "| model | plain forward+backward: peak / above model+batch "
+        "| `gradscope.audit`: peak / above model+batch | ratio |"
+    )
     print("|---|---|---|---|")
     for spec in specs.split(","):
         key, _, batch_text = spec.partition(":")
