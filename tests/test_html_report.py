@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from browser import console_errors, headless_chromium, requires_chromium
 from click.testing import CliRunner
 from test_render import _layer, synthetic_report
@@ -487,6 +488,45 @@ def test_curves_have_one_point_per_measured_step_a_gap_after_the_bad_step_and_th
     assert marks == {"first non-finite value at step 25 in head", "gradient spike at step 20"}
 
 
+def test_a_real_watched_run_renders_its_training_section() -> None:
+    """``Scope.report().to_html()`` on a short run whose loss goes inf at step 12."""
+    import logging
+
+    from torch import nn
+
+    from gradscope.watching import Scope
+
+    logging.getLogger("gradscope").setLevel(logging.CRITICAL)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        g = torch.Generator().manual_seed(0)
+        with Scope(model, every=2, raise_on=()) as scope:
+            for step in range(16):
+                x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
+                opt.zero_grad()
+                loss = nn.functional.mse_loss(model(x), y) * (float("inf") if step == 12 else 1.0)
+                loss.backward()
+                scope.step(opt, loss=loss)
+                opt.step()
+    finally:
+        logging.getLogger("gradscope").setLevel(logging.NOTSET)
+    report = scope.report()
+    page = parse(report.to_html())
+    assert page.find("div", ROOT_CLASS).attrs["data-verdict"] == "unhealthy"
+    training = page.find("section", "gs-training")
+    lines = [tr.all_text() for tr in training.find("table", "gs-training-lines").find_all("tr")]
+    first = report.analysis["training"]["first_nonfinite"]
+    assert any(line.startswith(f"first non-finitestep {first['step']},") for line in lines), lines
+    history = report.run["history"]
+    loss, norm = training.find_all("svg", "gs-curve")
+    assert loss.attrs["data-points"] == str(sum(F.as_float(v) is not None for v in history["loss"]))
+    assert norm.attrs["data-points"] == str(sum(F.as_float(v) is not None for v in history["grad_norm"]))
+    assert len(training.find_all("img", "gs-heatmap")) == 2
+    assert report._repr_html_() in report.to_html()
+
+
 def test_a_report_json_round_trip_renders_the_same_page(heatmap_stub: list[Any]) -> None:
     report = watched_report()
     again = Report.from_dict(json.loads(render(report, "json")))
@@ -714,3 +754,25 @@ def test_audit_pages_render_in_headless_chromium(models: Path) -> None:
         assert audit["charts"][0][3] == 21 + 21 + 11 + 3
         assert audit["images"] == []
     assert seen["hostile-light"]["verdict"].startswith(("Healthy", "Unhealthy"))
+
+
+@pytest.mark.slow
+@requires_chromium
+def test_a_watched_run_page_renders_in_headless_chromium() -> None:
+    SCREENSHOTS.mkdir(exist_ok=True)
+    _watched_json(SCREENSHOTS / "watched.json")
+    watched_page = SCREENSHOTS / "watched.html"
+    result = run("report", SCREENSHOTS / "watched.json", "--format", "html", "-o", watched_page)
+    assert result.exit_code == 1, result.stderr
+    seen = _open_pages({"watched": watched_page})
+    for scheme in ("light", "dark"):
+        watch = seen[f"watched-{scheme}"]
+        assert watch["verdict"].startswith("Unhealthy")
+        assert [c[0] for c in watch["charts"]] == [
+            "Loss per optimizer step",
+            "Global gradient norm per optimizer step, with the clip threshold",
+            DEPTH_LABEL,
+        ]
+        assert len(watch["images"]) == 2, "the heatmaps of report.run['history']"
+        for alt, complete, natural_w, natural_h, width, height in watch["images"]:
+            assert complete and natural_w > 0 and natural_h > 0 and width > 100 and height > 50, alt
