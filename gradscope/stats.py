@@ -62,7 +62,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import cache, cached_property
+from functools import cache, lru_cache
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from gradscope.formats import FORMAT_NAMES, get_format
@@ -151,23 +151,6 @@ class Sample(NamedTuple):
     values: torch.Tensor  # a contiguous float64 copy (float32 without float64)
 
 
-class _NativeDtypes:
-    """The dtypes aminmax reads directly; a lazy set, since importing this module
-    must not import torch (the CLI's --help stays fast)."""
-
-    @cached_property
-    def dtypes(self) -> frozenset:
-        import torch
-
-        return frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64})
-
-    def __contains__(self, dtype: object) -> bool:
-        return dtype in self.dtypes
-
-
-_NATIVE_DTYPES = _NativeDtypes()
-
-
 def _bincount(values: torch.Tensor, bins: int) -> torch.Tensor:
     import torch
 
@@ -180,6 +163,78 @@ def _bincount(values: torch.Tensor, bins: int) -> torch.Tensor:
     return hist.index_add_(0, values.long(), ones)
 
 
+# Elements per chunk when a dtype aminmax cannot read (fp8) is widened to fp32
+# for its extremes: the temporary stays 4 MiB whatever the tensor's size.
+EXTREMES_CHUNK = 1 << 20
+
+
+def _native(dtype: torch.dtype) -> bool:
+    """Whether aminmax reads ``dtype`` directly (fp8 and integer-like floats not)."""
+    import torch
+
+    return dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def dense_view(x: torch.Tensor) -> torch.Tensor | None:
+    """A 1-D view of ``x``'s elements in memory order when they fill their memory
+    without gaps (contiguous, channels_last, transposed), else None.  A view: no copy."""
+    if x.is_contiguous():
+        return x.view(-1)
+    # Order the dimensions by decreasing stride: a dense layout is then contiguous.
+    order = sorted(range(x.dim()), key=lambda d: (x.stride(d), x.size(d)), reverse=True)
+    permuted = x.permute(order)
+    return permuted.view(-1) if permuted.is_contiguous() else None
+
+
+def _strided_sample(x: torch.Tensor, dense: torch.Tensor | None, sample: int) -> torch.Tensor:
+    """About ``sample`` elements of ``x`` a prime stride apart (in memory order when
+    dense), read in place: a view when dense, else a gather of those elements only."""
+
+    n = x.numel()
+    stride = sample_stride(n, sample)
+    if dense is not None:
+        return dense.as_strided(((n + stride - 1) // stride,), (stride,), dense.storage_offset())
+    # Gaps between elements (a slice of a larger tensor): the storage offsets of
+    # the sampled logical indices, gathered from a view of the storage span.
+    offsets, span = _sample_offsets(tuple(x.shape), tuple(x.stride()), stride, x.device)
+    return x.as_strided((span,), (1,), x.storage_offset()).index_select(0, offsets)
+
+
+@lru_cache(maxsize=64)
+def _sample_offsets(
+    shape: tuple[int, ...], strides: tuple[int, ...], stride: int, device: torch.device
+) -> tuple[torch.Tensor, int]:
+    """Storage offsets of logical elements 0, stride, 2*stride, ... of a strided
+    tensor (on ``device``) and the span of storage they reach, computed on the
+    host once per layout (no read-back from the device)."""
+    import torch
+
+    index = torch.arange(0, math.prod(shape), stride, dtype=torch.int64)
+    offsets = torch.zeros_like(index)
+    for size, step in zip(reversed(shape), reversed(strides), strict=True):
+        offsets += (index % size) * step
+        index = index // size
+    span = int(offsets.max()) + 1 if offsets.numel() else 1
+    return offsets.to(device), span
+
+
+def _chunked_extremes(x: torch.Tensor, dense: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of a tensor aminmax cannot read (fp8), widened to fp32 a chunk
+    of EXTREMES_CHUNK elements at a time (never the whole tensor at once)."""
+    import torch
+
+    if dense is not None:
+        chunks = list(dense.split(EXTREMES_CHUNK))
+    elif x.dim() == 0:
+        chunks = [x.reshape(1)]
+    else:  # gaps in memory: slices along the first dimension
+        rows = max(1, EXTREMES_CHUNK // max(1, x[0].numel()))
+        chunks = list(x.split(rows))
+    pairs = [torch.stack(torch.aminmax(chunk.float())) for chunk in chunks]
+    both = torch.stack(pairs) if len(pairs) > 1 else pairs[0].unsqueeze(0)
+    return both[:, 0].amin(), both[:, 1].amax()
+
+
 def take_sample(x: torch.Tensor, sample: int | None = None, exact_extremes: bool = True) -> Sample:
     """The part of ``raw_stats`` that needs ``x``: queued device ops, no sync.
 
@@ -189,6 +244,11 @@ def take_sample(x: torch.Tensor, sample: int | None = None, exact_extremes: bool
     elements) is copied to float64; ``x`` itself is not kept.
     ``exact_extremes=False`` reads min and max from the sample too (one pass
     over the whole tensor less).
+
+    Memory: with a sample, what is allocated is O(sample), whatever the layout
+    and dtype: a non-contiguous tensor (channels_last, transposed, sliced) is
+    read in place, never copied whole, and fp8 extremes are read a chunk at a
+    time (issue 14: a channels_last CNN's hooks copied 10 MB where 0.44 MB do).
     """
     import torch
 
@@ -203,16 +263,16 @@ def take_sample(x: torch.Tensor, sample: int | None = None, exact_extremes: bool
         # which the flush merges across ranks; DTensor ops such as bincount have no
         # sharding rule.
         flat = flat.to_local()
-    if flat.dtype not in _NATIVE_DTYPES:
-        flat = flat.float()  # fp8 and others: aminmax has no kernel for them
-    if not flat.is_contiguous():
-        flat = flat.reshape(-1)  # a copy; strides below assume dense storage
     n = flat.numel()
+    contiguous = flat.is_contiguous()
     if sample is None or n <= 2 * sample:
-        part = flat.view(-1)
+        # Every element is copied anyway; in logical order, so that the float64
+        # sums equal those of ``x.contiguous()`` bit for bit.
+        dense = flat.view(-1) if contiguous else None
+        part = dense if dense is not None else flat.reshape(-1)
     else:
-        stride = sample_stride(n, sample)
-        part = flat.as_strided(((n + stride - 1) // stride,), (stride,), flat.storage_offset())
+        dense = flat.view(-1) if contiguous else dense_view(flat)
+        part = _strided_sample(flat, dense, sample)
     wide_dtype = torch.float32 if flat.is_mps else torch.float64  # see _stats_dtype
     # One (strided) read into a contiguous copy; copy=True: a float64 input
     # must not be aliased (the caller's tensor is never kept).
@@ -220,7 +280,12 @@ def take_sample(x: torch.Tensor, sample: int | None = None, exact_extremes: bool
     if n == 0:
         zero = torch.zeros((), dtype=wide_dtype, device=flat.device)
         return Sample(0, 0, zero, zero, values)
-    lo, hi = torch.aminmax(flat if exact_extremes else values)
+    if not exact_extremes:
+        lo, hi = torch.aminmax(values)
+    elif _native(flat.dtype):
+        lo, hi = torch.aminmax(flat)  # strided reads: no copy of a non-contiguous tensor
+    else:
+        lo, hi = _chunked_extremes(flat, dense)
     return Sample(n, n if exact_extremes else values.numel(), lo, hi, values)
 
 

@@ -258,27 +258,69 @@ def test_a_weight_made_non_finite_by_the_update_keeps_that_diagnosis_in_the_fina
 
 
 def test_unsampled_steps_cost_one_op_per_hooked_activation(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The hot-path budget: on an unsampled step the hooks add one aminmax per hooked
-    output plus one for the forward's input, and nothing else."""
+    """The hot-path budget: on an unsampled step the hooks add one float64 sum per
+    hooked output plus one for the forward's input, each written into a slot of a
+    preallocated buffer (``out=``: nothing allocated per layer), and nothing else."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    calls = []
-    real = torch.aminmax
-    monkeypatch.setattr(torch, "aminmax", lambda t: calls.append(t.shape) or real(t))
+    sums: list[tuple[tuple[int, ...], bool, torch.dtype | None]] = []
+    extremes: list[tuple[int, ...]] = []
+    real_sum, real_aminmax = torch.sum, torch.aminmax
+
+    def counting_sum(t: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        sums.append((tuple(t.shape), kwargs.get("out") is not None, kwargs.get("dtype")))  # type: ignore[arg-type]
+        return real_sum(t, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch, "sum", counting_sum)
+    monkeypatch.setattr(torch, "aminmax", lambda t: extremes.append(tuple(t.shape)) or real_aminmax(t))
     with Scope(model, every=4, diagnose=False) as scope:
-        for step in range(2):
-            calls.clear()
+        for step in range(3):
+            sums.clear()
+            extremes.clear()
             x, y = batch(step)
             opt.zero_grad()
             out = model(x)
-            forward_calls = len(calls)
+            forward_sums, forward_extremes = list(sums), list(extremes)
             nn.functional.mse_loss(out, y).backward()
             scope.step(opt)
             opt.step()
-    # step 1 is unsampled: 3 hooked outputs + the input of layer 0
-    assert forward_calls == 4
-    assert sorted(map(tuple, calls)) == [(8, 3), (8, 6), (8, 16), (8, 16)]
+    # step 2 is unsampled: 3 hooked outputs + the input of layer 0, one sum each into the buffer
+    assert forward_extremes == []
+    assert (
+        sorted(forward_sums)
+        == [((8, 3), True, torch.float64), ((8, 6), True, torch.float64)] + [((8, 16), True, torch.float64)] * 2
+    )
+
+
+def test_the_flag_reads_fp8_without_widening_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An fp8 output's flag is its float64 sum read in fp8 (no fp32 copy of the tensor),
+    and a NaN in it (0x7F in e4m3fn) makes the flag non-finite."""
+    from gradscope.watching.nonfinite import FlagBuffer, _flag_sum
+
+    x = torch.randn(4096).to(torch.float8_e4m3fn)
+    widened: list[torch.dtype] = []
+    real_float = torch.Tensor.float
+    monkeypatch.setattr(torch.Tensor, "float", lambda t: widened.append(t.dtype) or real_float(t))
+    buffer = FlagBuffer(torch.device("cpu"))
+    clean = _flag_sum(x, buffer)
+    x[17] = float("nan")
+    dirty = _flag_sum(x, buffer)
+    assert widened == []
+    assert clean is not None and dirty is not None and buffer.used == 2
+    assert torch.isfinite(clean) and not torch.isfinite(dirty)
+
+
+def test_a_sum_above_the_fp32_range_is_no_false_alarm() -> None:
+    """Float64 sums: 2^20 elements at 3e38 sum far past fp32's maximum, yet the
+    flag stays finite (an fp32 accumulator would call it inf)."""
+    from gradscope.watching.nonfinite import FlagBuffer, _flag_sum
+
+    buffer = FlagBuffer(torch.device("cpu"), capacity=1)
+    flags = [_flag_sum(torch.full((1 << 20,), 3e38), buffer), _flag_sum(torch.ones(3), buffer)]
+    assert buffer.used == 2  # grown past its capacity of 1
+    assert all(f is not None and torch.isfinite(f) for f in flags)
+    assert torch.isfinite(buffer.total()) and float(buffer.total()) > 3e44
 
 
 def train_with_evaluation(model: nn.Module, scope: gradscope.watching.Scope, steps: int) -> int:

@@ -147,21 +147,29 @@ def first_nonfinite(
 # A sampled step is searched through its full record at its flush.  Every other
 # step leaves a few device scalars behind, with no host sync: the loss, the
 # global gradient norm (already computed every step from exact per-parameter
-# norms), and the exact min/max of each hooked layer's output (one ``aminmax``
-# per activation, the only op the hooks add on unsampled steps) and of each
-# forward's input.  Their sum is non-finite when any of them is (NaN and inf
-# propagate through a sum; a finite sum that overflows is a false alarm the
-# host-side search then dismisses).  That one number is copied into a host
-# buffer and read:
+# norms), and one sum per hooked layer's output and per forward's input.  The
+# sums are accumulated in float64 (``torch.sum(dtype=float64)``, which also
+# reads fp8 without widening it): no sum of fp32/fp16/bf16/fp8 values can
+# overflow there (2^63 elements of 3.4e38 stay below 1.8e308), so a sum is
+# non-finite exactly when one of its elements is (NaN and inf propagate
+# through a sum).  Each sum is written into a preallocated device buffer
+# (``out=``: one kernel per layer, nothing allocated, no Python object per
+# layer but the name), and the step's flag is the sum of that buffer, the loss
+# and the norm; it is copied into a host buffer and read:
 #   * on the CPU at once (there is nothing to wait for), so training stops at
 #     the step that went non-finite, before ``optimizer.step()`` applies it;
 #   * on an accelerator once the copy has landed (``Event.query()``), at the
 #     next ``step()`` call or at ``close()``, so the GPU's queue never drains.
 #     The error then names the step that went non-finite, one step late.
-# Only when the number is non-finite are the step's scalars read back and
-# searched (``locate_step``).
+# Only when the number is non-finite are the step's per-layer sums read back
+# and searched (``locate_step``).
+# Why a sum and not the extremes: one output instead of two, and an fp8
+# tensor needs no fp32 copy; the search only asks "finite or not".
+# Under torch.compile the sums are ordinary graph outputs (no ``out=`` into a
+# buffer Dynamo would have to guard), collected the same way.
 
 PENDING_CHECKS = 4  # unsampled steps whose flag may be in flight at once
+FLAG_SLOTS = 64  # initial per-step capacity of the flag buffer (grown by doubling)
 
 
 def reads_are_free(device: torch.device) -> bool:
@@ -180,34 +188,64 @@ def _completion_event(device: torch.device) -> Any:
     return event
 
 
-_AMINMAX_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
 
 
-def _extremes(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Exact min and max of ``tensor`` (NaN-propagating), queued on its device."""
-    flat = tensor.detach()
+class FlagBuffer:
+    """One step's per-layer sums: a device vector and a view of each of its slots,
+    made once and reused (writing into a view costs no Python-side allocation)."""
+
+    def __init__(self, device: torch.device, capacity: int = FLAG_SLOTS) -> None:
+        self.device = device
+        self.values = torch.zeros(capacity, dtype=_sum_dtype(device), device=device)
+        self.slots = list(self.values.unbind(0))
+        self.used = 0
+
+    def take_slot(self) -> torch.Tensor:
+        if self.used == len(self.slots):  # more hooked calls than slots: double (rare, once)
+            grown = torch.zeros(2 * len(self.slots), dtype=self.values.dtype, device=self.device)
+            grown[: self.used].copy_(self.values)
+            self.values = grown
+            self.slots = list(grown.unbind(0))
+        slot = self.slots[self.used]
+        self.used += 1
+        return slot
+
+    def total(self) -> torch.Tensor:
+        return self.values.narrow(0, 0, self.used).sum()
+
+
+def _flag_sum(tensor: torch.Tensor, buffer: FlagBuffer | None) -> torch.Tensor | None:
+    """The float64 sum of ``tensor`` (non-finite iff an element is), written into a
+    slot of ``buffer`` when it is on the buffer's device; queued, not read."""
+    flat = tensor.detach()  # out= refuses inputs that require grad
     if flat.numel() == 0:
         return None
-    if flat.dtype not in _AMINMAX_DTYPES:
-        flat = flat.float()  # fp8 and others: aminmax has no kernel for them
-    lo, hi = torch.aminmax(flat)
-    return lo, hi
+    if torch.compiler.is_compiling() or buffer is None or flat.device != buffer.device:
+        return flat.sum(dtype=_sum_dtype(flat.device))
+    return torch.sum(flat, dim=(), dtype=buffer.values.dtype, out=buffer.take_slot())
 
 
 class ForwardSentinel:
     """The forward-hook side of the check: called by the Recorder for every hooked
     call (``Recorder.sentinel``).
 
-    For each forward it keeps the extremes of the first hooked layer's input
-    (None when that input holds no floating-point tensor: token ids are finite
-    by type), and, on forwards the Recorder does not record, the extremes of
-    each hooked output in execution order.  Nothing is read on the host here.
+    For each forward it keeps a flag of the first hooked layer's input (None
+    when that input holds no floating-point tensor: token ids are finite by
+    type), and, on forwards the Recorder does not record, a flag of each hooked
+    output in execution order.  A flag is a device scalar that is finite iff the
+    tensor is (its float64 sum); entries keep the (key, flag, flag) shape of a
+    (key, min, max) pair, which is all the search reads.  Nothing is read on the
+    host here.
     """
 
     def __init__(self) -> None:
         self.enabled = True  # False while the scope is paused (evaluation forwards)
         self.activations: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         self.inputs: list[tuple[str, tuple[torch.Tensor, torch.Tensor] | None]] = []
+        self.buffer: FlagBuffer | None = None  # this step's slots (see FlagBuffer)
+        self._free: list[FlagBuffer] = []  # buffers whose step was read, for reuse
         self._calls: dict[str, int] = {}
         self._forward_start = True
 
@@ -215,6 +253,12 @@ class ForwardSentinel:
         """A new forward starts (root forward pre-hook, ``Scope.mark_forward``)."""
         self._forward_start = True
         self._calls.clear()
+
+    def _flag(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        if self.buffer is None and not torch.compiler.is_compiling():
+            self.buffer = self._free.pop() if self._free else FlagBuffer(tensor.device)
+            self.buffer.used = 0
+        return _flag_sum(tensor, self.buffer)
 
     def forward(self, name: str, args: Any, output: Any, recording: bool) -> None:
         if not self.enabled:
@@ -226,22 +270,28 @@ class ForwardSentinel:
         if self._forward_start:
             self._forward_start = False
             found = first_float_tensor(args)
-            self.inputs.append((key, _extremes(found[0]) if found is not None else None))
+            flag = self._flag(found[0]) if found is not None else None
+            self.inputs.append((key, (flag, flag) if flag is not None else None))
         if recording:
             return  # the Recorder takes the exact extremes itself
         found = first_float_tensor(output)
         if found is None:
             return
-        extremes = _extremes(found[0])
-        if extremes is not None:
-            self.activations.append((key, *extremes))
+        flag = self._flag(found[0])
+        if flag is not None:
+            self.activations.append((key, flag, flag))
 
-    def take(self) -> tuple[list[tuple[str, torch.Tensor, torch.Tensor]], list[Any]]:
-        """This step's flags; the next step starts empty."""
-        activations, inputs = self.activations, self.inputs
-        self.activations, self.inputs = [], []
+    def take(self) -> tuple[list[tuple[str, torch.Tensor, torch.Tensor]], list[Any], FlagBuffer | None]:
+        """This step's flags and the buffer that holds them; the next step starts empty."""
+        activations, inputs, buffer = self.activations, self.inputs, self.buffer
+        self.activations, self.inputs, self.buffer = [], [], None
         self.begin_forward()
-        return activations, inputs
+        return activations, inputs, buffer
+
+    def release(self, buffer: FlagBuffer | None) -> None:
+        """A step's buffer was read: reuse it (bounded by PENDING_CHECKS + 1 in flight)."""
+        if buffer is not None and len(self._free) <= PENDING_CHECKS:
+            self._free.append(buffer)
 
 
 @dataclass
@@ -258,6 +308,7 @@ class StepFlags:
     slot: int
     event: Any = None
     same_step: bool = True  # read before optimizer.step() of this step (weights and .grad unchanged)
+    buffer: FlagBuffer | None = None  # holds the activation and input flags until the step is read
 
 
 @dataclass
@@ -272,7 +323,7 @@ class StepCheck:
 
     def discard(self) -> list[Any]:
         """Drop the activation flags of a sampled step (its record has them); return its input flags."""
-        _, inputs = self.sentinel.take()
+        _, inputs, _ = self.sentinel.take()  # the buffer is not reused: ``inputs`` views it
         return inputs
 
     def record(
@@ -289,30 +340,44 @@ class StepCheck:
         ``total``: the global norm the Scope computed from them (non-finite exactly
         when one of them is), so the flag costs no reduction of its own.
         """
-        activations, inputs = self.sentinel.take()
-        scalars: list[torch.Tensor] = [t for _, lo, hi in activations for t in (lo, hi)]
-        scalars += [t for _, extremes in inputs if extremes is not None for t in extremes]
+        activations, inputs, buffer = self.sentinel.take()
+        # What the buffer holds is summed at once; flags outside it (another
+        # device, a compiled region) and the step's scalars are added to that sum.
+        parts: list[torch.Tensor] = [buffer.total()] if buffer is not None and buffer.used else []
+        in_buffer = set() if buffer is None else {id(slot) for slot in buffer.slots[: buffer.used]}
+        parts += [flag for _, flag, _ in activations if id(flag) not in in_buffer]
+        parts += [pair[0] for _, pair in inputs if pair is not None and id(pair[0]) not in in_buffer]
         if loss is not None:
-            scalars.append(loss)
+            parts.append(loss)
         if total is not None:
-            scalars.append(total)
+            parts.append(total)
         elif squares is not None and squares.numel():
-            scalars.append(squares.sum())
-        if not scalars:
+            parts.append(squares.sum())
+        if not parts:
+            self.sentinel.release(buffer)
             return
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for t in scalars:
-            by_device.setdefault(t.device, []).append(t.reshape(()))
-        device = next(iter(by_device))
-        sums = [torch.stack(ts).sum(dtype=torch.float32).to(device) for ts in by_device.values()]
-        flag = sums[0] if len(sums) == 1 else torch.stack(sums).sum()
+        device = parts[0].device
+        flag = parts[0].reshape(()).to(torch.float64 if device.type != "mps" else torch.float32)
+        for part in parts[1:]:
+            flag = flag + part.reshape(()).to(device=device, dtype=flag.dtype)
         host = self._buffer(device)
         slot = self._next_slot
         self._next_slot = (slot + 1) % PENDING_CHECKS
         host[slot : slot + 1].copy_(flag.reshape(1), non_blocking=device.type == "cuda")
         event = _completion_event(device)
         self.pending.append(
-            StepFlags(step, loss, names, squares, activations, inputs, slot, event, same_step=reads_are_free(device))
+            StepFlags(
+                step,
+                loss,
+                names,
+                squares,
+                activations,
+                inputs,
+                slot,
+                event,
+                same_step=reads_are_free(device),
+                buffer=buffer,
+            )
         )
 
     def _buffer(self, device: torch.device) -> torch.Tensor:
@@ -324,7 +389,8 @@ class StepCheck:
     def prepare(self, device: torch.device) -> None:
         """Allocate the host buffer the flags land in (pinned for CUDA, so the copy
         is asynchronous) and its numpy view, read without a Tensor method."""
-        self._host = torch.zeros(PENDING_CHECKS, dtype=torch.float32, pin_memory=device.type == "cuda")
+        # float64: a finite float64 sum above fp32's range must not read as inf.
+        self._host = torch.zeros(PENDING_CHECKS, dtype=torch.float64, pin_memory=device.type == "cuda")
         self._host_view = self._host.numpy()
 
     def poll(self, wait: bool = False) -> StepFlags | None:
@@ -343,6 +409,7 @@ class StepCheck:
             self.pending.popleft()
             if not math.isfinite(float(self._host_view[flags.slot])):
                 return flags
+            self.sentinel.release(flags.buffer)
         return None
 
     def clear(self) -> None:
@@ -353,7 +420,7 @@ def _host_extremes(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[b
     """Whether each (lo, hi) pair is finite, in one transfer (slow path only)."""
     if not pairs:
         return []
-    values = torch.stack([torch.stack([lo.float().cpu(), hi.float().cpu()]) for lo, hi in pairs])
+    values = torch.stack([torch.stack([lo.detach().cpu().double(), hi.detach().cpu().double()]) for lo, hi in pairs])
     return torch.isfinite(values).all(dim=1).tolist()
 
 
