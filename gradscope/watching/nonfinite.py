@@ -300,7 +300,7 @@ class StepFlags:
     and the per-parameter squared gradient norms; no activation is kept)."""
 
     step: int
-    loss: torch.Tensor | None
+    loss: torch.Tensor | float | None
     names: list[str]  # parameter names of ``squares``
     squares: torch.Tensor | None  # exact squared gradient norm per parameter (None: not measured)
     activations: list[tuple[str, torch.Tensor, torch.Tensor]]
@@ -329,7 +329,7 @@ class StepCheck:
     def record(
         self,
         step: int,
-        loss: torch.Tensor | None,
+        loss: torch.Tensor | float | None,
         names: list[str],
         squares: torch.Tensor | None,
         total: torch.Tensor | None = None,
@@ -347,19 +347,22 @@ class StepCheck:
         in_buffer = set() if buffer is None else {id(slot) for slot in buffer.slots[: buffer.used]}
         parts += [flag for _, flag, _ in activations if id(flag) not in in_buffer]
         parts += [pair[0] for _, pair in inputs if pair is not None and id(pair[0]) not in in_buffer]
-        if loss is not None:
+        host_loss = loss if loss is not None and not isinstance(loss, torch.Tensor) else None
+        if isinstance(loss, torch.Tensor):
             parts.append(loss)
         if total is not None:
             parts.append(total)
         elif squares is not None and squares.numel():
             parts.append(squares.sum())
-        if not parts:
+        if not parts and host_loss is None:
             self.sentinel.release(buffer)
             return
-        device = parts[0].device
-        flag = parts[0].reshape(()).to(torch.float64 if device.type != "mps" else torch.float32)
+        device = parts[0].device if parts else torch.device("cpu")
+        flag = parts[0].reshape(()).to(_sum_dtype(device)) if parts else torch.zeros((), dtype=torch.float64)
         for part in parts[1:]:
             flag = flag + part.reshape(()).to(device=device, dtype=flag.dtype)
+        if host_loss is not None:
+            flag = flag + host_loss  # a Python number: a kernel argument, no host-to-device copy
         host = self._buffer(device)
         slot = self._next_slot
         self._next_slot = (slot + 1) % PENDING_CHECKS
@@ -600,7 +603,8 @@ def locate_step(
             "has_inf": None,
             "count": None,
         }
-    if flags.loss is not None and not math.isfinite(float(flags.loss.detach().float().cpu())):
+    loss = flags.loss.detach().double().cpu() if isinstance(flags.loss, torch.Tensor) else flags.loss
+    if loss is not None and not math.isfinite(float(loss)):
         return _loss_record(step)
     if include_gradients and flags.squares is not None and flags.squares.numel():
         finite = torch.isfinite(flags.squares.detach().float().cpu()).tolist()

@@ -43,6 +43,10 @@ def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         if device.type == "cpu":
             return torch.stack([torch.dot(flat, flat) for flat in (t.reshape(-1) for t in tensors)])
         return torch.stack(torch._foreach_norm(list(tensors))).square()
+    if all(t.device == device and t.dtype in (torch.float16, torch.bfloat16, torch.float32) for t in tensors):
+        # One fused launch for every tensor (fp16/bf16 read in place, accumulated in
+        # float32) where a loop took a norm, a cast, a square and a stack entry each.
+        return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float32)).square()
     squares = []
     for t in tensors:
         norm = torch.linalg.vector_norm(t, dtype=torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None)
@@ -62,27 +66,37 @@ class StepNorms:
         self.loss_given = [False] * every
         self.scale_given = [False] * every
         self.norm_given = [False] * every
-        self.pending_loss: torch.Tensor | None = None
+        # A tensor, or a float while every loss of the step came as a Python number
+        # (kept on the host: no host-to-device copy per step).
+        self.pending_loss: torch.Tensor | float | None = None
         self.param_norms: tuple[list[str], torch.Tensor] | None = None
         self.scaler_seen = False
         # Gradient clipping done by a trainer between backward and step(): the norms
         # measured before it (observe_gradients).
         self.pre_clip: GradientSquares | None = None
         # This step's loss and gradient squares, for the per-step non-finite check.
-        self.step_loss: torch.Tensor | None = None
+        self.step_loss: torch.Tensor | float | None = None
         self.step_squares: tuple[list[str], torch.Tensor | None, torch.Tensor | None] = ([], None, None)
         self._param_refs: list[ParameterRef] | None = None
 
     def observe_loss(self, loss: Any) -> None:
-        value = loss.detach().float().sum() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
-        self.pending_loss = value if self.pending_loss is None else self.pending_loss + value.to(self.pending_loss)
+        value: torch.Tensor | float = loss.detach().float().sum() if isinstance(loss, torch.Tensor) else float(loss)
+        before = self.pending_loss
+        if before is None:
+            self.pending_loss = value
+        elif isinstance(before, torch.Tensor) and isinstance(value, torch.Tensor):
+            self.pending_loss = before + value.to(before)
+        else:
+            self.pending_loss = before + value  # a Python number joins a tensor as a kernel argument: no copy
 
     def observe_gradients(self) -> None:
         measured = self.gradient_squares()
         if measured[2] is not None:
             self.pre_clip = measured
 
-    def take_step_check(self) -> tuple[torch.Tensor | None, tuple[list[str], torch.Tensor | None, torch.Tensor | None]]:
+    def take_step_check(
+        self,
+    ) -> tuple[torch.Tensor | float | None, tuple[list[str], torch.Tensor | None, torch.Tensor | None]]:
         """This step's loss and gradient squares, handed over once."""
         out = (self.step_loss, self.step_squares)
         self.step_loss, self.step_squares = None, ([], None, None)
@@ -132,8 +146,10 @@ class StepNorms:
         self.scale_given[slot] = scale is not None
         if measure:
             buf[NORM, slot] = total
-        if self.pending_loss is not None:
+        if isinstance(self.pending_loss, torch.Tensor):
             buf[LOSS, slot] = self.pending_loss.to(device)
+        elif self.pending_loss is not None:
+            buf[LOSS, slot].fill_(self.pending_loss)  # the number travels as a kernel argument: no copy, no sync
         self.loss_given[slot] = self.pending_loss is not None
         self.step_loss = self.pending_loss
         self.step_squares = (present, squares, total if squares is not None else None)
