@@ -25,6 +25,8 @@ NORM, LOSS, SCALE = 0, 1, 2
 
 # (layout names, names with a gradient, their squared norms, which of the layout they are)
 GradientSquares = tuple[list[str], list[str], torch.Tensor | None, torch.Tensor | None]
+# (names with a gradient, their squared norms, the total): what the per-step check reads
+StepSquares = tuple[list[str], torch.Tensor | None, torch.Tensor | None]
 
 
 def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
