@@ -16,7 +16,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -50,6 +50,13 @@ ROOT_NAME = "model"  # the name given to the model itself when it is a leaf
 PENDING_SAMPLE_BUDGET = 1 << 20
 PENDING_ENTRIES = 256
 REPORTED_ROLES = ("activation", "gradient", "weight", "weight_grad", "input")
+
+
+class _Described(NamedTuple):
+    """Shape and dtype of an output seen inside a compiled region (the tensor is not kept)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
 
 
 def _graph_task() -> int:
@@ -221,6 +228,9 @@ class Recorder:
         self._pending_elements = 0  # elements of sample copies not reduced yet
         self._merged: dict[tuple[str, str], torch.Tensor] = {}  # pending entries merged early (device rows)
         self._grad_hooks: dict[str, Any] = {}
+        # Entries the compiled hooks queued (see _compiled_forward); drained eagerly.
+        self._compiled: list[tuple[str, nn.Module | None, str, _Described | None, Sample | None]] = []
+        self._compiled_noted = False
         # watch's per-step non-finite check (gradscope.watching.nonfinite.ForwardSentinel):
         # told of every forward and hooked call, recorded or not.
         self.sentinel: Any = None
@@ -279,6 +289,9 @@ class Recorder:
 
     # -- hooks ------------------------------------------------------------------
     def _on_root_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.compiler.is_compiling():
+            self._compiled_root_forward(args, kwargs)
+            return
         if _in_backward():
             return
         self._root_grad = torch.is_grad_enabled()
@@ -304,7 +317,7 @@ class Recorder:
         return self._active and not self._closed and not _in_backward() and self._counts_forward()
 
     def _on_root_forward_end(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if not _in_backward():
+        if torch.compiler.is_compiling() or not _in_backward():
             self._root_grad = None
 
     def _counts_forward(self) -> bool:
@@ -324,6 +337,9 @@ class Recorder:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if self._closed:
                 return
+            if torch.compiler.is_compiling():
+                self._compiled_forward(name, module, args, output)
+                return
             if self.sentinel is not None and self._counts_forward():
                 self.sentinel.forward(name, args, output, self._active)
             # Not recording and no recorded forward to recompute: nothing more to do
@@ -337,6 +353,76 @@ class Recorder:
                 self._on_forward(name, module, args, output)
 
         return hook
+
+    # -- inside torch.compile -----------------------------------------------------
+    # Dynamo traces these hooks into the model's graph.  It cannot follow the
+    # recorder's Python bookkeeping without a graph break (the backward-pass id,
+    # site records built on first sight, pending-budget merges) and a tensor hook
+    # on an intermediate tensor whose body has side effects breaks the graph as
+    # well.  So a compiled region only does tensor work, each hooked output's
+    # extremes and sample (``take_sample``, the same ops as eager, hence the same
+    # numbers) and the per-step non-finite flag, and appends them to a queue
+    # (a list append Dynamo replays after the graph); ``_drain_compiled`` does
+    # the bookkeeping eagerly at the next flush or parameter capture.  What this
+    # gives up, said in the record: ∂ℓ/∂h of layers run inside a compiled region
+    # (weights, weight gradients, the exact gradient norms and activations are
+    # recorded as in eager), and recomputation detection (activation
+    # checkpointing inside a compiled region is traced by Dynamo, not re-run).
+
+    def _compiled_root_forward(self, args: tuple, kwargs: dict) -> None:
+        self._root_grad = torch.is_grad_enabled()
+        counted = self._counts_forward()
+        if self.sentinel is not None and counted:
+            self.sentinel.begin_forward()
+        if not (self._active and counted):
+            return
+        found = first_float_tensor((args, kwargs))
+        self._compiled.append(("", None, "", None, None if found is None else take_sample(found[0], self.sample)))
+
+    def _compiled_forward(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
+        counted = self._counts_forward()
+        if self.sentinel is not None and counted:
+            self.sentinel.forward(name, args, output, self._active)
+        if not (self._active and counted):
+            return
+        found = first_float_tensor(output)
+        if found is None:
+            self._compiled.append((name, module, "", None, None))
+            return
+        tensor, path = found
+        described = _Described(tuple(tensor.shape), tensor.dtype)
+        self._compiled.append((name, module, path, described, take_sample(tensor, self.sample)))
+
+    def _drain_compiled(self) -> None:
+        """The eager half of the compiled hooks: call sites, site records, pending entries."""
+        if not self._compiled:
+            return
+        queue, self._compiled = self._compiled, []
+        for name, module, path, described, taken in queue:
+            if module is None:  # a root forward began
+                self._forward_recorded = True
+                self._calls.clear()
+                if taken is not None:
+                    self._input_pending.append(taken)
+                continue
+            call = self._calls.get(name, 0) + 1
+            self._calls[name] = call
+            shown = _display_name(name)
+            key = shown if call == 1 else f"{shown}#{call}"
+            found = None if described is None else (described, path)
+            if key not in self._sites:
+                self._new_site(key, shown, module, call, found)
+            if taken is not None:
+                self._pending.append((key, "activation", taken))
+                self._pending_elements += taken.values.numel()
+        if not self._compiled_noted:
+            self._compiled_noted = True
+            self.record.note(
+                "layers ran inside torch.compile: their activations, weights and weight gradients are recorded, "
+                "∂ℓ/∂h is not (a tensor hook there would break the compiled graph)"
+            )
+        if self._pending_elements > PENDING_SAMPLE_BUDGET or len(self._pending) >= PENDING_ENTRIES:
+            self._merge_pending()
 
     def _on_forward(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
         self._forward_recorded = True
@@ -417,7 +503,7 @@ class Recorder:
         shown: str,
         module: nn.Module,
         call: int,
-        found: tuple[torch.Tensor, str] | None,
+        found: tuple[torch.Tensor | _Described, str] | None,
     ) -> LayerRecord:
         refs = self.parameter_table().of_module(module)
         site = LayerRecord(
@@ -468,12 +554,14 @@ class Recorder:
         when ``.grad`` holds the gradient the optimizer is about to use.
         ``only``: the sites to capture (default: every recorded one).
         """
+        self._drain_compiled()  # sites first seen in a compiled region
         self._pending.extend(self._parameter_raws(weights, grads, only))
 
     def parameter_stats(self) -> dict[str, dict[str, Stats]]:
         """Weight and weight-gradient statistics of each recorded layer, now, on the
         host, outside the pending queue: for a caller that needs them off-schedule.
         With a reduction group this is collective (every rank must call it)."""
+        self._drain_compiled()
         entries = self._parameter_raws(weights=True, grads=True)
         keys = [(key, role) for key, role, _ in entries]
         rows = _finalize_and_merge(keys, [raw for _, _, raw in entries])
@@ -522,6 +610,7 @@ class Recorder:
     def _merge_pending(self) -> None:
         """Finalise every entry still waiting and merge it into ``self._merged``
         (frees the sample copies and the raw histograms).  Device ops only."""
+        self._drain_compiled()
         # In place: a hook may be inside ``self._pending.append(... self._take(...))``,
         # whose bound ``append`` already holds the list.
         keys = [(key, role) for key, role, _ in self._pending] + [("", "model_input")] * len(self._input_pending)
