@@ -88,7 +88,7 @@ def test_watched_hooks_add_no_graph_break(make: Any, shape: tuple[int, ...], eve
     plain = torch._dynamo.explain(loss_of)(x)
     scope = gradscope.watch(model, every=every, raise_on=(), on_finding=lambda f: None)
     try:
-        for step in range(2):  # step 0 sampled; with every=2 step 1 is not
+        for _ in range(2):  # step 0 sampled; with every=2 step 1 is not
             torch._dynamo.reset()
             watched = torch._dynamo.explain(loss_of)(x)
             assert (watched.graph_count, watched.graph_break_count) == (plain.graph_count, plain.graph_break_count)
