@@ -15,6 +15,13 @@ artifact of the copies' memory placement as large as the targets.
     python benchmarks/overhead.py                  # all models, all monitors
     python benchmarks/overhead.py --models mlp --rounds 15 --markdown out.md
     python benchmarks/overhead.py --monitors none,watch-1 --clock cpu
+    python benchmarks/overhead.py --compile                    # the model under torch.compile
+    python benchmarks/overhead.py --device cuda                # on a GPU (CUDA events around timed steps)
+
+``--device cuda`` synchronises only around each timed region (a CUDA event pair
+per monitor and round); everything inside, gradscope included, runs as in
+training.  ``--compile`` runs the model through ``torch.compile`` with the
+monitors' hooks traced into the graph (README "Cost": compiled rows).
 
 Monitors:
   none          the training step alone
@@ -151,31 +158,62 @@ _clock = time.perf_counter
 WARMUP_STEPS = 2  # untimed steps after attaching: the monitor's first-use costs
 
 
-def _time_steps(work: Workload, opt: torch.optim.Optimizer, before_step: Callable[[], None], steps: int) -> float:
-    """Seconds per step over ``steps`` timed steps, after WARMUP_STEPS untimed ones."""
-    x, y = work.make_batch()
+_device = torch.device("cpu")
+
+
+def _time_steps(
+    work: Workload,
+    run: Callable[..., torch.Tensor],
+    opt: torch.optim.Optimizer,
+    before_step: Callable[[], None],
+    steps: int,
+) -> float:
+    """Seconds per step over ``steps`` timed steps, after WARMUP_STEPS untimed ones.
+
+    On CUDA the time is read from a pair of events around the timed steps, with
+    one synchronisation at their end: what is inside runs as in training.
+    """
+    x, y = (t.to(_device) for t in work.make_batch())
     start = 0.0
+    start_event = end_event = None
     for i in range(WARMUP_STEPS + steps):
         if i == WARMUP_STEPS:
+            if _device.type == "cuda":
+                torch.cuda.synchronize()
+                start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start_event.record()
             start = _clock()
         opt.zero_grad(set_to_none=True)
-        loss = work.loss_fn(work.model(x), y)
+        loss = work.loss_fn(run(x), y)
         loss.backward()
         before_step()
         opt.step()
+    if start_event is not None and end_event is not None:
+        end_event.record()
+        end_event.synchronize()
+        return start_event.elapsed_time(end_event) / 1e3 / steps
     return (_clock() - start) / steps
 
 
-def measure(work: Workload, monitors: list[str], rounds: int, steps: int) -> dict[str, list[float]]:
+def measure(
+    work: Workload, monitors: list[str], rounds: int, steps: int, compile: bool = False
+) -> dict[str, list[float]]:
     """Seconds per step, per monitor and round (index-aligned across monitors)."""
+    work.model.to(_device)
     # A tiny learning rate keeps the numbers steady over many steps.
     opt = torch.optim.SGD(work.model.parameters(), lr=1e-6)
+    run: Callable[..., torch.Tensor] = work.model
+    if compile:
+        # Each monitor's hooks (and watch's sampled / unsampled steps) are a graph of
+        # their own, compiled once in round 0 and cached: allow that many.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(monitors))
+        run = torch.compile(work.model)
     times: dict[str, list[float]] = {m: [] for m in monitors}
-    for r in range(rounds + 1):  # round 0 warms up the allocator and every code path, untimed
+    for r in range(rounds + 1):  # round 0 warms up the allocator, every code path and compilation, untimed
         shift = r % len(monitors)
         for name in monitors[shift:] + monitors[:shift]:
             with MONITORS[name](work.model, opt) as before_step:
-                elapsed = _time_steps(work, opt, before_step, steps)
+                elapsed = _time_steps(work, run, opt, before_step, steps)
             if r:
                 times[name].append(elapsed)
     return times
@@ -212,8 +250,19 @@ def main(argv: list[str] | None = None) -> int:
         default="wall",
         help="wall: elapsed time; cpu: process CPU time (all threads), steadier on a shared machine",
     )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model trains")
+    parser.add_argument(
+        "--compile", action="store_true", help="run the model through torch.compile (hooks traced into the graph)"
+    )
     args = parser.parse_args(argv)
-    global _clock
+    global _clock, _device
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(
+            "overhead.py: --device cuda needs a CUDA GPU and a CUDA build of torch; none is available here",
+            file=sys.stderr,
+        )
+        return 2
+    _device = torch.device(args.device)
     _clock = CLOCKS[args.clock]
     torch.manual_seed(0)
     chosen = [m for m in args.monitors.split(",") if m and m != "none"]
@@ -223,13 +272,15 @@ def main(argv: list[str] | None = None) -> int:
     monitors = _available(["none", *chosen])  # every ratio is to "none"
     header = (
         f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {platform.machine()}, "
-        f"{torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps, {args.clock} clock; "
+        f"{torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps, {args.clock} clock, "
+        f"device {args.device}{', torch.compile' if args.compile else ''}"
+        f"{' (CUDA events)' if args.device == 'cuda' else ''}; "
         "median paired ratio to no monitor (interquartile range)"
     )
     lines = [header, "", "| model | " + " | ".join(monitors[1:]) + " |", "|---" * len(monitors) + "|"]
     for key in args.models.split(","):
         work = WORKLOADS[key]()
-        times = measure(work, monitors, args.rounds, args.steps)
+        times = measure(work, monitors, args.rounds, args.steps, compile=args.compile)
         base = statistics.median(times["none"])
         cells = []
         for m in monitors[1:]:

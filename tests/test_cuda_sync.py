@@ -1,0 +1,89 @@
+"""No host synchronisation anywhere in a watched step on a GPU (issue 14 item 4).
+
+``torch.cuda.set_sync_debug_mode("error")`` makes every synchronising CUDA call
+raise, including those inside C++ ops (``.item()``, a blocking copy, a
+``nonzero``, a ``bincount`` sizing its output) that the CPU guard of
+``test_no_sync.py`` cannot see.  Watched steps run under it: every=1 (a flush
+each step) and every=10 (unsampled steps), fp32 and bf16 autocast, with and
+without a GradScaler, a loss given as a tensor and as a Python number.
+
+What is exempt, and why: the flush of a sampled step reads its statistics
+(one transfer), and ``scope.step`` reads the per-step flag once its copy has
+landed; both run between the guarded regions, as a training loop's own
+logging would.  Skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+import gradscope
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@contextlib.contextmanager
+def syncs_raise() -> Iterator[None]:
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    ).cuda()
+
+
+@pytest.mark.parametrize("every", [1, 10])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("python_loss", [False, True])
+def test_watched_steps_never_synchronise(every: int, dtype: torch.dtype, scaled: bool, python_loss: bool) -> None:
+    model = _model().to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cuda") if scaled else None
+    x = torch.randn(8, 3, 16, 16, device="cuda").to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (8,), device="cuda")
+    with gradscope.watch(model, every=every, raise_on=(), on_finding=lambda f: None) as scope:
+        for step in range(12):
+            sampled = step % every == 0
+            opt.zero_grad(set_to_none=True)
+            with syncs_raise(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                loss = nn.functional.cross_entropy(model(x), y)
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            value = loss.detach()
+            if python_loss:
+                value = 1.25  # a number the training loop already had on the host
+            # The flush of a sampled step reads its statistics: outside the guard.
+            with contextlib.nullcontext() if sampled else syncs_raise():
+                scope.step(opt, scaler=scaler, loss=value)
+            if scaler is not None:
+                scaler.step(opt)  # the scaler's own inf check reads the device: outside the guard
+                scaler.update()
+            else:
+                with syncs_raise():
+                    opt.step()
+    torch.cuda.synchronize()
+    report = scope.report()
+    assert report.run["steps"] == 12
+    assert [layer.name for layer in report.layers][:3] == ["0", "1", "2"]
