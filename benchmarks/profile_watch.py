@@ -3,6 +3,13 @@ part of gradscope, next to the unwatched step and the floor.
 
     python benchmarks/profile_watch.py                    # MLP, every=1, tier full
     python benchmarks/profile_watch.py --model transformer --every 10 --tier light
+    python benchmarks/profile_watch.py --ops              # counts, independent of machine load
+
+``--ops`` counts instead of timing: top-level ATen ops per step (from
+``torch.profiler``; an op called by another op is not counted again) and
+Python function calls per step (``cProfile``), unwatched and watched, and the
+ops gradscope adds by name.  On a shared machine the step-time ratio moves by
+several percent between runs; these counts do not.
 
 Each part is timed with ``time.perf_counter`` around gradscope's own functions
 (on the CPU every op runs synchronously, so the time inside a function is its
@@ -65,12 +72,44 @@ def _instrument(totals: collections.Counter) -> None:
         setattr(owner, name, timed)
 
 
+def _top_level_ops(events: Any) -> collections.Counter:
+    counts: collections.Counter = collections.Counter()
+    for event in events:
+        if not event.name.startswith("aten::"):
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        if parent is None:
+            counts[event.name] += 1
+    return counts
+
+
+def count_ops(run: Callable[[int, Callable[[], None]], Any], before_step: Callable[[], None], steps: int) -> tuple:
+    """(ATen ops per step by name, Python function calls per step) over ``steps`` steps."""
+    import cProfile
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run(steps, before_step)
+    ops = _top_level_ops(prof.events())
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run(steps, before_step)
+    profiler.disable()
+    calls = sum(entry[1] for entry in pstats.Stats(profiler).stats.values())  # type: ignore[attr-defined]
+    return ops, calls / steps
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="mlp", choices=sorted(WORKLOADS))
     parser.add_argument("--every", type=int, default=1)
     parser.add_argument("--tier", default="full", choices=["full", "light"])
     parser.add_argument("--steps", type=int, default=40, help="timed steps (after 3 untimed ones)")
+    parser.add_argument("--ops", action="store_true", help="count ops and Python calls per step instead of timing")
     args = parser.parse_args(argv)
 
     import gradscope
@@ -94,6 +133,22 @@ def main(argv: list[str] | None = None) -> int:
         return times
 
     run(3, lambda: None)
+    if args.ops:
+        steps = max(args.every, 10)  # whole sampling periods
+        plain_ops, plain_calls = count_ops(run, lambda: None, steps)
+        with gradscope.watch(
+            work.model, every=args.every, tier=args.tier, raise_on=(), on_finding=lambda finding: None
+        ) as scope:
+            run(args.every + 2, lambda: scope.step(opt))
+            ops, calls = count_ops(run, lambda: scope.step(opt), steps)
+        plain_n, watched_n = sum(plain_ops.values()) / steps, sum(ops.values()) / steps
+        print(f"{work.name}, watch(every={args.every}, tier={args.tier!r}), torch {torch.__version__}, {steps} steps")
+        print(f"ATen ops per step: unwatched {plain_n:.1f}, watched {watched_n:.1f} (+{watched_n - plain_n:.1f})")
+        print(f"Python calls per step: unwatched {plain_calls:.0f}, watched {calls:.0f} (+{calls - plain_calls:.0f})")
+        extra = ops.copy()
+        extra.subtract(plain_ops)
+        print("ops gradscope adds, per step:", ", ".join(f"{k[6:]} {v / steps:.1f}" for k, v in extra.most_common(12)))
+        return 0
     plain = statistics.median(run(args.steps, lambda: None))
     with gradscope.watch(
         work.model, every=args.every, tier=args.tier, raise_on=(), on_finding=lambda finding: None

@@ -161,3 +161,17 @@ def test_bf16_gradient_norms_take_a_fixed_number_of_ops() -> None:
     assert sum(ops.values()) <= 3, ops
     expected = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in grads])
     assert torch.allclose(squares, expected, rtol=1e-6)
+
+
+def test_a_channels_last_weight_snapshot_is_a_sample_view() -> None:
+    """The update-ratio snapshot of a channels_last conv weight is a view of about
+    UPDATE_RATIO_SAMPLE elements that follows in-place updates, not the whole weight."""
+    from gradscope.watching.update_ratio import UPDATE_RATIO_SAMPLE, weight_sample
+
+    weight = torch.randn(64, 64, 3, 3).contiguous(memory_format=torch.channels_last)
+    view = weight_sample(weight)
+    assert view.numel() == UPDATE_RATIO_SAMPLE
+    assert view.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+    before = view.clone()
+    weight.mul_(2.0)
+    assert torch.equal(view, 2 * before)

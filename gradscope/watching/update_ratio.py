@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from gradscope.recorder import Recorder
-from gradscope.stats import sample_stride
+from gradscope.stats import dense_view, sample_stride
 from gradscope.watching.step_norms import squared_norms
 
 # Elements per weight behind the update ratio: ‖Δw‖/‖w‖ over a sample of m
@@ -32,12 +32,14 @@ def weight_sample(weight: torch.Tensor) -> torch.Tensor:
     than 1024 for single strided elements.
     """
     n = weight.numel()
-    if not weight.is_contiguous() or n <= 2 * UPDATE_RATIO_SAMPLE:
+    # A dense non-contiguous weight (channels_last conv) is sampled in memory order:
+    # returning it whole made the snapshot a full copy of it every sampled step.
+    flat = dense_view(weight)
+    if flat is None or n <= 2 * UPDATE_RATIO_SAMPLE:
         return weight
     blocks = UPDATE_RATIO_SAMPLE // _UPDATE_RATIO_BLOCK
     # A prime >= (n - block) // blocks, capped so that the last block still fits.
     step = min(sample_stride(n - _UPDATE_RATIO_BLOCK, blocks), (n - _UPDATE_RATIO_BLOCK) // (blocks - 1))
-    flat = weight.view(-1)
     return flat.as_strided((blocks, _UPDATE_RATIO_BLOCK), (step, 1), flat.storage_offset())
 
 
