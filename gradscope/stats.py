@@ -224,7 +224,7 @@ def _chunked_extremes(x: torch.Tensor, dense: torch.Tensor | None) -> tuple[torc
     import torch
 
     if dense is not None:
-        chunks = list(dense.split(EXTREMES_CHUNK))
+        chunks = list(dense.reshape(-1).split(EXTREMES_CHUNK))  # a view: dense memory
     elif x.dim() == 0:
         chunks = [x.reshape(1)]
     else:  # gaps in memory: slices along the first dimension
@@ -271,7 +271,8 @@ def take_sample(x: torch.Tensor, sample: int | None = None, exact_extremes: bool
         dense = flat.view(-1) if contiguous else None
         part = dense if dense is not None else flat.reshape(-1)
     else:
-        dense = flat.view(-1) if contiguous else dense_view(flat)
+        # as_strided reads a contiguous tensor's memory directly: no view op first
+        dense = flat if contiguous else dense_view(flat)
         part = _strided_sample(flat, dense, sample)
     wide_dtype = torch.float32 if flat.is_mps else torch.float64  # see _stats_dtype
     # One (strided) read into a contiguous copy; copy=True: a float64 input
