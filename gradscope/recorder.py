@@ -746,7 +746,8 @@ def _merge_repeats(keys: list[tuple[str, str]], rows: torch.Tensor) -> dict[tupl
         pair = iter(range(first_pair, len(rows)))
         # each group: its merged pairs, then its odd row out (if any)
         groups = {key: [next(pair) for _ in range(len(g) // 2)] + g[len(g) - len(g) % 2 :] for key, g in groups.items()}
-    return {key: rows[g[0]] for key, g in groups.items()}
+    split = rows.unbind(0)  # one op for every row, where indexing row by row was one op each
+    return {key: split[g[0]] for key, g in groups.items()}
 
 
 def _to_host(rows: dict[tuple[str, str], torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
@@ -757,5 +758,5 @@ def _to_host(rows: dict[tuple[str, str], torch.Tensor]) -> dict[tuple[str, str],
     host: dict[tuple[str, str], torch.Tensor] = {}
     for device_keys in by_device.values():
         stacked = torch.stack([rows[k] for k in device_keys]).to("cpu", torch.float64)
-        host.update(zip(device_keys, stacked, strict=True))
+        host.update(zip(device_keys, stacked.unbind(0), strict=True))  # iterating a tensor: one op per row
     return {k: host[k] for k in rows}
