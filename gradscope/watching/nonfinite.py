@@ -323,7 +323,10 @@ class StepCheck:
 
     def discard(self) -> list[Any]:
         """Drop the activation flags of a sampled step (its record has them); return its input flags."""
-        _, inputs, _ = self.sentinel.take()  # the buffer is not reused: ``inputs`` views it
+        # ``inputs`` views the buffer; the flush reads them within this step() call,
+        # before the next forward writes into the buffer again.
+        _, inputs, buffer = self.sentinel.take()
+        self.sentinel.release(buffer)
         return inputs
 
     def record(
