@@ -175,6 +175,17 @@ def _native(dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+class _NativeDtypes:
+    """``dtype in _NATIVE_DTYPES``: the dtypes aminmax reads directly (a lazy set:
+    importing this module must not import torch, so the CLI's --help stays fast)."""
+
+    def __contains__(self, dtype: object) -> bool:
+        return _native(dtype)  # type: ignore[arg-type]
+
+
+_NATIVE_DTYPES = _NativeDtypes()
+
+
 def dense_view(x: torch.Tensor) -> torch.Tensor | None:
     """A 1-D view of ``x``'s elements in memory order when they fill their memory
     without gaps (contiguous, channels_last, transposed), else None.  A view: no copy."""
