@@ -282,8 +282,10 @@ def take_sample(x: torch.Tensor, sample: int | None = None, exact_extremes: bool
         dense = flat.view(-1) if contiguous else None
         part = dense if dense is not None else flat.reshape(-1)
     else:
-        # as_strided reads a contiguous tensor's memory directly: no view op first
-        dense = flat if contiguous else dense_view(flat)
+        # as_strided reads a contiguous tensor's memory directly: no view op first.
+        # Any other layout gathers the same logical elements (those of
+        # ``x.contiguous()``, as the audit's chunked path reads them), never a copy.
+        dense = flat if contiguous else None
         part = _strided_sample(flat, dense, sample)
     wide_dtype = torch.float32 if flat.is_mps else torch.float64  # see _stats_dtype
     # One (strided) read into a contiguous copy; copy=True: a float64 input
