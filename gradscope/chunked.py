@@ -84,7 +84,7 @@ def bounded_raw_stats(
 
     flat = x.detach()
     if _is_dtensor(flat):
-        flat = flat.to_local()  # this rank's part, as stats.take_sample
+        flat = flat.to_local()  # type: ignore[attr-defined]  # this rank's part, as stats.take_sample
     n = flat.numel()
     if n == 0:
         return raw_stats(flat, sample, exact_extremes)  # nothing to bound
@@ -103,7 +103,7 @@ def bounded_raw_stats(
     for part in _slices(flat, count, stride, chunk):
         values = part.to(wide, copy=True)
         raw = reduce_sample(Sample(values.numel(), values.numel(), zero, zero, values))
-        if s1 is None:
+        if s1 is None or s2 is None or hist is None:
             s1, s2, hist = raw.s1, raw.s2, raw.hist
         else:
             s1, s2, hist = s1 + raw.s1, s2 + raw.s2, hist + raw.hist
