@@ -258,9 +258,10 @@ def test_a_weight_made_non_finite_by_the_update_keeps_that_diagnosis_in_the_fina
 
 
 def test_unsampled_steps_cost_one_op_per_hooked_activation(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The hot-path budget: on an unsampled step the hooks add one float64 sum per
-    hooked output plus one for the forward's input, each written into a slot of a
-    preallocated buffer (``out=``: nothing allocated per layer), and nothing else."""
+    """The hot-path budget: on an unsampled step the hooks add one sum per hooked
+    output plus one for the forward's input, each written into a slot of a
+    preallocated buffer (``out=``: nothing allocated per layer), and nothing else;
+    float32 on the CPU (a float64 sum of fp32 values costs 3-4x as much there)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -289,12 +290,12 @@ def test_unsampled_steps_cost_one_op_per_hooked_activation(monkeypatch: pytest.M
     assert forward_extremes == []
     assert (
         sorted(forward_sums)
-        == [((8, 3), True, torch.float64), ((8, 6), True, torch.float64)] + [((8, 16), True, torch.float64)] * 2
+        == [((8, 3), True, torch.float32), ((8, 6), True, torch.float32)] + [((8, 16), True, torch.float32)] * 2
     )
 
 
 def test_the_flag_reads_fp8_without_widening_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An fp8 output's flag is its float64 sum read in fp8 (no fp32 copy of the tensor),
+    """An fp8 output's flag is its float32 sum read in fp8 (no fp32 copy of the tensor),
     and a NaN in it (0x7F in e4m3fn) makes the flag non-finite."""
     from gradscope.watching.nonfinite import FlagBuffer, _flag_sum
 
@@ -311,16 +312,85 @@ def test_the_flag_reads_fp8_without_widening_it(monkeypatch: pytest.MonkeyPatch)
     assert torch.isfinite(clean) and not torch.isfinite(dirty)
 
 
-def test_a_sum_above_the_fp32_range_is_no_false_alarm() -> None:
-    """Float64 sums: 2^20 elements at 3e38 sum far past fp32's maximum, yet the
-    flag stays finite (an fp32 accumulator would call it inf)."""
+def test_finite_per_output_sums_near_the_fp32_maximum_add_up_without_overflow() -> None:
+    """The step's flag adds the per-output sums in float64: two finite sums of
+    3e38 (each below float32's maximum) total 6e38, not inf; the buffer grows
+    past its capacity."""
     from gradscope.watching.nonfinite import FlagBuffer, _flag_sum
 
     buffer = FlagBuffer(torch.device("cpu"), capacity=1)
-    flags = [_flag_sum(torch.full((1 << 20,), 3e38), buffer), _flag_sum(torch.ones(3), buffer)]
+    flags = [_flag_sum(torch.tensor([1.5e38, 1.5e38]), buffer), _flag_sum(torch.full((3,), 1e38), buffer)]
     assert buffer.used == 2  # grown past its capacity of 1
     assert all(f is not None and torch.isfinite(f) for f in flags)
-    assert torch.isfinite(buffer.total()) and float(buffer.total()) > 3e44
+    total = buffer.total()
+    assert total.dtype == torch.float64 and float(total) == pytest.approx(6e38, rel=1e-6)
+
+
+class Shrink(nn.Module):
+    """Scales by 1e-36: keeps a huge (finite) activation of the layer before out of the loss."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 1e-36
+
+
+def test_an_overflowing_float32_sum_of_finite_values_is_rechecked_on_the_cpu() -> None:
+    """The CPU sums in float32 and reads each sum at once: a sum that overflowed
+    although every element is finite is written back finite; one with a real inf
+    stays non-finite; an fp8 sum cannot overflow float32 at all."""
+    from gradscope.watching.nonfinite import FlagBuffer, _flag_dtype, _flag_sum
+
+    buffer = FlagBuffer(torch.device("cpu"))
+    assert buffer.values.dtype == torch.float32
+    huge = torch.full((2048,), -3.0e38)  # an attention mask filled with finfo.min looks like this
+    assert float(huge.sum(dtype=torch.float32)) == float("-inf")
+    overflowed = _flag_sum(huge, buffer)
+    huge[5] = float("-inf")
+    real = _flag_sum(huge, buffer)
+    assert overflowed is not None and torch.isfinite(overflowed)
+    assert real is not None and not torch.isfinite(real)
+    assert not torch.isfinite(buffer.total())
+    # accelerators keep a float64 accumulator (no read in the hook: that would stall the stream)
+    assert _flag_dtype(torch.device("cuda")) == torch.float64
+    assert _flag_dtype(torch.device("mps")) == torch.float32  # MPS has no float64
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_an_output_whose_float32_sum_overflows_stops_nothing(every: int) -> None:
+    """Every element finite, the float32 sum past float32's maximum (2,048 x 2e35):
+    the run neither stops nor reports a non-finite value, and no step is searched."""
+    torch.manual_seed(0)
+    big = nn.Linear(6, 2048)
+    with torch.no_grad():
+        big.weight.fill_(2e35 / 6)
+        big.bias.zero_()
+    model = nn.Sequential(big, Shrink(), nn.Linear(2048, 3))
+    x = torch.ones(8, 6)
+    with torch.no_grad():
+        assert torch.isfinite(big(x)).all() and float(big(x).sum(dtype=torch.float32)) == float("inf")
+    opt = torch.optim.SGD(model[2].parameters(), lr=0.0)  # the weights stay as they are
+    calls: list[object] = []
+    import gradscope.watching.episodes as episodes
+
+    real_locate = episodes.locate_step
+
+    def counting_locate(*args: object, **kwargs: object) -> object:
+        calls.append(args)
+        return real_locate(*args, **kwargs)  # type: ignore[arg-type]
+
+    episodes.locate_step = counting_locate  # type: ignore[assignment]
+    try:
+        with Scope(model, every=every, raise_on=("nonfinite",), diagnose=False) as scope:
+            for _ in range(6):
+                opt.zero_grad()
+                loss = nn.functional.mse_loss(model(x), torch.zeros(8, 3))
+                loss.backward()
+                scope.step(opt, loss=loss)
+                opt.step()
+            report = scope.report()
+    finally:
+        episodes.locate_step = real_locate  # type: ignore[assignment]
+    assert [f.code for f in report.findings if f.code == "nonfinite"] == []
+    assert calls == []
 
 
 def train_with_evaluation(model: nn.Module, scope: gradscope.watching.Scope, steps: int) -> int:

@@ -147,15 +147,30 @@ def first_nonfinite(
 # A sampled step is searched through its full record at its flush.  Every other
 # step leaves a few device scalars behind, with no host sync: the loss, the
 # global gradient norm (already computed every step from exact per-parameter
-# norms), and one sum per hooked layer's output and per forward's input.  The
-# sums are accumulated in float64 (``torch.sum(dtype=float64)``, which also
-# reads fp8 without widening it): no sum of fp32/fp16/bf16/fp8 values can
-# overflow there (2^63 elements of 3.4e38 stay below 1.8e308), so a sum is
-# non-finite exactly when one of its elements is (NaN and inf propagate
-# through a sum).  Each sum is written into a preallocated device buffer
-# (``out=``: one kernel per layer, nothing allocated, no Python object per
-# layer but the name), and the step's flag is the sum of that buffer, the loss
-# and the norm; it is copied into a host buffer and read:
+# norms), and one sum per hooked layer's output and per forward's input.  NaN
+# and inf propagate through a sum, so a sum is non-finite whenever one of its
+# elements is; the converse needs an accumulator that cannot overflow:
+#   * on accelerators the sums accumulate in float64 (fp32/fp16/bf16/fp8 values
+#     cannot overflow it: 2^63 elements of 3.4e38 stay below 1.8e308; fp8 is
+#     read without an fp32 copy).  A reduction there is bound by memory
+#     bandwidth, so the wider accumulator costs next to nothing;
+#   * on the CPU a float64 sum of fp32 values costs 3-4x the float32 one (77 vs
+#     24 us for 256x1024, 141 vs 37 us for a 32x64x16x16 conv output, measured
+#     2026-12-01, torch 2.13, 2 threads), which alone put watch(every=10) at
+#     1.23x the bare MLP step and 1.28x the CNN step (target 1.02x).  So the CPU
+#     sums in float32 and, since reading a CPU value stalls nothing, reads each
+#     sum at once: a non-finite sum whose elements are all finite (an
+#     overflow, e.g. an attention score tensor filled with finfo.min) is
+#     checked element-wise then and there and written back as 0.  The flag
+#     stays exact and the extra check runs only on overflow;
+#   * MPS has no float64: float32 sums, where an overflow of finite values
+#     (elements averaging above ~3e38/numel) reads as non-finite; the search
+#     then names that output.
+# Each sum is written into a preallocated device buffer (``out=``: one kernel
+# per layer, nothing allocated, no Python object per layer but the name), and
+# the step's flag is the float64 sum of that buffer, the loss and the norm
+# (float64 so that finite per-layer sums cannot overflow when added up); it is
+# copied into a host buffer and read:
 #   * on the CPU at once (there is nothing to wait for), so training stops at
 #     the step that went non-finite, before ``optimizer.step()`` applies it;
 #   * on an accelerator once the copy has landed (``Event.query()``), at the
@@ -163,8 +178,9 @@ def first_nonfinite(
 #     The error then names the step that went non-finite, one step late.
 # Only when the number is non-finite are the step's per-layer sums read back
 # and searched (``locate_step``).
-# Why a sum and not the extremes: one output instead of two, and an fp8
-# tensor needs no fp32 copy; the search only asks "finite or not".
+# Why a sum and not the extremes: one output instead of two, in one dtype for
+# every input dtype (aminmax writes in the input's dtype and has no fp8
+# kernel); the search only asks "finite or not".
 # Under torch.compile the sums are ordinary graph outputs (no ``out=`` into a
 # buffer Dynamo would have to guard), collected the same way.
 
@@ -188,7 +204,18 @@ def _completion_event(device: torch.device) -> Any:
     return event
 
 
+# Dtypes whose finite values can sum past float32's maximum (fp16's 65,504 and
+# fp8's 57,344 would need more than 5e33 elements).
+_FLOAT32_SUM_MAY_OVERFLOW = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _flag_dtype(device: torch.device) -> torch.dtype:
+    """The accumulator of the per-output sums on ``device`` (see the comment above)."""
+    return torch.float32 if device.type in ("cpu", "mps") else torch.float64
+
+
 def _sum_dtype(device: torch.device) -> torch.dtype:
+    """The dtype the step's flags are added up in: float64, where the device has it."""
     return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
 
 
@@ -198,9 +225,26 @@ class FlagBuffer:
 
     def __init__(self, device: torch.device, capacity: int = FLAG_SLOTS) -> None:
         self.device = device
-        self.values = torch.zeros(capacity, dtype=_sum_dtype(device), device=device)
+        self.values = torch.zeros(capacity, dtype=_flag_dtype(device), device=device)
         self.slots = list(self.values.unbind(0))
         self.used = 0
+        # The CPU reads each sum as it is written (see the comment above).
+        self._host_view = self.values.numpy() if reads_are_free(device) else None
+
+    def write(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Write the sum of ``tensor`` into the next slot and return the slot."""
+        index = self.used
+        slot = self.take_slot()
+        torch.sum(tensor, dim=(), dtype=self.values.dtype, out=slot)
+        view = self._host_view
+        if (
+            view is not None
+            and tensor.dtype in _FLOAT32_SUM_MAY_OVERFLOW
+            and not math.isfinite(view[index])
+            and bool(torch.isfinite(tensor).all())
+        ):
+            slot.zero_()  # finite elements whose float32 sum overflowed: finite
+        return slot
 
     def take_slot(self) -> torch.Tensor:
         if self.used == len(self.slots):  # more hooked calls than slots: double (rare, once)
@@ -208,23 +252,27 @@ class FlagBuffer:
             grown[: self.used].copy_(self.values)
             self.values = grown
             self.slots = list(grown.unbind(0))
+            self._host_view = grown.numpy() if self._host_view is not None else None
         slot = self.slots[self.used]
         self.used += 1
         return slot
 
     def total(self) -> torch.Tensor:
-        return self.values.narrow(0, 0, self.used).sum()
+        """The sum of the used slots, in float64 where the device has it (finite
+        per-output sums near float32's maximum must not add up to inf)."""
+        return self.values.narrow(0, 0, self.used).sum(dtype=_sum_dtype(self.device))
 
 
 def _flag_sum(tensor: torch.Tensor, buffer: FlagBuffer | None) -> torch.Tensor | None:
-    """The float64 sum of ``tensor`` (non-finite iff an element is), written into a
-    slot of ``buffer`` when it is on the buffer's device; queued, not read."""
+    """A sum of ``tensor`` that is non-finite exactly when an element is (see the
+    comment above), written into a slot of ``buffer`` when it is on the buffer's
+    device; queued, not read (the CPU reads it, which stalls nothing)."""
     flat = tensor.detach()  # out= refuses inputs that require grad
     if flat.numel() == 0:
         return None
     if torch.compiler.is_compiling() or buffer is None or flat.device != buffer.device:
         return flat.sum(dtype=_sum_dtype(flat.device))
-    return torch.sum(flat, dim=(), dtype=buffer.values.dtype, out=buffer.take_slot())
+    return buffer.write(flat)
 
 
 class ForwardSentinel:
@@ -235,7 +283,7 @@ class ForwardSentinel:
     when that input holds no floating-point tensor: token ids are finite by
     type), and, on forwards the Recorder does not record, a flag of each hooked
     output in execution order.  A flag is a device scalar that is finite iff the
-    tensor is (its float64 sum); entries keep the (key, flag, flag) shape of a
+    tensor is (its sum); entries keep the (key, flag, flag) shape of a
     (key, min, max) pair, which is all the search reads.  Nothing is read on the
     host here.
     """
