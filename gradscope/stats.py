@@ -197,7 +197,7 @@ def dense_view(x: torch.Tensor) -> torch.Tensor | None:
     return permuted.view(-1) if permuted.is_contiguous() else None
 
 
-def _strided_sample(x: torch.Tensor, dense: torch.Tensor | None, sample: int) -> torch.Tensor:
+def strided_sample(x: torch.Tensor, dense: torch.Tensor | None, sample: int) -> torch.Tensor:
     """About ``sample`` elements of ``x`` a prime stride apart (in memory order when
     dense), read in place: a view when dense, else a gather of those elements only."""
 
@@ -286,7 +286,7 @@ def take_sample(x: torch.Tensor, sample: int | None = None, exact_extremes: bool
         # Any other layout gathers the same logical elements (those of
         # ``x.contiguous()``, as the audit's chunked path reads them), never a copy.
         dense = flat if contiguous else None
-        part = _strided_sample(flat, dense, sample)
+        part = strided_sample(flat, dense, sample)
     wide_dtype = torch.float32 if flat.is_mps else torch.float64  # see _stats_dtype
     # One (strided) read into a contiguous copy; copy=True: a float64 input
     # must not be aliased (the caller's tensor is never kept).

@@ -289,3 +289,30 @@ def test_stop_on_overfitting_ends_training_at_the_finding() -> None:
 def test_stop_on_rejects_unknown_codes() -> None:
     with pytest.raises(GradscopeError, match="stop_on"):
         gradscope.watch(nn.Linear(2, 2), stop_on=("nonfinite",))
+
+
+def test_near_zero_fraction_of_a_large_weight_is_sampled_within_binomial_error() -> None:
+    """A 512 x 512 weight (above NEAR_ZERO_SAMPLE) with exactly 30 % of its elements
+    at 1e-4 x RMS and 5 % exactly zero: the near-zero fraction read from the strided
+    sample lies within 4 binomial standard errors of 0.30, the zero fraction is exact,
+    and the norm is exact (1e-6 relative, against float64)."""
+    from gradscope.watching.weights import NEAR_ZERO_SAMPLE, WeightWatch
+
+    torch.manual_seed(0)
+    layer = nn.Linear(512, 512, bias=False)
+    n = layer.weight.numel()
+    assert n > NEAR_ZERO_SAMPLE
+    with torch.no_grad():
+        flat = layer.weight.view(-1)
+        order = torch.randperm(n)
+        rms = float(flat.double().square().mean().sqrt())
+        flat[order[: int(0.30 * n)]] = 1e-4 * rms
+        flat[order[int(0.30 * n) : int(0.35 * n)]] = 0.0
+    watch = WeightWatch(nn.Sequential(layer))
+    watch.measure(step=0)
+    track = watch.tracks["0.weight"]
+    sigma = math.sqrt(0.30 * 0.70 / NEAR_ZERO_SAMPLE)
+    assert abs(track.near_zero_frac - 0.30) < 4 * sigma
+    assert track.zero_frac == pytest.approx((int(0.35 * n) - int(0.30 * n)) / n, abs=0.5 / n)
+    exact_norm = float(layer.weight.double().norm())
+    assert track.trajectory[-1][1] == pytest.approx(exact_norm, rel=1e-6)

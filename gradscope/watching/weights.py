@@ -3,7 +3,8 @@
 Measured at the diagnosis cadence (the Scope's full flushes, at most every
 ``DIAGNOSE_EVERY_STEPS`` steps), for each parameter with two or more dimensions
 (the weights of Linear, Conv, Embedding...): its 2-norm, how many elements are
-exactly zero, and how many are *near* zero, ``0 < |w| < SPARSITY_RTOL · RMS(w)``.
+exactly zero, and how many are *near* zero, ``0 < |w| < SPARSITY_RTOL · RMS(w)``
+(the latter from a strided sample of ``NEAR_ZERO_SAMPLE`` elements of a larger weight).
 All of it is reduced on the device and reaches the host in one transfer.
 
 Decay vs gradient, per step, for a parameter with learning rate η and weight
@@ -37,10 +38,17 @@ from torch import nn
 from gradscope.distributed import ReductionGroup
 from gradscope.placement import ParameterRef, ParameterTable
 from gradscope.report import Finding, Fix, Severity
+from gradscope.stats import dense_view, strided_sample
+from gradscope.watching.step_norms import squared_norms
 
 SPARSITY_RTOL = 1e-2  # "near zero": |w| below 1 % of the layer's RMS
 L1_PILEUP_FRAC = 0.2  # near-zero (non-zero) fraction that is a pile-up (see the module docstring)
 L1_MIN_ELEMENTS = 64  # smaller weights give too coarse a fraction to judge
+# The near-zero fraction is read from a strided sample of this many elements of a
+# larger weight (exact for smaller ones): its standard error is at most
+# sqrt(0.25 / 65536) = 0.2 % (binomial), against a 20 % pile-up threshold and the
+# ~0.8 % a dense layer shows.  Exact zeros are counted over every element.
+NEAR_ZERO_SAMPLE = 1 << 16
 TRAJECTORY_POINTS = 64  # (step, norm) points kept per weight (the first one is kept apart)
 
 
@@ -170,31 +178,36 @@ class WeightWatch:
             return
         with torch.no_grad():
             device = parts[0][1].device
-            norms = torch.stack(
-                [
-                    torch.linalg.vector_norm(w, dtype=torch.float32).to(device)
-                    if w.numel()
-                    else torch.zeros((), device=device)
-                    for _, w in parts
-                ]
-            )
-            if self.group is not None:
-                norms = _sum_over(self.group, norms.square()).sqrt()
+            # Squared norms as the per-step gradient norms take them (a BLAS dot per
+            # weight on the CPU, 2.7x faster there than vector_norm).
+            norms = squared_norms([w for _, w in parts])
+            norms = _sum_over(self.group, norms).sqrt() if self.group is not None else norms.sqrt()
             counts = []
             for (ref, w), norm in zip(parts, norms, strict=True):
                 if w.numel() == 0:
-                    counts.append(torch.zeros(2, device=device))
+                    counts.append(torch.zeros(3, device=device))
                     continue
-                tol = norm / math.sqrt(_numel(ref)) * SPARSITY_RTOL
-                zeros = (w == 0).sum()
-                below = (w.abs() < tol.to(w.dtype)).sum()
-                counts.append(torch.stack([zeros.float(), (below - zeros).float()]).to(device))
+                tol = (norm / math.sqrt(_numel(ref)) * SPARSITY_RTOL).to(w.dtype)
+                # Exact zeros: count_nonzero reads the weight in place (a sum of
+                # booleans costs 4x as much on the CPU and a temporary as large).
+                zeros = w.numel() - torch.count_nonzero(w)
+                # Near zeros from a strided sample (see NEAR_ZERO_SAMPLE): |w| < tol
+                # over the whole weight allocated a full-size temporary per weight
+                # per measurement (8 ms for a 1024 x 1024 weight on a busy CPU).
+                picked = strided_sample(w, dense_view(w), NEAR_ZERO_SAMPLE) if w.numel() > NEAR_ZERO_SAMPLE else w
+                magnitude = picked.abs()
+                near = torch.count_nonzero((magnitude < tol) & (magnitude > 0))
+                sampled = torch.tensor(float(picked.numel()), device=device)  # host-known: no read-back
+                counts.append(torch.stack([zeros.to(device), near.to(device), sampled]).to(torch.float32))
             summed = _sum_over(self.group, torch.stack(counts))
             host = torch.cat([norms.unsqueeze(1), summed], dim=1).to("cpu", torch.float64).tolist()
         decays = decays or {}
         grad_norms = grad_norms or {}
-        for (ref, _), (norm, zeros, near) in zip(parts, host, strict=True):
-            self._record(self.tracks[ref.name], step, norm, zeros, near, decays.get(ref.name), grad_norms.get(ref.name))
+        for (ref, _), (norm, zeros, near, sampled) in zip(parts, host, strict=True):
+            near_frac = near / sampled if sampled > 0 else math.nan
+            self._record(
+                self.tracks[ref.name], step, norm, zeros, near_frac, decays.get(ref.name), grad_norms.get(ref.name)
+            )
 
     @staticmethod
     def _record(
@@ -202,7 +215,7 @@ class WeightWatch:
         step: int,
         norm: float,
         zeros: float,
-        near: float,
+        near_frac: float,
         decay: tuple[float, float, str] | None,
         g: float | None,
     ) -> None:
@@ -211,7 +224,7 @@ class WeightWatch:
             track.first = (step, norm)
         track.trajectory.append((step, norm))
         track.zero_frac = zeros / n
-        track.near_zero_frac = near / n
+        track.near_zero_frac = near_frac
         track.tolerance = norm / math.sqrt(n) * SPARSITY_RTOL
         lr, wd, applied = decay if decay is not None else (math.nan, 0.0, "none")
         track.applied = applied
