@@ -42,12 +42,14 @@ PARTS = [
     ("gradient norms (every step)", "gradscope.watching.step_norms", "StepNorms.observe", 1),
     ("update ratio: snapshot", "gradscope.watching.update_ratio", "UpdateRatios.take_snapshot", 1),
     ("update ratio: resolve", "gradscope.watching.update_ratio", "UpdateRatios.resolve", 1),
+    ("non-finite check (unsampled steps)", "gradscope.watching.nonfinite", "StepCheck.record", 1),
     ("flush", "gradscope.watching.scope", "Scope._flush", 1),
     ("parameter statistics (every 10 steps)", "gradscope.recorder", "Recorder.capture_parameters", 2),
     ("reduce and merge samples (sums, histograms)", "gradscope.recorder", "Recorder._merge_pending", 2),
     ("finalize statistics vectors", "gradscope.recorder", "finalize", 2),
     ("merge into the run aggregate", "gradscope.watching.aggregate", "RunningRecord.merge", 2),
     ("diagnosis (every 10 steps)", "gradscope.watching.scope", "Scope._diagnose", 2),
+    ("weights over time (every 10 steps)", "gradscope.watching.weights", "WeightWatch.measure", 2),
 ]
 
 
