@@ -165,6 +165,10 @@ def audit(
         vocab: vocabulary size for int64 inputs (default: the Embedding's size).
         loss: "ce", "mse", "mean", or a callable output -> scalar.
         batches: number of forward+backward passes merged into the statistics.
+            Each pass is one batch's own loss and gradient (no gradient is
+            accumulated across passes, as after ``zero_grad``): every statistic,
+            the weight gradient's included, is that of the N batches' values
+            taken together (count N x the tensor's, moments and extremes over all).
         seed: seeds the synthetic inputs and targets and the model's own
             randomness (dropout) during the audit.
         include, exclude: fnmatch patterns choosing the layers (see Recorder).
@@ -239,13 +243,11 @@ def audit(
             process_group=group if group is not None else NO_REDUCTION,
             bounded=True,  # no temporary grows with a tensor: the audit's peak is the model's
         ) as recorder:
-            for index in range(batches):
+            for _ in range(batches):
                 batch = inputs if spec is None else synthetic_input(spec, generator, device)
-                # Each pass's weight-gradient statistics are of ``.grad`` as backward
-                # left it, accumulated over the passes so far; only the last pass's
-                # gradients can be released as soon as they are read.
-                last = index == batches - 1
-                loss_description = _one_pass(model, recorder, batch, loss, generator, release_gradients=last)
+                # Every pass starts and ends with no ``.grad``: its weight-gradient
+                # statistics are of its own batch's gradient, never of a running sum.
+                loss_description = _one_pass(model, recorder, batch, loss, generator)
             record = recorder.finish()
 
     shape, dtype_name = (list(spec.shape), str(spec.dtype).removeprefix("torch.")) if spec else _describe_inputs(inputs)
@@ -296,12 +298,12 @@ def _one_pass(
     batch: Any,
     loss: str | Callable[[Any], torch.Tensor],
     generator: torch.Generator,
-    release_gradients: bool = True,
 ) -> str:
     """Forward, loss, backward, parameter capture; errors become one-line InputErrors.
 
-    ``release_gradients``: free each ``.grad`` as soon as its statistics are taken
-    (``_GradientRelease``); the audit's last pass, after which no gradient is read.
+    Expects every ``.grad`` to be None and leaves it so: the weight gradient
+    recorded is this batch's alone (``.grad`` accumulates across backwards, so a
+    gradient left over would be added to the next pass's).
     """
     tracker = _LayerTracker(model)
     recorder.start()
@@ -320,22 +322,20 @@ def _one_pass(
     with torch.enable_grad():
         result = compute_loss(output, loss, generator)
     del output
-    released = False
     if not result.loss.requires_grad:
         recorder.record.note("the loss does not require grad: no parameter is trainable, so no gradient was recorded")
     else:
-        release = _GradientRelease(model, recorder, result.loss, enabled=release_gradients)
+        release = _GradientRelease(model, recorder, result.loss)
         try:
             result.loss.backward()
         except Exception as exc:
             raise InputError(f"the backward pass raised: {type(exc).__name__}: {_first_line(exc)}") from exc
         finally:
-            released = release.close()
+            release.close()
     # Weights, and the gradients not captured (and released) during backward.
     recorder.capture_parameters()
-    if released:
-        for param in model.parameters():
-            param.grad = None  # every gradient of this pass is recorded: none outlives it
+    for param in model.parameters():
+        param.grad = None  # every gradient of this pass is recorded: none reaches the next pass
     recorder.flush()
     return result.description
 
@@ -358,10 +358,9 @@ class _GradientRelease:
     are read after backward as before.
     """
 
-    def __init__(self, model: nn.Module, recorder: Recorder, loss: torch.Tensor, enabled: bool = True) -> None:
+    def __init__(self, model: nn.Module, recorder: Recorder, loss: torch.Tensor) -> None:
         self._handles: list[Any] = []
-        self._released = False
-        if not enabled or not _releasable(model, loss):
+        if not _releasable(model, loss):
             return
         sites: dict[int, list[str]] = {}
         for layer in recorder.record.layers:
@@ -376,7 +375,6 @@ class _GradientRelease:
                 self._handles.append(
                     param.register_post_accumulate_grad_hook(self._hook(recorder, sites.get(id(param))))
                 )
-        self._released = bool(self._handles)
 
     @staticmethod
     def _hook(recorder: Recorder, keys: list[str] | None) -> Callable[[torch.Tensor], None]:
@@ -387,12 +385,11 @@ class _GradientRelease:
 
         return hook
 
-    def close(self) -> bool:
-        """Remove the hooks; whether gradients were released during backward."""
+    def close(self) -> None:
+        """Remove the hooks."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        return self._released
 
 
 def _releasable(model: nn.Module, loss: torch.Tensor) -> bool:
