@@ -604,7 +604,8 @@ class Recorder:
         taken = take_sample(tensor, self.sample)
         self._pending_elements += taken.values.numel()
         if self._pending_elements > PENDING_SAMPLE_BUDGET:
-            self._merge_pending()
+            self._merge_pending()  # merges the queue without ``taken``, which the caller appends next,
+            self._pending_elements = taken.values.numel()  # so it is the one copy left pending
         return taken
 
     def _merge_pending(self) -> None:
