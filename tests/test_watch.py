@@ -9,6 +9,7 @@ import statistics
 import pytest
 import torch
 from torch import nn
+from watch_steps import batch, blowup_model, train
 
 import gradscope
 from gradscope.errors import GradscopeError
@@ -22,11 +23,6 @@ from gradscope.watching.scope import DIAGNOSE_EVERY_STEPS
 def mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
-
-
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
 
 
 def no_hooks(model: nn.Module) -> bool:
@@ -144,45 +140,16 @@ def test_update_ratio_finding_when_far_from_1e_3_for_long() -> None:
     assert "torch.optim.SGD(model.parameters(), lr=" in finding.fix.code
 
 
-class Blowup(nn.Module):
-    """Multiplies by ``factor`` from step ``at`` on (a forward that produces inf)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.at: int | None = None
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        if self.at is not None and self.calls > self.at:
-            return x * torch.tensor(float("inf"))
-        return x
-
-
-def blowup_model() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 16), Blowup(), nn.Linear(16, 3))
-
-
 @pytest.mark.parametrize("every", [1, 4])
 def test_first_nonfinite_raises_with_its_record(every: int) -> None:
     """At a sampled step (every=1) and an unsampled one (every=4: step 5), the run
     stops at the step that went non-finite, before optimizer.step, with one name."""
-    model = blowup_model()
-    model[1].at = 5
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    steps_done = 0
+    model = blowup_model(at=5)
+    completed: list[int] = []
     with pytest.raises(GradscopeError) as info:
         with gradscope.watch(model, every=every) as scope:
-            for step in range(12):
-                x, y = batch(step)
-                opt.zero_grad()
-                loss = nn.functional.mse_loss(model(x), y)
-                loss.backward()
-                scope.step(opt, loss=loss)
-                opt.step()
-                steps_done += 1
-    assert steps_done == 5  # stopped at step 5's scope.step, before its optimizer.step
+            train(model, scope, 12, completed=completed)
+    assert completed == list(range(5))  # stopped at step 5's scope.step, before its optimizer.step
     record = info.value.record
     assert (record["step"], record["layer"], record["role"]) == (5, "1", "activation")
     assert record["origin"] == "produced" and record["dtype"] == "float32"
@@ -210,8 +177,7 @@ def test_nonfinite_loss_with_finite_activations() -> None:
 
 
 def test_received_nonfinite_names_the_producer() -> None:
-    model = blowup_model()
-    model[1].at = 0
+    model = blowup_model(at=0)
     with Scope(model, every=1, raise_on=(), diagnose=False) as scope:
         x, y = batch(0)
         nn.functional.mse_loss(model(x), y).backward()

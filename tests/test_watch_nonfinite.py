@@ -7,54 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from watch_steps import batch, blowup_model, train
 
 import gradscope
 from gradscope.errors import GradscopeError
 from gradscope.watching import Scope, nonfinite
 
 EVERIES = [1, 4, 10, 50]
-
-
-class Blowup(nn.Module):
-    """Multiplies by inf from its ``at``-th training call on (a forward that produces inf)."""
-
-    def __init__(self, at: int | None = None) -> None:
-        super().__init__()
-        self.at = at
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        if self.at is not None and self.calls > self.at:
-            return x * torch.tensor(float("inf"))
-        return x
-
-
-def blowup_model(at: int | None) -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 16), Blowup(at), nn.Tanh(), nn.Linear(16, 3))
-
-
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
-
-
-def train(model: nn.Module, scope: gradscope.watching.Scope, steps: int, loss_scale=None) -> int:
-    """Train ``steps`` steps as documented (scope.step before optimizer.step); return the steps completed."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    done = 0
-    for step in range(steps):
-        x, y = batch(step)
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        if loss_scale is not None:
-            loss = loss * loss_scale(step)
-        loss.backward()
-        scope.step(opt, loss=loss)
-        opt.step()
-        done += 1
-    return done
+INFINITE_BATCH = torch.full((8, 6), float("inf"))  # an evaluation batch, seen under no_grad before each step
 
 
 def where(record: dict) -> tuple:
@@ -64,19 +24,11 @@ def where(record: dict) -> tuple:
 @pytest.mark.parametrize("every", EVERIES)
 def test_inf_activation_stops_at_its_step_with_one_name_at_every_rate(every: int) -> None:
     model = blowup_model(at=7)
-    done = 0
+    completed: list[int] = []
     with pytest.raises(GradscopeError) as info:
         with gradscope.watch(model, every=every) as scope:
-            opt = torch.optim.SGD(model.parameters(), lr=0.01)
-            for step in range(30):
-                x, y = batch(step)
-                opt.zero_grad()
-                loss = nn.functional.mse_loss(model(x), y)
-                loss.backward()
-                scope.step(opt, loss=loss)
-                opt.step()
-                done += 1
-    assert done == 7  # step 7 raised in its scope.step: its optimizer.step never ran
+            train(model, scope, 30, completed=completed)
+    assert completed == list(range(7))  # step 7 raised in its scope.step: its optimizer.step never ran
     assert where(info.value.record) == (7, "1", "activation", "produced")
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     report = scope.report()
@@ -393,30 +345,13 @@ def test_an_output_whose_float32_sum_overflows_stops_nothing(every: int) -> None
     assert calls == []
 
 
-def train_with_evaluation(model: nn.Module, scope: gradscope.watching.Scope, steps: int) -> int:
-    """Like ``train``, with an evaluation forward under no_grad on an infinite batch before each step."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    done = 0
-    for step in range(steps):
-        with torch.no_grad():
-            model(torch.full((8, 6), float("inf")))
-        x, y = batch(step)
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        scope.step(opt, loss=loss)
-        opt.step()
-        done += 1
-    return done
-
-
 @pytest.mark.parametrize("every", [1, 4, 10])
 def test_the_per_step_check_skips_the_forwards_the_recorder_skips(every: int) -> None:
     # Blowup counts every call: the training forward of step s is its call 2s+2.
     model = blowup_model(at=2 * 7 + 1)
     with pytest.raises(GradscopeError) as info:
         with gradscope.watch(model, every=every) as scope:
-            train_with_evaluation(model, scope, 30)
+            train(model, scope, 30, evaluation=INFINITE_BATCH)
     # The infinite evaluation batches are not the training run's: the first bad step is
     # the training forward's own, named as without them.
     assert where(info.value.record) == (7, "1", "activation", "produced")
@@ -427,6 +362,6 @@ def test_with_record_no_grad_the_per_step_check_counts_evaluation_forwards(every
     model = blowup_model(at=None)
     with pytest.raises(GradscopeError) as info:
         with gradscope.watch(model, every=every, record_no_grad=True) as scope:
-            train_with_evaluation(model, scope, 30)
+            train(model, scope, 30, evaluation=INFINITE_BATCH)
     assert info.value.record["step"] == 0
     assert info.value.record["origin"] == "received"  # from the infinite evaluation input

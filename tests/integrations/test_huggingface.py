@@ -3,76 +3,33 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
+import torch
+from hf_tiny import BATCH, Rows, TinyRegressor, training_args, transformers
+from tiny_regression import FailFrom, diverging_net
+from torch import nn
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-transformers = pytest.importorskip("transformers")
+from gradscope.integrations.huggingface import HAS_PRE_OPTIMIZER_STEP, GradscopeTrainerCallback
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from gradscope.integrations.huggingface import HAS_PRE_OPTIMIZER_STEP, GradscopeTrainerCallback  # noqa: E402
-
-BATCH = 4
 ACCUMULATE = 2
 STEPS = 3
 
 
-class TinyRegressor(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 1))
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        out = self.net(x)
-        result = {"logits": out}
-        if labels is not None:
-            result["loss"] = nn.functional.mse_loss(out, labels)
-        return result
-
-
-class Rows(torch.utils.data.Dataset):
-    def __init__(self, n: int) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 5, generator=g)
-        self.y = self.x.sum(dim=1, keepdim=True)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"x": self.x[i], "labels": self.y[i]}
-
-
 def test_trainer_callback_records_per_optimizer_step(tmp_path) -> None:
     torch.manual_seed(0)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
     model = TinyRegressor()
     callback = GradscopeTrainerCallback(every=1)
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=STEPS,
-        per_device_train_batch_size=BATCH,
+    args = training_args(
+        tmp_path,
+        STEPS,
         gradient_accumulation_steps=ACCUMULATE,
         learning_rate=1e-2,
         max_grad_norm=0.0,  # no clipping: gradscope sees the raw gradients
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_strategy="no",
-        dataloader_num_workers=0,
-        disable_tqdm=True,
     )
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=Rows(BATCH * ACCUMULATE * STEPS), callbacks=[callback]
     )
-    try:
-        trainer.train()
-    finally:
-        torch.set_num_threads(old)
+    trainer.train()
     assert callback.event == ("on_pre_optimizer_step" if HAS_PRE_OPTIMIZER_STEP else "on_step_end")
     report = callback.report
     assert report is not None and callback.scope.closed
@@ -88,20 +45,14 @@ def test_trainer_callback_records_per_optimizer_step(tmp_path) -> None:
 
 
 class FailingRegressor(TinyRegressor):
-    """Raises ``RuntimeError`` (mode "raise") or returns NaN (mode "nan") from the
-    ``fail_at``-th training forward on."""
+    """Its input goes through ``FailFrom``: raises or turns NaN from the ``fail_at``-th forward on."""
 
     def __init__(self, mode: str, fail_at: int) -> None:
         super().__init__()
-        self.mode, self.fail_at, self.forwards = mode, fail_at, 0
+        self.fail = FailFrom(mode, fail_at)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        self.forwards += 1
-        if self.forwards >= self.fail_at:
-            if self.mode == "raise":
-                raise RuntimeError("the data pipeline broke")
-            x = x * float("nan")
-        return super().forward(x, labels)
+        return super().forward(self.fail(x), labels)
 
 
 def _all_hooks_removed(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> bool:
@@ -119,33 +70,15 @@ def test_trainer_that_raises_leaves_no_hook_and_a_report(tmp_path, mode: str, ex
 
     expected = GradscopeError if expected == "GradscopeError" else expected
     torch.manual_seed(0)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
     model = FailingRegressor(mode, fail_at=5)  # the 3rd optimizer step (2 micro-batches each)
     log_dir = tmp_path / "tb"
     callback = GradscopeTrainerCallback(every=1, log_dir=str(log_dir))
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=6,
-        per_device_train_batch_size=BATCH,
-        gradient_accumulation_steps=ACCUMULATE,
-        learning_rate=1e-2,
-        max_grad_norm=0.0,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_strategy="no",
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
+    args = training_args(tmp_path, 6, gradient_accumulation_steps=ACCUMULATE, learning_rate=1e-2, max_grad_norm=0.0)
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=Rows(BATCH * ACCUMULATE * 6), callbacks=[callback]
     )
-    try:
-        with pytest.raises(expected):
-            trainer.train()
-    finally:
-        torch.set_num_threads(old)
+    with pytest.raises(expected):
+        trainer.train()
     assert callback.scope is not None and callback.scope.closed
     assert _all_hooks_removed(model, trainer.optimizer)
     report = callback.report
@@ -157,8 +90,7 @@ def test_trainer_that_raises_leaves_no_hook_and_a_report(tmp_path, mode: str, ex
         assert any(f.code == "nonfinite" for f in report.findings)
     assert list(log_dir.glob("**/events.out.tfevents.*"))  # the TensorBoard run was written
     # later forwards are not recorded: nothing is attached any more
-    model.mode = "ok"
-    model.fail_at = 10**9
+    model.fail.fail_at = 10**9
     model(torch.randn(2, 5))
     assert callback.scope._recorder.pending_count() == 0
 
@@ -179,40 +111,10 @@ class Spiky(TinyRegressor):
         return result
 
 
-class Blowup(nn.Module):
-    """inf from its ``at``-th training forward on."""
-
-    def __init__(self, at: int) -> None:
-        super().__init__()
-        self.at, self.calls = at, 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            self.calls += 1
-        return x * float("inf") if self.training and self.calls > self.at else x
-
-
 class Diverging(TinyRegressor):
     def __init__(self, at: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(5, 16), Blowup(at), nn.Tanh(), nn.Linear(16, 1))
-
-
-def _args(tmp_path, steps: int, **extra) -> transformers.TrainingArguments:
-    options = dict(
-        output_dir=str(tmp_path),
-        max_steps=steps,
-        per_device_train_batch_size=BATCH,
-        learning_rate=1e-3,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_strategy="no",
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
-    options.update(extra)
-    return transformers.TrainingArguments(**options)
+        self.net = diverging_net(at)
 
 
 @pytest.mark.slow
@@ -224,7 +126,7 @@ def test_trainer_stops_at_the_first_nan_step_and_names_the_layer(tmp_path, every
     model = Diverging(at=6)
     callback = GradscopeTrainerCallback(every=every)
     trainer = transformers.Trainer(
-        model=model, args=_args(tmp_path, 12), train_dataset=Rows(BATCH * 12), callbacks=[callback]
+        model=model, args=training_args(tmp_path, 12), train_dataset=Rows(BATCH * 12), callbacks=[callback]
     )
     with pytest.raises(GradscopeError) as info:
         trainer.train()
@@ -251,7 +153,7 @@ def test_trainer_spike_detection_sees_the_norms_before_clipping(tmp_path) -> Non
                 logged[state.global_step - 1] = float(logs["grad_norm"])
 
     callback = GradscopeTrainerCallback(every=5)
-    args = _args(tmp_path, 40, max_grad_norm=1.0, logging_strategy="steps", logging_steps=1)
+    args = training_args(tmp_path, 40, max_grad_norm=1.0, logging_strategy="steps", logging_steps=1)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows(BATCH * 40), callbacks=[callback, Log()])
     trainer.train()
     assert callback.pre_clip

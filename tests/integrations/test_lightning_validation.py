@@ -4,29 +4,22 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from lightning_tiny import BATCH, Tiny, loader, trainer
+from torch import nn
 
-pl = pytest.importorskip("lightning.pytorch")
+from gradscope.integrations.lightning import GradscopeCallback
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
-
-from gradscope.integrations.lightning import GradscopeCallback  # noqa: E402
-
-BATCH = 4
 STEPS = 6
 VAL_EVERY = 2
 
 
-class Tiny(pl.LightningModule):
+class Logging(Tiny):
+    """Logs ``val_loss`` as a user would, and keeps Lightning's value of each validation run."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 1))
         self.val_losses: list[tuple[int, float]] = []
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.mse_loss(self.net(x), y)
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
@@ -42,37 +35,20 @@ class Tiny(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=0.01, weight_decay=0.1)
 
 
-def loader(n: int, seed: int) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 5, generator=g)
-    return DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=BATCH)
-
-
 @pytest.mark.slow
 def test_lightning_feeds_validation_automatically(tmp_path) -> None:
     torch.manual_seed(0)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    model = Tiny()
+    model = Logging()
     callback = GradscopeCallback(every=1)
-    trainer = pl.Trainer(
-        max_steps=STEPS,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+    run = trainer(
+        tmp_path,
+        callback,
+        STEPS,
         num_sanity_val_steps=1,  # the sanity check is not an evaluation of training
         val_check_interval=VAL_EVERY,
         limit_val_batches=2,
-        default_root_dir=str(tmp_path),
-        callbacks=[callback],
     )
-    try:
-        trainer.fit(model, loader(BATCH * STEPS, 0), loader(2 * BATCH, 1))
-    finally:
-        torch.set_num_threads(old)
+    run.fit(model, loader(BATCH * STEPS, 0), loader(2 * BATCH, 1))
     validation = callback.report.analysis["regularisation"]["validation"]
     history = [(e["step"], e["loss"]) for e in validation["history"]]
     assert len(history) == STEPS // VAL_EVERY == len(model.val_losses)
