@@ -9,7 +9,7 @@ import statistics
 import pytest
 import torch
 from torch import nn
-from watch_steps import batch, blowup_model, train
+from watch_steps import NanInBackward, batch, blowup_model, train
 
 import gradscope
 from gradscope.errors import GradscopeError
@@ -184,21 +184,6 @@ def test_received_nonfinite_names_the_producer() -> None:
         scope.step()
     first = scope.first_nonfinite
     assert first["layer"] == "1" and first["origin"] == "produced"
-
-
-class NanGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * torch.tensor(float("nan"))
-
-
-class NanInBackward(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return NanGrad.apply(x)
 
 
 def test_nonfinite_gradient_located_in_backward_order() -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from watch_steps import batch, blowup_model, train
+from watch_steps import NanInBackward, batch, blowup_model, train
 
 import gradscope
 from gradscope.errors import GradscopeError
@@ -95,38 +95,20 @@ def test_an_infinite_global_norm_is_nonfinite_at_every_rate(every: int) -> None:
     assert codes.count("nonfinite") == 1 and "gradient-spike" not in codes
 
 
-class NanGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * torch.tensor(float("nan")) if NanInBackward.poison else g
-
-
-class NanInBackward(nn.Module):
-    poison = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return NanGrad.apply(x)
-
-
 @pytest.mark.parametrize("every", [1, 4])
 def test_a_nan_made_in_backward_is_named_at_the_same_layer(every: int) -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), NanInBackward(), nn.Tanh(), nn.Linear(16, 3))
+    model = nn.Sequential(nn.Linear(6, 16), NanInBackward(poison=False), nn.Tanh(), nn.Linear(16, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with pytest.raises(GradscopeError) as info:
         with Scope(model, every=every, diagnose=False) as scope:
             for step in range(8):
-                NanInBackward.poison = step == 5
+                model[1].poison = step == 5
                 x, y = batch(step)
                 opt.zero_grad()
                 nn.functional.mse_loss(model(x), y).backward()
                 scope.step(opt)
                 opt.step()
-    NanInBackward.poison = False
     record = info.value.record
     assert (record["step"], record["layer"]) == (5, "0")
     # sampled: ∂ℓ/∂h of 0 is recorded; unsampled: its weight gradient, received from it

@@ -5,6 +5,7 @@ and the documented training step (``scope.step`` after backward, before
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -73,3 +74,28 @@ def train(
         if completed is not None:
             completed.append(step)
     return done
+
+
+class _NanGradient(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by NaN when ``poison``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, poison: bool) -> torch.Tensor:
+        ctx.poison = poison
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return (grad * torch.tensor(float("nan")) if ctx.poison else grad), None
+
+
+class NanInBackward(nn.Module):
+    """Forward finite; while ``poison`` is true (at its forward), its backward sends NaN
+    to the layers before it (a NaN made in backward, not in forward)."""
+
+    def __init__(self, poison: bool = True) -> None:
+        super().__init__()
+        self.poison = poison
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _NanGradient.apply(x, self.poison)

@@ -1,19 +1,7 @@
-"""The integration tests run real Trainers: one intra-op thread each, restored after."""
+"""The integration tests run real Trainers on tiny models: one intra-op thread each,
+and the thread count restored after, whatever a Trainer set (the autouse fixture
+of ``diagnose_models``, applied here to every test of this folder)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
-import torch
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """The tests' models are tiny; a Trainer must not leave another thread count behind."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+from diagnose_models import one_thread  # noqa: F401 (an autouse fixture)
