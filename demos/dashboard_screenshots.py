@@ -26,9 +26,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = Path("/tmp/gradscope-shots")
 STEPS = 120
@@ -49,28 +46,13 @@ def diverging_run(log_dir: Path, steps: int = STEPS) -> dict[str, Any]:
     """Train until gradscope stops the run at the first NaN; returns the report's history."""
     import gradscope
     from gradscope.errors import GradscopeError
+    from gradscope.training_demo import make_problem, warmup_sgd
 
-    torch.manual_seed(0)
-    generator = torch.Generator().manual_seed(0)
-    layers: list[nn.Module] = [nn.Linear(16, 48), nn.ReLU()]
-    for _ in range(8):
-        layers += [nn.Linear(48, 48), nn.ReLU()]
-    layers.append(nn.Linear(48, 1))
-    model = nn.Sequential(*layers)
-    x = torch.randn(256, 16, generator=generator)
-    y = x @ torch.randn(16, 1, generator=generator)
-    optimizer = torch.optim.SGD(model.parameters(), lr=PEAK_LR / WARMUP, momentum=0.9)
+    model, x, y = make_problem(0, width=48, hidden_layers=8)  # 10 Linear layers
     scope = gradscope.watch(model, log_dir=str(log_dir), on_finding=lambda finding: None)
     try:
         with scope:
-            for step in range(steps):
-                for group in optimizer.param_groups:
-                    group["lr"] = PEAK_LR * min(1.0, (step + 1) / WARMUP)
-                optimizer.zero_grad(set_to_none=True)
-                loss = nn.functional.mse_loss(model(x), y)
-                loss.backward()
-                scope.step(optimizer, loss=loss)
-                optimizer.step()
+            warmup_sgd(model, x, y, steps, lambda opt, loss: scope.step(opt, loss=loss), peak_lr=PEAK_LR, warmup=WARMUP)
     except GradscopeError:
         pass  # stopped at the first NaN, as it should
     return scope.report().run["history"]

@@ -48,14 +48,49 @@ class RunResult:
         return self.stopped is None and all(math.isfinite(v) for v in self.losses)
 
 
-def make_problem(seed: int = SEED) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """The model and a synthetic regression problem (y = x @ w), deterministic."""
+def make_problem(
+    seed: int = SEED, *, width: int = 64, hidden_layers: int = 1
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A ReLU MLP 16 -> width -> (``hidden_layers`` x width -> width) -> 1 and a synthetic
+    regression problem (y = x @ w, 256 rows), deterministic."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    layers: list[nn.Module] = [nn.Linear(16, width), nn.ReLU()]
+    for _ in range(hidden_layers):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(width, 1))
     w = torch.randn(16, 1, generator=generator)
     x = torch.randn(256, 16, generator=generator)
     return model, x, x @ w
+
+
+def warmup_sgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    before_step: Callable[[torch.optim.Optimizer, torch.Tensor], Any],
+    *,
+    peak_lr: float = PEAK_LR,
+    warmup: int = WARMUP,
+    clip: float | None = None,
+) -> None:
+    """SGD (momentum 0.9) on the MSE of ``model(x)`` against ``y``, the learning rate
+    warmed up linearly to ``peak_lr`` over ``warmup`` steps; the global gradient norm
+    clipped at ``clip``.  ``before_step(optimizer, loss)`` runs after each backward and
+    before ``optimizer.step()``: where ``scope.step`` goes; when it raises, that step's
+    update does not run."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr / warmup, momentum=0.9)
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = peak_lr * min(1.0, (step + 1) / warmup)
+        optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        before_step(optimizer, loss)
+        optimizer.step()
 
 
 def train(
@@ -68,35 +103,26 @@ def train(
 ) -> RunResult:
     """Train with the too-high learning rate, watched; clip the global norm at ``clip``."""
     model, x, y = make_problem()
-    optimizer = torch.optim.SGD(model.parameters(), lr=PEAK_LR / WARMUP, momentum=0.9)
-    losses: list[float] = []
+    losses: list[float] = []  # one per completed step: scope.step raises before a bad step's loss is kept
     alerts: list[tuple[int, Finding]] = []
     stopped: GradscopeError | None = None
-    done = 0
 
     def alert(finding: Finding) -> None:
         alerts.append((scope.steps, finding))
         if on_alert is not None:
             on_alert(scope.steps, finding)
 
+    def step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        scope.step(optimizer, loss=loss)
+        losses.append(loss.item())
+
     scope = watch(model, every=every, log_dir=log_dir, on_finding=alert)
     try:
         with scope:
-            for step in range(steps):
-                for group in optimizer.param_groups:
-                    group["lr"] = PEAK_LR * min(1.0, (step + 1) / WARMUP)
-                optimizer.zero_grad(set_to_none=True)
-                loss = nn.functional.mse_loss(model(x), y)
-                loss.backward()
-                if clip is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-                scope.step(optimizer, loss=loss)
-                optimizer.step()
-                losses.append(loss.item())
-                done = step + 1
+            warmup_sgd(model, x, y, steps, step, clip=clip)
     except GradscopeError as error:
         stopped = error
-    return RunResult(steps=done, losses=losses, stopped=stopped, report=scope.report(), alerts=alerts)
+    return RunResult(steps=len(losses), losses=losses, stopped=stopped, report=scope.report(), alerts=alerts)
 
 
 def _fmt(value: Any) -> str:

@@ -8,23 +8,19 @@ import time
 
 import pytest
 import torch
-from torch import nn
 
-from gradscope.training_demo import PEAK_LR, WARMUP, make_problem, run_training_demo
+from gradscope.training_demo import make_problem, run_training_demo, warmup_sgd
 
 
 def unwatched_norms(steps: int) -> list[float]:
     """The demo's global gradient norms, recomputed without gradscope."""
     model, x, y = make_problem()
-    optimizer = torch.optim.SGD(model.parameters(), lr=PEAK_LR / WARMUP, momentum=0.9)
-    norms = []
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = PEAK_LR * min(1.0, (step + 1) / WARMUP)
-        optimizer.zero_grad(set_to_none=True)
-        nn.functional.mse_loss(model(x), y).backward()
+    norms: list[float] = []
+
+    def record(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])))
-        optimizer.step()
+
+    warmup_sgd(model, x, y, steps, record)
     return norms
 
 
