@@ -96,8 +96,8 @@ def test_audit_leaves_the_model_as_it_found_it(path: str, batches: int, monkeypa
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 4))
     model.train()
     model[3].eval()  # a mix of modes, which must come back exactly
-    model[4].bias.requires_grad_(False)  # a frozen parameter: no gradient ever
     model(torch.randn(10, 6)).sum().backward()  # the user's own gradients
+    model[4].bias.requires_grad_(False)  # frozen after a backward: it keeps a .grad the audit never makes
     model[0].bias.grad = None  # and a parameter without one
     model[0].weight.grad[0, 0] = -0.0  # bit patterns an approximate comparison would miss
     model[0].weight.grad[0, 1] = float("nan")

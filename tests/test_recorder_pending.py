@@ -46,7 +46,8 @@ def test_early_merges_keep_every_element_and_the_pending_count(monkeypatch: pyte
     counted: list[int] = []
     held: list[int] = []
     alive: list[int] = []  # copies in memory right after each take: the queue's and the new one
-    with Recorder(model, sample=1024) as rec:  # 1024 > 12: every element is in the copy
+    # every site of ``_take``: the model's input, each call's output, its gradient, the weighted site's input
+    with Recorder(model, sample=1024, record_inputs=True) as rec:  # 1024 > 12: every element is in the copy
         rec.start()
 
         def counting_take_sample(tensor: torch.Tensor, sample: int | None = None) -> Sample:
@@ -80,3 +81,4 @@ def test_early_merges_keep_every_element_and_the_pending_count(monkeypatch: pyte
         assert layer.activation.count == MICRO * elements, layer.name
         assert layer.gradient.count == MICRO * elements, layer.name
     assert record.input.count == MICRO * elements
+    assert record.layers[0].input.count == MICRO * elements  # the call site that owns the weight
