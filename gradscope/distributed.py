@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from gradscope.errors import GradscopeError
+from gradscope.host_copy import HostBuffers, HostCopy, copy_to_host
 from gradscope.stats import COUNT, M2, MAX, MCOUNT, MEAN, MIN, NANSEEN, SIZE
 
 NO_REDUCTION = "none"
@@ -187,6 +188,20 @@ def _rows_back(sums: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@dataclass
+class PendingReduction:
+    """A launched ``Reducer`` reduction (see ``Reducer.launch``)."""
+
+    local: dict[Any, torch.Tensor]  # this rank's rows, on the group's device
+    new: list[Hashable]  # keys of ``local`` the group had not agreed on at launch
+    has_extra: bool
+    n_extra: int
+    sums: torch.Tensor  # reduced in place once ``works`` are done
+    mins: torch.Tensor
+    works: list[Any]  # the asynchronous all-reduces still to wait for
+    copy: HostCopy | None  # on a CUDA group: sums then mins, on their way to the host
+
+
 class Reducer:
     """Merges keyed statistics rows and extra numbers over a group, O(1) in its size.
 
@@ -206,33 +221,65 @@ class Reducer:
     ) -> tuple[dict[Any, torch.Tensor], torch.Tensor | None]:
         """Merged rows (host float64) for every key any rank holds, and ``extra``
         (a 1-D tensor) summed over the group (host float64)."""
+        return self.finish(self.launch(rows, extra))
+
+    def launch(
+        self, rows: dict[Any, torch.Tensor], extra: torch.Tensor | None = None, buffers: HostBuffers | None = None
+    ) -> PendingReduction:
+        """Start ``reduce``: the all-reduces are issued (asynchronously) and, on a
+        CUDA group, their results copied towards the host behind them on the stream
+        (``gradscope.host_copy``); nothing is read.  Every rank must ``finish`` it
+        before launching the next one (the key layout is agreed there)."""
         device = self.group.device()
         local = {k: v.to(device, torch.float64) for k, v in rows.items()}
         new = [k for k in local if k not in self._position]
         n_extra = 0 if extra is None else extra.numel()
         known = self._stack(local, self._keys, device)
-        head = torch.zeros(1 + n_extra, dtype=torch.float64, device=device)
-        head[0] = float(len(new) > 0)
-        if extra is not None:
-            head[1:] = extra.reshape(-1).to(device, torch.float64)
-        sums = torch.cat([head, _sum_part(known).reshape(-1)])
+        # The head: whether this rank holds a key not agreed on yet (a fill, not a
+        # host-to-device copy), then the caller's numbers.
+        flag = torch.full((1,), float(len(new) > 0), dtype=torch.float64, device=device)
+        parts = [flag] if extra is None else [flag, extra.reshape(-1).to(device, torch.float64)]
+        sums = torch.cat([*parts, _sum_part(known).reshape(-1)])
         mins = _min_part(known).reshape(-1)
-        self._all_reduce(sums, "sum")
-        self._all_reduce(mins, "min")
+        works = [work for work in (self._all_reduce(sums, "sum"), self._all_reduce(mins, "min")) if work is not None]
+        copy = None
+        if device.type == "cuda":
+            # NCCL: wait() makes the current stream wait for the reduction; the host goes on.
+            for work in works:
+                work.wait()
+            works = []
+            copy = copy_to_host(torch.cat([sums, mins]), buffers if buffers is not None else HostBuffers())
+        return PendingReduction(local, new, extra is not None, n_extra, sums, mins, works, copy)
+
+    def finish(self, pending: PendingReduction) -> tuple[dict[Any, torch.Tensor], torch.Tensor | None]:
+        """The result of a launched reduction on the host (waits for it if it is
+        still running).  When some rank held a new key, the group agrees on the
+        new layout here and reduces those rows (more collectives: every rank
+        reaches this point together, since the flag was summed)."""
+        for work in pending.works:
+            work.wait()
+        if pending.copy is not None:
+            host = pending.copy.wait()
+            sums, mins = host[: pending.sums.numel()], host[pending.sums.numel() :]
+        else:
+            sums, mins = pending.sums, pending.mins
+        n_extra = pending.n_extra
         out_rows = _rows_back(sums[1 + n_extra :].reshape(-1, SIZE), mins.reshape(-1, 2))
-        host_extra = sums[1 : 1 + n_extra].cpu() if extra is not None else None
+        host_extra = sums[1 : 1 + n_extra].clone() if pending.has_extra else None
         merged_rows = out_rows
-        if sums[0].item() > 0:  # some rank holds a key the group has not agreed on yet
-            added = self._agree(new)
-            fresh = self._stack(local, added, device)
+        if float(sums[0]) > 0:  # some rank holds a key the group has not agreed on yet
+            device = self.group.device()
+            added = self._agree(pending.new)
+            fresh = self._stack(pending.local, added, device)
             fresh_sums, fresh_mins = _sum_part(fresh).reshape(-1), _min_part(fresh).reshape(-1)
-            self._all_reduce(fresh_sums, "sum")
-            self._all_reduce(fresh_mins, "min")
-            merged_rows = torch.cat([out_rows, _rows_back(fresh_sums.reshape(-1, SIZE), fresh_mins.reshape(-1, 2))])
-        host = merged_rows.cpu()
+            for work in (self._all_reduce(fresh_sums, "sum"), self._all_reduce(fresh_mins, "min")):
+                if work is not None:
+                    work.wait()
+            fresh_rows = _rows_back(fresh_sums.reshape(-1, SIZE), fresh_mins.reshape(-1, 2))
+            merged_rows = torch.cat([out_rows, fresh_rows.cpu()])  # rare: the first flush, a new layer
         result: dict[Any, torch.Tensor] = {}
-        for key, row in zip(self._keys, host, strict=True):
-            if key in local or row[COUNT] > 0:
+        for key, row in zip(self._keys, merged_rows.unbind(0), strict=True):
+            if key in pending.local or row[COUNT] > 0:
                 result[key] = row
         return result, host_extra
 
@@ -263,13 +310,16 @@ class Reducer:
                     added.append(key)
         return added
 
-    def _all_reduce(self, tensor: torch.Tensor, op: str) -> None:
+    def _all_reduce(self, tensor: torch.Tensor, op: str) -> Any:
+        """Issue an all-reduce in place (asynchronously: the returned work is
+        waited on by whoever reads ``tensor``); None when there is nothing to reduce."""
         import torch.distributed as dist
 
         reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MIN
-        if tensor.numel():
-            dist.all_reduce(tensor, op=reduce_op, group=self.group.group)
-            self.collectives += 1
+        if not tensor.numel():
+            return None
+        self.collectives += 1
+        return dist.all_reduce(tensor, op=reduce_op, group=self.group.group, async_op=True)
 
 
 def scale_gradient_rows(rows: dict[Any, torch.Tensor], factor: float) -> None:

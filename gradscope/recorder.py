@@ -16,13 +16,23 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from gradscope import host_copy
 from gradscope.chunked import bounded_raw_stats
-from gradscope.distributed import Reducer, ReductionGroup, data_parallel_size, resolve_group, scale_gradient_rows
+from gradscope.distributed import (
+    PendingReduction,
+    Reducer,
+    ReductionGroup,
+    data_parallel_size,
+    resolve_group,
+    scale_gradient_rows,
+)
+from gradscope.host_copy import HostBuffers, HostCopy
 from gradscope.outputs import first_float_tensor
 from gradscope.placement import (
     ParameterRef,
@@ -50,6 +60,26 @@ ROOT_NAME = "model"  # the name given to the model itself when it is a leaf
 PENDING_SAMPLE_BUDGET = 1 << 20
 PENDING_ENTRIES = 256
 REPORTED_ROLES = ("activation", "gradient", "weight", "weight_grad", "input")
+
+
+@dataclass
+class FlushTransfer:
+    """A flush launched on the device and not read yet (``Recorder.launch_flush``)."""
+
+    keys: list[tuple[str, str]]  # (site, role) of the merged rows, first-seen order
+    profiles: list[Any]  # sequence time profiles taken at launch (gradscope.sequence)
+    copies: dict[torch.device, HostCopy] = field(default_factory=dict)  # per device: [extra,] rows
+    rows_by_device: dict[torch.device, list[tuple[str, str]]] = field(default_factory=dict)
+    extra_device: torch.device | None = None  # whose copy starts with the caller's extra numbers
+    n_extra: int = 0
+    reduction: PendingReduction | None = None  # with a reduction group, instead of the copies
+
+    def ready(self) -> bool:
+        """Whether every copy has landed (never blocks; a launched reduction counts as
+        ready: under a group the read point is chosen by the caller, the same on every rank)."""
+        if self.reduction is not None:
+            return self.reduction.copy is None or self.reduction.copy.ready()
+        return all(copy.ready() for copy in self.copies.values())
 
 
 class _Described(NamedTuple):
@@ -200,6 +230,7 @@ class Recorder:
         # None = the default group when there is one, "none" = never reduce.
         self.group: ReductionGroup | None = resolve_group(process_group, model)
         self._reducer = Reducer(self.group) if self.group is not None else None
+        self._host_buffers = HostBuffers()  # where flushes land on the host (pinned for CUDA), reused
         self._data_parallel: int | None = None
         self._table: ParameterTable | None = None
         self._selected = select_modules(model, include, exclude, types, parametrised_only)
@@ -640,27 +671,67 @@ class Recorder:
         ``extra``: a 1-D tensor of numbers to sum over the group in the same
         reduction (the caller's losses and squared norms); returned summed, on
         the host, float64 (as given when nothing is reduced).
+
+        The same as ``complete_flush(launch_flush(extra))``: a caller that can
+        wait (``gradscope.watch`` on CUDA) launches now and completes later.
         """
+        return self.complete_flush(self.launch_flush(extra))
+
+    def launch_flush(self, extra: torch.Tensor | None = None) -> FlushTransfer:
+        """The device side of ``flush``: pending statistics finalised and merged,
+        packed with ``extra`` into one vector per device whose copy to the host
+        starts now (``gradscope.host_copy``), or, with a reduction group, the
+        reduction issued.  Nothing is read on the host; hooks may record the next
+        step's statistics at once.  Complete it (``complete_flush``) before the
+        next launch: the host buffers are reused."""
         self._merge_pending()
         merged, self._merged = self._merged, {}
-        keys = list(merged)
-        for key, role, profile in self._sequences.flush():  # per rank: not merged across ranks
+        transfer = FlushTransfer(keys=list(merged), profiles=self._sequences.take())
+        if self._reducer is not None and self.group is not None:
+            transfer.reduction = self._reducer.launch(merged, extra, self._host_buffers)
+            return transfer
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        if extra is not None:
+            transfer.n_extra = extra.numel()
+            transfer.extra_device = extra.device
+            by_device[extra.device] = [_wide(extra.reshape(-1))]
+        for key in transfer.keys:
+            row = merged[key]
+            by_device.setdefault(row.device, [])
+            transfer.rows_by_device.setdefault(row.device, []).append(key)
+        for device, keys in transfer.rows_by_device.items():
+            by_device[device].append(_wide(torch.stack([merged[k] for k in keys])).reshape(-1))
+        for device, parts in by_device.items():
+            vector = parts[0] if len(parts) == 1 else torch.cat(parts)
+            transfer.copies[device] = host_copy.copy_to_host(vector, self._host_buffers)
+        return transfer
+
+    def complete_flush(self, transfer: FlushTransfer) -> torch.Tensor | None:
+        """The host side of ``flush``: read a launched transfer (waiting for its copy
+        only if it has not landed) and merge it into the record.  With a reduction
+        group every rank must complete the same launches in the same order."""
+        for key, role, profile in self._sequences.flush(transfer.profiles):  # per rank: not merged across ranks
             if key in self._sites:
                 self._sites[key].add_time(role, profile)
-        if not keys and self._reducer is None:
-            return None if extra is None else extra.to("cpu", torch.float64)
         host_extra = None
-        host: dict[tuple[str, str], torch.Tensor]
-        if self._reducer is not None and self.group is not None:
-            host, host_extra = self._reducer.reduce(merged, extra)
+        host: dict[tuple[str, str], torch.Tensor] = {}
+        if transfer.reduction is not None and self._reducer is not None and self.group is not None:
+            host, host_extra = self._reducer.finish(transfer.reduction)
             if self._data_parallel is None:
                 self._data_parallel = data_parallel_size(self.model, self.group)
             scale_gradient_rows(host, float(self._data_parallel))
             self.record.reduction = self.reduction()
         else:
-            host = _to_host(merged)
-            if extra is not None:
-                host_extra = extra.to("cpu", torch.float64)
+            for device, copy in transfer.copies.items():
+                values = copy.wait()
+                offset = 0
+                if device == transfer.extra_device:
+                    host_extra, offset = values[: transfer.n_extra], transfer.n_extra
+                keys = transfer.rows_by_device.get(device, [])
+                if keys:
+                    rows = values[offset:].reshape(len(keys), -1).unbind(0)  # one op for every row
+                    host.update(zip(keys, rows, strict=True))
+            host = {k: host[k] for k in transfer.keys}  # first-seen order
             if self.reduction():
                 self.record.reduction = self.reduction()
         for (key, role), row in host.items():
@@ -749,6 +820,11 @@ def _merge_repeats(keys: list[tuple[str, str]], rows: torch.Tensor) -> dict[tupl
         groups = {key: [next(pair) for _ in range(len(g) // 2)] + g[len(g) - len(g) % 2 :] for key, g in groups.items()}
     split = rows.unbind(0)  # one op for every row, where indexing row by row was one op each
     return {key: split[g[0]] for key, g in groups.items()}
+
+
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in the dtype a flush vector travels in: float64 where the device has it."""
+    return tensor.to(torch.float64 if tensor.device.type in ("cpu", "cuda") else torch.float32)
 
 
 def _to_host(rows: dict[tuple[str, str], torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:

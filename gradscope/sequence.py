@@ -115,9 +115,17 @@ class SequenceTaps:
 
         return hook
 
-    def flush(self) -> list[tuple[str, str, TimeProfile]]:
-        """The pending profiles on the host: one transfer per device."""
+    def take(self) -> list[tuple[str, str, list[int], int, torch.Tensor]]:
+        """The pending profiles, still on the device (a flush read later hands them to ``flush``)."""
         pending, self._pending = self._pending, []
+        return pending
+
+    def flush(
+        self, pending: list[tuple[str, str, list[int], int, torch.Tensor]] | None = None
+    ) -> list[tuple[str, str, TimeProfile]]:
+        """The pending profiles (or ``pending``, taken earlier) on the host: one transfer per device."""
+        if pending is None:
+            pending = self.take()
         if not pending:
             return []
         by_device: dict[torch.device, list[int]] = {}

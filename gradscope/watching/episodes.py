@@ -132,9 +132,13 @@ class NonfiniteEpisodes:
         losses: list[tuple[int, float]],
         param_grad_norms: dict[str, float],
         input_flags: list[Any] | None = None,
+        *,
+        input_finite: bool | None = None,
     ) -> dict[str, Any] | None:
         """The first NaN/Inf of a sampled step, searched in its record (the steps in
-        between are searched by their per-step check, ``gradscope.watching.nonfinite``)."""
+        between are searched by their per-step check, ``gradscope.watching.nonfinite``).
+        ``input_finite``: whether the forwards' inputs were finite, when the caller
+        read it already (a late flush) instead of handing over ``input_flags``."""
         loss_at_step = dict(losses).get(step)
         loss_finite = None if loss_at_step is None else math.isfinite(loss_at_step)
         located = first_nonfinite(
@@ -143,7 +147,7 @@ class NonfiniteEpisodes:
             loss_finite=loss_finite,
             include_gradients=not self.norms.scaler_seen,
             weight_dtypes=self.ratios.weight_dtypes,
-            input_finite=inputs_finite(input_flags),
+            input_finite=inputs_finite(input_flags) if input_flags else input_finite,
         )
         if located is None and bad_norm == step and not self.norms.scaler_seen:
             located = self._locate_in_parameters(record, step, param_grad_norms)

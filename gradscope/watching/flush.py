@@ -4,27 +4,43 @@ rules and (on a full flush) the layer diagnosis run, alerts fire, and the
 result joins the run's aggregate, the ring of recent flushes and the dashboards.
 
 Each function is one step of ``flush``, in order.
+
+A flush has two halves.  ``launch`` is the device side: the statistics are
+finalised and packed into one vector per device, whose copy to the host starts
+(pinned memory and a CUDA event, ``gradscope.host_copy``), or under
+torch.distributed the packed all-reduces are issued (asynchronously).
+``complete`` is the host side: the vector is read, then the rules, alerts, the
+aggregate, the dashboards and ``scope.recent``.  Immediately (``flush``), both
+run at the sampled step.  With a late read (``Scope.read_late``: the default
+on CUDA), ``complete`` runs one flush later, so the stream is never drained to
+read statistics (see ``gradscope.watching.late`` for when and what it changes).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gradscope import host_copy
 from gradscope.distributed import is_writer
 from gradscope.errors import GradscopeError
+from gradscope.host_copy import HostCopy
 from gradscope.record import Record
+from gradscope.recorder import FlushTransfer
 from gradscope.report import Finding
 from gradscope.training import clip_advice, skipped_steps_finding, spike_finding
 from gradscope.watching.alerts import Alert
 from gradscope.watching.episodes import in_trouble, reduced_evidence
 from gradscope.watching.flush_result import FlushResult
-from gradscope.watching.packing import Unpacked, pack, unpack
+from gradscope.watching.packing import PackLayout, Unpacked, pack, unpack
 from gradscope.watching.scaling import divide_stats
+from gradscope.watching.step_norms import StepNorms
 from gradscope.watching.training_state import RingReading
 
 if TYPE_CHECKING:
@@ -33,34 +49,126 @@ if TYPE_CHECKING:
 logger = logging.getLogger("gradscope")
 
 
-def layer_record(scope: Scope, extra: torch.Tensor | None = None) -> tuple[Record, torch.Tensor | None]:
-    """This flush's per-layer statistics, as a Record of its own, and ``extra``
-    reduced in the same collective (see Recorder.flush)."""
+@dataclass
+class PendingFlush:
+    """A launched flush: everything its host side needs, taken at the sampled step."""
+
+    step: int
+    sampled: bool
+    full: bool
+    raise_errors: bool
+    steps: list[int]  # the optimizer steps this flush covers
+    transfer: FlushTransfer
+    layout: PackLayout
+    ring_flags: StepNorms  # which ring slots held a loss, scale, norm (a snapshot: later steps reuse the slots)
+    sample_scaled: bool  # weight gradients of the sampled step were still scaled
+    input_finite: bool | None  # known at launch (no forward, or no float input); else read from the flush
+    input_copy: HostCopy | None  # under a group: the input flag on its own way to the host (local, not reduced)
+    held: dict[str, Any] | None  # the non-finite record this rank held at launch (its stop flag)
+    late: bool = False  # completed after this step's optimizer.step() (see complete_sampled_record)
+
+    def ready(self) -> bool:
+        """Whether its copies have landed (never blocks)."""
+        return self.transfer.ready() and (self.input_copy is None or self.input_copy.ready())
+
+
+def input_flag(input_flags: list[Any] | None) -> tuple[bool | None, torch.Tensor | None]:
+    """Whether the sampled step's forwards' first inputs were finite, when known
+    without reading the device (no forward seen: None; no float input: True); else
+    a device scalar, the number of non-finite ones (no host read)."""
+    if not input_flags:
+        return None, None
+    flags = [pair[0] for _, pair in input_flags if pair is not None]
+    if not flags:
+        return True, None
+    device = flags[0].device
+    values = torch.stack([flag.detach().reshape(()).to(device, torch.float64) for flag in flags])
+    return None, (~torch.isfinite(values)).sum(dtype=torch.float64)
+
+
+def launch(
+    scope: Scope,
+    step: int,
+    *,
+    sampled: bool,
+    raise_errors: bool,
+    full: bool = False,
+    input_flags: list[Any] | None = None,
+) -> PendingFlush:
+    """The device side of a flush (no host read): pack and start the transfer."""
+    episodes = scope._episodes
+    group = scope._recorder.group
+    stop = episodes.held is not None if episodes.agreement is not None else None
+    known, flag = input_flag(input_flags)
+    input_copy = None
+    if flag is not None and group is not None:
+        # Local to this rank (a rank's own input), so not in the summed vector.
+        input_copy = host_copy.copy_to_host(flag.reshape(1), scope._input_buffers)
+        flag = None
+    packed, layout = pack(scope._norms, scope._ratios, stop, flag)
+    transfer = scope._recorder.launch_flush(packed)
+    ring_flags = copy.copy(scope._norms)
+    ring_flags.loss_given = list(ring_flags.loss_given)
+    ring_flags.scale_given = list(ring_flags.scale_given)
+    ring_flags.norm_given = list(ring_flags.norm_given)
+    steps = list(range(scope._last_flushed + 1, step + 1))
+    scope._last_flushed = step
+    scope._training.flushes += 1
+    return PendingFlush(
+        step=step,
+        sampled=sampled,
+        full=full,
+        raise_errors=raise_errors,
+        steps=steps,
+        transfer=transfer,
+        layout=layout,
+        ring_flags=ring_flags,
+        sample_scaled=scope._sample_scaled,
+        input_finite=known,
+        input_copy=input_copy,
+        held=episodes.held,
+    )
+
+
+def layer_record(scope: Scope, transfer: FlushTransfer) -> tuple[Record, torch.Tensor | None]:
+    """This flush's per-layer statistics, as a Record of its own, and the extra
+    numbers reduced in the same collective (see Recorder.flush)."""
     recorder = scope._recorder
     for layer in recorder.record.layers:
         layer.stats = {}
         layer.time = {}
     recorder.record.input = None
-    host_extra = recorder.flush(extra)
+    host_extra = recorder.complete_flush(transfer)
     layers = [dataclasses.replace(layer, stats=dict(layer.stats)) for layer in recorder.record.layers if layer.stats]
     record = Record(layers=layers, input=recorder.record.input, steps=1, reduction=dict(recorder.record.reduction))
     return record, host_extra
 
 
-def gather(scope: Scope) -> tuple[Record, Unpacked]:
-    """Everything waiting for this flush, on the host (reduced over the group)."""
-    episodes = scope._episodes
-    stop = episodes.held is not None if episodes.agreement is not None else None
-    packed, layout = pack(scope._norms, scope._ratios, stop)
-    record, host = layer_record(scope, packed)
+def gather(scope: Scope, pending: PendingFlush) -> tuple[Record, Unpacked]:
+    """Everything a launched flush carries, on the host (reduced over the group)."""
+    record, host = layer_record(scope, pending.transfer)
     group = scope._recorder.group
     ranks = group.size if group is not None else 1
-    return record, unpack(host, layout, scope.every, ranks, reduced=group is not None)
+    unpacked = unpack(host, pending.layout, scope.every, ranks, reduced=group is not None)
+    if pending.input_copy is not None:
+        unpacked.inputs_nonfinite = float(pending.input_copy.wait()[0])
+    return record, unpacked
 
 
-def complete_sampled_record(scope: Scope, record: Record, host: Unpacked, step: int, full: bool) -> None:
-    """Parameter statistics for a NaN/Inf search, and the check that hooks fired."""
-    if not full and in_trouble(record, host.ring, step, scope.every):
+def complete_sampled_record(
+    scope: Scope, record: Record, host: Unpacked, step: int, full: bool, late: bool = False
+) -> bool:
+    """Parameter statistics for a NaN/Inf search, and the check that hooks fired.
+    Returns whether the step was in trouble and its parameters could not be taken
+    (``late``: optimizer.step() of this step already changed them)."""
+    missed = False
+    if late:
+        # Read one flush late, the weights are no longer those of this step's
+        # forward: statistics of them now would describe the wrong weights.  The
+        # search goes on with the record, the exact per-parameter gradient norms
+        # and the losses; the record says what it could not see.
+        missed = not full and in_trouble(record, host.ring, step, scope.every)
+    elif not full and in_trouble(record, host.ring, step, scope.every):
         # Parameter statistics are skipped on most steps, but a NaN/Inf search
         # needs them: the weights are still those of this forward (step() runs
         # before optimizer.step()), so take them now.  Local to this rank (no
@@ -70,6 +178,7 @@ def complete_sampled_record(scope: Scope, record: Record, host: Unpacked, step: 
             layer.stats.update(extra.get(layer.name, {}))
     if not scope._hooks_checked:
         check_hooks_fired(scope, host.names)
+    return missed
 
 
 def check_hooks_fired(scope: Scope, grad_names: list[str]) -> None:
@@ -121,14 +230,16 @@ def locate(
     step: int,
     sampled: bool,
     param_grad_norms: dict[str, float],
-    input_flags: list[Any] | None,
+    input_finite: bool | None,
 ) -> dict[str, Any] | None:
     """Where the first NaN/Inf of this flush started (a sampled step is searched
     whole; under torch.distributed the record every rank agrees on)."""
     episodes = scope._episodes
     located = None
     if sampled:
-        located = episodes.locate(record, step, reading.first_bad_norm, reading.losses, param_grad_norms, input_flags)
+        located = episodes.locate(
+            record, step, reading.first_bad_norm, reading.losses, param_grad_norms, input_finite=input_finite
+        )
     if episodes.agreement is not None and (
         host.stop > 0 or (sampled and reduced_evidence(record, host.ring, step, scope.every, reading.losses))
     ):
@@ -266,22 +377,40 @@ def flush(
 ) -> GradscopeError | None:
     """Move this flush's numbers to the host and run the training rules; a
     ``full`` flush also carries parameter statistics and runs the diagnosis."""
-    record, host = gather(scope)
-    if sampled:
-        complete_sampled_record(scope, record, host, step, full)
-    steps = list(range(scope._last_flushed + 1, step + 1))
-    scope._last_flushed = step
-    scope._training.flushes += 1
-    reading = scope._training.read(steps, host.ring, scope._norms)
+    pending = launch(scope, step, sampled=sampled, raise_errors=raise_errors, full=full, input_flags=input_flags)
+    return complete(scope, pending)
+
+
+def complete(scope: Scope, pending: PendingFlush) -> GradscopeError | None:
+    """The host side of a launched flush: read it (waiting only if its copy has
+    not landed), run the rules, alert, keep the result."""
+    step, sampled, full, steps = pending.step, pending.sampled, pending.full, pending.steps
+    record, host = gather(scope, pending)
+    missed = complete_sampled_record(scope, record, host, step, full, pending.late) if sampled else False
+    reading = scope._training.read(steps, host.ring, pending.ring_flags)
     if reading.scale_now is not None:
         scope._training.scale_history.append((step, reading.scale_now))
-        record = unscale(record, reading.scale_now, scope._sample_scaled)
+        record = unscale(record, reading.scale_now, pending.sample_scaled)
     drop_skipped_gradients(scope, record, sampled, reading)
     clip = clip_advice(scope._training.history)
     param_grad_norms = (
         dict(zip(host.names, host.param_norms.tolist(), strict=True)) if host.param_norms is not None else {}
     )
-    located = locate(scope, record, host, reading, step, sampled, param_grad_norms, input_flags)
+    input_finite = pending.input_finite if host.inputs_nonfinite is None else host.inputs_nonfinite == 0
+    episodes = scope._episodes
+    later = None
+    if episodes.agreement is not None and pending.held is None and episodes.held is not None:
+        # Held after this flush was launched: the next flush's stop flag carries it.
+        later, episodes.held = episodes.held, None
+    located = locate(scope, record, host, reading, step, sampled, param_grad_norms, input_finite)
+    if later is not None:
+        episodes.held = later
+    if located is not None and pending.late and located.get("step") == step:
+        located.setdefault(
+            "read",
+            "one flush late (Scope.read_late): optimizer.step() of this step already ran"
+            + ("; its weights were not measured, the search used the layer record" if missed else ""),
+        )
     update_ratios = update_ratios_by_step(host.ratios)
     sources = findings_by_source(
         scope,
@@ -312,4 +441,11 @@ def flush(
         alerts=[alert.finding for alert in alerts if alert.kind != "cleared"],
     )
     keep_result(scope, result, steps)
-    return error_to_raise(scope, located, alerts) if raise_errors else None
+    error = error_to_raise(scope, located, alerts) if pending.raise_errors else None
+    if error is not None and pending.late:
+        # Raised by a later step() (the one that read this flush): say which step it belongs to.
+        error = GradscopeError(
+            f"{error}; found at step {step}, read one flush late (Scope.read_late) by step {scope._step}",
+            error.record,
+        )
+    return error

@@ -23,6 +23,7 @@ class PackLayout:
     ring: bool = False
     names: list[str] = field(default_factory=list)  # per-parameter norms, in this order
     ratios: list[tuple[int, list[str]]] = field(default_factory=list)  # (sampled step, layers)
+    inputs: bool = False  # how many forwards' first inputs were non-finite (not reduced: local only)
     stop: bool = False  # the stop flag comes last (gradscope.watching.agreement)
 
 
@@ -34,12 +35,17 @@ class Unpacked:
     names: list[str] = field(default_factory=list)
     param_norms: torch.Tensor | None = None
     ratios: list[tuple[int, list[str], Any]] = field(default_factory=list)
+    inputs_nonfinite: float | None = None  # forwards whose first input was non-finite (None: not packed)
     stop: float = 0.0  # ranks that hold a record of a non-finite step (summed)
 
 
-def pack(norms: StepNorms, ratios: UpdateRatios, stop: bool | None = None) -> tuple[torch.Tensor | None, PackLayout]:
+def pack(
+    norms: StepNorms, ratios: UpdateRatios, stop: bool | None = None, inputs: torch.Tensor | None = None
+) -> tuple[torch.Tensor | None, PackLayout]:
     """Take (and reset) what waits for the flush, as one device vector; ``stop``
-    (under torch.distributed): whether this rank holds a record of a non-finite step."""
+    (under torch.distributed): whether this rank holds a record of a non-finite step;
+    ``inputs``: a device scalar, the number of non-finite first inputs of the sampled
+    step's forwards (only without a reduction group: it would be summed over ranks)."""
     pieces: list[torch.Tensor] = []
     layout = PackLayout(ring=norms.buf is not None)
     if norms.buf is not None:
@@ -51,6 +57,9 @@ def pack(norms: StepNorms, ratios: UpdateRatios, stop: bool | None = None) -> tu
     pieces.extend(r.float() for _, _, r in ready)
     ratios.ready = []
     norms.param_norms = None
+    if inputs is not None:
+        pieces.append(inputs.reshape(1).float())
+        layout.inputs = True
     if stop is not None:
         device = pieces[0].device if pieces else norms.default_device()
         pieces.append(torch.full((1,), float(stop), device=device))  # a fill, not a host-to-device copy
@@ -96,6 +105,9 @@ def unpack(host: torch.Tensor | None, layout: PackLayout, every: int, ranks: int
         diff, before = host[offset : offset + k], host[offset + k : offset + 2 * k]
         out.ratios.append((step, layer_names, (diff / before).sqrt()))
         offset += 2 * k
+    if layout.inputs:
+        out.inputs_nonfinite = float(host[offset])
+        offset += 1
     if layout.stop:
         out.stop = float(host[offset])
     return out

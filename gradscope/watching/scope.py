@@ -39,6 +39,24 @@ on an accelerator it is read once its copy has landed (the next ``step()`` or
 ``close()``), without stalling the queue.  With ``tier="light"`` a NaN made in
 backward only (finite loss and outputs) waits for the next sampled step.
 
+Late read (``Scope.read_late``; on by default on CUDA, off on the CPU, where
+reading costs no stall): a sampled step only *launches* its flush (packing on
+the device, a non-blocking copy into reused pinned memory, a CUDA event;
+under torch.distributed the all-reduces issued asynchronously).  Its host side
+(rules, alerts, dashboards, ``scope.recent``) runs at the first ``step()``
+after it whose copy has landed, at the latest at the next flush (which then
+waits for it), and at ``report()``, ``paused()`` and ``close()``, so nothing is
+lost: the final report equals an immediate read's.  Under torch.distributed
+it runs only at the next flush and at ``close()`` (a point every rank reaches
+together; ``report()`` mid-run does not read it).  What changes: alerts and
+``on_finding`` of flush N come at a later ``step()`` with flush N's step
+number; an error of ``raise_on`` raised from it is raised by that later
+``step()`` and names step N; a sampled step in trouble is searched without
+statistics of its weights (optimizer.step() has changed them; the record's
+``read`` says so), its gradients and activations are its own.  Flushes at the
+diagnosis cadence (DIAGNOSE_EVERY_STEPS) are read at once: the weights they
+measure (``gradscope.watching.weights``) must be those of the step.
+
 Gradient accumulation: statistics are per *optimizer step*; the forwards and
 backwards of all micro-batches of a sampled step are merged into its record,
 as they come once more than a few hundred wait (``recorder.PENDING_ENTRIES``),
@@ -70,6 +88,7 @@ import torch
 from torch import nn
 
 from gradscope.errors import GradscopeError
+from gradscope.host_copy import HostBuffers
 from gradscope.learning_rate import LearningRateMonitor
 from gradscope.record import Record
 from gradscope.recorder import Recorder
@@ -81,10 +100,10 @@ from gradscope.watching.alerts import AlertTracker
 from gradscope.watching.announce import Announcer
 from gradscope.watching.episodes import NonfiniteEpisodes
 from gradscope.watching.final_report import final_report
-from gradscope.watching.flush import flush
+from gradscope.watching.flush import PendingFlush, complete, launch
 from gradscope.watching.flush_result import FlushResult
 from gradscope.watching.history import RunHistory
-from gradscope.watching.nonfinite import StepCheck, StepFlags
+from gradscope.watching.nonfinite import StepCheck, StepFlags, reads_are_free
 from gradscope.watching.options import DIAGNOSE_EVERY_STEPS, RAISE_CODES, TIERS, WATCH_SAMPLE, check_arguments
 from gradscope.watching.regularisation import RegularisationWatch, check_stop_on
 from gradscope.watching.scaling import active_scaler, grads_already_unscaled
@@ -153,6 +172,13 @@ class Scope:
         self._last_diagnosed = -DIAGNOSE_EVERY_STEPS
 
         self._build_parts(model, log_dir, on_finding, include, exclude, sequence_modules, record_no_grad, process_group)
+        # Read flushes one flush late (see "Late read" above): on CUDA, where an
+        # immediate read drains the stream; settable (tests run the CUDA path on the CPU).
+        device = _first_device(model)
+        self.read_late = not reads_are_free(device) and device.type == "cuda"
+        self._pending_flush: PendingFlush | None = None  # launched, not read yet
+        self._late_error: GradscopeError | None = None  # from a late read outside step(): raised by the next step()
+        self._input_buffers = HostBuffers()  # the sampled step's input flag under a group (gradscope.watching.flush)
         self._recorder.attach()
         self._recorder.start()  # step 0 is sampled
         # Weight decay, weights over time, eval-mode mistakes, validation (gradscope.watching.regularisation).
@@ -291,6 +317,9 @@ class Scope:
             bad = self._check.poll(wait=True)  # steps whose flag was still in flight
             if bad is not None:
                 pending = self._bad_step(bad) if collective else self._episodes.bad_step(bad, self._announcer.alert)
+            late = self._read_pending(wait=True, collective=collective)
+            pending = pending or self._late_error or late
+            self._late_error = None
             self._ratios.resolve()
             self._last_flush(collective)
             if self._agreement is not None and collective and pending is None:
@@ -328,6 +357,7 @@ class Scope:
         (what ``close()`` would return now, without closing)."""
         if self._report is not None:
             return self._report
+        self._read_pending_now()
         return final_report(self)
 
     def training_summary(self) -> dict[str, Any]:
@@ -384,6 +414,8 @@ class Scope:
         """Forwards inside (evaluation, generation) are not recorded."""
         self._paused = True
         self._recorder.stop()
+        if not self._closed:
+            self._read_pending_now()
         self._check.sentinel.enabled = False
         try:
             yield
@@ -454,6 +486,9 @@ class Scope:
                 accelerator); ``error.record`` says where.
         """
         self._check_open()
+        late, self._late_error = self._late_error, None
+        if self._recorder.group is None:  # under a group only at points every rank reaches (the next flush)
+            late = self._read_pending(wait=False) or late
         if loss is not None:
             self.observe_loss(loss)
         if optimizer is not None:
@@ -476,6 +511,7 @@ class Scope:
             self._recorder.start()
         else:
             self._recorder.stop()
+        error = late or error  # a late flush's error belongs to an earlier step
         if error is not None:
             raise error
 
@@ -507,11 +543,13 @@ class Scope:
         if self._agreement is not None:
             self._episodes.hold(flags)
             return None
-        return self._episodes.bad_step(flags, self._announcer.alert)
+        earlier = self._read_pending(wait=True)  # the earlier flush's episode first, in step order
+        return earlier or self._episodes.bad_step(flags, self._announcer.alert)
 
     def _sampled_step(self, step: int, optimizer: Any, scaled: bool, input_flags: list[Any]) -> GradscopeError | None:
         """Parameter statistics (at the diagnosis cadence), the update-ratio
         snapshot and the flush of a sampled step."""
+        earlier = self._read_pending(wait=True)  # in step order, before this step's learning-rate snapshot
         full = step - self._last_diagnosed >= DIAGNOSE_EVERY_STEPS
         if full:
             self._recorder.capture_parameters()
@@ -520,14 +558,44 @@ class Scope:
             types = {layer.name: layer.type for layer in self._recorder.record.layers}
             self._rates.observe_optimizer(step, optimizer, self._ratios.layer_weights(registered=True), types)
         self._ratios.take_snapshot(step)
-        return self._flush(step, sampled=True, full=full, raise_errors=True, input_flags=input_flags)
+        return earlier or self._flush(step, sampled=True, full=full, raise_errors=True, input_flags=input_flags)
 
     # -- flush ------------------------------------------------------------------
     def _flush(
         self, step: int, *, sampled: bool, raise_errors: bool, full: bool = False, input_flags: list[Any] | None = None
     ) -> GradscopeError | None:
-        """Move this flush's numbers to the host and run the rules (``gradscope.watching.flush``)."""
-        return flush(self, step, sampled=sampled, raise_errors=raise_errors, full=full, input_flags=input_flags)
+        """Move this flush's numbers to the host and run the rules (``gradscope.watching.flush``);
+        with ``read_late``, only launch it (read by ``_read_pending``), except a ``full``
+        flush (its weight measurement is of this step) and the last one, at close."""
+        earlier = self._read_pending(wait=True)  # one flush in flight at a time: its host buffers are reused
+        pending = launch(self, step, sampled=sampled, raise_errors=raise_errors, full=full, input_flags=input_flags)
+        if self.read_late and not full and not self._closed:
+            pending.late = True
+            self._pending_flush = pending
+            return earlier
+        return complete(self, pending) or earlier
+
+    def _read_pending(self, wait: bool, collective: bool = True) -> GradscopeError | None:
+        """The host side of the flush launched last (``read_late``), if any: when its
+        copy has landed, or, with ``wait``, at once.  ``collective=False`` (closing
+        on an exception) drops it under a group: its reduction may never complete."""
+        pending = self._pending_flush
+        if pending is None or not (wait or pending.ready()):
+            return None
+        self._pending_flush = None
+        if not collective and self._recorder.group is not None:
+            self._aggregate.record.note(
+                f"closed on an exception: the flush of step {pending.step} (read late) was not reduced"
+            )
+            return None
+        error = complete(self, pending)
+        return error if pending.raise_errors else None
+
+    def _read_pending_now(self) -> None:
+        """``report()`` and ``paused()``: read the flush in flight (without a group:
+        under one, other ranks may not be here); its error is raised by the next ``step()``."""
+        if self._recorder.group is None:
+            self._late_error = self._late_error or self._read_pending(wait=True)
 
     def _diagnose(self, record: Record) -> list[Finding]:
         if not self.diagnose or self._diagnose_failed:
