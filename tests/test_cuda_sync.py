@@ -7,10 +7,22 @@ raise, including those inside C++ ops (``.item()``, a blocking copy, a
 each step) and every=10 (unsampled steps), fp32 and bf16 autocast, with and
 without a GradScaler, a loss given as a tensor and as a Python number.
 
-What is exempt, and why: the flush of a sampled step reads its statistics
-(one transfer), and ``scope.step`` reads the per-step flag once its copy has
-landed; both run between the guarded regions, as a training loop's own
-logging would.  Skipped without CUDA.
+``scope.step`` is guarded on sampled steps too: on CUDA a flush is read one
+flush late (``Scope.read_late``, ``gradscope.host_copy``): its statistics go
+to pinned memory with a non-blocking copy and an event, and the host reads
+them once the event says they landed.  The per-step flag is read the same way.
+
+What is still exempt, and why:
+
+* the flushes at the diagnosis cadence (every DIAGNOSE_EVERY_STEPS steps,
+  step 0 first): they measure the weights of *this* step
+  (``gradscope.watching.weights`` reads them at once), so they are read at once;
+* the GradScaler's own ``step``/``update`` (its inf check reads the device);
+* ``close()`` and ``report()``, which read what is still in flight.
+
+An ``Event.synchronize()`` (waiting for a copy that has not landed yet) is not
+a stream sync and sync-debug mode does not flag it; it only happens when the
+host runs more than a flush ahead of the device.  Skipped without CUDA.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ import torch
 from torch import nn
 
 import gradscope
+from gradscope.watching.options import DIAGNOSE_EVERY_STEPS
 
 pytestmark = [
     pytest.mark.cuda,
@@ -64,9 +77,13 @@ def test_watched_steps_never_synchronise(every: int, dtype: torch.dtype, scaled:
     scaler = torch.amp.GradScaler("cuda") if scaled else None
     x = torch.randn(8, 3, 16, 16, device="cuda").to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (8,), device="cuda")
+    last_full = -DIAGNOSE_EVERY_STEPS
     with gradscope.watch(model, every=every, raise_on=(), on_finding=lambda f: None) as scope:
-        for step in range(12):
-            sampled = step % every == 0
+        assert scope.read_late  # the default on CUDA
+        for step in range(24):
+            # A sampled step at least DIAGNOSE_EVERY_STEPS after the last full one is full.
+            full = step % every == 0 and step - last_full >= DIAGNOSE_EVERY_STEPS
+            last_full = step if full else last_full
             opt.zero_grad(set_to_none=True)
             with syncs_raise(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
                 loss = nn.functional.cross_entropy(model(x), y)
@@ -74,8 +91,8 @@ def test_watched_steps_never_synchronise(every: int, dtype: torch.dtype, scaled:
             value = loss.detach()
             if python_loss:
                 value = 1.25  # a number the training loop already had on the host
-            # The flush of a sampled step reads its statistics: outside the guard.
-            with contextlib.nullcontext() if sampled else syncs_raise():
+            # Only the full flushes (the diagnosis cadence) read at once: outside the guard.
+            with contextlib.nullcontext() if full else syncs_raise():
                 scope.step(opt, scaler=scaler, loss=value)
             if scaler is not None:
                 scaler.step(opt)  # the scaler's own inf check reads the device: outside the guard
@@ -85,5 +102,6 @@ def test_watched_steps_never_synchronise(every: int, dtype: torch.dtype, scaled:
                     opt.step()
     torch.cuda.synchronize()
     report = scope.report()
-    assert report.run["steps"] == 12
+    assert report.run["steps"] == 24
+    assert report.record.steps == len(range(0, 24, every))  # every sampled step's flush was read
     assert [layer.name for layer in report.layers][:3] == ["0", "1", "2"]
