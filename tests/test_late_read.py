@@ -221,3 +221,48 @@ def test_a_nan_read_late_names_its_step_and_what_was_not_measured() -> None:
     assert record["step"] == 3 and record["layer"] == "1" and record["role"] == "activation"
     assert "one flush late" in record["read"] and "weights were not measured" in record["read"]
     assert "by step 4" in str(info.value)
+
+
+@pytest.fixture
+def copies_never_land(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device far behind the host: no copy has landed until someone waits for it."""
+    monkeypatch.setattr(gradscope.host_copy.HostCopy, "ready", lambda self: False)
+
+
+@pytest.mark.usefixtures("copies_never_land")
+def test_a_copy_not_landed_is_read_at_the_next_flush() -> None:
+    # every=4: full flushes (read at once) at 0, 12, 24, 36; step 28 is sampled, not full.
+    _, immediate = _run(False, 4, 40, spike_at=28)
+    _, late = _run(True, 4, 40, spike_at=28)
+    assert [seen for seen, f in immediate if f.code == "gradient-spike"] == [28]
+    # Not at step() 29..31 (the copy "has not landed"): at the next flush, step() 32, which waits.
+    assert [seen for seen, f in late if f.code == "gradient-spike"] == [32]
+
+
+@pytest.mark.usefixtures("copies_never_land")
+def test_a_nonfinite_step_between_flushes_reads_the_earlier_flush_first() -> None:
+    """The per-step check finds a NaN at unsampled step 6 while the flush of step 4
+    is still in flight: the NaN is alerted at its own step, the flush is read
+    before it, and the run's report is the immediate read's."""
+
+    def run(late: bool) -> tuple[dict[str, Any], list[tuple[int, str]]]:
+        model = _model()
+        seen: list[tuple[int, str]] = []
+        scope = Scope(model, every=4, raise_on=(), on_finding=lambda f: seen.append((scope.steps, f.code)))
+        scope.read_late = late
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for step in range(16):
+            x, y = _batch(step)
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            scope.step(opt, loss=loss.detach() * float("nan") if step == 6 else loss.detach())
+            opt.step()
+        report = scope.close()
+        return json.loads(json.dumps(report.to_dict())), seen
+
+    immediate, seen_now = run(False)
+    late, seen_late = run(True)
+    assert ("nonfinite" in {f["code"] for f in immediate["findings"]}) and (6, "nonfinite") in seen_now
+    assert (6, "nonfinite") in seen_late  # found by the per-step check at its own step, in both modes
+    assert late == immediate
