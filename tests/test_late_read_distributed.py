@@ -68,6 +68,32 @@ def _watched(rank: int, every: int, late: bool) -> dict[str, Any]:
     return {"report": report, "alerts": alerts, "in_flight_before_close": in_flight}
 
 
+NAN_STEP = 5  # rank 1 alone sees a NaN loss here
+
+
+def _nan_on_one_rank(rank: int, late: bool) -> dict[str, Any]:
+    """raise_on nonfinite with a NaN loss only rank 1 sees: where every rank stops, with which record."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.02)
+    reached = -1
+    try:
+        with gradscope.watch(model, every=1, on_finding=lambda f: None) as scope:
+            scope.read_late = late
+            for step in range(12):
+                opt.zero_grad()
+                loss = model(_rows(step, rank)).pow(2).mean()
+                loss.backward()
+                seen = loss.detach() * float("nan") if rank == 1 and step == NAN_STEP else loss.detach()
+                scope.step(opt, loss=seen)
+                opt.step()
+                reached = step
+    except gradscope.GradscopeError as error:
+        return {"reached": reached, "record": error.record, "message": str(error)}
+    return {"reached": reached, "record": None, "message": ""}
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -75,6 +101,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     try:
         torch.set_num_threads(1)
         result = {f"{every}-{late}": _watched(rank, every, late) for every in (1, 3) for late in (False, True)}
+        result["nan"] = {str(late): _nan_on_one_rank(rank, late) for late in (False, True)}
         partial = Path(out_dir, f"rank{rank}.json.partial")
         partial.write_text(json.dumps(result))
         partial.rename(Path(out_dir, f"rank{rank}.json"))
@@ -134,3 +161,20 @@ def test_under_ddp_a_late_alert_comes_at_the_next_flush(ranks: dict[int, dict[st
         immediate_1 = [seen for seen, code in ranks[rank]["1-False"]["alerts"] if code == "gradient-spike"]
         late_1 = [seen for seen, code in ranks[rank]["1-True"]["alerts"] if code == "gradient-spike"]
         assert immediate_1 == [SPIKE_STEP] and late_1 == [SPIKE_STEP + 1]
+
+
+def test_under_ddp_a_nan_one_rank_sees_stops_every_rank_one_step_later_with_one_record(
+    ranks: dict[int, dict[str, Any]],
+) -> None:
+    for rank in range(WORLD):
+        immediate, late = ranks[rank]["nan"]["False"], ranks[rank]["nan"]["True"]
+        # Read at once, every rank raises in step() 5; read late, in step() 6 (the next flush).
+        assert immediate["reached"] == NAN_STEP - 1 and late["reached"] == NAN_STEP
+        for outcome in (immediate, late):
+            record = outcome["record"]
+            assert record is not None and record["step"] == NAN_STEP and record["role"] == "loss"
+        # The reduced loss is NaN on every rank: the same record as read at once, plus when it was read.
+        assert {k: v for k, v in late["record"].items() if k != "read"} == immediate["record"]
+        assert "one flush late" in late["record"]["read"] and "read" not in immediate["record"]
+        assert f"found at step {NAN_STEP}, read one flush late" in late["message"]
+    assert ranks[0]["nan"]["True"]["record"] == ranks[1]["nan"]["True"]["record"]
