@@ -266,3 +266,24 @@ def test_a_nonfinite_step_between_flushes_reads_the_earlier_flush_first() -> Non
     assert ("nonfinite" in {f["code"] for f in immediate["findings"]}) and (6, "nonfinite") in seen_now
     assert (6, "nonfinite") in seen_late  # found by the per-step check at its own step, in both modes
     assert late == immediate
+
+
+def test_a_validation_sees_the_training_loss_of_the_flush_in_flight() -> None:
+    def run(late: bool) -> list[dict[str, Any]]:
+        model = _model()
+        scope = Scope(model, every=1, raise_on=(), on_finding=lambda f: None)
+        scope.read_late = late
+        evaluations: list[dict[str, Any]] = []
+
+        def evaluate(step: int) -> None:
+            if step % 3 == 2:
+                evaluations.append(scope.validation(1.0 + 0.01 * step))
+
+        _train(scope, model, 9, after_step=evaluate)
+        scope.close()
+        return evaluations
+
+    immediate, late = run(False), run(True)
+    assert [e["train_loss"] for e in immediate] == [e["train_loss"] for e in late]
+    assert all(e["train_loss"] is not None for e in late)  # step 2's loss, read late, counted at its evaluation
+    assert late == immediate

@@ -446,6 +446,7 @@ class Scope:
                 completes the overfitting finding.
         """
         self._check_open()
+        self._read_pending_now()  # the training losses of a flush still in flight belong before it
         evaluation, new = self._regularisation.add_validation(self._step, loss, metrics, patience, min_delta)
         if self._writer is not None:
             self._writer.write_validation(evaluation.step, evaluation.loss, evaluation.gap)
@@ -592,7 +593,7 @@ class Scope:
         return error if pending.raise_errors else None
 
     def _read_pending_now(self) -> None:
-        """``report()`` and ``paused()``: read the flush in flight (without a group:
+        """``report()``, ``paused()``, ``validation()``: read the flush in flight (without a group:
         under one, other ranks may not be here); its error is raised by the next ``step()``."""
         if self._recorder.group is None:
             self._late_error = self._late_error or self._read_pending(wait=True)
