@@ -45,7 +45,7 @@ the device, a non-blocking copy into reused pinned memory, a CUDA event;
 under torch.distributed the all-reduces issued asynchronously).  Its host side
 (rules, alerts, dashboards, ``scope.recent``) runs at the first ``step()``
 after it whose copy has landed, at the latest at the next flush (which then
-waits for it), and at ``report()``, ``paused()`` and ``close()``, so nothing is
+waits for it), and at ``report()``, ``paused()``, ``validation()`` and ``close()``, so nothing is
 lost: the final report equals an immediate read's.  Under torch.distributed
 it runs only at the next flush and at ``close()`` (a point every rank reaches
 together; ``report()`` mid-run does not read it).  What changes: alerts and
