@@ -24,7 +24,7 @@ import torch
 
 from gradscope.outputs import first_float_tensor
 from gradscope.record import LayerRecord, Record
-from gradscope.stats import Stats
+from gradscope.stats import Stats, _native
 
 
 def _loss_record(step: int) -> dict[str, Any]:
@@ -147,41 +147,34 @@ def first_nonfinite(
 # A sampled step is searched through its full record at its flush.  Every other
 # step leaves a few device scalars behind, with no host sync: the loss, the
 # global gradient norm (already computed every step from exact per-parameter
-# norms), and one sum per hooked layer's output and per forward's input.  NaN
-# and inf propagate through a sum, so a sum is non-finite whenever one of its
-# elements is; the converse needs an accumulator that cannot overflow:
-#   * on accelerators the sums accumulate in float64 (fp32/fp16/bf16/fp8 values
-#     cannot overflow it: 2^63 elements of 3.4e38 stay below 1.8e308; fp8 is
-#     read without an fp32 copy).  A reduction there is bound by memory
-#     bandwidth, so the wider accumulator costs next to nothing;
-#   * on the CPU a float64 sum of fp32 values costs 3-4x the float32 one (77 vs
-#     24 us for 256x1024, 141 vs 37 us for a 32x64x16x16 conv output, measured
-#     2026-12-01, torch 2.13, 2 threads), which alone put watch(every=10) at
-#     1.23x the bare MLP step and 1.28x the CNN step (target 1.02x).  So the CPU
-#     sums in float32 and, since reading a CPU value stalls nothing, reads each
-#     sum at once: a non-finite sum whose elements are all finite (an
-#     overflow, e.g. an attention score tensor filled with finfo.min) is
-#     checked element-wise then and there and written back as 0.  The flag
-#     stays exact and the extra check runs only on overflow;
-#   * MPS has no float64: float32 sums, where an overflow of finite values
-#     (elements averaging above ~3e38/numel) reads as non-finite; the search
-#     then names that output.
-# Each sum is written into a preallocated device buffer (``out=``: one kernel
-# per layer, nothing allocated, no Python object per layer but the name), and
-# the step's flag is the float64 sum of that buffer, the loss and the norm
-# (float64 so that finite per-layer sums cannot overflow when added up); it is
-# copied into a host buffer and read:
+# norms), and the extremes of each hooked layer's output and of each forward's
+# input (one ``aminmax`` per tensor, NaN-propagating: a NaN or inf element makes
+# the min or the max non-finite, and finite elements never do, whatever their
+# size).  fp8 has no aminmax kernel: its flag is its float32 sum, which NaN and
+# inf propagate through and which cannot overflow (57,344 x 2^63 < 3.4e38).
+# Why extremes and not a sum: a float32 sum of fp32 values overflows to inf on
+# finite values (2,048 elements of 2e35, or an attention score tensor filled
+# with finfo.min), a false alarm that would stop a healthy run; a float64 sum
+# cannot overflow but costs 3-4x the float32 one on the CPU (77 vs 24 us for
+# 256x1024, 141 vs 37 us for a 32x64x16x16 conv output; aminmax 31 and 68 us,
+# and 24 us against 44 for fp16), which put watch(every=10) at 1.23x the bare
+# MLP step and 1.28x the CNN step (measured 2026-12-01, torch 2.13, 2 threads).
+# Each pair is written into preallocated device rows of its dtype (``out=``:
+# one kernel per layer, nothing allocated, no Python object per layer but the
+# name); nothing is read in the hook.  The step's flag is the largest magnitude
+# in those rows (a max: finite cells never add up to inf) plus the loss and the
+# norm, in float64; it is copied into a host buffer and read:
 #   * on the CPU at once (there is nothing to wait for), so training stops at
 #     the step that went non-finite, before ``optimizer.step()`` applies it;
 #   * on an accelerator once the copy has landed (``Event.query()``), at the
 #     next ``step()`` call or at ``close()``, so the GPU's queue never drains.
 #     The error then names the step that went non-finite, one step late.
-# Only when the number is non-finite are the step's per-layer sums read back
-# and searched (``locate_step``).
-# Why a sum and not the extremes: one output instead of two, in one dtype for
-# every input dtype (aminmax writes in the input's dtype and has no fp8
-# kernel); the search only asks "finite or not".
-# Under torch.compile the sums are ordinary graph outputs (no ``out=`` into a
+# Only when the number is non-finite are the step's per-layer flags read back
+# and searched (``locate_step``).  A sum of finite loss, norm and largest
+# magnitude that still overflows (float64 values near 1.8e308, or float32 on
+# MPS, which has no float64) is a flag the search finds finite: ``locate_step``
+# returns None and nothing is said.
+# Under torch.compile the pairs are ordinary graph outputs (no ``out=`` into a
 # buffer Dynamo would have to guard), collected the same way.
 
 PENDING_CHECKS = 4  # unsampled steps whose flag may be in flight at once
@@ -204,74 +197,90 @@ def _completion_event(device: torch.device) -> Any:
     return event
 
 
-# Dtypes whose finite values can sum past float32's maximum (fp16's 65,504 and
-# fp8's 57,344 would need more than 5e33 elements).
-_FLOAT32_SUM_MAY_OVERFLOW = (torch.float32, torch.float64, torch.bfloat16)
-
-
-def _flag_dtype(device: torch.device) -> torch.dtype:
-    """The accumulator of the per-output sums on ``device`` (see the comment above)."""
-    return torch.float32 if device.type in ("cpu", "mps") else torch.float64
-
-
 def _sum_dtype(device: torch.device) -> torch.dtype:
     """The dtype the step's flags are added up in: float64, where the device has it."""
     return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
 
 
+class _Rows:
+    """A device matrix of (min, max) rows in one dtype, and views of each row's two
+    cells, made once and reused (writing into a view allocates nothing)."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device, capacity: int) -> None:
+        self.values = torch.zeros(capacity, 2, dtype=dtype, device=device)
+        self.pairs = [tuple(row.unbind(0)) for row in self.values.unbind(0)]
+        self.used = 0
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.used == len(self.pairs):  # more hooked calls than rows: double (rare, once)
+            grown = torch.zeros(2 * len(self.pairs), 2, dtype=self.values.dtype, device=self.values.device)
+            grown[: self.used].copy_(self.values)
+            self.values = grown
+            self.pairs = [tuple(row.unbind(0)) for row in grown.unbind(0)]
+        pair = self.pairs[self.used]
+        self.used += 1
+        return pair  # type: ignore[return-value]
+
+
 class FlagBuffer:
-    """One step's per-layer sums: a device vector and a view of each of its slots,
-    made once and reused (writing into a view costs no Python-side allocation)."""
+    """One step's per-output flags, in preallocated device rows: one matrix per
+    input dtype for the extremes (``aminmax`` writes in its input's dtype) and
+    one float32 matrix for the sums of fp8 outputs."""
 
     def __init__(self, device: torch.device, capacity: int = FLAG_SLOTS) -> None:
         self.device = device
-        self.values = torch.zeros(capacity, dtype=_flag_dtype(device), device=device)
-        self.slots = list(self.values.unbind(0))
+        self.capacity = capacity
+        self._rows: dict[tuple[torch.dtype, bool], _Rows] = {}
         self.used = 0
-        # The CPU reads each sum as it is written (see the comment above).
-        self._host_view = self.values.numpy() if reads_are_free(device) else None
 
-    def write(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Write the sum of ``tensor`` into the next slot and return the slot."""
-        index = self.used
-        slot = self.take_slot()
-        torch.sum(tensor, dim=(), dtype=self.values.dtype, out=slot)
-        view = self._host_view
-        if (
-            view is not None
-            and tensor.dtype in _FLOAT32_SUM_MAY_OVERFLOW
-            and not math.isfinite(view[index])
-            and bool(torch.isfinite(tensor).all())
-        ):
-            slot.zero_()  # finite elements whose float32 sum overflowed: finite
-        return slot
+    def reset(self) -> None:
+        self.used = 0
+        for rows in self._rows.values():
+            rows.used = 0
 
-    def take_slot(self) -> torch.Tensor:
-        if self.used == len(self.slots):  # more hooked calls than slots: double (rare, once)
-            grown = torch.zeros(2 * len(self.slots), dtype=self.values.dtype, device=self.device)
-            grown[: self.used].copy_(self.values)
-            self.values = grown
-            self.slots = list(grown.unbind(0))
-            self._host_view = grown.numpy() if self._host_view is not None else None
-        slot = self.slots[self.used]
+    def write(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flag of ``tensor`` in the next row of its dtype: its (min, max), or
+        for fp8 its float32 sum twice (fp8's largest value, 57,344, times 2^63
+        elements stays below float32's maximum, so the sum cannot overflow)."""
+        extremes = _native(tensor.dtype)
+        key = (tensor.dtype if extremes else torch.float32, extremes)
+        rows = self._rows.get(key)
+        if rows is None:
+            rows = self._rows[key] = _Rows(key[0], self.device, self.capacity)
+        lo, hi = rows.take()
         self.used += 1
-        return slot
+        if extremes:
+            torch.aminmax(tensor, out=(lo, hi))
+            return lo, hi
+        torch.sum(tensor, dim=(), dtype=torch.float32, out=lo)
+        return lo, lo
+
+    def holds(self) -> set[int]:
+        """Ids of the cells written this step (flags outside them are added apart)."""
+        return {id(cell) for rows in self._rows.values() for pair in rows.pairs[: rows.used] for cell in pair}
 
     def total(self) -> torch.Tensor:
-        """The sum of the used slots, in float64 where the device has it (finite
-        per-output sums near float32's maximum must not add up to inf)."""
-        return self.values.narrow(0, 0, self.used).sum(dtype=_sum_dtype(self.device))
+        """The largest magnitude of every written cell (a max, not a sum: cells near
+        the dtype's maximum cannot add up to inf), NaN as soon as one cell is NaN
+        (amax propagates NaN) and inf as soon as one is ±inf."""
+        dtype = _sum_dtype(self.device)
+        used = [rows.values.narrow(0, 0, rows.used) for rows in self._rows.values() if rows.used]
+        parts = [cells.abs().amax().to(dtype) for cells in used]
+        return parts[0] if len(parts) == 1 else torch.stack(parts).amax()
 
 
-def _flag_sum(tensor: torch.Tensor, buffer: FlagBuffer | None) -> torch.Tensor | None:
-    """A sum of ``tensor`` that is non-finite exactly when an element is (see the
-    comment above), written into a slot of ``buffer`` when it is on the buffer's
-    device; queued, not read (the CPU reads it, which stalls nothing)."""
+def _flags(tensor: torch.Tensor, buffer: FlagBuffer | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The flag pair of ``tensor`` (see the comment above), written into ``buffer``
+    when it is on the buffer's device; queued, not read."""
     flat = tensor.detach()  # out= refuses inputs that require grad
     if flat.numel() == 0:
         return None
     if torch.compiler.is_compiling() or buffer is None or flat.device != buffer.device:
-        return flat.sum(dtype=_sum_dtype(flat.device))
+        if _native(flat.dtype):
+            lo, hi = torch.aminmax(flat)
+            return lo, hi
+        total = flat.sum(dtype=torch.float32)
+        return total, total
     return buffer.write(flat)
 
 
@@ -282,10 +291,9 @@ class ForwardSentinel:
     For each forward it keeps a flag of the first hooked layer's input (None
     when that input holds no floating-point tensor: token ids are finite by
     type), and, on forwards the Recorder does not record, a flag of each hooked
-    output in execution order.  A flag is a device scalar that is finite iff the
-    tensor is (its sum); entries keep the (key, flag, flag) shape of a
-    (key, min, max) pair, which is all the search reads.  Nothing is read on the
-    host here.
+    output in execution order.  A flag is a (min, max) pair of device scalars,
+    finite iff the tensor is (for fp8 its sum, twice), which is all the search
+    reads.  Nothing is read on the host here.
     """
 
     def __init__(self) -> None:
@@ -302,11 +310,11 @@ class ForwardSentinel:
         self._forward_start = True
         self._calls.clear()
 
-    def _flag(self, tensor: torch.Tensor) -> torch.Tensor | None:
+    def _flag(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.buffer is None and not torch.compiler.is_compiling():
             self.buffer = self._free.pop() if self._free else FlagBuffer(tensor.device)
-            self.buffer.used = 0
-        return _flag_sum(tensor, self.buffer)
+            self.buffer.reset()
+        return _flags(tensor, self.buffer)
 
     def forward(self, name: str, args: Any, output: Any, recording: bool) -> None:
         if not self.enabled:
@@ -318,8 +326,7 @@ class ForwardSentinel:
         if self._forward_start:
             self._forward_start = False
             found = first_float_tensor(args)
-            flag = self._flag(found[0]) if found is not None else None
-            self.inputs.append((key, (flag, flag) if flag is not None else None))
+            self.inputs.append((key, self._flag(found[0]) if found is not None else None))
         if recording:
             return  # the Recorder takes the exact extremes itself
         found = first_float_tensor(output)
@@ -327,7 +334,7 @@ class ForwardSentinel:
             return
         flag = self._flag(found[0])
         if flag is not None:
-            self.activations.append((key, flag, flag))
+            self.activations.append((key, *flag))
 
     def take(self) -> tuple[list[tuple[str, torch.Tensor, torch.Tensor]], list[Any], FlagBuffer | None]:
         """This step's flags and the buffer that holds them; the next step starts empty."""
@@ -395,9 +402,9 @@ class StepCheck:
         # What the buffer holds is summed at once; flags outside it (another
         # device, a compiled region) and the step's scalars are added to that sum.
         parts: list[torch.Tensor] = [buffer.total()] if buffer is not None and buffer.used else []
-        in_buffer = set() if buffer is None else {id(slot) for slot in buffer.slots[: buffer.used]}
-        parts += [flag for _, flag, _ in activations if id(flag) not in in_buffer]
-        parts += [pair[0] for _, pair in inputs if pair is not None and id(pair[0]) not in in_buffer]
+        in_buffer = set() if buffer is None else buffer.holds()
+        pairs = [(lo, hi) for _, lo, hi in activations] + [pair for _, pair in inputs if pair is not None]
+        parts += [cell for pair in pairs if id(pair[0]) not in in_buffer for cell in pair]
         host_loss = loss if loss is not None and not isinstance(loss, torch.Tensor) else None
         if isinstance(loss, torch.Tensor):
             parts.append(loss)

@@ -31,9 +31,9 @@ alerts fire (``gradscope.watching.alerts``: one alert when a finding appears,
 escalates, changes layers or clears; a run summary at close).
 
 Non-finite values are checked at *every* step (``gradscope.watching.nonfinite``):
-an unsampled step leaves one device flag (loss, global norm, a sum of each hooked
-output that is non-finite exactly when an element is: one reduction per hooked
-tensor into a preallocated buffer), read at once on the CPU,
+an unsampled step leaves one device flag (loss, global norm, the exact min/max of
+each hooked output: one ``aminmax`` per hooked tensor into preallocated rows, a
+sum for fp8), read at once on the CPU,
 so training stops at the step that went non-finite, before ``optimizer.step()``;
 on an accelerator it is read once its copy has landed (the next ``step()`` or
 ``close()``), without stalling the queue.  With ``tier="light"`` a NaN made in
