@@ -256,6 +256,9 @@ class LearningRateMonitor:
         self._lrs: dict[int, dict[str, tuple[float, float | None]]] = {}  # sampled step -> layer -> lrs
         self._kinds: dict[str, str] = {}
         self.divergence = Divergence()
+        # The run's first non-finite step: numbers from it on are the diverged run's
+        # (inf losses, NaN ratios) and never feed a finding or its advice.
+        self.diverged_at: int | None = None
 
     # -- inputs -------------------------------------------------------------------
     def observe_optimizer(self, step: int, optimizer: Any, weights: dict[str, Any], types: dict[str, str]) -> None:
@@ -275,6 +278,11 @@ class LearningRateMonitor:
         losses: list[tuple[int, float]],
     ) -> list[Finding]:
         """One flush's numbers; returns this flush's findings (each code at most once)."""
+        if self.diverged_at is not None:
+            cut = self.diverged_at
+            update_ratios = {s: r for s, r in update_ratios.items() if s < cut}
+            norms = [(s, v) for s, v in norms if s < cut]
+            losses = [(s, v) for s, v in losses if s < cut]
         for ratio_step in sorted(update_ratios):
             lrs = self._lrs.pop(ratio_step, {})
             for name, ratio in update_ratios[ratio_step].items():

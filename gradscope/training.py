@@ -15,6 +15,7 @@ Each builder is a pure function of what the Scope accumulated.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,58 @@ def clip_advice(history: NormHistogram) -> dict[str, Any] | None:
         "relative_error": PERCENTILE_RELATIVE_ERROR,
         "source": "Seetharaman et al. 2020, AutoClip: the 10th percentile of all past global norms",
     }
+
+
+def with_run_clip(findings: list[Finding], clip: dict[str, Any] | None, diverged_at: int | None) -> list[Finding]:
+    """The diagnosis' clipping snippet (the course's typical threshold, for an audit
+    that saw one norm) replaced by this run's AutoClip threshold, which a watched
+    run has; unchanged when it has too few norms."""
+    from gradscope.advice import CLIP_PLACEHOLDER_CODE
+
+    if clip is None:
+        return findings
+    before = f" before step {diverged_at}" if diverged_at is not None else ""
+    code = (
+        f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={clip['threshold']:.4g})  "
+        "# AutoClip, from this run's norms"
+    )
+    out = []
+    for finding in findings:
+        if finding.fix is not None and CLIP_PLACEHOLDER_CODE in finding.fix.code:
+            fix = Fix(finding.fix.summary, finding.fix.code.replace(CLIP_PLACEHOLDER_CODE, code))
+            finding = dataclasses.replace(finding, fix=fix)
+        elif finding.code == "learning-rate-too-high" and finding.fix is not None:
+            finding = _lr_finding_with_run_clip(finding, clip, code, before)
+        out.append(finding)
+    return out
+
+
+def _lr_finding_with_run_clip(finding: Finding, clip: dict[str, Any], code: str, before: str) -> Finding:
+    """``learning-rate-too-high`` takes its clip threshold from the norms before the
+    norm grew (``gradscope.learning_rate``): in the final report, the run's AutoClip
+    threshold instead, so that one report recommends one threshold."""
+    assert finding.fix is not None
+    old = finding.evidence.get("clip")
+    summary, lines = finding.fix.summary, finding.fix.code.splitlines()
+    phrase = f", and clip the global gradient norm at {clip['threshold']:.3g} (AutoClip: p10 of the norms{before})"
+    if isinstance(old, dict) and old.get("threshold") is not None:
+        summary = summary.replace(
+            f", and clip the global gradient norm at {old['threshold']:.3g} (from the norms before it diverged)", phrase
+        )
+        lines = [code if line == old.get("code") else line for line in lines]
+    else:
+        summary = summary.replace(
+            ", and clip the global gradient norm (too few norms before the divergence to derive a threshold)", phrase
+        )
+        lines.append(code)
+    evidence = dict(finding.evidence)
+    evidence["clip"] = {
+        "threshold": clip["threshold"],
+        "method": f"AutoClip: p10 of the {clip['norms_seen']} global norms{before}",
+        "norms_observed": clip["norms_seen"],
+        "code": code,
+    }
+    return dataclasses.replace(finding, evidence=evidence, fix=Fix(summary, "\n".join(lines)))
 
 
 def clip_snippet(threshold: float) -> str:

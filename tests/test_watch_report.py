@@ -62,8 +62,16 @@ def test_the_training_analysis_is_rendered(diverged_report: Report, fmt: str) ->
 def test_no_advice_from_one_sample_or_diverged_statistics(diverged_report: Report) -> None:
     text = render(diverged_report, "table", width=100)
     assert "observed global gradient norm(s)" not in text  # the diagnosis' one-norm clip advice
+    # the loss scale comes from the statistics before the first non-finite step (the record says so) ...
     loss_scale = text[text.index("Loss scale") :].split("\n\n")[0]
-    assert "not advised" in loss_scale and "step 50" in loss_scale and "GradScaler(" not in loss_scale
+    assert "from the statistics before step 50" in loss_scale and "nan" not in loss_scale
+    assert diverged_report.run["statistics"]["diverged_at"] == 50
+    # ... and a saved report whose statistics do not say which steps they cover gets none
+    old = Report.from_dict(diverged_report.to_dict())
+    del old.run["statistics"]
+    old_scale = render(old, "table", width=100)
+    old_scale = old_scale[old_scale.index("Loss scale") :].split("\n\n")[0]
+    assert "not advised" in old_scale and "step 50" in old_scale and "GradScaler(" not in old_scale
     # an audit of one batch: one norm, no threshold and no snippet
     one = advice.clip_threshold([3.0])
     audit = Report(record=Record(), model={"source": "m"}, run={"mode": "audit"}, findings=[], analysis={"clip": one})

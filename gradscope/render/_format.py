@@ -458,6 +458,17 @@ def _watch_header(report: Report) -> list[tuple[str, str]]:
     items.append(
         ("loss", f"last {number(loss)} (as given to scope.step)" if loss is not None else "not given to scope.step")
     )
+    coverage = run.get("statistics")
+    cut = as_float(coverage.get("diverged_at")) if isinstance(coverage, Mapping) else None
+    if isinstance(coverage, Mapping) and cut is not None:
+        kept = coverage.get("sampled_steps")
+        items.append(
+            (
+                "stats",
+                f"steps before {int(cut)} ({kept} sampled): the run went non-finite at step {int(cut)} and "
+                f"had diverged, later statistics excluded",
+            )
+        )
     run_bits = ["mode watch"]
     if run.get("formats"):
         run_bits.append("formats " + ", ".join(str(f) for f in run["formats"]))
@@ -532,14 +543,18 @@ ROLE_NAMES = {
 }
 
 
-def _diverged(report: Report) -> int | None:
-    """The first non-finite step of a watched run, whose whole-run statistics then
-    include the blow-up; None otherwise (an audit's batch is one moment)."""
+def _diverged(report: Report) -> tuple[int | None, bool]:
+    """The first non-finite step of a watched run, and whether the report's
+    statistics stop before it (``run["statistics"]``: a watch report does; a
+    report saved before that field existed mixes the blow-up in).  (None, False)
+    otherwise (an audit's batch is one moment)."""
     training = report.analysis.get("training") if isinstance(report.analysis, Mapping) else None
     first = training.get("first_nonfinite") if isinstance(training, Mapping) else None
-    if isinstance(first, Mapping):
-        return int(as_float(first.get("step")) or 0)
-    return None
+    if not isinstance(first, Mapping):
+        return None, False
+    coverage = report.run.get("statistics") if isinstance(report.run, Mapping) else None
+    excluded = isinstance(coverage, Mapping) and as_float(coverage.get("diverged_at")) is not None
+    return int(as_float(first.get("step")) or 0), excluded
 
 
 @dataclass
@@ -576,14 +591,14 @@ def analysis_items(report: Report) -> list[AnalysisItem]:
     training = analysis.get("training")
     if isinstance(training, Mapping):
         items.append(AnalysisItem("Training run", training_lines(training)))
-    diverged = _diverged(report)
+    diverged, excluded = _diverged(report)
     if "first_unhealthy_forward" in analysis or "first_unhealthy_backward" in analysis:
         unseen = "not assessed" if analysis.get("inconclusive") else "none"
         fwd = analysis.get("first_unhealthy_forward") or unseen
         bwd = analysis.get("first_unhealthy_backward") or unseen
         items.append(AnalysisItem("First layer out of the healthy range", [f"forward: {fwd} · backward: {bwd}"]))
     scale = analysis.get("loss_scale")
-    if isinstance(scale, Mapping) and scale and diverged is not None:
+    if isinstance(scale, Mapping) and scale and diverged is not None and not excluded:
         items.append(
             AnalysisItem(
                 "Loss scale",
@@ -602,7 +617,13 @@ def analysis_items(report: Report) -> list[AnalysisItem]:
             power = f"2^{exponent}" if exponent is not None else ""
             amount = number(value) if value is not None else ""
             headline = f"{fmt}: " + " = ".join(x for x in (power, amount) if x)
-        items.append(_recommendation("Loss scale", scale, headline))
+        item = _recommendation("Loss scale", scale, headline)
+        if diverged is not None:
+            item.lines.insert(
+                1 if headline else 0,
+                f"from the statistics before step {diverged}, where the run went non-finite (later steps excluded)",
+            )
+        items.append(item)
     clip = analysis.get("clip")
     observed = as_float(clip.get("norms_observed")) if isinstance(clip, Mapping) else None
     if isinstance(training, Mapping) and isinstance(training.get("clip"), Mapping):

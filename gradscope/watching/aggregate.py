@@ -1,6 +1,11 @@
 """The whole-run aggregate of a watched run: every flush's per-layer statistics
 merged exactly (Chan et al. 1979, see ``gradscope.stats.merge_stats``).
 
+After the run's first non-finite step the statistics are diverged (NaN/inf, or
+the blow-up's numbers): ``diverge(step)`` freezes the aggregate, later flushes
+are counted but not merged, so the final diagnosis, loss scale and table read
+the run as it was before it broke (``coverage`` says which steps that is).
+
 The merged vectors live in one host tensor, one row per (layer, role), and
 each flush merges into it with a single stacked ``merge_stats`` call; Stats
 objects (which convert their vector to Python floats) are built only when a
@@ -25,9 +30,36 @@ class RunningRecord:
         self._layers: dict[str, LayerRecord] = {}  # name -> layer template (stats unused)
         self._rows = torch.zeros(0, SIZE, dtype=torch.float64)
         self._index: dict[tuple[str, str], int] = {}  # (layer, role) -> row
+        self.diverged_at: int | None = None  # the run's first non-finite step, once known
+        self.excluded_flushes = 0  # flushes with statistics, not merged: from diverged_at on
+
+    def diverge(self, step: int) -> None:
+        """The run went non-finite at ``step``: merge nothing from now on (the flush
+        of ``step`` itself, whose statistics hold the NaN/inf, included)."""
+        if self.diverged_at is None or step < self.diverged_at:
+            self.diverged_at = step
+
+    def coverage(self) -> dict[str, object]:
+        """Which steps the merged statistics cover (``report.run["statistics"]``)."""
+        if self.diverged_at is None:
+            return {
+                "steps": "all",
+                "sampled_steps": self.record.steps,
+                "diverged_at": None,
+                "excluded_sampled_steps": 0,
+            }
+        return {
+            "steps": f"before step {self.diverged_at}",
+            "sampled_steps": self.record.steps,
+            "diverged_at": self.diverged_at,
+            "excluded_sampled_steps": self.excluded_flushes,
+        }
 
     def merge(self, flush: Record) -> None:
-        """Merge one flush's record (host statistics) into the aggregate."""
+        """Merge one flush's record (host statistics) into the aggregate (nothing once diverged)."""
+        if self.diverged_at is not None:
+            self.excluded_flushes += bool(flush.layers)
+            return
         merge_at: list[int] = []
         merge_new: list[torch.Tensor] = []
         appended: list[torch.Tensor] = []

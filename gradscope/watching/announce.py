@@ -23,10 +23,20 @@ class Announcer:
         self.writer = writer
         self.on_finding = on_finding
         self.tracker = AlertTracker()
+        self.diverged_at: int | None = None  # the run's first non-finite step, once known
+
+    def diverge(self, step: int) -> None:
+        """From ``step`` on the run's statistics are NaN/inf or the blow-up's: only the
+        nonfinite source still speaks.  The other rules' findings neither appear nor
+        clear (a rule that reads NaN finds nothing, which is not a recovery)."""
+        if self.diverged_at is None or step < self.diverged_at:
+            self.diverged_at = step
 
     def alert(self, step: int, sources: dict[str, list[Finding]]) -> list[Alert]:
         """Feed one observation to the tracker and announce its alerts (one TensorBoard
         text entry for all of them)."""
+        if self.diverged_at is not None and step >= self.diverged_at:
+            sources = {name: found for name, found in sources.items() if name == "nonfinite"}
         alerts = self.tracker.observe(step, sources)
         if not alerts:
             return alerts

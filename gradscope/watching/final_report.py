@@ -1,6 +1,11 @@
 """The report of a watched run, built from the run's aggregate statistics, its
 training record (norms, spikes, update ratios, first non-finite step) and the
 diagnosis of the whole-run statistics.
+
+A run that went non-finite at step k is reported from its statistics before k
+(``RunningRecord.diverge``): the steps from k on are NaN/inf or the blow-up's
+numbers, and advice fitted to them (a loss scale, a clip threshold, an init)
+would fit the blow-up.  ``report.run["statistics"]`` and a note say so.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from gradscope.record import Record
 from gradscope.recorder import Recorder
 from gradscope.report import Finding, Report, Severity
-from gradscope.training import clip_advice, nonfinite_finding, skipped_steps_finding, spike_finding
+from gradscope.training import clip_advice, nonfinite_finding, skipped_steps_finding, spike_finding, with_run_clip
 
 if TYPE_CHECKING:
     from gradscope.watching.scope import Scope
@@ -28,6 +33,21 @@ def dedupe(findings: list[Finding]) -> list[Finding]:
         seen.add(key)
         out.append(finding)
     return out
+
+
+def _one_nonfinite(findings: list[Finding], first: dict[str, Any] | None) -> list[Finding]:
+    """The run's first non-finite step is its nonfinite finding; later episodes (the
+    run went finite and non-finite again, after it had diverged) are listed in its
+    evidence rather than as findings of their own."""
+    if first is None:
+        return findings
+    ours = [f for f in findings if f.code == "nonfinite" and f.evidence.get("step") == first.get("step")]
+    if not ours:
+        return findings
+    later = [f for f in findings if f.code == "nonfinite" and f is not ours[0]]
+    if later:
+        ours[0].evidence["later_episode_steps"] = sorted({int(f.evidence.get("step") or 0) for f in later})
+    return [f for f in findings if f.code != "nonfinite" or f is ours[0]]
 
 
 def reduction_summary(recorder: Recorder) -> dict[str, Any] | str:
@@ -49,6 +69,13 @@ def _run_record(scope: Scope) -> Record:
     record.not_executed = [name or "model" for name, _ in selected if (name or "model") not in ran]
     for note in recorder.record.notes:
         record.note(note)
+    coverage = scope._aggregate.coverage()
+    if coverage["diverged_at"] is not None:
+        record.note(
+            f"the run went non-finite at step {coverage['diverged_at']}: from then on it had diverged, so the "
+            f"layer statistics, the diagnosis and its advice cover the {coverage['sampled_steps']} sampled "
+            f"steps before it ({coverage['excluded_sampled_steps']} later sampled steps excluded)"
+        )
     return record
 
 
@@ -83,7 +110,8 @@ def _training_findings(scope: Scope, diagnosed: list[Finding]) -> tuple[list[Fin
         skipped = skipped_steps_finding(training.skipped, scope.steps, training.last_scale)
         if skipped is not None:
             findings.append(skipped)
-    findings.extend(scope._regularisation.final_findings())
+    before = scope._before_divergence
+    findings.extend(before[0] if before is not None else scope._regularisation.final_findings())
     return findings, diagnosed
 
 
@@ -91,12 +119,15 @@ def final_report(scope: Scope) -> Report:
     record = _run_record(scope)
     diagnosed, analysis = _diagnosed(scope, record)
     findings, diagnosed = _training_findings(scope, diagnosed)
-    findings = dedupe(findings + diagnosed)
-    findings = scope._tracker.annotate(findings)
+    # One clip threshold in the whole report: the run's AutoClip (before the divergence, if any).
+    clip = clip_advice(scope._training.history)
+    findings = with_run_clip(dedupe(findings + diagnosed), clip, scope._aggregate.diverged_at)
+    findings = _one_nonfinite(scope._tracker.annotate(findings), scope.first_nonfinite)
     order = {layer.name: layer.index for layer in record.layers}
     findings.sort(key=lambda f: (-Severity(f.severity).rank, order.get(f.layers[0], -1) if f.layers else -1))
     analysis["training"] = scope.training_summary()
-    analysis["regularisation"] = scope._regularisation.summary()
+    before = scope._before_divergence
+    analysis["regularisation"] = before[1] if before is not None else scope._regularisation.summary()
     parameters = sum(p.numel() for p in scope.model.parameters())
     return Report(
         record=record,
@@ -116,6 +147,7 @@ def final_report(scope: Scope) -> Report:
             "gradient_accumulation": "statistics per optimizer step, micro-batches merged",
             "reduction": reduction_summary(scope._recorder),
             "history": scope._layer_history.to_dict(),
+            "statistics": scope._aggregate.coverage(),
         },
         findings=findings,
         analysis=analysis,

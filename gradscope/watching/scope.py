@@ -93,7 +93,7 @@ from gradscope.learning_rate import LearningRateMonitor
 from gradscope.record import Record
 from gradscope.recorder import Recorder
 from gradscope.report import Finding, Report
-from gradscope.training import SpikeSummary
+from gradscope.training import SpikeSummary, clip_advice, with_run_clip
 from gradscope.watching.aggregate import RunningRecord
 from gradscope.watching.agreement import Agreement
 from gradscope.watching.alerts import AlertTracker
@@ -168,6 +168,8 @@ class Scope:
         self._hooks_checked = False
         self._rates = LearningRateMonitor()  # update-ratio and learning-rate-too-high (gradscope.learning_rate)
         self._aggregate = RunningRecord()
+        # The regularisation findings and summary at the first non-finite step (see _mark_nonfinite).
+        self._before_divergence: tuple[list[Finding], dict[str, Any]] | None = None
         self._diagnose_failed = False
         self._last_diagnosed = -DIAGNOSE_EVERY_STEPS
 
@@ -366,7 +368,7 @@ class Scope:
             steps=self._step,
             every=self.every,
             tier=self.tier,
-            sampled_steps=self._aggregate.record.steps,
+            sampled_steps=self._aggregate.record.steps + self._aggregate.excluded_flushes,
             scaler_seen=self._norms.scaler_seen,
             update_ratio=self._rates.summary(),
             first_nonfinite=self.first_nonfinite,
@@ -464,9 +466,23 @@ class Scope:
 
     def _mark_nonfinite(self, located: dict[str, Any]) -> None:
         """Mark a located non-finite value in the history; the run's first is drawn at
-        the next flush whatever the heatmap cadence (gradscope.dashboards.heatmaps)."""
-        if self._layer_history.mark_nonfinite(int(located["step"]), located.get("layer"), located.get("role") or ""):
+        the next flush whatever the heatmap cadence (gradscope.dashboards.heatmaps).
+
+        From the run's first non-finite step on, statistics are diverged: the
+        aggregate, the norm history and the alerts of the other rules stop there
+        (called before the flush of that step merges or alerts anything)."""
+        step = int(located["step"])
+        if self._layer_history.mark_nonfinite(step, located.get("layer"), located.get("role") or ""):
             self._heatmap_due = True
+        if self._aggregate.diverged_at is None:
+            # The regularisation watch keeps its own running state: its findings and
+            # summary as they stood before this step's statistics reach it.
+            self._before_divergence = (self._regularisation.final_findings(), self._regularisation.summary())
+        self._aggregate.diverge(step)
+        self._training.diverge(step)
+        self._announcer.diverge(step)
+        if self._rates.diverged_at is None or step < self._rates.diverged_at:
+            self._rates.diverged_at = step
 
     def _check_open(self) -> None:
         if self._closed:
@@ -608,7 +624,7 @@ class Scope:
             self._aggregate.record.note("gradscope.diagnose.diagnose_record is unavailable: only training rules ran")
             return []
         findings, _ = diagnose_record(record, formats=self.formats, model=self.model, during_training=True)
-        return list(findings)
+        return with_run_clip(list(findings), clip_advice(self._training.history), None)
 
 
 def _first_device(model: nn.Module) -> torch.device:

@@ -48,6 +48,13 @@ class TrainingState:
         self.clip_max_norm: float | None = None
         self.clipped_steps = 0
         self.post_clip_last: float | None = None
+        # The run's first non-finite step: later norms are the diverged run's, kept
+        # out of the AutoClip history, the spike detector and the norm summary.
+        self.diverged_at: int | None = None
+
+    def diverge(self, step: int) -> None:
+        if self.diverged_at is None or step < self.diverged_at:
+            self.diverged_at = step
 
     def read(self, steps: list[int], ring: torch.Tensor | None, norms: StepNorms) -> RingReading:
         """Walk the ring's slots of ``steps``: scales, losses, norms, spikes."""
@@ -76,12 +83,16 @@ class TrainingState:
 
     def _read_norm(self, t: int, norm: float, out: RingReading) -> None:
         out.global_norms.append((t, norm))
+        if not math.isfinite(norm) and out.first_bad_norm is None:
+            out.first_bad_norm = t
+        if self.diverged_at is not None and t > self.diverged_at:
+            # Step diverged_at itself was read before it was known to be non-finite
+            # (its norm, if non-finite, only counts as such in the history).
+            return
         if self.clip_max_norm and math.isfinite(norm):
             # torch.nn.utils.clip_grads_with_norm_: factor max_norm / (norm + 1e-6), at most 1
             self.post_clip_last = norm * min(1.0, self.clip_max_norm / (norm + 1e-6))
             self.clipped_steps += norm > self.clip_max_norm
-        if not math.isfinite(norm) and out.first_bad_norm is None:
-            out.first_bad_norm = t
         self.history.add(norm)
         if math.isfinite(norm):
             self.global_last = norm
