@@ -368,7 +368,7 @@ def test_findings_ordered_by_severity_and_show_evidence_threshold_fix() -> None:
     assert "fix: Keep this block in fp32" in block
     assert "torch.autocast" in block
     poor = text[text.index("▲ poor-init") : text.index("• vanishing")]
-    assert re.search(r"^ +gain +inf$", poor, flags=re.M) and "… +2" in poor  # non-finite evidence, a long list cut
+    assert re.search(r"^ +gain +inf$", poor, flags=re.M) and "… 2 more" in poor  # non-finite evidence, a long list cut
 
 
 # --- JSON ------------------------------------------------------------------------------------------

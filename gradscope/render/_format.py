@@ -128,18 +128,75 @@ def number(value: Any) -> str:
     return sci(x)
 
 
-def evidence_value(value: Any, *, limit: int = 6) -> str:
-    """An evidence entry: numbers via :func:`number`, short lists, one level of dicts."""
+def evidence_value(value: Any, *, limit: int | None = None) -> str:
+    """An evidence entry as one short line: numbers via :func:`number`; a list as
+    ``a, b, c … N more``; a mapping as ``k=v, k=v … N more``; a value nested inside
+    those summarised (``k=v k=v …``, ``N values``), never a dict or list repr.  At
+    most ``limit`` (default EVIDENCE_ITEMS) items and EVIDENCE_VALUE_CHARS
+    characters; the JSON report keeps the whole value."""
+    limit = EVIDENCE_ITEMS if limit is None else limit
+    if isinstance(value, (Mapping, list, tuple)) and not value:
+        return "none"
+    if not isinstance(value, (Mapping, list, tuple)):
+        return _scalar(value)
+    # one nested item gets the room of all; with more, the first keeps room for "… N more"
+    fields, room = (
+        (NESTED_ITEMS, EVIDENCE_VALUE_CHARS - 16) if len(value) > 1 else (EVIDENCE_ITEMS, EVIDENCE_VALUE_CHARS)
+    )
     if isinstance(value, Mapping):
-        items = [f"{k}={evidence_value(v, limit=limit)}" for k, v in value.items()]
-        return "{" + ", ".join(items) + "}"
-    if isinstance(value, (list, tuple)):
-        shown = [evidence_value(v, limit=limit) for v in value[:limit]]
-        more = len(value) - limit
-        return "[" + ", ".join(shown) + (f", … +{more}" if more > 0 else "") + "]"
+        return _capped([f"{k}={_nested(v, fields, room - len(str(k)) - 1)}" for k, v in value.items()], limit)
+    if all(isinstance(v, Mapping) for v in value):
+        return _capped([_nested(v, fields, room) for v in value], limit, separator="; ")
+    return _capped([_nested(v, fields, room) for v in value], limit)
+
+
+def _range(value: Any) -> str | None:
+    """``lo–hi`` for a two-number list (a band, a threshold range), else None."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(as_float(v) is not None for v in value):
+        return f"{number(value[0])}–{number(value[1])}"
+    return None
+
+
+def _scalar(value: Any) -> str:
     if isinstance(value, str) and as_float(value) is None:
         return value
     return number(value)
+
+
+def _nested(value: Any, fields: int, room: int) -> str:
+    """A value inside a list or mapping of the evidence: a scalar, or its first
+    ``fields`` scalar fields, whole, within ``room`` characters."""
+    if isinstance(value, Mapping):
+        items = [f"{k}={_scalar(v)}" for k, v in value.items() if not isinstance(v, (Mapping, list, tuple))]
+        kept: list[str] = []
+        for item in items[:fields]:
+            if kept and sum(len(x) + 1 for x in kept) + len(item) > room - 4:  # room for "( …)"
+                break
+            kept.append(item)
+        shown = " ".join(kept)
+        more = len(value) - len(kept)
+        return f"({shown}{' …' if more > 0 else ''})" if shown else _plural(len(value), "field", "fields")
+    if isinstance(value, (list, tuple)):
+        return _plural(len(value), "value", "values")
+    return _scalar(value)
+
+
+def _capped(items: list[str], limit: int, *, separator: str = ", ") -> str:
+    """``items`` joined, as many as fit in ``limit`` items and EVIDENCE_VALUE_CHARS
+    characters (at least one, cut), then ``… N more``."""
+    shown: list[str] = []
+    length = 0
+    for item in items[:limit]:
+        tail = len(f" … {len(items)} more")
+        if shown and length + len(separator) + len(item) + tail > EVIDENCE_VALUE_CHARS:
+            break
+        shown.append(item)
+        length += len(item) + (len(separator) if len(shown) > 1 else 0)
+    more = len(items) - len(shown)
+    room = EVIDENCE_VALUE_CHARS - (len(f" … {more} more") if more else 0)
+    if len(shown) == 1 and len(shown[0]) > room:
+        shown[0] = shown[0][: room - 1] + ("" if more else "…")
+    return separator.join(shown) + (f" … {more} more" if more > 0 else "")
 
 
 def is_threshold_key(key: str) -> bool:
@@ -159,6 +216,8 @@ def split_evidence(evidence: Mapping[str, Any]) -> tuple[list[tuple[str, Any]], 
 EVOLUTION_KEYS = ("first_step", "last_step", "flushes_seen", "alerts", "active_at_end", "history", "note")
 EVIDENCE_ENTRIES = 8  # measurements shown per finding; the JSON report has them all
 EVIDENCE_VALUE_CHARS = 100
+EVIDENCE_ITEMS = 6  # items of a list or mapping shown in one evidence value
+NESTED_ITEMS = 3  # fields of a mapping nested inside one (a layer's numbers)
 
 
 def _seen(evidence: Mapping[str, Any]) -> str | None:
@@ -178,10 +237,11 @@ def _seen(evidence: Mapping[str, Any]) -> str | None:
     return steps + (f" ({', '.join(bits)})" if bits else "")
 
 
-def _short(value: Any) -> str:
+def _short(value: Any, key: str = "") -> str:
     if isinstance(value, (list, tuple)) and len(value) > 2 and all(isinstance(v, Mapping) for v in value):
         return _plural(len(value), "entry", "entries")
-    text = evidence_value(value)
+    bounds = _range(value) if is_threshold_key(key) or "band" in key or "range" in key else None
+    text = bounds or evidence_value(value)
     return text if len(text) <= EVIDENCE_VALUE_CHARS else text[: EVIDENCE_VALUE_CHARS - 1] + "…"
 
 
@@ -192,14 +252,19 @@ def evidence_entries(evidence: Mapping[str, Any]) -> tuple[list[tuple[str, str]]
     measured_raw, thresholds_raw = split_evidence(evidence)
     tracked = "flushes_seen" in evidence  # annotated by the watch's alert tracker
     folded = EVOLUTION_KEYS if tracked else ()
-    measured = [(str(k), _short(v)) for k, v in measured_raw if v is not None and k not in folded]
+    measured = [(str(k), _short(v, str(k))) for k, v in measured_raw if v is not None and k not in folded]
     seen = _seen(evidence) if tracked else None
     if seen is not None:
         measured.append(("seen", seen))
     if len(measured) > EVIDENCE_ENTRIES:
         more = len(measured) - (EVIDENCE_ENTRIES - 1)
         measured = measured[: EVIDENCE_ENTRIES - 1] + [("…", f"{more} more in the JSON report")]
-    thresholds = [(str(k), _short(v)) for k, v in thresholds_raw if v is not None]
+    thresholds: list[tuple[str, str]] = []
+    for k, v in thresholds_raw:
+        if isinstance(v, Mapping):  # a rule's thresholds by name: one entry each
+            thresholds += [(str(name), _short(limit, str(k))) for name, limit in v.items() if limit is not None]
+        elif v is not None:
+            thresholds.append((str(k), _short(v, str(k))))
     return measured, thresholds
 
 
