@@ -36,6 +36,7 @@ from typing import Any
 
 from gradscope import advice, optimizers
 from gradscope.diagnose.layers import EMBEDDING_TYPES, NORM_TYPES
+from gradscope.numbers import significant
 from gradscope.report import Finding, Fix, Severity
 
 # Karpathy's CS231n notes ("Neural Networks Part 3: ratio of weights:updates"):
@@ -341,7 +342,10 @@ class LearningRateMonitor:
         median = d.median_ratio[1] if d.median_ratio is not None else None
         if lr is not None and median is not None and median > 0:
             new_lr = optimizers.round_lr(lr * UPDATE_RATIO_TARGET / median)
-            how = f"{lr:g} x {UPDATE_RATIO_TARGET:g} / {median:.3g}: the update ratio scales with the learning rate"
+            how = (
+                f"{lr:g} x {UPDATE_RATIO_TARGET:g} / {significant(median)}: "
+                "the update ratio scales with the learning rate"
+            )
         elif lr is not None:
             new_lr = optimizers.round_lr(lr / 10)
             how = "a tenth of the current one (no update ratio sampled yet to derive it from)"
@@ -349,11 +353,13 @@ class LearningRateMonitor:
             new_lr, how = None, ""
         signals = []
         if median is not None:
-            signals.append(f"the median layer moves by {median:.3g} of its norm per step (about 1e-3 is healthy)")
+            signals.append(
+                f"the median layer moves by {significant(median)} of its norm per step (about 1e-3 is healthy)"
+            )
         if loss_growth is not None and loss_growth >= LOSS_GROWTH:
-            signals.append(f"the loss is {loss_growth:.3g}x its minimum so far")
+            signals.append(f"the loss is {significant(loss_growth)}x its minimum so far")
         if norm_growth is not None and norm_growth >= NORM_GROWTH:
-            signals.append(f"the gradient norm is {norm_growth:.3g}x its minimum")
+            signals.append(f"the gradient norm is {significant(norm_growth)}x its minimum")
         clip = advice.clip_threshold(d.early_norms) if len(d.early_norms) > 1 else None
         summary = "lower the learning rate"
         lines = []
@@ -413,13 +419,15 @@ class LearningRateMonitor:
                 1 / len(large)
             )
             parts.append(
-                f"{_layers(large)} by {typical:.2g} of the weights' norm per step (‖Δw‖/‖w‖), too large: "
+                f"{_layers(large)} by {significant(typical, 2)} of the weights' norm per step (‖Δw‖/‖w‖), too large: "
                 "the learning rate is likely too high for them"
             )
         if small:
             best = math.prod(self.layers[n].max_at_peak for n in small) ** (1 / len(small))
+            # 0: every update rounded away in the weights' precision (below half an fp32 ulp)
+            amount = f"at most {significant(best, 2)}" if best > 0 else f"less than {significant(FP32_HALF_ULP, 2)}"
             parts.append(
-                f"{_layers(small)} by at most {best:.2g} of the weights' norm per step even at the peak "
+                f"{_layers(small)} by {amount} of the weights' norm per step even at the peak "
                 "learning rate, too small: they barely learn"
             )
         judged = sum(1 for x in self.layers.values() if x.samples)

@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from gradscope.numbers import significant
 from gradscope.report import Finding, Fix, Severity
 from gradscope.watching.norms import AUTOCLIP_PERCENTILE, PERCENTILE_RELATIVE_ERROR, NormHistogram, Spike
 
@@ -181,8 +182,8 @@ def spike_finding(spike: Spike, summary: SpikeSummary, clip: dict[str, Any] | No
         severity=Severity.WARNING,
         layers=[],
         message=(
-            f"step {spike.step}: the global gradient norm jumped to {spike.norm:.3g}, "
-            f"{spike.ratio:.1f}x its recent median {spike.median:.3g}"
+            f"step {spike.step}: the global gradient norm jumped to {significant(spike.norm)}, "
+            f"{significant(spike.ratio)}x its recent median {significant(spike.median)}"
         ),
         evidence=evidence,
         fix=fix,

@@ -30,6 +30,7 @@ from typing import Any
 
 from gradscope.diagnose.layers import NORM_TYPES, Context
 from gradscope.formats import get_format
+from gradscope.numbers import percent
 from gradscope.record import LayerRecord
 from gradscope.report import Finding, Fix, Severity
 
@@ -68,7 +69,7 @@ def _rate_finding(layer: LayerRecord, p: float) -> Finding | None:
             + (
                 "is outside [0, 1): the forward raises or drops every unit"
                 if broken
-                else f"keeps only {1 - p:.0%} of the units and scales them by 1/(1−p) = {1 / (1 - p):.3g}: "
+                else f"keeps only {percent(1 - p)} of the units and scales them by 1/(1−p) = {1 / (1 - p):.3g}: "
                 "the output is mostly noise"
             )
         ),
