@@ -234,6 +234,41 @@ def _linear_ticks(lo: float, hi: float, *, integer: bool = False) -> list[float]
     return [k * step for k in range(first, last + 1)]
 
 
+def tick_label(value: float, step: float, largest: float) -> str:
+    """The label of a linear-axis tick: as many digits as the tick spacing ``step``
+    needs (so neighbouring ticks read differently, whatever the range: 13.58,
+    13.59 … or 13.581, 13.582 …), plain between 1e-3 and 1e5 in magnitude
+    (``largest``: the largest tick magnitude), else scientific with a short
+    exponent.  A label parses back to within half a spacing of its tick.
+
+    Example:
+        >>> [tick_label(t, 0.001, 13.585) for t in (13.58, 13.581)], tick_label(2e6, 1e6, 3e6)
+        (['13.580', '13.581'], '2e6')
+    """
+    if abs(value) < step * 1e-6:
+        return "0"
+    step_exponent = math.floor(math.log10(step) + 1e-9)
+    if 1e-3 <= largest < 1e5:
+        return f"{value:.{max(0, -step_exponent)}f}"
+    digits = max(0, math.floor(math.log10(abs(value)) + 1e-9) - step_exponent)  # decimals of the mantissa
+    mantissa, exponent = f"{value:.{digits}e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def _linear_axis(lo: float, hi: float) -> list[tuple[float, str]]:
+    """Nice ticks covering [lo, hi] with distinct labels (``tick_label``)."""
+    ticks = _linear_ticks(lo, hi)
+    step = _nice_step(hi - lo)
+    largest = max(abs(t) for t in ticks)
+    return [(t, tick_label(t, step, largest)) for t in ticks]
+
+
+# A log axis needs a decade of data to show more than two labels: a curve that
+# spans less than this ratio is drawn on a linear axis (a loss between 13.58 and
+# 13.62 on a log axis from 10 to 100 is a flat line).
+LOG_AXIS_MIN_RATIO = 10.0
+
+
 @dataclass
 class Mark:
     """A vertical event line on a curve chart (first non-finite step, a spike)."""
@@ -270,6 +305,9 @@ def curve_svg(
     """
     measured = [v for v in values if v is not None and math.isfinite(v)]
     positive = bool(measured) and all(v > 0 for v in measured) and (threshold is None or threshold > 0)
+    if positive:
+        spread = measured + ([threshold] if threshold is not None and math.isfinite(threshold) else [])
+        positive = max(spread) / min(spread) >= LOG_AXIS_MIN_RATIO
     left, right, top, bottom = 52, 16, 26, 34
     height = top + 160 + bottom
     plot_h = height - top - bottom
@@ -291,13 +329,11 @@ def curve_svg(
         y_lo, y_hi = min(span), max(span)
         if y_hi == y_lo:
             y_lo, y_hi = y_lo - 1, y_hi + 1
-        ticks = _linear_ticks(y_lo, y_hi)
-        y_lo, y_hi = min(y_lo, ticks[0]), max(y_hi, ticks[-1])
+        y_ticks = _linear_axis(y_lo, y_hi)
+        y_lo, y_hi = min(y_lo, y_ticks[0][0]), max(y_hi, y_ticks[-1][0])
 
         def transform(v: float) -> float:
             return v
-
-        y_ticks = [(t, F.number(t)) for t in ticks]
 
     def x_of(step: float) -> float:
         return left + (step - x_lo) / (x_hi - x_lo) * (width - left - right)
