@@ -34,7 +34,7 @@ def make_problem() -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
 class Run:
     """One watched run of the diverging MLP, with the numbers the test knows on its own."""
 
-    def __init__(self, every: int, lr_growth: float, raise_on: tuple[str, ...] = ()) -> None:
+    def __init__(self, every: int, lr_growth: float, raise_on: tuple[str, ...] = (), late: bool = False) -> None:
         model, x, y = make_problem()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         self.norms: list[float] = []  # the global gradient norm of each step, as clip_grad_norm_ computes it
@@ -55,6 +55,7 @@ class Run:
         logger.addHandler(capture)
         try:
             scope = Scope(model, every=every, raise_on=raise_on)
+            scope.read_late = late  # CUDA's default: each flush is read by the next one
             with scope:
                 for step in range(STEPS):
                     for group in opt.param_groups:
@@ -109,12 +110,14 @@ def numbers(value: Any) -> list[float]:
 
 
 @pytest.fixture(
-    scope="module", params=[(1, ()), (10, ()), (10, ("nonfinite",))], ids=["every1", "every10", "every10-stops"]
+    scope="module",
+    params=[(1, (), False), (10, (), False), (10, ("nonfinite",), False), (10, (), True), (1, (), True)],
+    ids=["every1", "every10", "every10-stops", "every10-read-late", "every1-read-late"],
 )
 def diverged(request: pytest.FixtureRequest) -> Run:
     logging.getLogger("gradscope").setLevel(logging.WARNING)
-    every, raise_on = request.param
-    return Run(every=every, lr_growth=1.15, raise_on=raise_on)
+    every, raise_on, late = request.param
+    return Run(every=every, lr_growth=1.15, raise_on=raise_on, late=late)
 
 
 def test_the_run_diverges_where_the_report_says(diverged: Run) -> None:

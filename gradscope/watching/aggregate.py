@@ -55,9 +55,11 @@ class RunningRecord:
             "excluded_sampled_steps": self.excluded_flushes,
         }
 
-    def merge(self, flush: Record) -> None:
-        """Merge one flush's record (host statistics) into the aggregate (nothing once diverged)."""
-        if self.diverged_at is not None:
+    def merge(self, flush: Record, step: int | None = None) -> None:
+        """Merge one flush's record (host statistics) of ``step`` into the aggregate:
+        nothing from the first non-finite step on (a flush read one flush late,
+        ``Scope.read_late``, may complete after a later step's check found it)."""
+        if self.diverged_at is not None and (step is None or step >= self.diverged_at):
             self.excluded_flushes += bool(flush.layers)
             return
         merge_at: list[int] = []

@@ -427,7 +427,7 @@ def complete(scope: Scope, pending: PendingFlush) -> GradscopeError | None:
     name_spike_parameters(scope, findings, reading, step, param_grad_norms)
     findings.extend(regularisation_findings(scope, step, sampled and full, param_grad_norms, reading, sources))
     alerts = scope._announcer.alert(step, sources)
-    scope._aggregate.merge(record)
+    scope._aggregate.merge(record, step=step)
     result = FlushResult(
         step=step,
         record=record,
