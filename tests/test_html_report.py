@@ -702,6 +702,9 @@ return {
   verdictSize: verdict ? visible(verdict) : null,
   charts: [...document.querySelectorAll('svg.gs-chart')].map(
       (s) => [s.getAttribute('aria-label'), ...visible(s), s.querySelectorAll('[data-layer], polyline').length]),
+  yTicks: [...document.querySelectorAll('svg.gs-chart')].map(
+      (s) => [...s.querySelectorAll('text.gs-tick[text-anchor="end"]')].map((t) => t.textContent)
+          .filter((t) => t !== 'optimizer step')),
   images: [...document.querySelectorAll('img.gs-heatmap')].map(
       (i) => [i.alt, i.complete, i.naturalWidth, i.naturalHeight, ...visible(i)]),
   scripts: document.scripts.length,
@@ -733,6 +736,8 @@ def _open_pages(pages: dict[str, Path]) -> dict[str, dict[str, Any]]:
         assert info["verdict"] and info["verdictSize"][0] > 300 and info["verdictSize"][1] > 30, key
         for label, width, height, marks in info["charts"]:
             assert width > 200 and height > 100 and marks > 0, (key, label)
+        for ticks in info["yTicks"]:  # as drawn: distinct numbers on every axis (test_svg_ticks)
+            assert ticks and len(set(ticks)) == len(ticks) and all(math.isfinite(float(t)) for t in ticks), (key, ticks)
     return seen
 
 
