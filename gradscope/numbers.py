@@ -50,3 +50,19 @@ def percent(fraction: float, digits: int = 2) -> str:
         decimals = max(1, -math.floor(math.log10(gap)) + digits - 1) if gap > 0 else 1
         return f"{value:.{decimals}f}".rstrip("0").rstrip(".") + "%"
     return significant(value, digits) + "%"
+
+
+def apart(a: float, b: float, digits: int = 4) -> tuple[str, str]:
+    """``a`` and ``b`` with at least ``digits`` significant figures, and as many
+    more as they need to read differently (a loss going from 1.00002 to 1.00004
+    is not "from 1 to 1"); equal numbers stay equal.
+
+    Example:
+        >>> apart(1.00002, 1.00004), apart(0.7, 0.95)
+        (('1.00002', '1.00004'), ('0.7', '0.95'))
+    """
+    for d in range(digits, 16):
+        left, right = significant(a, d), significant(b, d)
+        if left != right or a == b:
+            return left, right
+    return significant(a, 16), significant(b, 16)

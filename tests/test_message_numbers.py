@@ -17,6 +17,7 @@ from gradscope.numbers import percent, significant
 from gradscope.report import Finding
 from gradscope.training import SpikeSummary, spike_finding
 from gradscope.watching.norms import Spike
+from gradscope.watching.validation import ValidationTracker, overfitting_finding
 
 VALUES = [s * 10.0**e * m for e in range(-30, 31, 3) for m in (1.0, 3.3, 9.996) for s in (1, -1)]
 
@@ -66,6 +67,16 @@ def dropout(keep: float) -> Finding:
     return finding
 
 
+def overfitting(rise: float) -> Finding:
+    tracker = ValidationTracker()
+    tracker.add(5, 1.0, min_delta=0.0)
+    for step in range(6, 17):
+        tracker.add(step, 1.0 + rise * (step - 5) / 11)
+    finding = overfitting_finding(tracker, None, [])
+    assert finding is not None
+    return finding
+
+
 # (message builder, the value it is given, the text the value must appear as)
 CASES: list[tuple[Callable[[float], Finding], float, str]] = [
     (small_update_ratio, 3e-7, "at most 3e-7 of the weights' norm"),
@@ -75,6 +86,8 @@ CASES: list[tuple[Callable[[float], Finding], float, str]] = [
     (spike, 1494440.5, "1.49e6x its recent median 1.08"),
     (spike, 12.34, "12.3x its recent median"),
     (dropout, 0.005, "keeps only 0.5% of the units"),
+    (overfitting, 2e-5, "from its best 1 at step 5 to 1.00002 at step 16 (+0.002%, "),
+    (overfitting, 0.357, "to 1.357 at step 16 (+35.7%, "),
 ]
 
 

@@ -37,6 +37,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from gradscope.numbers import apart, percent
 from gradscope.report import Finding, Fix, Severity
 
 PATIENCE = 5
@@ -204,6 +205,7 @@ def overfitting_finding(
     best, window, falling = found
     last = window[-1]
     rise = (last.loss - best.loss) / abs(best.loss) if best.loss else math.inf
+    shown = apart(best.loss, last.loss)
     max_eta_lambda = (decay or {}).get("max_eta_lambda") or 0.0
     max_wd = max((g["weight_decay"] for g in (decay or {}).get("groups", [])), default=0.0)
     max_p = max((p for _, p in dropout), default=0.0)
@@ -236,8 +238,8 @@ def overfitting_finding(
         severity=Severity.WARNING,
         layers=[],
         message=(
-            f"validation loss rose from its best {best.loss:.4g} at step {best.step} to {last.loss:.4g} at step "
-            f"{last.step} (+{rise:.1%}, {len(window)} evaluations in a row above the best) {trend}: overfitting"
+            f"validation loss rose from its best {shown[0]} at step {best.step} to {shown[1]} at step "
+            f"{last.step} (+{percent(rise, 3)}, {len(window)} evaluations in a row above the best) {trend}: overfitting"
         ),
         evidence={
             "best_step": best.step,
