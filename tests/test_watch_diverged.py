@@ -212,3 +212,12 @@ def test_a_healthy_run_covers_every_step() -> None:
     text = render(healthy.report, "table", width=120)
     assert "stats " not in text and "diverged" not in text
     assert healthy.report.analysis["training"]["clip"]["norms_seen"] == STEPS
+
+
+def test_one_finding_per_run_level_code(diverged: Run) -> None:
+    # the update ratio is one finding per run whose layers move (DESIGN.md), not one per layer set seen
+    codes = [f.code for f in diverged.report.findings]
+    for code in ("update-ratio", "learning-rate-too-high", "gradient-spike", "nonfinite"):
+        assert codes.count(code) <= 1, codes
+    if diverged.every == 1:  # enough update ratios for the rule; its layers moved during the run
+        assert "update-ratio" in codes

@@ -36,7 +36,14 @@ KINDS = ("appeared", "escalated", "moved", "cleared")
 _MARK = {Severity.ERROR: "✖", Severity.WARNING: "▲", Severity.INFO: "•"}
 
 
+# Codes a run has at most one finding of (DESIGN.md: "one finding per run, layers
+# listed"): a change of its layers is the same finding moving, not a new one.
+ONE_PER_RUN = ("update-ratio",)
+
+
 def finding_key(finding: Finding) -> tuple[str, str]:
+    if finding.code in ONE_PER_RUN:
+        return finding.code, ""
     return finding.code, finding.layers[0] if finding.layers else ""
 
 
