@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from gradscope.distributed import ReductionGroup
+from gradscope.numbers import percent, significant
 from gradscope.placement import ParameterRef, ParameterTable
 from gradscope.report import Finding, Fix, Severity
 from gradscope.stats import dense_view, strided_sample
@@ -251,9 +252,9 @@ class WeightWatch:
             severity=Severity.WARNING,
             layers=layers,
             message=(
-                f"{worst.near_zero_frac:.0%} of {name}'s weights sit within {worst.tolerance:.2g} of zero "
-                f"(1% of its RMS) but only {worst.zero_frac:.1%} are exactly zero: the signature of an L1 penalty "
-                "taken by (sub)gradient, which never makes weights exactly zero"
+                f"{percent(worst.near_zero_frac)} of {name}'s weights sit within {significant(worst.tolerance)} "
+                f"of zero (1% of its RMS) but only {percent(worst.zero_frac)} are exactly zero: the signature of an "
+                "L1 penalty taken by (sub)gradient, which never makes weights exactly zero"
             ),
             evidence={
                 "parameters": {
