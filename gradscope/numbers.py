@@ -11,6 +11,15 @@ from __future__ import annotations
 import math
 
 
+def special(x: float) -> str | None:
+    """How a number with no digits to round is written ("nan", "inf", "-inf", "0"), else None."""
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return "0" if x == 0 else None
+
+
 def significant(x: float, digits: int = 3) -> str:
     """``x`` to ``digits`` significant figures: plain between 1e-3 and 1e5, else
     scientific with a short exponent; never "0" for a non-zero ``x``.
@@ -19,12 +28,9 @@ def significant(x: float, digits: int = 3) -> str:
         >>> significant(3e-7), significant(1494440.5), significant(1348.2), significant(0.0012345)
         ('3e-7', '1.49e6', '1350', '0.00123')
     """
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    if x == 0:
-        return "0"
+    fixed = special(x)
+    if fixed is not None:
+        return fixed
     rounded = float(f"{x:.{digits}g}")
     if 1e-3 <= abs(rounded) < 1e5:
         text = f"{rounded:.{max(digits - 1 - math.floor(math.log10(abs(rounded))), 0)}f}"

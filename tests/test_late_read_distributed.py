@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_distributed import _free_port
 from torch import nn
 
 import gradscope
@@ -28,12 +28,6 @@ pytestmark = pytest.mark.slow
 WORLD = 2
 STEPS = 24
 SPIKE_STEP = 21  # a sampled step with every=1 and every=3, off the diagnosis cadence
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model() -> nn.Module:

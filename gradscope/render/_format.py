@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gradscope.numbers import special
 from gradscope.report import Finding, Report, Severity
 
 MISSING = "—"  # shown wherever a number could not be measured or was not analysed
@@ -90,12 +91,9 @@ def sci(value: Any) -> str:
     x = as_float(value)
     if x is None:
         return MISSING
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    if x == 0:
-        return "0"
+    fixed = special(x)
+    if fixed is not None:
+        return fixed
     mantissa, exponent = f"{x:.2e}".split("e")
     return f"{mantissa}e{int(exponent)}"
 
