@@ -36,23 +36,15 @@ def test_percent_is_never_rounded_to_zero_or_a_hundred(fraction: float) -> None:
     assert float(text[:-1]) / 100 == pytest.approx(fraction, rel=0.05, abs=0.05 * (1 - fraction))
 
 
-def small_update_ratio(ratio: float) -> Finding:
+def update_ratio(ratio: float) -> Finding:
+    """The update-ratio finding of one layer that moved by ``ratio`` for 30 steps
+    (too small or too large, by the value)."""
     monitor = LearningRateMonitor()
     monitor.layers["encoder.fc"] = layer = LayerRatios()
     for step in range(30):
         layer.add(step, ratio, 1e-3, None)
     finding = monitor.update_ratio_finding(final=True)
     assert finding is not None and finding.layers == ["encoder.fc"]
-    return finding
-
-
-def large_update_ratio(ratio: float) -> Finding:
-    monitor = LearningRateMonitor()
-    monitor.layers["encoder.fc"] = layer = LayerRatios()
-    for step in range(30):
-        layer.add(step, ratio, 1e-3, None)
-    finding = monitor.update_ratio_finding(final=True)
-    assert finding is not None
     return finding
 
 
@@ -79,10 +71,10 @@ def overfitting(rise: float) -> Finding:
 
 # (message builder, the value it is given, the text the value must appear as)
 CASES: list[tuple[Callable[[float], Finding], float, str]] = [
-    (small_update_ratio, 3e-7, "at most 3e-7 of the weights' norm"),
-    (small_update_ratio, 4.2e-6, "at most 4.2e-6 of the weights' norm"),
-    (large_update_ratio, 0.37, "by 0.37 of the weights' norm"),
-    (large_update_ratio, 2.3e3, "by 2300 of the weights' norm"),
+    (update_ratio, 3e-7, "at most 3e-7 of the weights' norm"),
+    (update_ratio, 4.2e-6, "at most 4.2e-6 of the weights' norm"),
+    (update_ratio, 0.37, "by 0.37 of the weights' norm"),
+    (update_ratio, 2.3e3, "by 2300 of the weights' norm"),
     (spike, 1494440.5, "1.49e6x its recent median 1.08"),
     (spike, 12.34, "12.3x its recent median"),
     (dropout, 0.005, "keeps only 0.5% of the units"),
@@ -103,6 +95,6 @@ def test_messages_print_their_numbers_with_significant_figures(
 
 def test_updates_that_round_away_say_how_small_they_are() -> None:
     # a ratio of exactly 0 with lr > 0: every update rounded away in the weights' precision
-    message = small_update_ratio(0.0).message
+    message = update_ratio(0.0).message
     assert f"by less than {significant(FP32_HALF_ULP, 2)} of the weights' norm" in message
     assert "at most 0 " not in message and math.isclose(float(significant(FP32_HALF_ULP, 2)), 6e-8)

@@ -314,5 +314,5 @@ def test_near_zero_fraction_of_a_large_weight_is_sampled_within_binomial_error()
     sigma = math.sqrt(0.30 * 0.70 / NEAR_ZERO_SAMPLE)
     assert abs(track.near_zero_frac - 0.30) < 4 * sigma
     assert track.zero_frac == pytest.approx((int(0.35 * n) - int(0.30 * n)) / n, abs=0.5 / n)
-    exact_norm = float(layer.weight.double().norm())
+    exact_norm = float(layer.weight.detach().double().norm())
     assert track.trajectory[-1][1] == pytest.approx(exact_norm, rel=1e-6)
