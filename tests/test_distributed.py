@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import socket
 import time
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -295,13 +296,17 @@ def _worker(rank: int, port: int, out_dir: str, engine: str) -> None:
         dist.destroy_process_group()
 
 
-def _run(engine: str, tmp_path: Path, attempts: int = 2) -> dict[int, dict]:
-    results = [Path(tmp_path, f"rank{r}.json") for r in range(WORLD)]
+def run_ranks(
+    worker: Callable[..., None], args: tuple, out: Path, label: str, clear: Sequence[Path] = (), attempts: int = 2
+) -> dict[int, dict]:
+    """Spawn WORLD ranks of ``worker(rank, port, out, *args)`` and read the
+    ``rank{r}.json`` each writes into ``out``; fails the test when they deadlock."""
+    results = [Path(out, f"rank{r}.json") for r in range(WORLD)]
     for attempt in range(attempts):
-        for path in [*results, Path(tmp_path, "audit-done")]:
+        for path in [*results, *clear]:
             path.unlink(missing_ok=True)
         context = mp.start_processes(
-            _worker, args=(_free_port(), str(tmp_path), engine), nprocs=WORLD, join=False, start_method="spawn"
+            worker, args=(_free_port(), str(out), *args), nprocs=WORLD, join=False, start_method="spawn"
         )
         deadline = time.monotonic() + 240
         try:
@@ -309,7 +314,7 @@ def _run(engine: str, tmp_path: Path, attempts: int = 2) -> dict[int, dict]:
                 if time.monotonic() > deadline:
                     for p in context.processes:
                         p.kill()
-                    pytest.fail(f"the {engine} ranks did not finish within 240 s: a collective deadlocked")
+                    pytest.fail(f"the {label} ranks did not finish within 240 s: a collective deadlocked")
             break
         except mp.ProcessExitedException:
             # gloo sometimes aborts a rank at teardown on this loaded 2-core machine
@@ -321,6 +326,10 @@ def _run(engine: str, tmp_path: Path, attempts: int = 2) -> dict[int, dict]:
             if attempt == attempts - 1:
                 raise
     return {r: json.loads(path.read_text()) for r, path in enumerate(results)}
+
+
+def _run(engine: str, tmp_path: Path, attempts: int = 2) -> dict[int, dict]:
+    return run_ranks(_worker, (engine,), tmp_path, engine, clear=[Path(tmp_path, "audit-done")], attempts=attempts)
 
 
 # -- the single-process references -------------------------------------------------

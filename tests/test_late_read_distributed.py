@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from test_distributed import _free_port
+from test_distributed import run_ranks
 from torch import nn
 
 import gradscope
@@ -105,25 +103,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, Any]]:
-    out = tmp_path_factory.mktemp("late_ddp")
-    results = [Path(out, f"rank{r}.json") for r in range(WORLD)]
-    for attempt in range(2):
-        context = mp.start_processes(
-            _worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn"
-        )
-        deadline = time.monotonic() + 240
-        try:
-            while not context.join(timeout=1):
-                if time.monotonic() > deadline:
-                    for p in context.processes:
-                        p.kill()
-                    pytest.fail("the ranks did not finish within 240 s: a collective deadlocked")
-            break
-        except mp.ProcessExitedException:
-            # gloo sometimes aborts a rank at teardown on a loaded machine; whole results stand
-            if all(path.exists() for path in results) or attempt == 1:
-                break
-    return {r: json.loads(path.read_text()) for r, path in enumerate(results)}
+    return run_ranks(_worker, (), tmp_path_factory.mktemp("late_ddp"), "late-read")
 
 
 @pytest.mark.parametrize("every", [1, 3])
