@@ -18,6 +18,15 @@ artifact of the copies' memory placement as large as the targets.
     python benchmarks/overhead.py --compile                    # the model under torch.compile
     python benchmarks/overhead.py --device cuda                # on a GPU (CUDA events around timed steps)
 
+The process runs with glibc's allocator told to keep freed memory (the
+MALLOC_* variables of ``STEADY_MALLOC``, set by re-running itself; PyTorch's
+CPU tuning guide recommends jemalloc or tcmalloc for the same reason): with
+glibc's defaults, the training step's large tensors are returned to the system
+and faulted in again, 0 to 8,000 page faults per MLP step depending on what
+was allocated before (measured 2026-12-02 with ``getrusage``), which moved
+the unmonitored step by 10-15% between adjacent rounds and buried a 2% target
+in noise.  ``--system-malloc`` measures with the defaults.
+
 ``--device cuda`` synchronises only around each timed region (a CUDA event pair
 per monitor and round); everything inside, gradscope included, runs as in
 training.  ``--compile`` runs the model through ``torch.compile`` with the
@@ -237,7 +246,29 @@ def _available(monitors: list[str]) -> list[str]:
     return monitors
 
 
+# glibc mallopt settings by environment (man 3 mallopt): large blocks from the heap
+# rather than mmap (32 MiB is the largest threshold glibc accepts), and the heap
+# never trimmed, so a freed activation's pages are reused without a page fault.
+STEADY_MALLOC = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+    "MALLOC_TRIM_THRESHOLD_": str(16 << 30),
+    "MALLOC_TOP_PAD_": str(256 << 20),
+}
+
+
+def _steady_allocator(argv: list[str] | None) -> None:
+    """Re-run this script with STEADY_MALLOC set (mallopt reads it at start-up only)."""
+    import os
+
+    if argv is not None or "--system-malloc" in sys.argv or platform.system() != "Linux":
+        return
+    if all(os.environ.get(k) == v for k, v in STEADY_MALLOC.items()):
+        return
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STEADY_MALLOC})
+
+
 def main(argv: list[str] | None = None) -> int:
+    _steady_allocator(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="mlp,cnn,transformer")
     parser.add_argument("--monitors", default=",".join(MONITORS))
@@ -249,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         choices=sorted(CLOCKS),
         default="wall",
         help="wall: elapsed time; cpu: process CPU time (all threads), steadier on a shared machine",
+    )
+    parser.add_argument(
+        "--system-malloc", action="store_true", help="keep glibc's allocator defaults (see the module docstring)"
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model trains")
     parser.add_argument(
@@ -274,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {platform.machine()}, "
         f"{torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps, {args.clock} clock, "
         f"device {args.device}{', torch.compile' if args.compile else ''}"
+        f"{', glibc malloc defaults' if args.system_malloc else ', steady malloc'}"
         f"{' (CUDA events)' if args.device == 'cuda' else ''}; "
         "median paired ratio to no monitor (interquartile range)"
     )

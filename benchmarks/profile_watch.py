@@ -38,6 +38,8 @@ from models import WORKLOADS  # noqa: E402
 # (label, module path, attribute, nesting level): the functions timed.
 PARTS = [
     ("hooks: each tensor's extremes and sample copy", "gradscope.recorder", "Recorder._take", 0),
+    ("hooks: non-finite flags (unsampled steps)", "gradscope.watching.nonfinite", "ForwardSentinel.forward", 0),
+    ("hooks: gradient norms in backward", "gradscope.watching.hot_norms", "HotSquares.measure", 0),
     ("scope.step", "gradscope.watching.scope", "Scope.step", 0),
     ("gradient norms (every step)", "gradscope.watching.step_norms", "StepNorms.observe", 1),
     ("update ratio: snapshot", "gradscope.watching.update_ratio", "UpdateRatios.take_snapshot", 1),

@@ -372,7 +372,7 @@ class Recorder:
                 self._compiled_forward(name, module, args, output)
                 return
             if self.sentinel is not None and self._counts_forward():
-                self.sentinel.forward(name, args, output, self._active)
+                self.sentinel.forward(name, module, args, output, self._active)
             # Not recording and no recorded forward to recompute: nothing more to do
             # (the common case on watch's unsampled steps, so checked first).
             if not (self._active or self._forward_recorded):
@@ -413,7 +413,7 @@ class Recorder:
     def _compiled_forward(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
         counted = self._counts_forward()
         if self.sentinel is not None and counted:
-            self.sentinel.forward(name, args, output, self._active)
+            self.sentinel.forward(name, module, args, output, self._active)
         if not (self._active and counted):
             return
         found = first_float_tensor(output)

@@ -27,7 +27,7 @@ from gradscope.watching.options import DIAGNOSE_EVERY_STEPS
 from gradscope.watching.scope import Scope
 from tests.test_no_sync import host_sync_forbidden
 
-SPIKE_STEP = 25  # not on the diagnosis cadence (full flushes are read at once): see Scope's docstring
+SPIKE_STEP = 25  # not on the diagnosis cadence (a flush of its own, not a full one)
 assert SPIKE_STEP % DIAGNOSE_EVERY_STEPS != 0
 
 
@@ -107,10 +107,10 @@ def test_alerts_of_a_flush_come_at_the_next_step_with_their_own_step() -> None:
     assert [seen for seen, _ in spike_late] == [SPIKE_STEP + 1]
     assert spike_late[0][1].evidence["step"] == SPIKE_STEP == spike_now[0][1].evidence["step"]
     assert spike_late[0][1].message == spike_now[0][1].message
-    # The diagnosis runs on full flushes, read at once in both modes: same step.
+    # The diagnosis runs on full flushes, read late too: one step() later.
     vanishing_now = [seen for seen, f in immediate if f.code == "vanishing-gradient"]
     vanishing_late = [seen for seen, f in late if f.code == "vanishing-gradient"]
-    assert vanishing_now == vanishing_late == [0]
+    assert vanishing_now == [0] and vanishing_late == [1]
 
 
 def test_raise_on_raises_at_the_next_step_naming_the_spike_step() -> None:
@@ -287,3 +287,35 @@ def test_a_validation_sees_the_training_loss_of_the_flush_in_flight() -> None:
     assert [e["train_loss"] for e in immediate] == [e["train_loss"] for e in late]
     assert all(e["train_loss"] is not None for e in late)  # step 2's loss, read late, counted at its evaluation
     assert late == immediate
+
+
+def test_a_full_flush_is_read_late_with_its_own_weights() -> None:
+    """A flush on the diagnosis cadence is only launched at its step (its weights
+    measurement reduced on the device and packed with it; launches run with host
+    reads forbidden in test_one_host_read_per_flush_and_none_while_launching), read
+    at the next step(), and reports the weights of its own step, not those of the
+    step that read it."""
+    model = _model()
+    scope = Scope(model, every=1, raise_on=(), on_finding=lambda f: None)
+    scope.read_late = True
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    # the last layer's weight: the one the updates move most in this (vanishing) model
+    name, weight = [(n, p) for n, p in model.named_parameters() if p.dim() == 2][-1]
+    before: dict[int, float] = {}
+    last = 2 * DIAGNOSE_EVERY_STEPS
+    for step in range(last + 2):
+        x, y = _batch(step)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        before[step] = float(weight.detach().double().norm())
+        scope.step(opt)
+        if step == last:
+            assert scope._pending_flush is not None and scope._pending_flush.step == last
+            assert scope._pending_flush.weights is not None  # launched with its weights, not read yet
+        opt.step()
+    report = scope.close()
+    trajectory = {int(s): n for s, n in report.analysis["regularisation"]["weights"][name]["trajectory"]}
+    assert sorted(trajectory) == [0, DIAGNOSE_EVERY_STEPS, last]
+    for step, norm in trajectory.items():
+        assert norm == pytest.approx(before[step], rel=1e-6), step
+        assert abs(norm - before[step + 1]) > 1e-5 * norm  # not the weights of the step that read it

@@ -188,3 +188,20 @@ def test_runs_get_their_own_directories(tmp_path: Path) -> None:
     runs.close()
     assert list((tmp_path / "layer" / "fc1").glob("events.out.tfevents.*"))
     assert list((tmp_path / ch.MEDIAN_RUN).glob("events.out.tfevents.*"))
+
+
+def test_equally_bad_series_keep_forward_order_despite_float_rounding() -> None:
+    """Two weights equally far from their median differ in the last bits of a float
+    (the median's rounding): that is a tie, so the earlier layer is named first,
+    whatever the rounding (the golden dashboard test depended on it)."""
+    chart = next(c for c in ch.charts() if c.tag == ch.WEIGHT_NORM)  # badness: distance from the median
+    pairs = []
+    for i in range(1, 200):
+        a, b = 0.1 * i + 0.0123, -0.37 * i
+        m = (a + b) / 2
+        if abs(b - m) > abs(a - m):  # the later one looks worse by rounding alone
+            pairs.append((a, b))
+    assert pairs  # rounding does make such pairs
+    for a, b in pairs[:20]:
+        named, _ = WorstSeries(chart, limit=1).choose({"first": a, "second": b})
+        assert named == ["first"], (a, b)

@@ -194,7 +194,9 @@ def test_a_weight_made_non_finite_by_the_update_keeps_that_diagnosis_in_the_fina
 def test_unsampled_steps_cost_one_op_per_hooked_activation(monkeypatch: pytest.MonkeyPatch) -> None:
     """The hot-path budget: on an unsampled step the hooks add one ``aminmax`` per
     hooked output plus one for the forward's input, each written into preallocated
-    rows (``out=``: nothing allocated per layer), and nothing else (no sum, no read)."""
+    rows (``out=``: nothing allocated per layer), and nothing else (no sum, no read);
+    the Tanh between the Linears reads the output just flagged and cannot make it
+    non-finite, so it costs nothing (``passes_finite``)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -223,9 +225,9 @@ def test_unsampled_steps_cost_one_op_per_hooked_activation(monkeypatch: pytest.M
             nn.functional.mse_loss(out, y).backward()
             scope.step(opt)
             opt.step()
-    # step 2 is unsampled: 3 hooked outputs + the input of layer 0, one aminmax each into the rows
+    # step 2 is unsampled: the 2 Linear outputs + the input of layer 0, one aminmax each into the rows
     assert forward_sums == []
-    assert sorted(forward_extremes) == [((8, 3), True), ((8, 6), True)] + [((8, 16), True)] * 2
+    assert sorted(forward_extremes) == [((8, 3), True), ((8, 6), True), ((8, 16), True)]
 
 
 def test_the_flag_reads_fp8_without_widening_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -357,3 +359,88 @@ def test_with_record_no_grad_the_per_step_check_counts_evaluation_forwards(every
             train(model, scope, 30, evaluation=INFINITE_BATCH)
     assert info.value.record["step"] == 0
     assert info.value.record["origin"] == "received"  # from the infinite evaluation input
+
+
+class _LogBetween(nn.Module):
+    """Linear -> torch.log (a functional op, not a hooked layer) -> ReLU -> Linear;
+    at forward ``at`` the log reads negative pre-activations (NaN): the NaN is made
+    between two hooked layers, and the ReLU is the first hooked layer showing it."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.at, self.calls = at, 0
+        self.fc1, self.act, self.fc2 = nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        h = torch.log(h) if self.calls == self.at else torch.log(h.abs() + 1.0)
+        self.calls += 1
+        return self.fc2(self.act(h))
+
+
+@pytest.mark.parametrize("every", EVERIES)
+def test_a_passive_layer_fed_by_unhooked_code_is_still_flagged(every: int) -> None:
+    """A layer that cannot make NaN (ReLU) is skipped only when its input is the
+    output flagged just before; here its input comes from ``torch.log``, so the
+    ReLU is flagged and named at step 5, sampled (every=1) or not (every>1)."""
+    model = _LogBetween(at=5)
+    with pytest.raises(GradscopeError) as info:
+        with gradscope.watch(model, every=every) as scope:
+            train(model, scope, 12)
+    assert where(info.value.record)[:3] == (5, "act", "activation")
+
+
+class _ReluChain(nn.Module):
+    """Linear -> ReLU -> GELU -> Linear -> Sigmoid, with the second Linear's weight
+    set to 3e38 at step ``at`` (finite; its output overflows to +inf, which the
+    Sigmoid after it turns back into 1); a passive chain before it."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.at, self.calls = at, 0
+        self.fc1, self.relu, self.gelu = nn.Linear(6, 16), nn.ReLU(), nn.GELU()
+        self.fc2, self.out = nn.Linear(16, 3), nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calls == self.at:
+            with torch.no_grad():
+                self.fc2.weight.fill_(3e38)
+        self.calls += 1
+        return self.out(self.fc2(self.gelu(self.relu(self.fc1(x)))))
+
+
+@pytest.mark.parametrize("every", EVERIES)
+def test_passive_layers_skipped_on_unsampled_steps_name_the_same_producer(every: int) -> None:
+    """The skipped ReLU/GELU/Sigmoid change nothing in the naming: the first bad
+    output is fc2's at step 5, produced, at every rate (sampled step at every=1,
+    unsampled at 4, 10, 50)."""
+    model = _ReluChain(at=5)
+    with pytest.raises(GradscopeError) as info:
+        with gradscope.watch(model, every=every) as scope:
+            train(model, scope, 12)
+    assert where(info.value.record) == (5, "fc2", "activation", "produced")
+
+
+def test_passes_finite_covers_torch_layers_only() -> None:
+    """torch.nn's bounded layers pass; scaling (Dropout, SELU, a steep LeakyReLU),
+    averaging and log layers, parametrised layers and user subclasses do not."""
+
+    class MyReLU(nn.ReLU):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.log(x)
+
+    passing = [nn.ReLU(inplace=True), nn.GELU(), nn.SiLU(), nn.Tanh(), nn.Softmax(-1), nn.MaxPool2d(2), nn.Flatten()]
+    assert all(nonfinite.passes_finite(m) for m in passing)
+    assert nonfinite.passes_finite(nn.LeakyReLU(0.2))
+    failing = [
+        nn.Dropout(),
+        nn.SELU(),
+        nn.LeakyReLU(3.0),
+        nn.AvgPool2d(2),
+        nn.LogSoftmax(-1),
+        nn.Linear(2, 2),
+        MyReLU(),
+    ]
+    assert not any(nonfinite.passes_finite(m) for m in failing)

@@ -13,6 +13,10 @@ import math
 from gradscope.dashboards.charts import Chart, finite_median
 
 
+def _rounded(score: float) -> float:
+    return round(score, 9) if math.isfinite(score) else score
+
+
 class WorstSeries:
     """The named series of one chart (see the module docstring)."""
 
@@ -27,7 +31,9 @@ class WorstSeries:
         median = finite_median(list(values.values()))
         score = {name: self.chart.badness(v, median) for name, v in values.items()}
         order = {name: i for i, name in enumerate(values)}
-        ranked = sorted(values, key=lambda name: (-score[name], order[name]))[: self.limit]
+        # Scores equal to 1e-9 are ties (two layers equally far from the median differ
+        # in the last bits of a float): the earlier layer keeps its slot.
+        ranked = sorted(values, key=lambda name: (-_rounded(score[name]), order[name]))[: self.limit]
         for name in ranked:
             if name in self.named:
                 continue

@@ -42,6 +42,7 @@ from gradscope.watching.packing import PackLayout, Unpacked, pack, unpack
 from gradscope.watching.scaling import divide_stats
 from gradscope.watching.step_norms import StepNorms
 from gradscope.watching.training_state import RingReading
+from gradscope.watching.weights import WeightLaunch
 
 if TYPE_CHECKING:
     from gradscope.watching.scope import Scope
@@ -65,6 +66,7 @@ class PendingFlush:
     input_finite: bool | None  # known at launch (no forward, or no float input); else read from the flush
     input_copy: HostCopy | None  # under a group: the input flag on its own way to the host (local, not reduced)
     held: dict[str, Any] | None  # the non-finite record this rank held at launch (its stop flag)
+    weights: WeightLaunch | None = None  # a full flush's weights measurement, packed with it
     late: bool = False  # completed after this step's optimizer.step() (see complete_sampled_record)
 
     def ready(self) -> bool:
@@ -105,7 +107,8 @@ def launch(
         # Local to this rank (a rank's own input), so not in the summed vector.
         input_copy = host_copy.copy_to_host(flag.reshape(1), scope._input_buffers)
         flag = None
-    packed, layout = pack(scope._norms, scope._ratios, stop, flag)
+    weights = scope._regularisation.launch_weights() if full and sampled else None
+    packed, layout = pack(scope._norms, scope._ratios, stop, flag, weights.vector if weights is not None else None)
     transfer = scope._recorder.launch_flush(packed)
     ring_flags = copy.copy(scope._norms)
     ring_flags.loss_given = list(ring_flags.loss_given)
@@ -127,6 +130,7 @@ def launch(
         input_finite=known,
         input_copy=input_copy,
         held=episodes.held,
+        weights=weights,
     )
 
 
@@ -319,11 +323,17 @@ def regularisation_findings(
     param_grad_norms: dict[str, float],
     reading: RingReading,
     sources: dict[str, list[Finding]],
+    weights: tuple[WeightLaunch, torch.Tensor] | None = None,
 ) -> list[Finding]:
     """Weight decay, weights over time, validation (``gradscope.watching.regularisation``),
     added to the training source: cached between measurements, evaluated every flush."""
     found = scope._regularisation.flush(
-        step, full=full, param_grad_norms=param_grad_norms, losses=reading.losses, writer=scope._writer
+        step,
+        full=full,
+        param_grad_norms=param_grad_norms,
+        losses=reading.losses,
+        writer=scope._writer,
+        weights=weights,
     )
     sources["training"].extend(found)
     return found
@@ -425,7 +435,8 @@ def complete(scope: Scope, pending: PendingFlush) -> GradscopeError | None:
     )
     findings = [f for group in sources.values() for f in group]
     name_spike_parameters(scope, findings, reading, step, param_grad_norms)
-    findings.extend(regularisation_findings(scope, step, sampled and full, param_grad_norms, reading, sources))
+    weights = (pending.weights, host.weights) if pending.weights is not None and host.weights is not None else None
+    findings.extend(regularisation_findings(scope, step, sampled and full, param_grad_norms, reading, sources, weights))
     alerts = scope._announcer.alert(step, sources)
     scope._aggregate.merge(record, step=step)
     result = FlushResult(

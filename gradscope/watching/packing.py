@@ -23,6 +23,7 @@ class PackLayout:
     ring: bool = False
     names: list[str] = field(default_factory=list)  # per-parameter norms, in this order
     ratios: list[tuple[int, list[str]]] = field(default_factory=list)  # (sampled step, layers)
+    weights: int = 0  # weights measured (gradscope.watching.weights): 4 numbers each
     inputs: bool = False  # how many forwards' first inputs were non-finite (not reduced: local only)
     stop: bool = False  # the stop flag comes last (gradscope.watching.agreement)
 
@@ -35,14 +36,20 @@ class Unpacked:
     names: list[str] = field(default_factory=list)
     param_norms: torch.Tensor | None = None
     ratios: list[tuple[int, list[str], Any]] = field(default_factory=list)
+    weights: torch.Tensor | None = None  # the weights measurement's vector, summed over the ranks
     inputs_nonfinite: float | None = None  # forwards whose first input was non-finite (None: not packed)
     stop: float = 0.0  # ranks that hold a record of a non-finite step (summed)
 
 
 def pack(
-    norms: StepNorms, ratios: UpdateRatios, stop: bool | None = None, inputs: torch.Tensor | None = None
+    norms: StepNorms,
+    ratios: UpdateRatios,
+    stop: bool | None = None,
+    inputs: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, PackLayout]:
-    """Take (and reset) what waits for the flush, as one device vector; ``stop``
+    """Take (and reset) what waits for the flush, as one device vector; ``weights``:
+    a full flush's weights measurement (``WeightWatch.launch``); ``stop``
     (under torch.distributed): whether this rank holds a record of a non-finite step;
     ``inputs``: a device scalar, the number of non-finite first inputs of the sampled
     step's forwards (only without a reduction group: it would be summed over ranks)."""
@@ -57,6 +64,9 @@ def pack(
     pieces.extend(r.float() for _, _, r in ready)
     ratios.ready = []
     norms.param_norms = None
+    if weights is not None:
+        pieces.append(weights.reshape(-1).float())
+        layout.weights = weights.numel() // 4
     if inputs is not None:
         pieces.append(inputs.reshape(1).float())
         layout.inputs = True
@@ -105,6 +115,9 @@ def unpack(host: torch.Tensor | None, layout: PackLayout, every: int, ranks: int
         diff, before = host[offset : offset + k], host[offset + k : offset + 2 * k]
         out.ratios.append((step, layer_names, (diff / before).sqrt()))
         offset += 2 * k
+    if layout.weights:
+        out.weights = host[offset : offset + 4 * layout.weights].clone()  # the host buffer is reused
+        offset += 4 * layout.weights
     if layout.inputs:
         out.inputs_nonfinite = float(host[offset])
         offset += 1

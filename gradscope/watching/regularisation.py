@@ -20,6 +20,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 from gradscope.distributed import ReductionGroup
@@ -27,7 +28,7 @@ from gradscope.placement import ParameterRef
 from gradscope.report import Finding
 from gradscope.watching.eval_mode import EvalModeGuard
 from gradscope.watching.validation import Evaluation, ValidationTracker, overfitting_finding
-from gradscope.watching.weights import WeightWatch
+from gradscope.watching.weights import WeightLaunch, WeightWatch
 
 STOP_CODES = ("overfitting",)
 
@@ -103,11 +104,16 @@ class RegularisationWatch:
         param_grad_norms: dict[str, float],
         losses: list[tuple[int, float]],
         writer: Any = None,
+        weights: tuple[WeightLaunch, torch.Tensor] | None = None,
     ) -> list[Finding]:
-        """This flush's regularisation findings (measured when ``full``, else the cached ones)."""
+        """This flush's regularisation findings (measured when ``full``, else the cached ones).
+
+        ``weights``: the weights measurement launched with the flush (``launch_weights``)
+        and its vector as the flush brought it to the host (summed over the group);
+        None measures the weights now."""
         self.validation.observe_train_losses(losses)
         if full:
-            self._measure(step, param_grad_norms)
+            self._measure(step, param_grad_norms, weights)
             if writer is not None:
                 writer.write_weights(step, self.weights.tracks)
         findings = list(self._cached)
@@ -118,7 +124,14 @@ class RegularisationWatch:
             findings.append(self._overfitting)
         return findings
 
-    def _measure(self, step: int, param_grad_norms: dict[str, float]) -> None:
+    def launch_weights(self) -> WeightLaunch | None:
+        """The device side of the weights measurement of a full flush, packed into
+        the flush (so a flush read one flush late reads the weights of its own step)."""
+        return self.weights.launch()
+
+    def _measure(
+        self, step: int, param_grad_norms: dict[str, float], weights: tuple[WeightLaunch, torch.Tensor] | None
+    ) -> None:
         from gradscope.optimizer_audit import decay_of_parameters, optimizer_findings, optimizer_summary
 
         model = self._model()
@@ -129,7 +142,10 @@ class RegularisationWatch:
             decays = decay_of_parameters(optimizer, model)
             cached.extend(optimizer_findings(optimizer, model))
             self._optimizer_summary = optimizer_summary(optimizer, model)
-        self.weights.measure(step, decays, param_grad_norms)
+        if weights is not None:
+            self.weights.complete(step, weights[0], weights[1], decays, param_grad_norms)
+        else:
+            self.weights.measure(step, decays, param_grad_norms)
         l1 = self.weights.l1_finding()
         if l1 is not None:
             cached.append(l1)

@@ -54,8 +54,9 @@ number; an error of ``raise_on`` raised from it is raised by that later
 ``step()`` and names step N; a sampled step in trouble is searched without
 statistics of its weights (optimizer.step() has changed them; the record's
 ``read`` says so), its gradients and activations are its own.  Flushes at the
-diagnosis cadence (DIAGNOSE_EVERY_STEPS) are read at once: the weights they
-measure (``gradscope.watching.weights``) must be those of the step.
+diagnosis cadence (DIAGNOSE_EVERY_STEPS) are read late too: the weights they
+measure (``gradscope.watching.weights``) are reduced on the device at the step
+and travel in the flush's own vector, so they are the step's weights.
 
 Gradient accumulation: statistics are per *optimizer step*; the forwards and
 backwards of all micro-batches of a sampled step are merged into its record,
@@ -333,7 +334,7 @@ class Scope:
             handles, self._optimizer_handles = self._optimizer_handles, []
             for handle in handles:
                 handle.remove()
-            self._norms.buf = None
+            self._norms.close()
         self._report = final_report(self)
         if self._writer is not None:
             try:
@@ -582,11 +583,11 @@ class Scope:
         self, step: int, *, sampled: bool, raise_errors: bool, full: bool = False, input_flags: list[Any] | None = None
     ) -> GradscopeError | None:
         """Move this flush's numbers to the host and run the rules (``gradscope.watching.flush``);
-        with ``read_late``, only launch it (read by ``_read_pending``), except a ``full``
-        flush (its weight measurement is of this step) and the last one, at close."""
+        with ``read_late``, only launch it (read by ``_read_pending``), except the last
+        one, at close (a full flush's weight measurement is launched with it)."""
         earlier = self._read_pending(wait=True)  # one flush in flight at a time: its host buffers are reused
         pending = launch(self, step, sampled=sampled, raise_errors=raise_errors, full=full, input_flags=input_flags)
-        if self.read_late and not full and not self._closed:
+        if self.read_late and not self._closed:
             pending.late = True
             self._pending_flush = pending
             return earlier

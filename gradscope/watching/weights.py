@@ -119,6 +119,15 @@ def _sum_over(group: ReductionGroup | None, tensor: torch.Tensor) -> torch.Tenso
     return total.to(tensor.device)
 
 
+@dataclass
+class WeightLaunch:
+    """A measurement launched on the device: the weights' names and their vector
+    (squared norm, zeros, near zeros, elements sampled per weight; float32)."""
+
+    names: list[str]
+    vector: torch.Tensor
+
+
 class WeightWatch:
     """Norms, sparsity and decay share of every weight, at the diagnosis cadence.
 
@@ -165,50 +174,88 @@ class WeightWatch:
             out.append((ref, value.detach()))
         return out
 
+    def launch(self) -> WeightLaunch | None:
+        """The device side of a measurement (no host read): per weight, this rank's
+        squared norm and its (zeros, near zeros, elements sampled), as one float32
+        vector of 4 numbers per weight whose sum over ``group`` is the whole
+        weights' (the flush packs it into its own reduction and transfer).  With a
+        group the squared norms are summed first (one all-reduce on the device)
+        so that the near-zero tolerance is the whole weight's."""
+        parts = self._chosen(self.group is None or self.group.rank == 0)
+        if not parts:
+            return None
+        with torch.no_grad():
+            device = parts[0][1].device
+            # Squared norms as the per-step gradient norms take them (a BLAS dot per
+            # weight on the CPU, 2.7x faster there than vector_norm).
+            squares = squared_norms([w for _, w in parts])
+            # a copy: the all-reduce works in place, and the vector keeps this rank's part
+            whole = _sum_over(self.group, squares.clone()) if self.group is not None else squares
+            counts = self._counts(parts, whole.sqrt(), device)
+            vector = torch.cat([squares.unsqueeze(1).to(torch.float32), counts], dim=1).reshape(-1)
+        return WeightLaunch([ref.name for ref, _ in parts], vector)
+
+    def complete(
+        self,
+        step: int,
+        launched: WeightLaunch,
+        summed: torch.Tensor,
+        decays: dict[str, tuple[float, float, str]] | None = None,
+        grad_norms: dict[str, float] | None = None,
+    ) -> None:
+        """The host side: ``summed`` is ``launched.vector`` summed over the group, on
+        the host; ``decays`` maps parameter name -> (lr, weight_decay, applied),
+        ``grad_norms`` name -> ‖g‖."""
+        rows = summed.to(torch.float64).reshape(len(launched.names), 4).tolist()
+        decays = decays or {}
+        grad_norms = grad_norms or {}
+        for name, (squared, zeros, near, sampled) in zip(launched.names, rows, strict=True):
+            near_frac = near / sampled if sampled > 0 else math.nan
+            norm = math.sqrt(squared) if squared >= 0 else math.nan
+            self._record(self.tracks[name], step, norm, zeros, near_frac, decays.get(name), grad_norms.get(name))
+
     def measure(
         self,
         step: int,
         decays: dict[str, tuple[float, float, str]] | None = None,
         grad_norms: dict[str, float] | None = None,
     ) -> None:
-        """Norm, zeros and near-zeros of each weight (one host transfer; with a group,
-        two all-reduces: the norms first, for the near-zero tolerance); ``decays`` maps
-        parameter name -> (lr, weight_decay, applied), ``grad_norms`` name -> ‖g‖."""
-        parts = self._chosen(self.group is None or self.group.rank == 0)
-        if not parts:
+        """``launch`` and ``complete`` at once (one host read; with a group, two
+        all-reduces: the norms first, for the near-zero tolerance)."""
+        launched = self.launch()
+        if launched is None:
             return
-        with torch.no_grad():
-            device = parts[0][1].device
-            # Squared norms as the per-step gradient norms take them (a BLAS dot per
-            # weight on the CPU, 2.7x faster there than vector_norm).
-            norms = squared_norms([w for _, w in parts])
-            norms = _sum_over(self.group, norms).sqrt() if self.group is not None else norms.sqrt()
-            counts = []
-            for (ref, w), norm in zip(parts, norms, strict=True):
-                if w.numel() == 0:
-                    counts.append(torch.zeros(3, device=device))
-                    continue
-                tol = (norm / math.sqrt(_numel(ref)) * SPARSITY_RTOL).to(w.dtype)
-                # Exact zeros: count_nonzero reads the weight in place (a sum of
-                # booleans costs 4x as much on the CPU and a temporary as large).
-                zeros = w.numel() - torch.count_nonzero(w)
-                # Near zeros from a strided sample (see NEAR_ZERO_SAMPLE): |w| < tol
-                # over the whole weight allocated a full-size temporary per weight
-                # per measurement (8 ms for a 1024 x 1024 weight on a busy CPU).
-                picked = strided_sample(w, dense_view(w), NEAR_ZERO_SAMPLE) if w.numel() > NEAR_ZERO_SAMPLE else w
-                magnitude = picked.abs()
-                near = torch.count_nonzero((magnitude < tol) & (magnitude > 0))
-                sampled = torch.tensor(float(picked.numel()), device=device)  # host-known: no read-back
-                counts.append(torch.stack([zeros.to(device), near.to(device), sampled]).to(torch.float32))
-            summed = _sum_over(self.group, torch.stack(counts))
-            host = torch.cat([norms.unsqueeze(1), summed], dim=1).to("cpu", torch.float64).tolist()
-        decays = decays or {}
-        grad_norms = grad_norms or {}
-        for (ref, _), (norm, zeros, near, sampled) in zip(parts, host, strict=True):
-            near_frac = near / sampled if sampled > 0 else math.nan
-            self._record(
-                self.tracks[ref.name], step, norm, zeros, near_frac, decays.get(ref.name), grad_norms.get(ref.name)
-            )
+        self.complete(step, launched, _sum_over(self.group, launched.vector.clone()).cpu(), decays, grad_norms)
+
+    @staticmethod
+    def _counts(
+        parts: list[tuple[ParameterRef, torch.Tensor]], norms: torch.Tensor, device: torch.device
+    ) -> torch.Tensor:
+        """(zeros, near zeros, elements sampled) per weight, float32, shape (k, 3).
+
+        Exact zeros by ``count_nonzero`` over each weight in place (a sum of booleans
+        costs 4x as much on the CPU and a temporary as large); near zeros from a
+        strided sample (see NEAR_ZERO_SAMPLE), as the sample's elements below the
+        tolerance minus its zeros (two counts, no boolean temporary combined).
+        Concatenating every weight's sample into one pass was slower (24 vs 14 ms
+        for the benchmark MLP's 9 weights, 2026-12-02): the gathers and index
+        arrays cost more than the per-weight calls they save.
+        """
+        counts = []
+        for (ref, w), norm in zip(parts, norms, strict=True):
+            if w.numel() == 0:
+                counts.append(torch.zeros(3, device=device))
+                continue
+            tol = (norm / math.sqrt(_numel(ref)) * SPARSITY_RTOL).to(w.dtype)
+            zeros = w.numel() - torch.count_nonzero(w)
+            # |w| < tol over the whole weight allocated a full-size temporary per weight
+            # per measurement (8 ms for a 1024 x 1024 weight on a busy CPU).
+            picked = strided_sample(w, dense_view(w), NEAR_ZERO_SAMPLE) if w.numel() > NEAR_ZERO_SAMPLE else w
+            below = torch.count_nonzero(picked.abs() < tol)
+            near = (below - (picked.numel() - torch.count_nonzero(picked))).clamp_min(0)  # tol 0: all-zero weight
+            sampled = torch.tensor(float(picked.numel()), device=device)  # host-known: no read-back
+            counts.append(torch.stack([zeros.to(device), near.to(device), sampled]).to(torch.float32))
+        return torch.stack(counts)
 
     @staticmethod
     def _record(
