@@ -39,7 +39,6 @@ from models import WORKLOADS  # noqa: E402
 PARTS = [
     ("hooks: each tensor's extremes and sample copy", "gradscope.recorder", "Recorder._take", 0),
     ("hooks: non-finite flags (unsampled steps)", "gradscope.watching.nonfinite", "ForwardSentinel.forward", 0),
-    ("hooks: gradient norms in backward", "gradscope.watching.hot_norms", "HotSquares.measure", 0),
     ("scope.step", "gradscope.watching.scope", "Scope.step", 0),
     ("gradient norms (every step)", "gradscope.watching.step_norms", "StepNorms.observe", 1),
     ("update ratio: snapshot", "gradscope.watching.update_ratio", "UpdateRatios.take_snapshot", 1),
@@ -51,7 +50,7 @@ PARTS = [
     ("finalize statistics vectors", "gradscope.recorder", "finalize", 2),
     ("merge into the run aggregate", "gradscope.watching.aggregate", "RunningRecord.merge", 2),
     ("diagnosis (every 10 steps)", "gradscope.watching.scope", "Scope._diagnose", 2),
-    ("weights over time (every 10 steps)", "gradscope.watching.weights", "WeightWatch.measure", 2),
+    ("weights over time (every 10 steps)", "gradscope.watching.weights", "WeightWatch.launch", 2),
 ]
 
 

@@ -18,7 +18,6 @@ import torch
 
 from gradscope.placement import ParameterRef, local_gradients
 from gradscope.recorder import Recorder
-from gradscope.watching.hot_norms import HotSquares
 from gradscope.watching.scaling import scale_tensor
 
 # Rows of the ring.
@@ -81,7 +80,6 @@ class StepNorms:
         self.step_loss: torch.Tensor | float | None = None
         self.step_squares: tuple[list[str], torch.Tensor | None, torch.Tensor | None] = ([], None, None)
         self._param_refs: list[ParameterRef] | None = None
-        self._hot: HotSquares | None = None  # gradients' squared norms taken in backward (gradscope.watching.hot_norms)
 
     def observe_loss(self, loss: Any) -> None:
         value: torch.Tensor | float = loss.detach().float().sum() if isinstance(loss, torch.Tensor) else float(loss)
@@ -121,13 +119,10 @@ class StepNorms:
                 if local is not None and local.requires_grad:
                     refs.append(ref)
             self._param_refs = refs
-            self._hot = HotSquares(refs)
         return self._param_refs
 
     def close(self) -> None:
-        """Remove the gradient hooks and the ring (the scope closed)."""
-        if self._hot is not None:
-            self._hot.close()
+        """Drop the ring (the scope closed)."""
         self.buf = None
 
     def observe(self, step: int, scaler: Any, scaled: bool, sampled: bool) -> None:
@@ -207,8 +202,7 @@ class StepNorms:
         names = [ref.name for ref in refs] if reduced else present  # the same layout on every rank
         if not grads:
             return names, present, None, None
-        hot = self._hot.take([grad for _, grad in grads_by_name], squared_norms) if self._hot is not None else None
-        squares = hot if hot is not None else squared_norms(grads)
+        squares = squared_norms(grads)
         mask = None
         if reduced:
             mask = torch.tensor([grad is not None for _, grad in grads_by_name], device=squares.device)
