@@ -218,7 +218,11 @@ class Divergence:
     last_norm: tuple[int, float] | None = None
     early_norms: list[float] = field(default_factory=list)
     median_ratio: tuple[int, float] | None = None  # (step, median update ratio of the weight layers)
-    found: Finding | None = None
+    found: Finding | None = None  # the run's first finding (the final report's)
+    # The finding of the episode going on now: the same object while the condition
+    # holds (an alert that persists), a new one with that step's numbers once it
+    # held again after clearing (the old one named a step and numbers long past).
+    episode: Finding | None = None
 
     def observe(self, norms: list[tuple[int, float]], losses: list[tuple[int, float]]) -> None:
         for step, loss in losses:
@@ -326,10 +330,13 @@ class LearningRateMonitor:
         ):
             basis = "loss and gradient norm"
         else:
+            d.episode = None
             return None
+        if d.episode is None:
+            d.episode = self._lr_finding(step, basis, loss_growth, norm_growth)
         if d.found is None:
-            d.found = self._lr_finding(step, basis, loss_growth, norm_growth)
-        return d.found
+            d.found = d.episode
+        return d.episode
 
     def _current_lr(self) -> float | None:
         lrs = [x.lr_last for x in self.layers.values() if x.lr_last is not None and x.kind == "weight"]

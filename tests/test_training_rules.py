@@ -287,3 +287,24 @@ def test_adam_with_a_far_too_high_lr_is_named_at_step_1_and_a_sane_one_is_silent
     model = mlp()
     report, alerts, _ = train(model, torch.optim.Adam(model.parameters(), lr=1e-3), 12, mlp_data)
     assert not {"learning-rate-too-high", "update-ratio"} & (set(codes(alerts)) | report.codes())
+
+
+def test_a_divergence_that_returns_after_clearing_is_named_at_its_own_step() -> None:
+    """learning-rate-too-high holds at step 2, clears when loss and norm fall back, and
+    holds again at step 8: the second appearance names step 8 and its own numbers, not
+    the first episode's (demos/training_nan.py announced "step 10: …" at step 36); the
+    final report keeps the run's first."""
+    monitor = LearningRateMonitor()
+    ratios = {0: {"fc": 0.5}}
+    first = monitor.observe(2, ratios, [(0, 1.0), (1, 1.0), (2, 40.0)], [(0, 1.0), (1, 1.0), (2, 8.0)])
+    (found,) = [f for f in first if f.code == "learning-rate-too-high"]
+    assert found.evidence["step"] == 2
+    calm = monitor.observe(5, {}, [(3, 1.0), (4, 1.0), (5, 1.0)], [(3, 1.0), (4, 1.0), (5, 1.0)])
+    assert "learning-rate-too-high" not in codes(calm)
+    again = monitor.observe(8, {}, [(6, 1.0), (7, 1.0), (8, 90.0)], [(6, 1.0), (7, 1.0), (8, 20.0)])
+    (returned,) = [f for f in again if f.code == "learning-rate-too-high"]
+    assert returned.evidence["step"] == 8 and returned.message.startswith("step 8: ")
+    assert returned.evidence["loss_growth"] == pytest.approx(20.0)
+    persisting = monitor.observe(9, {}, [(9, 95.0)], [(9, 21.0)])
+    assert [f for f in persisting if f.code == "learning-rate-too-high"] == [returned]  # same episode, same object
+    assert [f.evidence["step"] for f in monitor.final_findings() if f.code == "learning-rate-too-high"] == [2]
