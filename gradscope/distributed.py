@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradscope.device_constants import on_device
 from gradscope.errors import GradscopeError
 from gradscope.host_copy import HostBuffers, HostCopy, copy_to_host
 from gradscope.stats import COUNT, M2, MAX, MCOUNT, MEAN, MIN, NANSEEN, SIZE
@@ -290,7 +291,7 @@ class Reducer:
         out = torch.zeros(len(keys), SIZE, dtype=torch.float64, device=device)
         at = [(i, local[key]) for i, key in enumerate(keys) if key in local]
         if at:
-            index = torch.tensor([i for i, _ in at], device=device)
+            index = on_device(tuple(i for i, _ in at), device, torch.int64)
             out[index] = torch.stack([row for _, row in at])
         return out
 

@@ -19,6 +19,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import torch
@@ -63,14 +64,20 @@ _PASSES_FINITE = frozenset(
 )  # fmt: skip
 
 
+@cache
+def _passive_class(cls: Any) -> bool:
+    return cls.__module__.startswith("torch.nn.modules") and cls.__name__ in _PASSES_FINITE
+
+
 def passes_finite(module: nn.Module) -> bool:
     """Whether ``module`` is one of torch.nn's layers that cannot make a finite input
     non-finite (above; LeakyReLU when its slope is at most 1).  torch.nn's own
-    classes only: a subclass may override ``forward``."""
-    cls = type(module)
-    if cls.__module__.startswith("torch.nn.modules") and cls.__name__ in _PASSES_FINITE:
-        return True
-    return cls is nn.LeakyReLU and abs(getattr(module, "negative_slope", 1.0)) <= 1.0
+    classes only: a subclass may override ``forward``.  Called in the forward hook
+    of every passive layer on unsampled steps: one cached lookup per class."""
+    cls: Any = type(module)
+    if cls is nn.LeakyReLU:
+        return abs(float(module.negative_slope)) <= 1.0  # type: ignore[arg-type]
+    return _passive_class(cls)
 
 
 def _bad(stats: Stats | None) -> bool:

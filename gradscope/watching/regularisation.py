@@ -110,7 +110,7 @@ class RegularisationWatch:
 
         ``weights``: the weights measurement launched with the flush (``launch_weights``)
         and its vector as the flush brought it to the host (summed over the group);
-        None measures the weights now."""
+        None when there was no weight to measure."""
         self.validation.observe_train_losses(losses)
         if full:
             self._measure(step, param_grad_norms, weights)
@@ -144,8 +144,6 @@ class RegularisationWatch:
             self._optimizer_summary = optimizer_summary(optimizer, model)
         if weights is not None:
             self.weights.complete(step, weights[0], weights[1], decays, param_grad_norms)
-        else:
-            self.weights.measure(step, decays, param_grad_norms)
         l1 = self.weights.l1_finding()
         if l1 is not None:
             cached.append(l1)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from gradscope.device_constants import on_device
 from gradscope.placement import ParameterRef, local_gradients
 from gradscope.recorder import Recorder
 from gradscope.watching.scaling import scale_tensor
@@ -24,7 +25,7 @@ from gradscope.watching.scaling import scale_tensor
 NORM, LOSS, SCALE = 0, 1, 2
 
 # (layout names, names with a gradient, their squared norms, which of the layout they are)
-GradientSquares = tuple[list[str], list[str], torch.Tensor | None, torch.Tensor | None]
+GradientSquares = tuple[list[str], list[str], torch.Tensor | None, tuple[bool, ...] | None]
 # (names with a gradient, their squared norms, the total): what the per-step check reads
 StepSquares = tuple[list[str], torch.Tensor | None, torch.Tensor | None]
 
@@ -134,7 +135,7 @@ class StepNorms:
         names: list[str] = []
         present: list[str] = []
         squares: torch.Tensor | None = None
-        mask: torch.Tensor | None = None
+        mask: tuple[bool, ...] | None = None
         if measure:
             # measured before the trainer clipped (observe_gradients), else now
             names, present, squares, mask = pre_clip if pre_clip is not None else self.gradient_squares()
@@ -167,7 +168,7 @@ class StepNorms:
         self,
         names: list[str],
         squares: torch.Tensor | None,
-        mask: torch.Tensor | None,
+        mask: tuple[bool, ...] | None,
         sampled: bool,
         device: torch.device,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -181,8 +182,11 @@ class StepNorms:
                 # The shared layout: 0 where this rank holds none of a parameter;
                 # whether it holds a gradient travels alongside.
                 stacked = torch.zeros(len(names), dtype=squares.dtype, device=device)
-                stacked[mask] = squares
-                presence = mask.to(squares.dtype)
+                # indices from the host-known mask, copied to the device once per pattern
+                # (a boolean-mask assignment would count the mask on the host: a sync)
+                held = on_device(tuple(i for i, here in enumerate(mask) if here), device, torch.int64)
+                stacked.index_copy_(0, held, squares)
+                presence = on_device(mask, device, squares.dtype)
         else:
             stacked = torch.zeros(len(names), device=device)
             presence = torch.zeros(len(names), device=device) if self.recorder.group is not None else None
@@ -193,7 +197,7 @@ class StepNorms:
         """This rank's gradients now: the layout of the names (every trainable
         parameter with a reduction group, else those with a gradient), the names
         with a gradient, their squared norms (device, no sync) and, with a
-        reduction group, which of the layout they are (a device mask)."""
+        reduction group, which of the layout they are (a host tuple)."""
         refs = self.trainable()
         grads_by_name = local_gradients(refs, self.recorder.owner)
         present = [name for name, grad in grads_by_name if grad is not None]
@@ -205,7 +209,7 @@ class StepNorms:
         squares = squared_norms(grads)
         mask = None
         if reduced:
-            mask = torch.tensor([grad is not None for _, grad in grads_by_name], device=squares.device)
+            mask = tuple(grad is not None for _, grad in grads_by_name)
         return names, present, squares, mask
 
     def local_parameters(self) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:

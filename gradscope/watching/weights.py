@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradscope.device_constants import on_device
 from gradscope.distributed import ReductionGroup
 from gradscope.numbers import percent, significant
 from gradscope.placement import ParameterRef, ParameterTable
@@ -241,21 +242,26 @@ class WeightWatch:
         for the benchmark MLP's 9 weights, 2026-12-02): the gathers and index
         arrays cost more than the per-weight calls they save.
         """
-        counts = []
+        zeros: list[torch.Tensor] = []
+        near: list[torch.Tensor] = []
+        sizes: list[float] = []
         for (ref, w), norm in zip(parts, norms, strict=True):
             if w.numel() == 0:
-                counts.append(torch.zeros(3, device=device))
+                zeros.append(torch.zeros((), dtype=torch.int64, device=device))
+                near.append(zeros[-1])
+                sizes.append(0.0)
                 continue
             tol = (norm / math.sqrt(_numel(ref)) * SPARSITY_RTOL).to(w.dtype)
-            zeros = w.numel() - torch.count_nonzero(w)
+            zeros.append(w.numel() - torch.count_nonzero(w))
             # |w| < tol over the whole weight allocated a full-size temporary per weight
             # per measurement (8 ms for a 1024 x 1024 weight on a busy CPU).
             picked = strided_sample(w, dense_view(w), NEAR_ZERO_SAMPLE) if w.numel() > NEAR_ZERO_SAMPLE else w
             below = torch.count_nonzero(picked.abs() < tol)
-            near = (below - (picked.numel() - torch.count_nonzero(picked))).clamp_min(0)  # tol 0: all-zero weight
-            sampled = torch.tensor(float(picked.numel()), device=device)  # host-known: no read-back
-            counts.append(torch.stack([zeros.to(device), near.to(device), sampled]).to(torch.float32))
-        return torch.stack(counts)
+            near.append((below - (picked.numel() - torch.count_nonzero(picked))).clamp_min(0))  # tol 0: all-zero
+            sizes.append(float(picked.numel()))
+        # the sample sizes are host-known: a cached device copy, not a copy per weight per measurement
+        sampled = on_device(tuple(sizes), device, torch.float32)
+        return torch.stack([torch.stack(zeros).to(torch.float32), torch.stack(near).to(torch.float32), sampled], dim=1)
 
     @staticmethod
     def _record(
