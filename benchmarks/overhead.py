@@ -36,6 +36,8 @@ Monitors:
   none          the training step alone
   floor         a hook that reads every activation and gradient once (a sum), no sync:
                 the least any per-layer monitor can cost
+  guarantee     the reads of watch's first-bad-step guarantee alone, by hand: an exact
+                aminmax per module output and a dot per gradient, every step
   handwritten   per-leaf ``output.std().item()`` forward hook + ``grad.std().item()``
                 tensor hook (what people write by hand; one host sync per tensor)
   recorder      gradscope's Recorder every step: full statistics of activations,
@@ -108,6 +110,40 @@ def floor_monitor(model: nn.Module, opt: torch.optim.Optimizer) -> Iterator[Call
 
 
 @contextlib.contextmanager
+def guarantee_floor_monitor(model: nn.Module, opt: torch.optim.Optimizer) -> Iterator[Callable[[], None]]:
+    """The reads the first-bad-step guarantee needs on every step, by hand and
+    nothing else: one exact ``aminmax`` per module output (a passive layer whose
+    input is the output just read is skipped, as gradscope does) and a BLAS dot
+    per parameter gradient (the exact global norm).  What any design that names
+    the first non-finite layer and gradient at every step pays on this machine."""
+    from gradscope.watching.nonfinite import passes_finite
+
+    sink: list[Any] = []
+    last: list[Any] = [None]
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        if not (isinstance(output, torch.Tensor) and output.is_floating_point()):
+            return
+        if not (passes_finite(module) and args and args[0] is last[0]):
+            sink.append(torch.aminmax(output.detach()))
+        last[0] = output
+
+    handles = [m.register_forward_hook(hook) for m in _leaves(model)]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def before_step() -> None:
+        sink.clear()
+        last[0] = None
+        sink.append(torch.stack([torch.dot(g, g) for g in (p.grad.reshape(-1) for p in params if p.grad is not None)]))
+
+    try:
+        yield before_step
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
 def handwritten_monitor(model: nn.Module, opt: torch.optim.Optimizer) -> Iterator[Callable[[], None]]:
     values: list[float] = []
     hooks = _Hooks(
@@ -151,6 +187,7 @@ def _watch_monitor(every: int, tier: str = "full") -> Monitor:
 MONITORS: dict[str, Monitor] = {
     "none": no_monitor,
     "floor": floor_monitor,
+    "guarantee": guarantee_floor_monitor,
     "handwritten": handwritten_monitor,
     "recorder": recorder_monitor,
     "watch-1": _watch_monitor(1),

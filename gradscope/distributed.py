@@ -35,9 +35,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradscope import host_copy
 from gradscope.device_constants import on_device
 from gradscope.errors import GradscopeError
-from gradscope.host_copy import HostBuffers, HostCopy, copy_to_host
+from gradscope.host_copy import HostBuffers, HostCopy
 from gradscope.stats import COUNT, M2, MAX, MCOUNT, MEAN, MIN, NANSEEN, SIZE
 
 NO_REDUCTION = "none"
@@ -158,8 +159,8 @@ def _sum_part(rows: torch.Tensor) -> torch.Tensor:
     n, mean = rows[:, MCOUNT], rows[:, MEAN]
     out[:, MEAN] = n * mean
     out[:, M2] = rows[:, M2] + n * mean * mean
-    out[:, MIN] = 0.0
-    out[:, MAX] = 0.0
+    out[:, MIN].zero_()  # a fill on the device (an assigned Python number is a tensor copied there)
+    out[:, MAX].zero_()
     return out
 
 
@@ -249,7 +250,7 @@ class Reducer:
             for work in works:
                 work.wait()
             works = []
-            copy = copy_to_host(torch.cat([sums, mins]), buffers if buffers is not None else HostBuffers())
+            copy = host_copy.copy_to_host(torch.cat([sums, mins]), buffers if buffers is not None else HostBuffers())
         return PendingReduction(local, new, extra is not None, n_extra, sums, mins, works, copy)
 
     def finish(self, pending: PendingReduction) -> tuple[dict[Any, torch.Tensor], torch.Tensor | None]:
@@ -259,11 +260,12 @@ class Reducer:
         reaches this point together, since the flag was summed)."""
         for work in pending.works:
             work.wait()
-        if pending.copy is not None:
-            host = pending.copy.wait()
-            sums, mins = host[: pending.sums.numel()], host[pending.sums.numel() :]
-        else:
-            sums, mins = pending.sums, pending.mins
+        # Every read goes through the host copy: on CUDA it was started at launch;
+        # elsewhere it is made now, after the reduction (on the CPU the vector is
+        # host memory already and used as is).
+        copy = pending.copy or host_copy.copy_to_host(torch.cat([pending.sums, pending.mins]), HostBuffers())
+        host = copy.wait()
+        sums, mins = host[: pending.sums.numel()], host[pending.sums.numel() :]
         n_extra = pending.n_extra
         out_rows = _rows_back(sums[1 + n_extra :].reshape(-1, SIZE), mins.reshape(-1, 2))
         host_extra = sums[1 : 1 + n_extra].clone() if pending.has_extra else None

@@ -44,7 +44,7 @@ from gradscope.placement import (
     owns_parameters,
 )
 from gradscope.record import LayerRecord, Record
-from gradscope.sequence import SequenceTaps
+from gradscope.sequence import LaunchedProfiles, SequenceTaps
 from gradscope.stats import RawStats, Sample, Stats, finalize, merge_stats, raw_stats, reduce_sample, take_sample
 
 ROOT_NAME = "model"  # the name given to the model itself when it is a leaf
@@ -67,7 +67,7 @@ class FlushTransfer:
     """A flush launched on the device and not read yet (``Recorder.launch_flush``)."""
 
     keys: list[tuple[str, str]]  # (site, role) of the merged rows, first-seen order
-    profiles: list[Any]  # sequence time profiles taken at launch (gradscope.sequence)
+    profiles: LaunchedProfiles  # sequence time profiles, their copy to the host started at launch
     copies: dict[torch.device, HostCopy] = field(default_factory=dict)  # per device: [extra,] rows
     rows_by_device: dict[torch.device, list[tuple[str, str]]] = field(default_factory=dict)
     extra_device: torch.device | None = None  # whose copy starts with the caller's extra numbers
@@ -77,6 +77,8 @@ class FlushTransfer:
     def ready(self) -> bool:
         """Whether every copy has landed (never blocks; a launched reduction counts as
         ready: under a group the read point is chosen by the caller, the same on every rank)."""
+        if not all(copy.ready() for _, copy in self.profiles.copies):
+            return False
         if self.reduction is not None:
             return self.reduction.copy is None or self.reduction.copy.ready()
         return all(copy.ready() for copy in self.copies.values())
@@ -231,6 +233,7 @@ class Recorder:
         self.group: ReductionGroup | None = resolve_group(process_group, model)
         self._reducer = Reducer(self.group) if self.group is not None else None
         self._host_buffers = HostBuffers()  # where flushes land on the host (pinned for CUDA), reused
+        self._profile_buffers = HostBuffers()  # the same for sequence time profiles (a copy of their own in flight)
         self._data_parallel: int | None = None
         self._table: ParameterTable | None = None
         self._selected = select_modules(model, include, exclude, types, parametrised_only)
@@ -686,7 +689,7 @@ class Recorder:
         next launch: the host buffers are reused."""
         self._merge_pending()
         merged, self._merged = self._merged, {}
-        transfer = FlushTransfer(keys=list(merged), profiles=self._sequences.take())
+        transfer = FlushTransfer(keys=list(merged), profiles=self._sequences.launch(self._profile_buffers))
         if self._reducer is not None and self.group is not None:
             transfer.reduction = self._reducer.launch(merged, extra, self._host_buffers)
             return transfer

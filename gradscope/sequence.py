@@ -25,12 +25,15 @@ autograd graph and die with it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from gradscope import host_copy
 from gradscope.errors import GradscopeError
+from gradscope.host_copy import HostBuffers, HostCopy
 from gradscope.timeprofile import TimeProfile, time_sums
 
 
@@ -116,27 +119,45 @@ class SequenceTaps:
         return hook
 
     def take(self) -> list[tuple[str, str, list[int], int, torch.Tensor]]:
-        """The pending profiles, still on the device (a flush read later hands them to ``flush``)."""
+        """The pending profiles, still on the device."""
         pending, self._pending = self._pending, []
         return pending
 
-    def flush(
-        self, pending: list[tuple[str, str, list[int], int, torch.Tensor]] | None = None
-    ) -> list[tuple[str, str, TimeProfile]]:
-        """The pending profiles (or ``pending``, taken earlier) on the host: one transfer per device."""
-        if pending is None:
-            pending = self.take()
-        if not pending:
-            return []
+    def launch(self, buffers: HostBuffers) -> LaunchedProfiles:
+        """The pending profiles on their way to the host: one packed copy per
+        device started now (``gradscope.host_copy``: pinned memory and an event on
+        CUDA), read by ``flush`` one flush later without draining the stream."""
+        pending = self.take()
         by_device: dict[torch.device, list[int]] = {}
         for i, entry in enumerate(pending):
             by_device.setdefault(entry[4].device, []).append(i)
-        host: list[torch.Tensor] = [torch.empty(0)] * len(pending)
-        for indices in by_device.values():
-            stacked = torch.stack([pending[i][4] for i in indices]).to("cpu", torch.float64)
-            for i, row in zip(indices, stacked, strict=True):
-                host[i] = row
+        copies = [
+            (indices, host_copy.copy_to_host(torch.cat([pending[i][4].reshape(-1) for i in indices]), buffers))
+            for indices in by_device.values()
+        ]
+        return LaunchedProfiles([entry[:4] for entry in pending], copies)
+
+    def flush(self, launched: LaunchedProfiles | None = None) -> list[tuple[str, str, TimeProfile]]:
+        """The profiles of ``launched`` (default: those pending now) on the host."""
+        if launched is None:
+            launched = self.launch(HostBuffers())
+        if not launched.entries:
+            return []
+        rows: list[torch.Tensor] = [torch.empty(0)] * len(launched.entries)
+        for indices, copy in launched.copies:
+            values = copy.wait().reshape(len(indices), -1)
+            for i, row in zip(indices, values, strict=True):
+                rows[i] = row
         return [
             (key, role, TimeProfile.from_sums(row, shape, dim))
-            for (key, role, shape, dim, _), row in zip(pending, host, strict=True)
+            for (key, role, shape, dim), row in zip(launched.entries, rows, strict=True)
         ]
+
+
+@dataclass
+class LaunchedProfiles:
+    """Time profiles whose copy to the host has started: (site, role, shape,
+    time dim) of each, and per device the row indices and their packed copy."""
+
+    entries: list[tuple[str, str, list[int], int]]
+    copies: list[tuple[list[int], HostCopy]]

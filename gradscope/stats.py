@@ -361,9 +361,13 @@ def finalize(raws: Sequence[RawStats]) -> torch.Tensor:
     """
     import torch
 
+    from gradscope.device_constants import on_device
+
     device = raws[0].lo.device
     dtype = _stats_dtype(device)
-    counts = torch.tensor([(r.numel, r.extreme_count) for r in raws], dtype=dtype).to(device, non_blocking=True)
+    # Host-known counts, made on the device once per layout: a tensor built from
+    # them each flush is a host-to-device copy from pageable memory every flush.
+    counts = on_device(tuple(c for r in raws for c in (r.numel, r.extreme_count)), device, dtype).view(-1, 2)
     n, xcount = counts[:, 0], counts[:, 1]
     lo = torch.stack([r.lo for r in raws]).to(dtype)
     hi = torch.stack([r.hi for r in raws]).to(dtype)

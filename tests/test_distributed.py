@@ -222,6 +222,44 @@ class _Collect(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+def _guarded_ddp_watch(rank: int) -> dict[str, int]:
+    """A DDP run watched with every=2 and read late, as on CUDA: what gradscope moved
+    between device and host outside the flush transfer (tests/device_traffic.py),
+    steps 12 to 31 (sampled, unsampled and full flushes, each a collective)."""
+    from gradscope.watching.scope import Scope
+    from tests.device_traffic import device_traffic
+
+    model = _vanishing_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scope = Scope(model, every=2, raise_on=(), on_finding=_quiet)
+    scope.read_late = True
+    violations: dict[str, int] = {}
+    patch = pytest.MonkeyPatch()
+    try:
+        for step in range(32):
+            x = _rows(_data(step, 16), rank)
+            guard = device_traffic(patch) if step >= 12 else contextlib.nullcontext(None)
+            with guard as traffic:
+                if traffic is not None:
+                    traffic.mark_device([*model.parameters(), *model.buffers(), x])
+                opt.zero_grad()
+                loss = _square_loss(ddp(x))
+                loss.backward()
+                scope.step(opt, loss=loss.detach())
+                opt.step()
+            if traffic is not None:
+                for line, count in traffic.violations.items():
+                    if "(outside gradscope)" not in line:  # DDP's own bucket work is not ours to judge
+                        violations[line] = violations.get(line, 0) + count
+            for p in model.parameters():
+                p.__dict__.pop("_gradscope_device_value", None)
+        scope.close()
+    finally:
+        patch.undo()
+    return violations
+
+
 def _ddp_worker(rank: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     # watch on a DDP model whose diagnosis alerts (a vanishing stack): only rank 0 logs.
@@ -243,6 +281,7 @@ def _ddp_worker(rank: int) -> dict[str, Any]:
     finally:
         logger.removeHandler(handler)
     out["log_messages"] = handler.messages
+    out["traffic"] = _guarded_ddp_watch(rank)
     # Ranks recording different layers: the union is agreed on, nothing deadlocks.
     branchy = _Branchy(extra=rank == 1)
     with Recorder(branchy) as rec:
@@ -559,6 +598,11 @@ def test_ranks_recording_different_layers_do_not_deadlock(ddp_ranks: dict[int, d
     assert first["layers"][0]["activation"]["count"] == 24
     assert second["layers"][1]["activation"]["count"] == 12
     assert any("another rank" in note for note in first["notes"])
+
+
+def test_under_ddp_values_cross_only_through_the_flush_transfer(ddp_ranks: dict[int, dict]) -> None:
+    for rank in range(WORLD):
+        assert ddp_ranks[rank]["traffic"] == {}, "\n".join(ddp_ranks[rank]["traffic"])
 
 
 def test_a_flush_is_two_all_reduces(ddp_ranks: dict[int, dict]) -> None:

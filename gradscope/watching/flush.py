@@ -38,6 +38,7 @@ from gradscope.training import clip_advice, skipped_steps_finding, spike_finding
 from gradscope.watching.alerts import Alert
 from gradscope.watching.episodes import in_trouble, reduced_evidence
 from gradscope.watching.flush_result import FlushResult
+from gradscope.watching.model_snapshot import SnapshotLaunch, launch_snapshot
 from gradscope.watching.packing import PackLayout, Unpacked, pack, unpack
 from gradscope.watching.scaling import divide_stats
 from gradscope.watching.step_norms import StepNorms
@@ -67,11 +68,16 @@ class PendingFlush:
     input_copy: HostCopy | None  # under a group: the input flag on its own way to the host (local, not reduced)
     held: dict[str, Any] | None  # the non-finite record this rank held at launch (its stop flag)
     weights: WeightLaunch | None = None  # a full flush's weights measurement, packed with it
+    snapshot: SnapshotLaunch | None = None  # a full flush's model tensors for the diagnosis (model_snapshot)
     late: bool = False  # completed after this step's optimizer.step() (see complete_sampled_record)
 
     def ready(self) -> bool:
         """Whether its copies have landed (never blocks)."""
-        return self.transfer.ready() and (self.input_copy is None or self.input_copy.ready())
+        return (
+            self.transfer.ready()
+            and (self.input_copy is None or self.input_copy.ready())
+            and (self.snapshot is None or self.snapshot.ready())
+        )
 
 
 def input_flag(input_flags: list[Any] | None) -> tuple[bool | None, torch.Tensor | None]:
@@ -108,6 +114,9 @@ def launch(
         input_copy = host_copy.copy_to_host(flag.reshape(1), scope._input_buffers)
         flag = None
     weights = scope._regularisation.launch_weights() if full and sampled else None
+    snapshot = None
+    if full and sampled and scope.diagnose:
+        snapshot = launch_snapshot(scope.model, scope._recorder.record.layers, scope._snapshot_buffers)
     packed, layout = pack(scope._norms, scope._ratios, stop, flag, weights.vector if weights is not None else None)
     transfer = scope._recorder.launch_flush(packed)
     ring_flags = copy.copy(scope._norms)
@@ -131,6 +140,7 @@ def launch(
         input_copy=input_copy,
         held=episodes.held,
         weights=weights,
+        snapshot=snapshot,
     )
 
 
@@ -286,6 +296,7 @@ def findings_by_source(
     located: dict[str, Any] | None,
     update_ratios: dict[int, dict[str, float]],
     clip: dict[str, Any] | None,
+    model: Any = None,
 ) -> dict[str, list[Finding]]:
     """The findings of this flush, by the source that produced them (a source that
     ran and found nothing clears its earlier findings)."""
@@ -305,7 +316,7 @@ def findings_by_source(
         sources["nonfinite"] = nonfinite  # a sampled step is searched whole: absence clears
     if sampled and full and record.layers:
         scope._last_diagnosed = step
-        diagnosed = scope._diagnose(record)
+        diagnosed = scope._diagnose(record, model)
         if located is not None:
             # The watch's own record of this step says where it started; the
             # diagnosis reads the same statistics with less context.
@@ -432,6 +443,7 @@ def complete(scope: Scope, pending: PendingFlush) -> GradscopeError | None:
         located=located,
         update_ratios=update_ratios,
         clip=clip,
+        model=pending.snapshot.host_model(scope.model) if pending.snapshot is not None else None,
     )
     findings = [f for group in sources.values() for f in group]
     name_spike_parameters(scope, findings, reading, step, param_grad_norms)

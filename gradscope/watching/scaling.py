@@ -28,8 +28,11 @@ def active_scaler(scaler: Any) -> Any:
     return scaler
 
 
-def scale_tensor(scaler: Any) -> torch.Tensor | None:
-    """The current scale as a device tensor, without reading it back.
+def scale_value(scaler: Any) -> torch.Tensor | float | None:
+    """The current scale without reading it back: the scaler's device tensor, or
+    the Python number a custom scaler keeps (left a number: written into the
+    ring with ``fill_`` and divided by as a kernel argument, never copied to
+    the device as a new tensor each step).
 
     ``GradScaler.get_scale()`` calls ``.item()``; ``_get_scale_async()`` (present
     in torch.amp and torch.cuda.amp) returns the tensor it would have read.
@@ -38,7 +41,7 @@ def scale_tensor(scaler: Any) -> torch.Tensor | None:
     if getter is None:
         return None
     value = getter()
-    return value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+    return value if isinstance(value, torch.Tensor) else float(value)
 
 
 def grads_already_unscaled(scaler: Any, optimizer: Any) -> bool:

@@ -182,6 +182,7 @@ class Scope:
         self._pending_flush: PendingFlush | None = None  # launched, not read yet
         self._late_error: GradscopeError | None = None  # from a late read outside step(): raised by the next step()
         self._input_buffers = HostBuffers()  # the sampled step's input flag under a group (gradscope.watching.flush)
+        self._snapshot_buffers = HostBuffers()  # the model tensors a full flush's diagnosis reads (model_snapshot)
         self._recorder.attach()
         self._recorder.start()  # step 0 is sampled
         # Weight decay, weights over time, eval-mode mistakes, validation (gradscope.watching.regularisation).
@@ -615,7 +616,9 @@ class Scope:
         if self._recorder.group is None:
             self._late_error = self._late_error or self._read_pending(wait=True)
 
-    def _diagnose(self, record: Record) -> list[Finding]:
+    def _diagnose(self, record: Record, model: Any = None) -> list[Finding]:
+        """The layer diagnosis of a full flush; ``model``: the model as the
+        diagnosis may read it (``model_snapshot.HostModel``), default the model."""
         if not self.diagnose or self._diagnose_failed:
             return []
         try:
@@ -624,7 +627,9 @@ class Scope:
             self._diagnose_failed = True
             self._aggregate.record.note("gradscope.diagnose.diagnose_record is unavailable: only training rules ran")
             return []
-        findings, _ = diagnose_record(record, formats=self.formats, model=self.model, during_training=True)
+        findings, _ = diagnose_record(
+            record, formats=self.formats, model=model if model is not None else self.model, during_training=True
+        )
         return with_run_clip(list(findings), clip_advice(self._training.history), None)
 
 

@@ -19,7 +19,7 @@ import torch
 from gradscope.device_constants import on_device
 from gradscope.placement import ParameterRef, local_gradients
 from gradscope.recorder import Recorder
-from gradscope.watching.scaling import scale_tensor
+from gradscope.watching.scaling import scale_value
 
 # Rows of the ring.
 NORM, LOSS, SCALE = 0, 1, 2
@@ -142,14 +142,17 @@ class StepNorms:
         device = squares.device if squares is not None else self.default_device()
         total, stacked, presence = self._layout(names, squares, mask, sampled, device)
         buf = self.buffer(device)
-        scale = scale_tensor(scaler) if scaler is not None else None
+        scale = scale_value(scaler) if scaler is not None else None
         if scale is not None:
-            scale = scale.to(device=device, dtype=torch.float32)
             self.scaler_seen = True
+            if isinstance(scale, torch.Tensor):
+                scale = scale.to(device=device, dtype=torch.float32)  # GradScaler's own, on the device already
+                buf[SCALE, slot] = scale
+            else:
+                buf[SCALE, slot].fill_(scale)  # a kernel argument: no host-to-device copy
             if scaled:
                 total = total / (scale * scale)  # squared norms
                 stacked = stacked / (scale * scale)
-            buf[SCALE, slot] = scale
         self.scale_given[slot] = scale is not None
         if measure:
             buf[NORM, slot] = total

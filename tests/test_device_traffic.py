@@ -1,0 +1,105 @@
+"""Between device and host, a watched run moves values only through the flush's
+transfer (issue 14 item 4), checked on the CPU with ``tests/device_traffic.py``:
+no device value is read on the host and no tensor made from Python data joins
+device work, in the hooks, at ``scope.step`` (unsampled, sampled and full
+flushes, read late as on CUDA) and in ``optimizer.step``.  The CUDA-only
+``tests/test_cuda_sync.py`` checks the same on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gradscope.watching.options import DIAGNOSE_EVERY_STEPS
+from gradscope.watching.scope import Scope
+from tests.device_traffic import device_traffic
+
+
+class _Net(nn.Module):
+    """Conv + BatchNorm + ReLU, a GRU (time profiles, the recurrent diagnosis),
+    a PReLU (a learnt slope the diagnosis reads) and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 8, 3, padding=1)
+        self.bn = nn.BatchNorm1d(8)
+        self.act = nn.ReLU()
+        self.rnn = nn.GRU(8, 8, batch_first=True)
+        self.fc = nn.Linear(8, 8)
+        self.prelu = nn.PReLU()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.bn(self.conv(x))).transpose(1, 2)
+        out, _ = self.rnn(h)
+        return self.head(self.prelu(self.fc(out[:, -1])))
+
+
+class _NumberScaler:
+    """A custom loss scaler whose scale is a Python number."""
+
+    def _get_scale_async(self) -> float:
+        return 1024.0
+
+
+def _run(monkeypatch: pytest.MonkeyPatch, every: int, steps: int, warmup: int) -> dict[str, int]:
+    torch.manual_seed(0)
+    model = _Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(8, 4, 10), torch.randint(0, 3, (8,))
+    scope = Scope(model, every=every, raise_on=(), on_finding=lambda f: None)
+    scope.read_late = True  # the code path CUDA runs
+    violations: dict[str, int] = {}
+    for step in range(warmup + steps):
+        guard = device_traffic(monkeypatch) if step >= warmup else None
+        traffic = guard.__enter__() if guard is not None else None
+        if traffic is not None:
+            traffic.mark_device([*model.parameters(), *model.buffers(), x, y])
+        try:
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            # a tensor loss, a Python-number loss, and a custom scaler's Python-number scale
+            scope.step(opt, loss=loss.detach() if step % 3 else 0.5, scaler=_NumberScaler() if step % 2 else None)
+            opt.step()
+        finally:
+            if guard is not None:
+                guard.__exit__(None, None, None)
+        if traffic is not None:
+            for line, count in traffic.violations.items():
+                violations[line] = violations.get(line, 0) + count
+        for p in model.parameters():  # the guard's marks end with it
+            p.__dict__.pop("_gradscope_device_value", None)
+    scope.close()
+    return violations
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_a_watched_run_moves_values_only_through_the_flush_transfer(
+    monkeypatch: pytest.MonkeyPatch, every: int
+) -> None:
+    # Warm-up: the first flushes agree on layouts and fill the device caches;
+    # then two full flushes (the diagnosis) and the steps between them.
+    warmup = DIAGNOSE_EVERY_STEPS + 2
+    violations = _run(monkeypatch, every, steps=2 * DIAGNOSE_EVERY_STEPS, warmup=warmup)
+    assert not violations, "\n".join(f"{n}x {line}" for line, n in violations.items())
+
+
+def test_the_guard_sees_each_kind_of_crossing(monkeypatch: pytest.MonkeyPatch) -> None:
+    weight = torch.randn(4, 4)
+    with device_traffic(monkeypatch) as traffic:
+        traffic.mark_device([weight])
+        norm = weight.norm()
+        float(norm)  # a read of a device value
+        weight.to("cpu", torch.float64).tolist()  # a copy to the host, read
+        norm * torch.tensor([2.0])  # host data into device work
+        host = torch.tensor([1.0, 2.0]) * 3  # host work alone: fine
+        host.tolist()
+    kinds = sorted({line.split(" at ")[0] for line in traffic.violations})
+    assert kinds == [
+        "a device value read on the host (Tensor.__float__)",
+        "a device value read on the host (Tensor.tolist)",
+        "a device value read on the host (_local_scalar_dense)",
+        "a tensor made from host data used in device work (a host-to-device copy)",
+    ]
