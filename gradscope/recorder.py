@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import weakref
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -32,6 +33,7 @@ from gradscope.distributed import (
     resolve_group,
     scale_gradient_rows,
 )
+from gradscope.extremes_through import extremes_through, in_place
 from gradscope.host_copy import HostBuffers, HostCopy
 from gradscope.outputs import first_float_tensor
 from gradscope.placement import (
@@ -260,6 +262,10 @@ class Recorder:
         self._pending: list[tuple[str, str, RawStats | Sample]] = []
         self._input_pending: list[RawStats | Sample] = []
         self._pending_elements = 0  # elements of sample copies not reduced yet
+        # The activation recorded last in this forward (not kept alive), its version
+        # and its exact extremes: a piecewise-linear layer fed by it takes its own
+        # extremes from them.
+        self._last_taken: tuple[weakref.ref, int, torch.Tensor, torch.Tensor] | None = None
         self._merged: dict[tuple[str, str], torch.Tensor] = {}  # pending entries merged early (device rows)
         self._grad_hooks: dict[str, Any] = {}
         # Entries the compiled hooks queued (see _compiled_forward); drained eagerly.
@@ -312,6 +318,7 @@ class Recorder:
         """Record from the next forward on."""
         self._active = True
         self._calls.clear()
+        self._last_taken = None
 
     def stop(self) -> None:
         """Stop recording forwards (gradients of forwards already recorded still arrive)."""
@@ -339,6 +346,7 @@ class Recorder:
             return  # an uncounted (evaluation) forward leaves the recorded forward's state alone
         self._forward_recorded = True
         self._calls.clear()  # a new forward: call sites count from 1 again
+        self._last_taken = None
         self._grad_hooked.clear()
         self._backward_since_forward = False
         found = first_float_tensor((args, kwargs))
@@ -467,6 +475,7 @@ class Recorder:
             # root forward, an ``autograd.grad`` call does not end it.)
             self._backward_since_forward = False
             self._calls.clear()
+            self._last_taken = None
             self._grad_hooked.clear()
         call = self._calls.get(name, 0) + 1
         self._calls[name] = call
@@ -481,7 +490,10 @@ class Recorder:
             return
         tensor, _ = found
         self._bound_pending()
-        self._pending.append((key, "activation", self._take(tensor)))
+        taken = self._take(tensor, self._extremes_from_input(module, args, tensor))
+        self._pending.append((key, "activation", taken))
+        if isinstance(taken, Sample) and taken.extreme_count == taken.numel and not tensor.is_inference():
+            self._last_taken = (weakref.ref(tensor), tensor._version, taken.lo, taken.hi)
         if self.record_inputs and key in self._weights:
             arg = first_float_tensor(args)
             if arg is not None:
@@ -491,6 +503,25 @@ class Recorder:
             self._grad_hooked.add(key)
         if name in self._sequences.names:
             self._sequences.on_forward(key, name, module, args, tensor)
+
+    def _extremes_from_input(
+        self, module: nn.Module, args: tuple, output: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Exact output extremes of a piecewise-linear layer (``extremes_through``)
+        whose input is the output recorded just before, untouched since (its
+        version counter: one bump when the layer itself runs in place), so the
+        output need not be read whole again."""
+        last = self._last_taken
+        if last is None or not args or self.sample is None or self.bounded:
+            return None
+        through = extremes_through(module)
+        arg: torch.Tensor = args[0]
+        if through is None or not isinstance(arg, torch.Tensor) or last[0]() is not arg or arg.is_inference():
+            return None
+        bumps = 1 if in_place(module) and output is arg else 0
+        if arg._version != last[1] + bumps:
+            return None  # changed in place by code between the two layers
+        return through(last[2], last[3])
 
     def _gradient_hook(self, key: str) -> Any:
         """The tensor hook of one call site (built once, reused every step)."""
@@ -629,13 +660,16 @@ class Recorder:
                     out.append((key, "weight_grad", stats_of(local.grad, self.sample, exact)))
         return out
 
-    def _take(self, tensor: torch.Tensor) -> RawStats | Sample:
-        """A hook's share of a tensor's statistics (see PENDING_SAMPLE_BUDGET)."""
+    def _take(
+        self, tensor: torch.Tensor, extremes: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> RawStats | Sample:
+        """A hook's share of a tensor's statistics (see PENDING_SAMPLE_BUDGET);
+        ``extremes``: its exact min and max when known without reading it."""
         if self.bounded:
             return bounded_raw_stats(tensor, self.sample)
         if self.sample is None:
             return raw_stats(tensor)
-        taken = take_sample(tensor, self.sample)
+        taken = take_sample(tensor, self.sample, extremes=extremes)
         self._pending_elements += taken.values.numel()
         if self._pending_elements > PENDING_SAMPLE_BUDGET:
             self._merge_pending()  # merges the queue without ``taken``, which the caller appends next,

@@ -246,7 +246,12 @@ def _chunked_extremes(x: torch.Tensor, dense: torch.Tensor | None) -> tuple[torc
     return both[:, 0].amin(), both[:, 1].amax()
 
 
-def take_sample(x: torch.Tensor, sample: int | None = None, exact_extremes: bool = True) -> Sample:
+def take_sample(
+    x: torch.Tensor,
+    sample: int | None = None,
+    exact_extremes: bool = True,
+    extremes: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> Sample:
     """The part of ``raw_stats`` that needs ``x``: queued device ops, no sync.
 
     Over every element: the count (host-known), min and max (NaN-propagating,
@@ -254,7 +259,8 @@ def take_sample(x: torch.Tensor, sample: int | None = None, exact_extremes: bool
     element when ``sample`` is None or the tensor has at most ``2 * sample``
     elements) is copied to float64; ``x`` itself is not kept.
     ``exact_extremes=False`` reads min and max from the sample too (one pass
-    over the whole tensor less).
+    over the whole tensor less).  ``extremes``: the exact (min, max) of ``x``,
+    known without reading it (``gradscope.extremes_through``).
 
     Memory: with a sample, what is allocated is O(sample), whatever the layout
     and dtype: a non-contiguous tensor (channels_last, transposed, sliced) is
@@ -294,13 +300,15 @@ def take_sample(x: torch.Tensor, sample: int | None = None, exact_extremes: bool
     if n == 0:
         zero = torch.zeros((), dtype=wide_dtype, device=flat.device)
         return Sample(0, 0, zero, zero, values)
-    if not exact_extremes:
+    if extremes is not None:
+        lo, hi = extremes
+    elif not exact_extremes:
         lo, hi = torch.aminmax(values)
     elif _native(flat.dtype):
         lo, hi = torch.aminmax(flat)  # strided reads: no copy of a non-contiguous tensor
     else:
         lo, hi = _chunked_extremes(flat, dense)
-    return Sample(n, n if exact_extremes else values.numel(), lo, hi, values)
+    return Sample(n, n if exact_extremes or extremes is not None else values.numel(), lo, hi, values)
 
 
 def reduce_sample(taken: Sample) -> RawStats:

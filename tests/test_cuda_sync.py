@@ -14,11 +14,15 @@ them once the event says they landed.  The per-step flag is read the same way.
 
 What is still exempt, and why:
 
-* the flushes at the diagnosis cadence (every DIAGNOSE_EVERY_STEPS steps,
-  step 0 first): they measure the weights of *this* step
-  (``gradscope.watching.weights`` reads them at once), so they are read at once;
 * the GradScaler's own ``step``/``update`` (its inf check reads the device);
 * ``close()`` and ``report()``, which read what is still in flight.
+
+The flushes at the diagnosis cadence are guarded like the others: their
+weights measurement is reduced on the device and packed into the flush, and
+the model tensors the diagnosis reads (a GRU's recurrent weights, a PReLU's
+slope: the "sequence" model) are copied with it (``model_snapshot``).  On the
+CPU, ``tests/test_device_traffic.py`` checks the same paths by following
+device values through every op.
 
 An ``Event.synchronize()`` (waiting for a copy that has not landed yet) is not
 a stream sync and sync-debug mode does not flag it; it only happens when the
@@ -53,8 +57,34 @@ def syncs_raise() -> Iterator[None]:
         torch.cuda.set_sync_debug_mode(previous)
 
 
-def _model() -> nn.Module:
+class _Sequence(nn.Module):
+    """Conv/BatchNorm/ReLU into a GRU (time profiles, the recurrent diagnosis), a PReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm1d(16)
+        self.rnn = nn.GRU(16, 16, batch_first=True)
+        self.fc = nn.Linear(16, 16)
+        self.act = nn.PReLU()
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.conv(x))).transpose(1, 2)
+        out, _ = self.rnn(h)
+        return self.head(self.act(self.fc(out[:, -1])))
+
+
+def _batch(kind: str) -> torch.Tensor:
+    if kind == "sequence":
+        return torch.randn(8, 3, 12, device="cuda")
+    return torch.randn(8, 3, 16, 16, device="cuda").to(memory_format=torch.channels_last)
+
+
+def _model(kind: str = "cnn") -> nn.Module:
     torch.manual_seed(0)
+    if kind == "sequence":
+        return _Sequence().cuda()
     return nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1),
         nn.BatchNorm2d(16),
@@ -71,19 +101,21 @@ def _model() -> nn.Module:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("python_loss", [False, True])
-def test_watched_steps_never_synchronise(every: int, dtype: torch.dtype, scaled: bool, python_loss: bool) -> None:
-    model = _model().to(memory_format=torch.channels_last)
+@pytest.mark.parametrize("kind", ["cnn", "sequence"])
+def test_watched_steps_never_synchronise(
+    every: int, dtype: torch.dtype, scaled: bool, python_loss: bool, kind: str
+) -> None:
+    model = _model(kind)
+    if kind == "cnn":
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     scaler = torch.amp.GradScaler("cuda") if scaled else None
-    x = torch.randn(8, 3, 16, 16, device="cuda").to(memory_format=torch.channels_last)
+    x = _batch(kind)
     y = torch.randint(0, 10, (8,), device="cuda")
-    last_full = -DIAGNOSE_EVERY_STEPS
+    assert 24 > 2 * DIAGNOSE_EVERY_STEPS  # two diagnosis flushes inside the guard
     with gradscope.watch(model, every=every, raise_on=(), on_finding=lambda f: None) as scope:
         assert scope.read_late  # the default on CUDA
-        for step in range(24):
-            # A sampled step at least DIAGNOSE_EVERY_STEPS after the last full one is full.
-            full = step % every == 0 and step - last_full >= DIAGNOSE_EVERY_STEPS
-            last_full = step if full else last_full
+        for _ in range(24):
             opt.zero_grad(set_to_none=True)
             with syncs_raise(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
                 loss = nn.functional.cross_entropy(model(x), y)
@@ -91,8 +123,7 @@ def test_watched_steps_never_synchronise(every: int, dtype: torch.dtype, scaled:
             value = loss.detach()
             if python_loss:
                 value = 1.25  # a number the training loop already had on the host
-            # Only the full flushes (the diagnosis cadence) read at once: outside the guard.
-            with contextlib.nullcontext() if full else syncs_raise():
+            with syncs_raise():
                 scope.step(opt, scaler=scaler, loss=value)
             if scaler is not None:
                 scaler.step(opt)  # the scaler's own inf check reads the device: outside the guard
@@ -104,4 +135,5 @@ def test_watched_steps_never_synchronise(every: int, dtype: torch.dtype, scaled:
     report = scope.report()
     assert report.run["steps"] == 24
     assert report.record.steps == len(range(0, 24, every))  # every sampled step's flush was read
-    assert [layer.name for layer in report.layers][:3] == ["0", "1", "2"]
+    want = ["conv", "bn", "rnn"] if kind == "sequence" else ["0", "1", "2"]
+    assert [layer.name for layer in report.layers][:3] == want

@@ -8,6 +8,8 @@ count of pending elements must stay the true one, else the budget is overrun.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -50,8 +52,8 @@ def test_early_merges_keep_every_element_and_the_pending_count(monkeypatch: pyte
     with Recorder(model, sample=1024, record_inputs=True) as rec:  # 1024 > 12: every element is in the copy
         rec.start()
 
-        def counting_take_sample(tensor: torch.Tensor, sample: int | None = None) -> Sample:
-            taken = take_sample(tensor, sample)
+        def counting_take_sample(tensor: torch.Tensor, sample: int | None = None, **kwargs: Any) -> Sample:
+            taken = take_sample(tensor, sample, **kwargs)
             alive.append(_pending_sample_elements(rec) + taken.values.numel())
             return taken
 
