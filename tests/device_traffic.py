@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -128,3 +129,25 @@ def device_traffic(monkeypatch: pytest.MonkeyPatch) -> Iterator[Traffic]:
             patch.setattr(torch.Tensor, name, guarded(name))
         with _Propagate(traffic):
             yield traffic
+
+
+class SequenceNet(nn.Module):
+    """A model that reaches every path between device and host: Conv + BatchNorm +
+    ReLU, a GRU (time profiles, the recurrent diagnosis), a PReLU after a Linear
+    (a learnt slope the diagnosis reads) and a Linear head.  Input (batch,
+    ``channels``, time)."""
+
+    def __init__(self, channels: int = 4, width: int = 8, classes: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(channels, width, 3, padding=1)
+        self.bn = nn.BatchNorm1d(width)
+        self.act = nn.ReLU()
+        self.rnn = nn.GRU(width, width, batch_first=True)
+        self.fc = nn.Linear(width, width)
+        self.prelu = nn.PReLU()
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.bn(self.conv(x))).transpose(1, 2)
+        out, _ = self.rnn(h)
+        return self.head(self.prelu(self.fc(out[:, -1])))

@@ -40,6 +40,7 @@ from torch import nn
 
 import gradscope
 from gradscope.watching.options import DIAGNOSE_EVERY_STEPS
+from tests.device_traffic import SequenceNet
 
 pytestmark = [
     pytest.mark.cuda,
@@ -57,24 +58,6 @@ def syncs_raise() -> Iterator[None]:
         torch.cuda.set_sync_debug_mode(previous)
 
 
-class _Sequence(nn.Module):
-    """Conv/BatchNorm/ReLU into a GRU (time profiles, the recurrent diagnosis), a PReLU."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv1d(3, 16, 3, padding=1)
-        self.bn = nn.BatchNorm1d(16)
-        self.rnn = nn.GRU(16, 16, batch_first=True)
-        self.fc = nn.Linear(16, 16)
-        self.act = nn.PReLU()
-        self.head = nn.Linear(16, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.bn(self.conv(x))).transpose(1, 2)
-        out, _ = self.rnn(h)
-        return self.head(self.act(self.fc(out[:, -1])))
-
-
 def _batch(kind: str) -> torch.Tensor:
     if kind == "sequence":
         return torch.randn(8, 3, 12, device="cuda")
@@ -84,7 +67,7 @@ def _batch(kind: str) -> torch.Tensor:
 def _model(kind: str = "cnn") -> nn.Module:
     torch.manual_seed(0)
     if kind == "sequence":
-        return _Sequence().cuda()
+        return SequenceNet(channels=3, width=16, classes=10).cuda()
     return nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1),
         nn.BatchNorm2d(16),
@@ -135,5 +118,5 @@ def test_watched_steps_never_synchronise(
     report = scope.report()
     assert report.run["steps"] == 24
     assert report.record.steps == len(range(0, 24, every))  # every sampled step's flush was read
-    want = ["conv", "bn", "rnn"] if kind == "sequence" else ["0", "1", "2"]
+    want = ["conv", "bn", "act"] if kind == "sequence" else ["0", "1", "2"]
     assert [layer.name for layer in report.layers][:3] == want

@@ -13,27 +13,7 @@ from torch import nn
 
 from gradscope.watching.options import DIAGNOSE_EVERY_STEPS
 from gradscope.watching.scope import Scope
-from tests.device_traffic import device_traffic
-
-
-class _Net(nn.Module):
-    """Conv + BatchNorm + ReLU, a GRU (time profiles, the recurrent diagnosis),
-    a PReLU (a learnt slope the diagnosis reads) and a Linear head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv1d(4, 8, 3, padding=1)
-        self.bn = nn.BatchNorm1d(8)
-        self.act = nn.ReLU()
-        self.rnn = nn.GRU(8, 8, batch_first=True)
-        self.fc = nn.Linear(8, 8)
-        self.prelu = nn.PReLU()
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.bn(self.conv(x))).transpose(1, 2)
-        out, _ = self.rnn(h)
-        return self.head(self.prelu(self.fc(out[:, -1])))
+from tests.device_traffic import SequenceNet, device_traffic
 
 
 class _NumberScaler:
@@ -45,7 +25,7 @@ class _NumberScaler:
 
 def _run(monkeypatch: pytest.MonkeyPatch, every: int, steps: int, warmup: int) -> dict[str, int]:
     torch.manual_seed(0)
-    model = _Net()
+    model = SequenceNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randn(8, 4, 10), torch.randint(0, 3, (8,))
     scope = Scope(model, every=every, raise_on=(), on_finding=lambda f: None)
