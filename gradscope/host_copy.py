@@ -74,3 +74,17 @@ def copy_to_host(vector: torch.Tensor, buffers: HostBuffers) -> HostCopy:
     event = torch.cuda.Event()
     event.record()
     return HostCopy(host, event)
+
+
+def copy_by_device(vectors: list[torch.Tensor], buffers: HostBuffers) -> list[tuple[list[int], HostCopy]]:
+    """Start the copy of several 1-D vectors: one packed vector per device (their
+    indices in ``vectors`` and its copy), for callers whose pieces may live on
+    several devices.  ``buffers`` holds one copy per device in flight.  The packed
+    vector is always fresh (``torch.cat`` copies even one piece): on the CPU the
+    "copy" is that vector, and a view of a live tensor would change under it."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, vector in enumerate(vectors):
+        by_device.setdefault(vector.device, []).append(i)
+    return [
+        (indices, copy_to_host(torch.cat([vectors[i] for i in indices]), buffers)) for indices in by_device.values()
+    ]

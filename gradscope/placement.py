@@ -307,3 +307,10 @@ def local_gradients(refs: list[ParameterRef], owner_rank: bool) -> list[tuple[st
         local = ref.resolve(owner_rank)
         out.append((ref.name, local.grad if local is not None and local.owned else None))
     return out
+
+
+def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` detached, gathered whole when it is a DTensor shard
+    (``full_tensor()``: a collective every rank of its mesh must reach)."""
+    value = tensor.detach()
+    return value.full_tensor() if hasattr(value, "full_tensor") else value

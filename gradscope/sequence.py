@@ -128,13 +128,7 @@ class SequenceTaps:
         device started now (``gradscope.host_copy``: pinned memory and an event on
         CUDA), read by ``flush`` one flush later without draining the stream."""
         pending = self.take()
-        by_device: dict[torch.device, list[int]] = {}
-        for i, entry in enumerate(pending):
-            by_device.setdefault(entry[4].device, []).append(i)
-        copies = [
-            (indices, host_copy.copy_to_host(torch.cat([pending[i][4].reshape(-1) for i in indices]), buffers))
-            for indices in by_device.values()
-        ]
+        copies = host_copy.copy_by_device([entry[4].reshape(-1) for entry in pending], buffers)
         return LaunchedProfiles([entry[:4] for entry in pending], copies)
 
     def flush(self, launched: LaunchedProfiles | None = None) -> list[tuple[str, str, TimeProfile]]:

@@ -56,7 +56,10 @@ def time_sums(tensor: torch.Tensor, time_dim: int) -> torch.Tensor:
     dims = [d for d in range(tensor.dim()) if d != time_dim]
     with torch.no_grad():
         if dims:
-            per_step = torch.linalg.vector_norm(tensor.detach(), dim=dims, dtype=torch.float32).square()
+            # Accumulated in float32 at least (fp16/bf16 squares overflow); a float64
+            # gradient keeps float64 (vector_norm refuses a narrowing dtype) until the bins.
+            wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+            per_step = torch.linalg.vector_norm(tensor.detach(), dim=dims, dtype=wide).square().float()
         else:
             per_step = tensor.detach().float().square()
         out = torch.zeros(TIME_BINS, dtype=torch.float32, device=tensor.device)

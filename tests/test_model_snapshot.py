@@ -33,9 +33,12 @@ class _Seq(nn.Module):
 
 
 @pytest.mark.parametrize("late", [False, True])
-def test_the_diagnosis_reads_the_recurrent_weights_of_its_own_step(monkeypatch: pytest.MonkeyPatch, late: bool) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # float64: the host copy must not alias the weight
+def test_the_diagnosis_reads_the_recurrent_weights_of_its_own_step(
+    monkeypatch: pytest.MonkeyPatch, late: bool, dtype: torch.dtype
+) -> None:
     torch.manual_seed(0)
-    model = _Seq()
+    model = _Seq().to(dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)  # the weights move visibly every step
     seen: list[torch.Tensor] = []
     real = recurrent.recurrent_spectra
@@ -48,7 +51,7 @@ def test_the_diagnosis_reads_the_recurrent_weights_of_its_own_step(monkeypatch: 
     weights: dict[int, torch.Tensor] = {}
     scope = Scope(model, every=1, raise_on=(), on_finding=lambda f: None)
     scope.read_late = late
-    x, y = torch.randn(4, 12, 6), torch.randn(4, 2)
+    x, y = torch.randn(4, 12, 6, dtype=dtype), torch.randn(4, 2, dtype=dtype)
     for step in range(DIAGNOSE_EVERY_STEPS + 3):
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
@@ -58,9 +61,9 @@ def test_the_diagnosis_reads_the_recurrent_weights_of_its_own_step(monkeypatch: 
     scope.close()
     full = DIAGNOSE_EVERY_STEPS  # full flushes at steps 0 and 10
     assert len(seen) >= 2
-    assert torch.equal(seen[0], weights[0])
-    assert torch.equal(seen[1], weights[full])  # its own step's weights, read late or not
-    assert not torch.equal(seen[1], weights[full + 1])  # not those optimizer.step() made since
+    assert torch.equal(seen[0].to(dtype), weights[0])
+    assert torch.equal(seen[1].to(dtype), weights[full])  # its own step's weights, read late or not
+    assert not torch.equal(seen[1].to(dtype), weights[full + 1])  # not those optimizer.step() made since
 
 
 def test_the_host_model_answers_snapshotted_tensors_and_delegates_the_rest() -> None:

@@ -64,9 +64,9 @@ def spectral_radius(matrix: Any) -> float:
     """ρ(W), the largest |eigenvalue| (exact below EXACT_EIGEN_MAX, else Gelfand's formula)."""
     import torch
 
-    w = matrix.detach()
-    w = w.full_tensor() if hasattr(w, "full_tensor") else w  # a DTensor shard: the whole matrix
-    w = w.to("cpu", torch.float64)
+    from gradscope.placement import whole_tensor
+
+    w = whole_tensor(matrix).to("cpu", torch.float64)
     if w.shape[0] <= EXACT_EIGEN_MAX:
         return float(torch.linalg.eigvals(w).abs().max())
     log_scale = 0.0  # log of the factor divided out, so that powers never overflow
@@ -86,8 +86,9 @@ def spectral_norm(matrix: Any) -> float | None:
     """σ_max(W), below EXACT_EIGEN_MAX (None above: one SVD too many)."""
     import torch
 
-    w = matrix.detach()
-    w = w.full_tensor() if hasattr(w, "full_tensor") else w
+    from gradscope.placement import whole_tensor
+
+    w = whole_tensor(matrix)
     if max(w.shape) > EXACT_EIGEN_MAX:
         return None
     return float(torch.linalg.matrix_norm(w.to("cpu", torch.float64), ord=2))

@@ -25,25 +25,20 @@ import torch
 from torch import nn
 
 from gradscope import host_copy
+from gradscope.diagnose.recurrent import RECURRENT_TYPES
 from gradscope.host_copy import HostBuffers, HostCopy
+from gradscope.placement import whole_tensor
 from gradscope.record import LayerRecord
-
-RECURRENT = {"RNN", "LSTM", "GRU"}
 
 
 def _read_tensors(module: nn.Module, layer_type: str) -> list[str]:
     """Names of ``module``'s own parameters the diagnosis reads."""
     names = [name for name, _ in module.named_parameters(recurse=False)]
-    if layer_type in RECURRENT:
+    if layer_type in RECURRENT_TYPES:
         return [n for n in names if n.startswith(("weight_hh_l", "weight_hr_l"))]
     if layer_type == "PReLU":
         return [n for n in names if n == "weight"]
     return []
-
-
-def _whole(tensor: torch.Tensor) -> torch.Tensor:
-    value = tensor.detach()
-    return value.full_tensor() if hasattr(value, "full_tensor") else value  # a DTensor shard: the whole
 
 
 @dataclass
@@ -70,7 +65,8 @@ class SnapshotLaunch:
 
 def launch_snapshot(model: nn.Module, layers: list[LayerRecord], buffers: HostBuffers) -> SnapshotLaunch | None:
     """Start the copy of the tensors the diagnosis will read (device work only)."""
-    by_device: dict[torch.device, tuple[list[tuple[str, str, torch.Size]], list[torch.Tensor]]] = {}
+    entries: list[tuple[str, str, torch.Size]] = []
+    values: list[torch.Tensor] = []
     seen: set[str] = set()
     for layer in layers:
         if layer.module in seen or layer.call != 1:
@@ -81,18 +77,13 @@ def launch_snapshot(model: nn.Module, layers: list[LayerRecord], buffers: HostBu
         except AttributeError:
             continue
         for name in _read_tensors(module, layer.type):
-            value = _whole(getattr(module, name))
-            entries, values = by_device.setdefault(value.device, ([], []))
+            value = whole_tensor(getattr(module, name))
             entries.append((layer.module, name, value.shape))
             values.append(value.reshape(-1))
-    if not by_device:
+    if not values:
         return None
-    return SnapshotLaunch(
-        [
-            (entries, host_copy.copy_to_host(torch.cat(values) if len(values) > 1 else values[0], buffers))
-            for entries, values in by_device.values()
-        ]
-    )
+    copies = host_copy.copy_by_device(values, buffers)
+    return SnapshotLaunch([([entries[i] for i in indices], copy) for indices, copy in copies])
 
 
 class HostModule:
