@@ -47,7 +47,7 @@ from gradscope.placement import (
 )
 from gradscope.record import LayerRecord, Record
 from gradscope.sequence import LaunchedProfiles, SequenceTaps
-from gradscope.stats import RawStats, Sample, Stats, finalize, merge_stats, raw_stats, reduce_sample, take_sample
+from gradscope.stats import RawStats, Sample, Stats, finalize, merge_stats, raw_stats, reduce_samples, take_sample
 
 ROOT_NAME = "model"  # the name given to the model itself when it is a leaf
 # With a bounded sample, hooks only take each tensor's extremes and a copy of its
@@ -687,7 +687,9 @@ class Recorder:
         self._pending.clear()
         self._input_pending.clear()
         self._pending_elements = 0
-        raws = [reduce_sample(v) if isinstance(v, Sample) else v for v in values]
+        # every sample of the flush reduced together (stats.reduce_samples), in order
+        reduced = iter(reduce_samples([v for v in values if isinstance(v, Sample)]))
+        raws = [next(reduced) if isinstance(v, Sample) else v for v in values]
         for key, row in _finalize_and_merge(keys, raws).items():
             before = self._merged.get(key)
             self._merged[key] = row if before is None else merge_stats(before, row)

@@ -313,20 +313,60 @@ def take_sample(
 
 def reduce_sample(taken: Sample) -> RawStats:
     """Power sums and exponent histogram of a taken sample (device ops, no sync)."""
+    return reduce_samples([taken])[0]
+
+
+def reduce_samples(taken: Sequence[Sample]) -> list[RawStats]:
+    """``reduce_sample`` of each, in order, with the ops shared: the samples of
+    one device, dtype and length are stacked and reduced together (one stack,
+    two sums, three integer ops and one ``bincount`` per such group instead of
+    six ops per sample; a flush of the MLP's 35 samples went from 210 ops to
+    ~20, each op costing 10-20 µs of dispatch on a CPU).
+
+    The reduction of a row does not depend on the group it is in (each row is
+    one contiguous inner reduction of its own length), so a tensor's statistics
+    are the same bits whether it was reduced alone (the audit) or with others
+    (a watched step); ``tests/test_stats.py`` checks it.
+    """
     import torch
 
-    values = taken.values
-    if values.dtype == torch.float64:
-        # The exponent field of a float64: its 11 bits above the 52 of mantissa,
-        # once abs() has cleared the sign bit (3x cheaper than masking on CPU).
-        exponent = values.abs().view(torch.int64) >> 52
-        hist = _bincount(exponent, F64_BINS)
-    else:
-        # Devices without float64 (MPS): the fp32 bits of |x| * 2^23; the
-        # power-of-two scale is exact and lifts fp32's subnormals into the
-        # normal range, so one shift yields every binade.  Power sums in fp32.
-        hist = _bincount(((values * _FP32_SUBNORMAL_LIFT).view(torch.int32) >> 23) & 0xFF, HIST_BINS)
-    return RawStats(taken.numel, taken.extreme_count, taken.lo, taken.hi, values.sum(), torch.dot(values, values), hist)
+    out: list[RawStats | None] = [None] * len(taken)
+    groups: dict[tuple[Any, Any, int], list[int]] = {}
+    for i, t in enumerate(taken):
+        groups.setdefault((t.values.device, t.values.dtype, t.values.numel()), []).append(i)
+    for (device, dtype, _length), indices in groups.items():
+        rows = [taken[i].values for i in indices]  # 1-D copies (take_sample)
+        stacked = rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
+        s1 = stacked.sum(dim=1)
+        s2 = (stacked * stacked).sum(dim=1)
+        k = len(indices)
+        if dtype == torch.float64:
+            # The exponent field of a float64: its 11 bits above the 52 of mantissa,
+            # once abs() has cleared the sign bit (3x cheaper than masking on CPU).
+            exponent, bins = stacked.abs().view(torch.int64) >> 52, F64_BINS
+        else:
+            # Devices without float64 (MPS): the fp32 bits of |x| * 2^23; the
+            # power-of-two scale is exact and lifts fp32's subnormals into the
+            # normal range, so one shift yields every binade.  Power sums in fp32.
+            exponent, bins = ((stacked * _FP32_SUBNORMAL_LIFT).view(torch.int32) >> 23) & 0xFF, HIST_BINS
+        if k > 1:
+            # each row's bins apart: row r counts into bins [r * bins, (r + 1) * bins)
+            exponent = exponent + _row_offsets(k, bins, device)
+        hist = _bincount(exponent.reshape(-1), k * bins).view(k, bins)
+        for i, row_s1, row_s2, row_hist in zip(indices, s1.unbind(0), s2.unbind(0), hist.unbind(0), strict=True):
+            t = taken[i]
+            out[i] = RawStats(t.numel, t.extreme_count, t.lo, t.hi, row_s1, row_s2, row_hist)
+    return [raw for raw in out if raw is not None]
+
+
+def _row_offsets(rows: int, bins: int, device: Any) -> torch.Tensor:
+    """(rows, 1) int64 column r * bins, made on the device once per shape
+    (``device_constants.on_device``: no host-to-device copy per flush)."""
+    import torch
+
+    from gradscope.device_constants import on_device
+
+    return on_device(tuple(r * bins for r in range(rows)), device, torch.int64).view(rows, 1)
 
 
 def raw_stats(x: torch.Tensor, sample: int | None = None, exact_extremes: bool = True) -> RawStats:

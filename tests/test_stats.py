@@ -43,6 +43,7 @@ from gradscope.stats import (
     merge_stats,
     raw_stats,
     reduce_sample,
+    reduce_samples,
     take_sample,
     tensor_stats,
 )
@@ -478,6 +479,64 @@ def test_take_then_reduce_equals_raw_stats_and_never_aliases_the_input() -> None
         x.mul_(1000.0)
         got = finalize([reduce_sample(taken)])
         assert torch.equal(got, want)
+
+
+def test_samples_reduced_together_equal_each_reduced_alone_bit_for_bit() -> None:
+    """A watched flush reduces all its samples at once (grouped by device, dtype
+    and length); each tensor's statistics must be the bits the audit gets for it
+    alone, in the order given, whatever else shares its group."""
+    torch.manual_seed(23)
+    tensors = [
+        torch.randn(256, 1024),
+        torch.randn(256, 1024) * 1e-20,  # same length as the first: one group
+        torch.tensor([1.0, float("nan"), float("inf"), 0.0] * 300),
+        torch.randn(2560),
+        torch.randn(64, 300)[:, ::3],  # non-contiguous, copied whole
+        torch.randn(50_000, dtype=torch.float64),
+        torch.empty(0),
+        torch.randn(7),
+        torch.randn(256, 1024) * 3e5,  # back to the first group, after others
+    ]
+    taken = [take_sample(x, 4096) for x in tensors]
+    together = reduce_samples(taken)
+    assert len(together) == len(taken)
+    for x, t, got in zip(tensors, taken, together, strict=True):
+        alone = reduce_sample(t)
+        assert got.numel == x.numel()
+        for field in ("s1", "s2", "hist"):
+            # the same bits (NaN where the sample holds one: the NaN/inf tensor)
+            torch.testing.assert_close(getattr(got, field), getattr(alone, field), rtol=0, atol=0, equal_nan=True)
+        # and the numbers themselves: float64 power sums and per-binade counts of the sample
+        values = t.values
+        assert float(got.s1) == pytest.approx(float(values.sum()), rel=1e-12, abs=1e-300, nan_ok=True)
+        assert float(got.s2) == pytest.approx(float((values * values).sum()), rel=1e-12, abs=1e-300, nan_ok=True)
+        assert int(got.hist.sum()) == values.numel()
+    torch.testing.assert_close(
+        finalize(together), finalize([reduce_sample(t) for t in taken]), rtol=0, atol=0, equal_nan=True
+    )
+
+
+def test_a_flush_reduces_its_samples_in_one_pass_per_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The histogram ops of a recorder's flush grow with the kinds of sample
+    (device, dtype, length), not with the number of recorded tensors."""
+    import gradscope.stats as stats_module
+    from gradscope.recorder import Recorder
+
+    calls: list[int] = []
+    real = stats_module._bincount
+    monkeypatch.setattr(stats_module, "_bincount", lambda values, bins: calls.append(bins) or real(values, bins))
+    layers: list[torch.nn.Module] = []
+    for _ in range(6):
+        layers += [torch.nn.Linear(128, 128), torch.nn.Tanh()]
+    model = torch.nn.Sequential(*layers)
+    with Recorder(model, sample=1024) as rec:
+        rec.start()
+        model(torch.randn(64, 128)).square().mean().backward()
+        rec.flush()
+        recorded = sum(1 for layer in rec.record.layers for role in ("activation", "gradient") if layer.get(role))
+    assert recorded == 24  # 12 modules, activation and ∂ℓ/∂h each
+    # all 24 samples have the same length: one bincount (plus the model input's, of another length)
+    assert len(calls) <= 2, calls
 
 
 def test_nonfinite_count_is_apart_from_large_finite_values() -> None:
