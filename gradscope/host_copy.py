@@ -11,10 +11,17 @@ drained to read statistics.
 On the CPU the packed vector is already in host memory: it is used as is (the
 "copy" has landed at once).  Other accelerators copy synchronously (no event
 to ask), which is correct, merely not asynchronous.
+
+The other way, host numbers a device computation needs (element counts,
+index lists: ``gradscope.device_constants``) go through ``copy_to_device``:
+on CUDA a copy from pageable memory first synchronises the stream (CUDA
+runtime, "API synchronization behavior": memcpy from pageable host memory),
+one from pinned memory does not.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,3 +95,16 @@ def copy_by_device(vectors: list[torch.Tensor], buffers: HostBuffers) -> list[tu
     return [
         (indices, copy_to_host(torch.cat([vectors[i] for i in indices]), buffers)) for indices in by_device.values()
     ]
+
+
+def copy_to_device(values: Sequence[float | int | bool], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Host numbers as a tensor on ``device`` without stalling its stream: on CUDA
+    staged in pinned memory and copied with ``non_blocking=True`` (PyTorch's
+    caching host allocator keeps the pinned block until the copy has run, so it
+    may be dropped at once); elsewhere an ordinary copy.  With
+    ``copy_to_host``, the only way gradscope moves values between host and
+    device (``tests/device_traffic.py`` holds it to that)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)

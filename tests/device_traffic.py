@@ -13,7 +13,9 @@ CUDA-only test sees it here.  This guard tracks where values come from instead:
   memory (on CUDA a non-blocking copy into pinned memory, read once an event
   says it landed): the one sanctioned way from device to host;
 * **host-born tensors**: tensors made from Python data (``aten::lift_fresh``)
-  while the guard is on, and what is computed from them alone.
+  while the guard is on, and what is computed from them alone, except what
+  ``gradscope.host_copy.copy_to_device`` returns (on CUDA a non-blocking copy
+  from pinned memory): the one sanctioned way from host to device.
 
 A violation is a host read of a device value (Python-level conversions, or
 ``aten::_local_scalar_dense``; a copy to the CPU is seen when it is read), or an
@@ -123,8 +125,17 @@ def device_traffic(monkeypatch: pytest.MonkeyPatch) -> Iterator[Traffic]:
 
         return read
 
+    real_to_device = gradscope.host_copy.copy_to_device
+
+    def to_device(values: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        tensor = real_to_device(values, device, dtype)
+        if hasattr(tensor, HOST_BORN):
+            delattr(tensor, HOST_BORN)  # staged through pinned memory on CUDA: no stall
+        return tensor
+
     with monkeypatch.context() as patch:
         patch.setattr(gradscope.host_copy, "copy_to_host", transfer)
+        patch.setattr(gradscope.host_copy, "copy_to_device", to_device)
         for name in _READS:
             patch.setattr(torch.Tensor, name, guarded(name))
         with _Propagate(traffic):

@@ -120,3 +120,25 @@ def test_watched_steps_never_synchronise(
     assert report.record.steps == len(range(0, 24, every))  # every sampled step's flush was read
     want = ["conv", "bn", "act"] if kind == "sequence" else ["0", "1", "2"]
     assert [layer.name for layer in report.layers][:3] == want
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_dynamic_sequence_lengths_never_synchronise(every: int) -> None:
+    """Dynamic padding: every batch has a length no earlier batch had, so each
+    flush finalises statistics of a new layout whose element counts must reach
+    the device (``device_constants.on_device`` misses): through pinned memory,
+    without the stream sync a copy from pageable memory makes."""
+    model = _model("sequence")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    y = torch.randint(0, 10, (8,), device="cuda")
+    with gradscope.watch(model, every=every, raise_on=(), on_finding=lambda f: None) as scope:
+        for step in range(24):
+            x = torch.randn(8, 3, 5 + step, device="cuda")
+            opt.zero_grad(set_to_none=True)
+            with syncs_raise():
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                scope.step(opt, loss=loss.detach())
+                opt.step()
+    torch.cuda.synchronize()
+    assert scope.report().record.steps == len(range(0, 24, every))

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import gradscope.host_copy
 from gradscope.watching.options import DIAGNOSE_EVERY_STEPS
 from gradscope.watching.scope import Scope
 from tests.device_traffic import SequenceNet, device_traffic
@@ -23,15 +24,18 @@ class _NumberScaler:
         return 1024.0
 
 
-def _run(monkeypatch: pytest.MonkeyPatch, every: int, steps: int, warmup: int) -> dict[str, int]:
+def _run(
+    monkeypatch: pytest.MonkeyPatch, every: int, steps: int, warmup: int, lengths: tuple[int, ...] = (10,)
+) -> dict[str, int]:
     torch.manual_seed(0)
     model = SequenceNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    x, y = torch.randn(8, 4, 10), torch.randint(0, 3, (8,))
+    batches = [(torch.randn(8, 4, length), torch.randint(0, 3, (8,))) for length in lengths]
     scope = Scope(model, every=every, raise_on=(), on_finding=lambda f: None)
     scope.read_late = True  # the code path CUDA runs
     violations: dict[str, int] = {}
     for step in range(warmup + steps):
+        x, y = batches[step % len(batches)]
         guard = device_traffic(monkeypatch) if step >= warmup else None
         traffic = guard.__enter__() if guard is not None else None
         if traffic is not None:
@@ -66,6 +70,18 @@ def test_a_watched_run_moves_values_only_through_the_flush_transfer(
     assert not violations, "\n".join(f"{n}x {line}" for line, n in violations.items())
 
 
+@pytest.mark.parametrize("every", [1, 3])
+def test_variable_sequence_lengths_add_no_host_to_device_copy(monkeypatch: pytest.MonkeyPatch, every: int) -> None:
+    """Dynamic padding (every batch its own length, as a DataLoader with a
+    padding collator gives): the statistics' element counts change every flush,
+    and must reach the device without a copy from host memory (a blocking one on
+    CUDA, a stall per flush)."""
+    warmup, steps = DIAGNOSE_EVERY_STEPS + 2, 2 * DIAGNOSE_EVERY_STEPS
+    lengths = tuple(range(5, 5 + warmup + steps))  # a length no earlier step had, every step
+    violations = _run(monkeypatch, every, steps=steps, warmup=warmup, lengths=lengths)
+    assert not violations, "\n".join(f"{n}x {line}" for line, n in violations.items())
+
+
 def test_the_guard_sees_each_kind_of_crossing(monkeypatch: pytest.MonkeyPatch) -> None:
     weight = torch.randn(4, 4)
     with device_traffic(monkeypatch) as traffic:
@@ -76,7 +92,10 @@ def test_the_guard_sees_each_kind_of_crossing(monkeypatch: pytest.MonkeyPatch) -
         norm * torch.tensor([2.0])  # host data into device work
         host = torch.tensor([1.0, 2.0]) * 3  # host work alone: fine
         host.tolist()
+        # the sanctioned way in (pinned and non-blocking on CUDA): fine
+        norm * gradscope.host_copy.copy_to_device((2.0,), weight.device, torch.float32)
     kinds = sorted({line.split(" at ")[0] for line in traffic.violations})
+    assert sum(traffic.violations.values()) == 4  # one per line above; the copy_to_device line added none
     assert kinds == [
         "a device value read on the host (Tensor.__float__)",
         "a device value read on the host (Tensor.tolist)",
