@@ -115,6 +115,39 @@ def test_update_ratio_matches_sgd_closed_form() -> None:
         assert got[step] == pytest.approx(value, rel=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_update_ratio_of_large_weights_is_the_sgd_ratio_on_their_sample(dtype: torch.dtype) -> None:
+    """Weights above 2,048 elements are compared on a 1,024-element sample
+    (update_ratio.weight_sample), copied for every layer at once before the
+    step: the ratio is lr·‖g‖/‖w‖ over exactly those elements, for each layer,
+    whatever the dtype (float64 takes the unfused path)."""
+    from gradscope.watching.update_ratio import weight_sample
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(256, 64), nn.Tanh(), nn.Linear(64, 96)).to(dtype)
+    lr = 0.05
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    expected: dict[int, dict[str, float]] = {}
+    with Scope(model, every=1, raise_on=(), diagnose=False) as scope:
+        for step in range(3):
+            x, y = torch.randn(32, 256, dtype=dtype), torch.randn(32, 96, dtype=dtype)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            expected[step] = {}
+            for name in ("0", "2"):
+                w, g = model[int(name)].weight.detach(), model[int(name)].weight.grad
+                assert weight_sample(w).numel() == 1024  # the sampled path, not the whole weight
+                ws, gs = weight_sample(w).double(), weight_sample(g).double()
+                expected[step][name] = float(lr * gs.norm() / ws.norm())
+            scope.step(opt)
+            opt.step()
+    got = {step: ratios for r in scope.recent for step, ratios in r.update_ratios.items()}
+    assert sorted(got) == [0, 1, 2]
+    for step, layers in expected.items():
+        for name, value in layers.items():
+            assert got[step][name] == pytest.approx(value, rel=1e-5), (step, name)
+
+
 def test_update_ratio_finding_when_far_from_1e_3_for_long() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 3))

@@ -43,6 +43,11 @@ def weight_sample(weight: torch.Tensor) -> torch.Tensor:
     return flat.as_strided((blocks, _UPDATE_RATIO_BLOCK), (step, 1), flat.storage_offset())
 
 
+def _uniform(tensors: list[torch.Tensor]) -> bool:
+    """Whether one fused ``torch._foreach_*`` call takes them (one device and dtype)."""
+    return all(t.device == tensors[0].device and t.dtype == tensors[0].dtype for t in tensors)
+
+
 class UpdateRatios:
     """Snapshots of the sampled step's weights and the ratios resolved from them."""
 
@@ -53,6 +58,9 @@ class UpdateRatios:
         self.weight_dtypes: dict[str, str] = {}  # layer -> dtype of its weight
         self.handles: list[Any] = []  # optimizer hooks, removed by close()
         self._hooked: set[int] = set()
+        # The snapshot's storage, reused while the sampled weights keep their shapes
+        # (the previous snapshot is always resolved before the next is taken).
+        self._copies: tuple[tuple[Any, ...], list[torch.Tensor]] | None = None
 
     def layer_weights(self, registered: bool = False) -> dict[str, torch.Tensor]:
         """Each recorded layer's main weight (first call site only), by layer name,
@@ -90,7 +98,20 @@ class UpdateRatios:
             return
         names = list(weights)
         views = [weight_sample(weights[n].detach()) for n in names]
-        self.snapshot = (step, names, views, [v.clone() for v in views])
+        copies = self._storage(views)
+        if _uniform(views):
+            torch._foreach_copy_(copies, views)  # one call for every layer, where a clone each cost an op each
+        else:
+            for copy, view in zip(copies, views, strict=True):
+                copy.copy_(view)
+        self.snapshot = (step, names, views, copies)
+
+    def _storage(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Tensors shaped like ``views`` to copy them into, allocated once per layout."""
+        layout = tuple((v.shape, v.dtype, v.device) for v in views)
+        if self._copies is None or self._copies[0] != layout:
+            self._copies = (layout, [torch.empty(v.shape, dtype=v.dtype, device=v.device) for v in views])
+        return self._copies[1]
 
     def hook_post(self, optimizer: Any) -> None:
         """Resolve the update ratio right after ``optimizer.step()`` (frees the
@@ -117,14 +138,15 @@ class UpdateRatios:
         step, names, params, before = self.snapshot
         self.snapshot = None
         with torch.no_grad():
-            device = params[0].device
             diffs: Sequence[torch.Tensor]
-            if all(p.device == device and p.dtype == torch.float32 for p in params):
+            if _uniform(params) and params[0].dtype == torch.float32:
                 diffs = torch._foreach_sub(params, before)  # one call for every layer
+                # Squared norms of Δw and w, summed over the ranks' parts at the flush:
+                # one fused call each (1,024-element samples: a dot each bought nothing)
+                ratio = torch.stack(torch._foreach_norm([*diffs, *before])).square()
             else:
                 diffs = [p - b for p, b in zip(params, before, strict=True)]
-            # Squared norms of Δw and w, summed over the ranks' parts at the flush.
-            ratio = torch.cat([squared_norms(diffs), squared_norms(before)])
+                ratio = torch.cat([squared_norms(diffs), squared_norms(before)])
         self.ready.append((step, names, ratio))
 
     def close(self) -> None:
@@ -133,3 +155,4 @@ class UpdateRatios:
         for handle in handles:
             handle.remove()
         self.snapshot = None
+        self._copies = None
