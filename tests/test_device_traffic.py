@@ -25,7 +25,12 @@ class _NumberScaler:
 
 
 def _run(
-    monkeypatch: pytest.MonkeyPatch, every: int, steps: int, warmup: int, lengths: tuple[int, ...] = (10,)
+    monkeypatch: pytest.MonkeyPatch,
+    every: int,
+    steps: int,
+    warmup: int,
+    lengths: tuple[int, ...] = (10,),
+    micro_batches: int = 1,
 ) -> dict[str, int]:
     torch.manual_seed(0)
     model = SequenceNet()
@@ -42,8 +47,13 @@ def _run(
             traffic.mark_device([*model.parameters(), *model.buffers(), x, y])
         try:
             opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
+            for _ in range(micro_batches):  # gradient accumulation: every forward and backward recorded
+                loss = nn.functional.cross_entropy(model(x), y) / micro_batches
+                loss.backward()
+            if micro_batches > 1:
+                # a trainer's order (the Hugging Face Trainer): norms measured, then clipped, then step()
+                scope.observe_gradients()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
             # a tensor loss, a Python-number loss, and a custom scaler's Python-number scale
             scope.step(opt, loss=loss.detach() if step % 3 else 0.5, scaler=_NumberScaler() if step % 2 else None)
             opt.step()
@@ -79,6 +89,19 @@ def test_variable_sequence_lengths_add_no_host_to_device_copy(monkeypatch: pytes
     warmup, steps = DIAGNOSE_EVERY_STEPS + 2, 2 * DIAGNOSE_EVERY_STEPS
     lengths = tuple(range(5, 5 + warmup + steps))  # a length no earlier step had, every step
     violations = _run(monkeypatch, every, steps=steps, warmup=warmup, lengths=lengths)
+    assert not violations, "\n".join(f"{n}x {line}" for line, n in violations.items())
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_gradient_accumulation_and_pre_clip_norms_add_no_crossing(monkeypatch: pytest.MonkeyPatch, every: int) -> None:
+    """Five micro-batches per step (their statistics merged on the device, past
+    the pending budget too) and the trainer path that measures gradient norms
+    before clipping (``observe_gradients``): nothing crosses either."""
+    from gradscope import recorder
+
+    monkeypatch.setattr(recorder, "PENDING_ENTRIES", 12)  # merge early, mid-step, as long accumulations do
+    warmup = DIAGNOSE_EVERY_STEPS + 2
+    violations = _run(monkeypatch, every, steps=2 * DIAGNOSE_EVERY_STEPS, warmup=warmup, micro_batches=5)
     assert not violations, "\n".join(f"{n}x {line}" for line, n in violations.items())
 
 
