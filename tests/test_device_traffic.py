@@ -31,12 +31,14 @@ def _run(
     warmup: int,
     lengths: tuple[int, ...] = (10,),
     micro_batches: int = 1,
+    tier: str = "full",
+    evaluate: bool = False,
 ) -> dict[str, int]:
     torch.manual_seed(0)
     model = SequenceNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     batches = [(torch.randn(8, 4, length), torch.randint(0, 3, (8,))) for length in lengths]
-    scope = Scope(model, every=every, raise_on=(), on_finding=lambda f: None)
+    scope = Scope(model, every=every, raise_on=(), on_finding=lambda f: None, tier=tier)
     scope.read_late = True  # the code path CUDA runs
     violations: dict[str, int] = {}
     for step in range(warmup + steps):
@@ -57,6 +59,11 @@ def _run(
             # a tensor loss, a Python-number loss, and a custom scaler's Python-number scale
             scope.step(opt, loss=loss.detach() if step % 3 else 0.5, scaler=_NumberScaler() if step % 2 else None)
             opt.step()
+            if evaluate and step % 5 == 0:  # an evaluation loop inside the watched run
+                with scope.paused(), torch.no_grad():
+                    model.eval()
+                    model(x)
+                    model.train()
         finally:
             if guard is not None:
                 guard.__exit__(None, None, None)
@@ -102,6 +109,15 @@ def test_gradient_accumulation_and_pre_clip_norms_add_no_crossing(monkeypatch: p
     monkeypatch.setattr(recorder, "PENDING_ENTRIES", 12)  # merge early, mid-step, as long accumulations do
     warmup = DIAGNOSE_EVERY_STEPS + 2
     violations = _run(monkeypatch, every, steps=2 * DIAGNOSE_EVERY_STEPS, warmup=warmup, micro_batches=5)
+    assert not violations, "\n".join(f"{n}x {line}" for line, n in violations.items())
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_the_light_tier_and_paused_evaluations_add_no_crossing(monkeypatch: pytest.MonkeyPatch, every: int) -> None:
+    """``tier="light"`` (parametrised layers only, norms on sampled steps) and an
+    evaluation forward inside ``scope.paused()`` every five steps."""
+    warmup = DIAGNOSE_EVERY_STEPS + 2
+    violations = _run(monkeypatch, every, steps=2 * DIAGNOSE_EVERY_STEPS, warmup=warmup, tier="light", evaluate=True)
     assert not violations, "\n".join(f"{n}x {line}" for line, n in violations.items())
 
 
