@@ -96,6 +96,29 @@ def _layers(names: list[str]) -> str:
     return f"layer {_quoted(names)} changes" if len(names) == 1 else f"layers {_quoted(names)} change"
 
 
+def _no_gradient_fix(names: list[str], summary: str, code: str) -> tuple[str, str]:
+    """Advice for weights that never get a gradient: find where the graph breaks
+    (``torch.autograd.grad(..., allow_unused=True)`` answers None for a weight
+    the loss does not depend on), appended to the learning-rate advice if any."""
+    root = advice.ROOT
+    bare = sorted({n.split("#")[0] for n in names})  # call sites share their module's weights
+    layers = "{" + ", ".join(repr(n) for n in bare) + "}"
+    first = bare[0]
+    check = (
+        f"# which weights the loss does not depend on (None: the graph is cut between them and the loss)\n"
+        f"named = [(n, p) for n, p in {root}.named_parameters() if n.rpartition('.')[0] in {layers}]\n"
+        "grads = torch.autograd.grad(loss, [p for _, p in named], retain_graph=True, allow_unused=True)\n"
+        "print([n for (n, _), g in zip(named, grads) if g is None or not g.any()])"
+    )
+    text = (
+        f"make the output of {_quoted(names)} reach the loss through differentiable operations "
+        f"(for a router: weight the experts' outputs by its softmax, not its argmax alone), or freeze "
+        f"{'it' if len(names) == 1 else 'them'} ({root}.get_submodule({first!r}).requires_grad_(False)) "
+        "if that is intended"
+    )
+    return (f"{summary}; {text}" if summary else text), (f"{code}\n\n{check}" if code else check)
+
+
 @dataclass
 class LayerRatios:
     """Running summary of one layer's update ratios (a few numbers, whatever the run length)."""
@@ -115,6 +138,15 @@ class LayerRatios:
     lr_peak: float | None = None  # the largest lr seen, or the schedule's initial lr if larger
     max_at_peak: float = 0.0  # max over samples of ratio x lr_peak / lr at that sample
     small_since: int | None = None  # the step at which the layer was first judged too small
+    # Sampled steps whose weight gradient was read (its norm in the flush), and
+    # whether any was non-zero: a weight that never gets a gradient does not move
+    # whatever the learning rate, which is no learning-rate problem at all.
+    gradients_read: int = 0
+    gradient_seen: bool = False
+
+    def no_gradient(self) -> bool:
+        """Every update was exactly zero and no sampled step gave the weight a gradient."""
+        return self.gradients_read > 0 and not self.gradient_seen and self.max_at_peak == 0.0
 
     def band(self) -> tuple[float, float]:
         if self.kind == "weight":
@@ -266,6 +298,15 @@ class LearningRateMonitor:
         self.diverged_at: int | None = None
 
     # -- inputs -------------------------------------------------------------------
+    def observe_gradients(self, norms: dict[str, float]) -> None:
+        """A sampled step's gradient norm of each layer's weight (0 where it had none)."""
+        for name, norm in norms.items():
+            layer = self.layers.get(name)
+            if layer is None:
+                layer = self.layers[name] = LayerRatios(kind=self._kinds.get(name, "weight"))
+            layer.gradients_read += 1
+            layer.gradient_seen = layer.gradient_seen or (norm != 0.0 and math.isfinite(norm))
+
     def observe_optimizer(self, step: int, optimizer: Any, weights: dict[str, Any], types: dict[str, str]) -> None:
         """On a sampled step, before ``optimizer.step()``: the lr each layer's update will use."""
         self.optimizer = OptimizerSeen.of(optimizer)
@@ -417,8 +458,10 @@ class LearningRateMonitor:
     def update_ratio_finding(self, final: bool) -> Finding | None:
         """The run's one ``update-ratio`` finding, or None."""
         large = [n for n, x in self.layers.items() if x.too_large(final)]
-        small = [n for n, x in self.layers.items() if x.too_small() and n not in large]
-        if not large and not small:
+        below = [n for n, x in self.layers.items() if x.too_small() and n not in large]
+        unreached = [n for n in below if self.layers[n].no_gradient()]
+        small = [n for n in below if n not in unreached]
+        if not large and not below:
             return None
         parts = []
         if large:
@@ -437,9 +480,23 @@ class LearningRateMonitor:
                 f"{_layers(small)} by {amount} of the weights' norm per step even at the peak "
                 "learning rate, too small: they barely learn"
             )
+        if unreached:
+            one = len(unreached) == 1
+            parts.append(
+                f"{'layer' if one else 'layers'} {_quoted(unreached)} never {'moves' if one else 'move'}: no "
+                f"sampled step gave {'its weight' if one else 'their weights'} a gradient (None or exactly 0), "
+                f"so {'its' if one else 'their'} output does not reach the loss through a differentiable path "
+                "(argmax, .detach(), an integer index, torch.no_grad), is unused, or feeds only dead units; "
+                "no learning rate changes that"
+            )
         judged = sum(1 for x in self.layers.values() if x.samples)
-        summary, code = self._ratio_fix(large, small, judged, final)
-        layers = large + small
+        if large or small:
+            summary, code = self._ratio_fix(large, small, judged, final)
+        else:
+            summary, code = "", ""
+        if unreached:
+            summary, code = _no_gradient_fix(unreached, summary, code)
+        layers = large + small + unreached
         first_outside = [
             s
             for n in layers
@@ -454,11 +511,12 @@ class LearningRateMonitor:
             code="update-ratio",
             severity=Severity.WARNING,
             layers=layers,
-            message="; ".join(parts) + "; about 1e-3 is healthy",
+            message="; ".join(parts) + ("; about 1e-3 is healthy" if large or small else ""),
             evidence={
                 "update_ratio": representative.geometric_mean,
                 "too_large": large,
                 "too_small": small,
+                "no_gradient": unreached,
                 "per_layer": {n: self.layers[n].to_dict() for n in layers},
                 "target": UPDATE_RATIO_TARGET,
                 "band": [UPDATE_RATIO_LOW, UPDATE_RATIO_HIGH],

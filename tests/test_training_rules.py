@@ -308,3 +308,70 @@ def test_a_divergence_that_returns_after_clearing_is_named_at_its_own_step() -> 
     persisting = monitor.observe(9, {}, [(9, 95.0)], [(9, 21.0)])
     assert [f for f in persisting if f.code == "learning-rate-too-high"] == [returned]  # same episode, same object
     assert [f.evidence["step"] for f in monitor.final_findings() if f.code == "learning-rate-too-high"] == [2]
+
+
+class _ArgmaxGate(nn.Module):
+    """A gate whose score reaches the loss only through ``argmax``: its weight never
+    gets a gradient (a router that picks its expert without weighting by it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(20, 32)
+        self.gate = nn.Linear(32, 2)
+        self.experts = nn.ModuleList([nn.Linear(32, 5), nn.Linear(32, 5)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x))
+        pick = self.gate(h).argmax(dim=1, keepdim=True)  # non-differentiable: no gradient to the gate
+        return torch.where(pick == 0, self.experts[0](h), self.experts[1](h))
+
+
+@pytest.mark.parametrize("make_opt", [torch.optim.Adam, torch.optim.SGD])
+def test_a_weight_that_never_gets_a_gradient_is_not_advised_a_learning_rate(make_opt) -> None:
+    """Its update ratio is exactly 0 at any learning rate: the finding says the graph
+    is cut and shows how to find where, instead of a 20000x learning rate; its fix
+    code, run in the training loop's context, names the weight."""
+    model = _ArgmaxGate()
+    opt = make_opt(model.parameters(), lr=1e-2)
+    report, _, _ = train(model, opt, 14, mlp_data)
+    finding = next(f for f in report.findings if f.code == "update-ratio")
+    assert finding.layers == ["gate"]
+    assert finding.evidence["no_gradient"] == ["gate"] and finding.evidence["too_small"] == []
+    assert "never moves" in finding.message and "learning rate changes that" in finding.message
+    assert "learning rate (" not in finding.fix.summary and "lr" not in finding.fix.code
+    x, y = mlp_data(0)
+    loss = nn.functional.cross_entropy(model(x), y)
+    printed: list[object] = []
+    exec(finding.fix.code, {"model": model, "torch": torch, "loss": loss, "print": printed.append})
+    assert printed == [["gate.weight", "gate.bias"]]
+
+
+def test_no_gradient_and_a_too_small_rate_get_each_their_own_advice() -> None:
+    """One layer cut from the loss and one at a rate whose updates round away: the
+    learning-rate group covers only the second."""
+    model = _ArgmaxGate()
+    opt = torch.optim.SGD(
+        [
+            {"params": model.inp.parameters(), "lr": 1e-9},  # has a gradient, updates round to 0
+            {"params": [*model.gate.parameters(), *model.experts.parameters()]},
+        ],
+        lr=0.05,
+    )
+    report, _, _ = train(model, opt, 14, mlp_data)
+    finding = next(f for f in report.findings if f.code == "update-ratio")
+    assert finding.evidence["too_small"] == ["inp"] and finding.evidence["no_gradient"] == ["gate"]
+    assert "barely learn" in finding.message and "never moves" in finding.message
+    namespace: dict[str, object] = {"model": model, "torch": torch}
+    setup = finding.fix.code.split("\n\n# which weights")[0]  # the learning-rate part
+    exec(setup, namespace)
+    groups = namespace["optimizer"].param_groups  # type: ignore[attr-defined]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.inp.parameters()}
+
+
+def test_a_frozen_layer_is_not_an_update_ratio_finding() -> None:
+    model = mlp()
+    model[0].requires_grad_(False)  # frozen on purpose: no update, no gradient, nothing to say
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    report, _, _ = train(model, opt, 14, mlp_data)
+    assert not [f for f in report.findings if f.code == "update-ratio"]

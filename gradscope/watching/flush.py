@@ -277,6 +277,18 @@ def name_spike_parameters(
             finding.evidence["largest_parameter_norms"] = top
 
 
+def layer_gradient_norms(scope: Scope, param_grad_norms: dict[str, float]) -> dict[str, float]:
+    """The gradient norm of each recorded layer's main weight at the sampled step
+    (0 where the weight had no gradient), by layer name as the update ratios are."""
+    recorder = scope._recorder
+    out = {}
+    for layer in recorder.record.layers:
+        ref = recorder.weight_ref(layer.name) if layer.call == 1 else None
+        if ref is not None:
+            out[layer.name] = param_grad_norms.get(ref.name, 0.0)
+    return out
+
+
 def update_ratios_by_step(ratios: list[tuple[int, list[str], Any]]) -> dict[int, dict[str, float]]:
     out: dict[int, dict[str, float]] = {}
     for ratio_step, layer_names, values in ratios:
@@ -432,6 +444,8 @@ def complete(scope: Scope, pending: PendingFlush) -> GradscopeError | None:
             "one flush late (Scope.read_late): optimizer.step() of this step already ran"
             + ("; its weights were not measured, the search used the layer record" if missed else ""),
         )
+    if sampled:
+        scope._rates.observe_gradients(layer_gradient_norms(scope, param_grad_norms))
     update_ratios = update_ratios_by_step(host.ratios)
     sources = findings_by_source(
         scope,
