@@ -145,8 +145,10 @@ class LayerRatios:
     gradient_seen: bool = False
 
     def no_gradient(self) -> bool:
-        """Every update was exactly zero and no sampled step gave the weight a gradient."""
-        return self.gradients_read > 0 and not self.gradient_seen and self.max_at_peak == 0.0
+        """No sampled step gave the weight a gradient (None or exactly 0), over as many
+        sampled steps as a ratio needs to be judged: whatever moves it (weight decay
+        alone, or nothing) is no learning-rate question."""
+        return self.gradients_read >= UPDATE_RATIO_PATIENCE and not self.gradient_seen
 
     def band(self) -> tuple[float, float]:
         if self.kind == "weight":
@@ -457,11 +459,10 @@ class LearningRateMonitor:
     # -- update-ratio -------------------------------------------------------------------
     def update_ratio_finding(self, final: bool) -> Finding | None:
         """The run's one ``update-ratio`` finding, or None."""
-        large = [n for n, x in self.layers.items() if x.too_large(final)]
-        below = [n for n, x in self.layers.items() if x.too_small() and n not in large]
-        unreached = [n for n in below if self.layers[n].no_gradient()]
-        small = [n for n in below if n not in unreached]
-        if not large and not below:
+        unreached = [n for n, x in self.layers.items() if x.no_gradient()]
+        large = [n for n, x in self.layers.items() if x.too_large(final) and n not in unreached]
+        small = [n for n, x in self.layers.items() if x.too_small() and n not in large and n not in unreached]
+        if not large and not small and not unreached:
             return None
         parts = []
         if large:
@@ -483,8 +484,9 @@ class LearningRateMonitor:
         if unreached:
             one = len(unreached) == 1
             parts.append(
-                f"{'layer' if one else 'layers'} {_quoted(unreached)} never {'moves' if one else 'move'}: no "
-                f"sampled step gave {'its weight' if one else 'their weights'} a gradient (None or exactly 0), "
+                f"{'layer' if one else 'layers'} {_quoted(unreached)} {'gets' if one else 'get'} no gradient: no "
+                f"sampled step gave {'its weight' if one else 'their weights'} one (None or exactly 0; weight "
+                "decay alone may still shrink it), "
                 f"so {'its' if one else 'their'} output does not reach the loss through a differentiable path "
                 "(argmax, .detach(), an integer index, torch.no_grad), is unused, or feeds only dead units; "
                 "no learning rate changes that"

@@ -281,10 +281,11 @@ def layer_gradient_norms(scope: Scope, param_grad_norms: dict[str, float]) -> di
     """The gradient norm of each recorded layer's main weight at the sampled step
     (0 where the weight had no gradient), by layer name as the update ratios are."""
     recorder = scope._recorder
+    trainable = {ref.name for ref in scope._norms.trainable()}  # a frozen weight has none by design
     out = {}
     for layer in recorder.record.layers:
         ref = recorder.weight_ref(layer.name) if layer.call == 1 else None
-        if ref is not None:
+        if ref is not None and ref.name in trainable:
             out[layer.name] = param_grad_norms.get(ref.name, 0.0)
     return out
 
