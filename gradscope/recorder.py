@@ -18,6 +18,7 @@ import math
 import weakref
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any, NamedTuple
 
 import torch
@@ -91,6 +92,16 @@ class _Described(NamedTuple):
 
     shape: tuple[int, ...]
     dtype: torch.dtype
+
+
+@cache
+def _norm_types() -> frozenset[str]:
+    """The diagnosis' normalisation layer types (imported late: the diagnosis is optional)."""
+    try:
+        from gradscope.diagnose.layers import NORM_TYPES
+    except ImportError:
+        return frozenset()
+    return frozenset(NORM_TYPES)
 
 
 def _graph_task() -> int:
@@ -222,6 +233,9 @@ class Recorder:
         # that no temporary grows with the tensor (see gradscope.chunked).
         self.bounded = bounded
         self.record_inputs = record_inputs
+        # The inputs of normalisation layers that are not the output recorded just
+        # before them (see _unrecorded_norm_input); what record_inputs gives for all.
+        self.norm_inputs = False
         # False: forwards run with grad disabled (no_grad, inference_mode: evaluation)
         # are not recorded; see ``_counts_forward`` for how checkpointing is told apart.
         self.record_no_grad = record_no_grad
@@ -490,6 +504,7 @@ class Recorder:
             return
         tensor, _ = found
         self._bound_pending()
+        norm_input = self._unrecorded_norm_input(site, args)
         taken = self._take(tensor, self._extremes_from_input(module, args, tensor))
         self._pending.append((key, "activation", taken))
         if isinstance(taken, Sample) and taken.extreme_count == taken.numel and not tensor.is_inference():
@@ -498,11 +513,28 @@ class Recorder:
             arg = first_float_tensor(args)
             if arg is not None:
                 self._pending.append((key, "input", self._take(arg[0])))
+        elif norm_input is not None:
+            self._pending.append((key, "input", self._take(norm_input)))
         if tensor.requires_grad and torch.is_grad_enabled():
             tensor.register_hook(self._gradient_hook(key))
             self._grad_hooked.add(key)
         if name in self._sequences.names:
             self._sequences.on_forward(key, name, module, args, tensor)
+
+    def _unrecorded_norm_input(self, site: LayerRecord, args: tuple) -> torch.Tensor | None:
+        """A normalisation layer's input when it is not the output recorded just
+        before (a residual sum: BERT's post-LN ``LayerNorm(x + f(x))``, a pre-LN
+        block's stream), with ``norm_inputs``: the diagnosis scales gradients by
+        the std a normalisation divides by (``diagnose.depth._norm_scale``), which
+        the layer's own output std stands for only when the norm reads it directly.
+        One sample more per such norm on a sampled step; none for a conv -> BN."""
+        if not self.norm_inputs or site.type not in _norm_types():
+            return None
+        arg = first_float_tensor(args)
+        if arg is None:
+            return None
+        last = self._last_taken
+        return None if last is not None and last[0]() is arg[0] else arg[0]
 
     def _extremes_from_input(
         self, module: nn.Module, args: tuple, output: torch.Tensor

@@ -150,3 +150,35 @@ def test_fp16_overflow_in_gpt2_starts_at_the_embedding() -> None:
     assert finding.severity is Severity.ERROR
     assert finding.layers[0] == "transformer.wte"
     assert finding.evidence["absmax"] > 65504
+
+
+# The depth rules scale each layer's gradient by the std its normalisation layer
+# divides by (depth._norm_scale).  A watch records no layer inputs, and the
+# layer's own output std stands for the norm's input only when the norm reads it
+# directly (conv -> BN); behind a residual add (BERT's post-LN blocks) it was
+# ~100x too small and a watched BERT "exploded" 1,000x.  The watch now records a
+# normalisation's input when it is not the output recorded just before it.
+WATCHED = ["hf_bert", "hf_gpt2", "hf_llama", "hf_t5", "hf_resnet", "hf_vit_zero_head", "monai_plain_cnn"]
+
+
+@pytest.mark.parametrize("name", WATCHED)
+def test_a_watched_standard_architecture_gets_no_depth_or_init_alarm(name: str) -> None:
+    import gradscope
+    from gradscope.inputs import compute_loss, resolve_spec, synthetic_input
+
+    model, kwargs = _build(name)
+    spec = resolve_spec(model, kwargs["input_shape"], kwargs.get("input_dtype", torch.float32), kwargs.get("vocab"))
+    generator = torch.Generator().manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-6)  # the init's verdict, not a trained model's
+    with gradscope.watch(model, every=1, raise_on=(), on_finding=lambda f: None) as scope:
+        for _ in range(3):
+            x = synthetic_input(spec, generator, torch.device("cpu"))
+            loss = compute_loss(model(x), "ce", generator).loss
+            opt.zero_grad()
+            loss.backward()
+            scope.step(opt, loss=loss.detach())
+            opt.step()
+    report = scope.report()
+    # the depth and init verdicts; precision and training-configuration rules have tests of their own
+    depth_and_init = ("vanishing-gradient", "exploding-gradient", "vanishing-activations", "exploding-activations")
+    assert [f for f in _loud(report) if f.split(":")[0] in (*depth_and_init, "poor-init")] == []

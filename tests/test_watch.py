@@ -542,3 +542,41 @@ def test_light_tier_records_parametrised_layers_and_norms_on_sampled_steps_only(
 def test_unknown_tier_is_refused() -> None:
     with pytest.raises(GradscopeError, match="unknown tier 'fast'"):
         gradscope.watch(mlp(), tier="fast")
+
+
+class _PostLN(nn.Module):
+    """A Linear read directly by a LayerNorm, then a post-LN residual block
+    ``LayerNorm(h + Linear(h))`` (BERT's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.inner = nn.Linear(8, 8)
+        self.post = nn.LayerNorm(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.lin(x))
+        self.residual_sum = (h + self.inner(h)).detach()  # what the post-LN divides by the std of
+        return self.post(h + self.inner(h))
+
+
+def test_a_normalisation_reading_a_residual_sum_has_its_input_recorded() -> None:
+    """The depth diagnosis scales gradients by the std a normalisation divides by;
+    a watch records that input where it is not the output recorded just before
+    (a residual sum), exactly, and not where the norm reads a layer directly."""
+    torch.manual_seed(0)
+    model = _PostLN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with Scope(model, every=1, raise_on=(), diagnose=False) as scope:
+        for _ in range(2):
+            x = torch.randn(16, 8)
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            scope.step(opt)
+            opt.step()
+        record = scope.recent[-1].record
+        assert record.layer("norm").input is None  # its input is lin's output, recorded as lin's activation
+        recorded = record.layer("post").input
+        assert recorded is not None and recorded.count == 16 * 8
+        assert recorded.std == pytest.approx(float(model.residual_sum.double().std(unbiased=False)), rel=1e-9)

@@ -222,6 +222,9 @@ class Scope:
             record_no_grad=record_no_grad,
             process_group=process_group,
         )
+        # A residual sum a normalisation reads (post-LN BERT, pre-LN GPT-2) is the
+        # scale the depth diagnosis needs for the layers before it: recorded too.
+        self._recorder.norm_inputs = True
         # Parameters are looked up by name at each step (never kept: FSDP swaps and
         # frees parameter storage), from the recorder's table, built after sharding.
         self._norms = StepNorms(self._recorder, self.every, self.tier)
