@@ -316,6 +316,10 @@ def reduce_sample(taken: Sample) -> RawStats:
     return reduce_samples([taken])[0]
 
 
+# Samples reduced in one pass (reduce_samples): few ops per flush, bounded temporaries.
+REDUCE_ROWS = 16
+
+
 def reduce_samples(taken: Sequence[Sample]) -> list[RawStats]:
     """``reduce_sample`` of each, in order, with the ops shared: the samples of
     one device, dtype and length are stacked and reduced together (one stack,
@@ -334,28 +338,35 @@ def reduce_samples(taken: Sequence[Sample]) -> list[RawStats]:
     groups: dict[tuple[Any, Any, int], list[int]] = {}
     for i, t in enumerate(taken):
         groups.setdefault((t.values.device, t.values.dtype, t.values.numel()), []).append(i)
-    for (device, dtype, _length), indices in groups.items():
-        rows = [taken[i].values for i in indices]  # 1-D copies (take_sample)
-        stacked = rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
-        s1 = stacked.sum(dim=1)
-        s2 = (stacked * stacked).sum(dim=1)
-        k = len(indices)
-        if dtype == torch.float64:
-            # The exponent field of a float64: its 11 bits above the 52 of mantissa,
-            # once abs() has cleared the sign bit (3x cheaper than masking on CPU).
-            exponent, bins = stacked.abs().view(torch.int64) >> 52, F64_BINS
-        else:
-            # Devices without float64 (MPS): the fp32 bits of |x| * 2^23; the
-            # power-of-two scale is exact and lifts fp32's subnormals into the
-            # normal range, so one shift yields every binade.  Power sums in fp32.
-            exponent, bins = ((stacked * _FP32_SUBNORMAL_LIFT).view(torch.int32) >> 23) & 0xFF, HIST_BINS
-        if k > 1:
-            # each row's bins apart: row r counts into bins [r * bins, (r + 1) * bins)
-            exponent = exponent + _row_offsets(k, bins, device)
-        hist = _bincount(exponent.reshape(-1), k * bins).view(k, bins)
-        for i, row_s1, row_s2, row_hist in zip(indices, s1.unbind(0), s2.unbind(0), hist.unbind(0), strict=True):
-            t = taken[i]
-            out[i] = RawStats(t.numel, t.extreme_count, t.lo, t.hi, row_s1, row_s2, row_hist)
+    for (device, dtype, _length), members in groups.items():
+        # At most REDUCE_ROWS samples per pass: the temporaries stay O(REDUCE_ROWS
+        # samples) (two of 512 KiB at watch's 4,096-element samples) however many
+        # wait, as an audit's memory bound requires.
+        for start in range(0, len(members), REDUCE_ROWS):
+            indices = members[start : start + REDUCE_ROWS]
+            rows = [taken[i].values for i in indices]  # 1-D copies (take_sample)
+            stacked = rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
+            s1 = stacked.sum(dim=1)
+            s2 = (stacked * stacked).sum(dim=1)
+            k = len(indices)
+            if dtype == torch.float64:
+                # The exponent field of a float64: its 11 bits above the 52 of mantissa,
+                # once abs() has cleared the sign bit (3x cheaper than masking on CPU);
+                # shifted in place in abs()'s own output (one temporary, not three).
+                exponent, bins = stacked.abs().view(torch.int64).bitwise_right_shift_(52), F64_BINS
+            else:
+                # Devices without float64 (MPS): the fp32 bits of |x| * 2^23; the
+                # power-of-two scale is exact and lifts fp32's subnormals into the
+                # normal range, so one shift yields every binade.  Power sums in fp32.
+                exponent = (stacked * _FP32_SUBNORMAL_LIFT).view(torch.int32).bitwise_right_shift_(23)
+                exponent, bins = exponent.bitwise_and_(0xFF), HIST_BINS
+            if k > 1:
+                # each row's bins apart: row r counts into bins [r * bins, (r + 1) * bins)
+                exponent.add_(_row_offsets(k, bins, device))
+            hist = _bincount(exponent.reshape(-1), k * bins).view(k, bins)
+            for i, row_s1, row_s2, row_hist in zip(indices, s1.unbind(0), s2.unbind(0), hist.unbind(0), strict=True):
+                t = taken[i]
+                out[i] = RawStats(t.numel, t.extreme_count, t.lo, t.hi, row_s1, row_s2, row_hist)
     return [raw for raw in out if raw is not None]
 
 

@@ -177,5 +177,8 @@ def test_audit_peak_memory_beyond_a_plain_step_is_bounded_by_one_activation() ->
     # The audit frees each gradient once it is read: its peak stays below the plain
     # step's, which ends holding every parameter's gradient.
     assert audited <= plain - m["parameter_bytes"] // 4, m
-    # and it leaves nothing behind
-    assert m["audit"]["after_bytes"] <= 2 * one, m
+    # and it leaves nothing behind: what stays resident is the report and the
+    # allocator's own state, 1.7-3.6 MB over 16 runs here (2026-12-02, code before
+    # and after the flush's batched reduction alike) and 4.4 MB once in CI, against
+    # 2 MB per activation kept; the class this guards against keeps 8 or more (16+ MB).
+    assert m["audit"]["after_bytes"] <= 3 * one, m

@@ -535,8 +535,26 @@ def test_a_flush_reduces_its_samples_in_one_pass_per_group(monkeypatch: pytest.M
         rec.flush()
         recorded = sum(1 for layer in rec.record.layers for role in ("activation", "gradient") if layer.get(role))
     assert recorded == 24  # 12 modules, activation and ∂ℓ/∂h each
-    # all 24 samples have the same length: one bincount (plus the model input's, of another length)
-    assert len(calls) <= 2, calls
+    # the 24 samples (and the model input's) have one length: one bincount per REDUCE_ROWS of them
+    assert len(calls) <= -(-25 // stats_module.REDUCE_ROWS), calls
+
+
+def test_reducing_many_samples_allocates_a_few_rows_not_all_of_them() -> None:
+    """An audit's pending samples (up to 8 MiB) are reduced REDUCE_ROWS at a time:
+    the largest temporary is one such block (its float64 stack or int64 exponents),
+    never the stack of all of them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import gradscope.stats as stats_module
+
+    taken = [take_sample(torch.randn(64, 1024), 4096) for _ in range(128)]
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        reduced = reduce_samples(taken)
+    largest = max(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+    rows = taken[0].values.numel()
+    assert len(reduced) == 128
+    assert largest <= stats_module.REDUCE_ROWS * rows * 8  # one block of rows, float64 or int64
+    assert largest < 128 * rows * 8 // 4  # far from all 128 at once
 
 
 def test_nonfinite_count_is_apart_from_large_finite_values() -> None:
