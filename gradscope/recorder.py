@@ -531,10 +531,12 @@ class Recorder:
         if not self.norm_inputs or site.type not in _norm_types():
             return None
         arg = first_float_tensor(args)
-        if arg is None:
-            return None
+        return None if arg is None or self._recorded_just_before(arg[0]) else arg[0]
+
+    def _recorded_just_before(self, tensor: Any) -> bool:
+        """Whether ``tensor`` is the activation this forward recorded last (weak reference)."""
         last = self._last_taken
-        return None if last is not None and last[0]() is arg[0] else arg[0]
+        return last is not None and last[0]() is tensor
 
     def _extremes_from_input(
         self, module: nn.Module, args: tuple, output: torch.Tensor
@@ -548,7 +550,7 @@ class Recorder:
             return None
         through = extremes_through(module)
         arg: torch.Tensor = args[0]
-        if through is None or not isinstance(arg, torch.Tensor) or last[0]() is not arg or arg.is_inference():
+        if through is None or not self._recorded_just_before(arg) or arg.is_inference():
             return None
         bumps = 1 if in_place(module) and output is arg else 0
         if arg._version != last[1] + bumps:

@@ -280,14 +280,12 @@ def name_spike_parameters(
 def layer_gradient_norms(scope: Scope, param_grad_norms: dict[str, float]) -> dict[str, float]:
     """The gradient norm of each recorded layer's main weight at the sampled step
     (0 where the weight had no gradient), by layer name as the update ratios are."""
-    recorder = scope._recorder
     trainable = {ref.name for ref in scope._norms.trainable()}  # a frozen weight has none by design
-    out = {}
-    for layer in recorder.record.layers:
-        ref = recorder.weight_ref(layer.name) if layer.call == 1 else None
-        if ref is not None and ref.name in trainable:
-            out[layer.name] = param_grad_norms.get(ref.name, 0.0)
-    return out
+    return {
+        layer.name: param_grad_norms.get(ref.name, 0.0)
+        for layer, ref in scope._ratios.weight_refs()
+        if ref.name in trainable
+    }
 
 
 def update_ratios_by_step(ratios: list[tuple[int, list[str], Any]]) -> dict[int, dict[str, float]]:

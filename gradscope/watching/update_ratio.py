@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from gradscope.placement import ParameterRef
+from gradscope.record import LayerRecord
 from gradscope.recorder import Recorder
 from gradscope.stats import dense_view, sample_stride
 from gradscope.watching.step_norms import squared_norms
@@ -62,6 +64,15 @@ class UpdateRatios:
         # (the previous snapshot is always resolved before the next is taken).
         self._copies: tuple[tuple[Any, ...], list[torch.Tensor]] | None = None
 
+    def weight_refs(self) -> list[tuple[LayerRecord, ParameterRef]]:
+        """Each recorded layer with a main weight (first call site only) and that weight's reference."""
+        out = []
+        for layer in self.recorder.record.layers:
+            ref = self.recorder.weight_ref(layer.name) if layer.call == 1 else None
+            if ref is not None:
+                out.append((layer, ref))
+        return out
+
     def layer_weights(self, registered: bool = False) -> dict[str, torch.Tensor]:
         """Each recorded layer's main weight (first call site only), by layer name,
         looked up now and not kept (FSDP may swap the parameter object between
@@ -69,10 +80,7 @@ class UpdateRatios:
         or with ``registered`` the parameter object the optimizer holds (an
         FSDP1 unit's FlatParameter)."""
         weights: dict[str, torch.Tensor] = {}
-        for layer in self.recorder.record.layers:
-            ref = self.recorder.weight_ref(layer.name) if layer.call == 1 else None
-            if ref is None:
-                continue
+        for layer, ref in self.weight_refs():
             if registered:
                 param = ref.registered()
                 if param is not None:
