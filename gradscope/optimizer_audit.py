@@ -52,6 +52,16 @@ COUPLED = {"SGD", "ASGD", "Adam", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagra
 DECAY_ERROR = 1.0
 # The AdamW default weight decay (torch.optim.AdamW), used in the AdamW snippet.
 ADAMW_DEFAULT_DECAY = 0.01
+# Decoupled decay on a normalisation gain γ under an adaptive optimizer: the
+# optimizer moves γ by at most ~η per step (Adam's normalised step |m/√v| ≲ 1,
+# Kingma & Ba 2015, sec. 2.1), the decay pulls it by ηλγ, so even a gradient that
+# always pushes γ up cannot hold it above 1/λ.  At λ ≥ 0.5 that ceiling is within
+# 2x of γ's neutral value 1: decay competes with the gradient where the gain
+# starts, a warning.  Below it (AdamW's default 0.01: ceiling 100) decaying
+# gains is a convention question, not a fault: many standard recipes do it
+# (torch.optim.AdamW(model.parameters()), the torchvision ResNet recipe's SGD
+# decay on BatchNorm weights), so it is information.
+NORM_DECAY_WARN = 0.5
 
 NORM_MODULES = (
     nn.modules.batchnorm._NormBase,
@@ -328,6 +338,7 @@ def optimizer_findings(optimizer: Any, model: nn.Module | None = None) -> list[F
         decayed: dict[str, list[str]] = {"norm": [], "bias": [], "embedding": []}
         by_name = dict(model.named_parameters(remove_duplicate=False))
         decay_of: dict[str, float] = {}
+        pulled: list[str] = []  # normalisation parameters whose decay competes with their gradient
         for g in groups:
             if g.mode == "none":
                 continue
@@ -339,6 +350,8 @@ def optimizer_findings(optimizer: Any, model: nn.Module | None = None) -> list[F
                 if which is not None:
                     decayed[which].append(name)
                     decay_of[name] = g.weight_decay
+                    if which == "norm" and _pulls_gains_down(g):
+                        pulled.append(name)
         listed = decayed["norm"] + decayed["bias"] + decayed["embedding"]
         if listed:
             order = {n: i for i, (n, _) in enumerate(model.named_parameters())}
@@ -351,19 +364,21 @@ def optimizer_findings(optimizer: Any, model: nn.Module | None = None) -> list[F
             findings.append(
                 Finding(
                     code="weight-decay",
-                    severity=Severity.WARNING if decayed["norm"] else Severity.INFO,
+                    severity=Severity.WARNING if pulled else Severity.INFO,
                     layers=listed,
                     message=(
                         f"weight decay ({decay:g}) also applies to {', '.join(what)}: "
                         + (
-                            "decay pulls normalisation gains towards 0 (their neutral value is 1); "
-                            if decayed["norm"]
+                            "at this decay it pulls normalisation gains towards 0 as hard as their gradient "
+                            "can push them (their neutral value is 1); "
+                            if pulled
                             else ""
                         )
                         + "biases, normalisation parameters and embeddings are usually not decayed"
                     ),
                     evidence={
                         "decayed_norm": decayed["norm"],
+                        "gains_pulled_down": pulled,
                         "decayed_bias": decayed["bias"],
                         "decayed_embedding": decayed["embedding"],
                         "weight_decay": decay,
@@ -375,6 +390,17 @@ def optimizer_findings(optimizer: Any, model: nn.Module | None = None) -> list[F
                 )
             )
     return findings
+
+
+def _pulls_gains_down(group: GroupDecay) -> bool:
+    """Whether the group's decay competes with the gradient on a normalisation gain
+    at its neutral value 1: L2 coupled into an adaptive optimizer (rescaled with a
+    gain's small gradient, it dominates the normalised step whatever λ), or
+    decoupled decay with λ ≥ NORM_DECAY_WARN under an adaptive optimizer (see there).
+    SGD's coupled L2 is weighed against the gradient's own size, unknown here: information."""
+    if group.mode == "coupled-l2":
+        return group.adaptive
+    return group.mode == "decoupled" and group.adaptive and group.weight_decay >= NORM_DECAY_WARN
 
 
 def optimizer_summary(optimizer: Any, model: nn.Module | None = None) -> dict[str, Any]:

@@ -5,6 +5,7 @@ snippet, and the ``--optimizer`` grammar."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -84,10 +85,36 @@ def test_decayed_biases_and_norm_gains_are_listed_exactly() -> None:
     assert listed.evidence["decayed_norm"] == ["2.weight", "2.bias"]
     assert listed.evidence["decayed_embedding"] == ["0.weight"]
     assert listed.layers == ["0.weight", "1.bias", "2.weight", "2.bias"]
-    assert listed.severity == "warning"  # normalisation gains pulled towards 0
+    assert listed.severity == "info"  # AdamW at 0.05: a convention question, gains can still reach 1/λ = 20
+    assert listed.evidence["gains_pulled_down"] == []
     only_bias = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     (info,) = optimizer_findings(torch.optim.AdamW(only_bias.parameters(), weight_decay=0.05), only_bias)
     assert info.severity == "info" and info.evidence["decayed_bias"] == ["0.bias", "2.bias"]
+
+
+@pytest.mark.parametrize(
+    ("make", "warns"),
+    [
+        # torch.optim.AdamW's default decay on a Transformer: standard practice, information
+        (lambda p: torch.optim.AdamW(p, lr=1e-3), False),
+        (lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1), False),
+        # decoupled λ >= 0.5: Adam's ~η step cannot hold a gain above 1/λ <= 2
+        (lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.5), True),
+        (lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=0.5, decoupled_weight_decay=True), True),
+        # L2 coupled into an adaptive optimizer: rescaled with the gain's small gradient, it dominates
+        (lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=1e-4), True),
+        (lambda p: torch.optim.RMSprop(p, lr=1e-3, weight_decay=1e-4), True),
+        # SGD's L2 on BatchNorm weights: the standard ResNet recipe, information
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4), False),
+    ],
+)
+def test_decayed_normalisation_gains_warn_only_when_decay_competes_with_their_gradient(make: Any, warns: bool) -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    (listed,) = [f for f in optimizer_findings(make(model.parameters()), model) if "decayed_norm" in f.evidence]
+    assert listed.evidence["decayed_norm"] == ["1.weight", "1.bias"]
+    assert listed.severity == ("warning" if warns else "info")
+    assert listed.evidence["gains_pulled_down"] == (["1.weight", "1.bias"] if warns else [])
+    assert ("as hard as their gradient" in listed.message) == warns
 
 
 @pytest.mark.parametrize("kind", ["adamw", "adam", "sgd"])
