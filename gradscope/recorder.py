@@ -390,14 +390,18 @@ class Recorder:
         return self._root_grad if self._root_grad is not None else torch.is_grad_enabled()
 
     def _forward_hook(self, name: str) -> Any:
+        # The per-step check names a layer as the record does (wrapper components
+        # dropped): the same event gets the same name on sampled and unsampled steps.
+        shown = _display_name(name)
+
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if self._closed:
                 return
             if torch.compiler.is_compiling():
-                self._compiled_forward(name, module, args, output)
+                self._compiled_forward(name, shown, module, args, output)
                 return
             if self.sentinel is not None and self._counts_forward():
-                self.sentinel.forward(name, module, args, output, self._active)
+                self.sentinel.forward(shown, module, args, output, self._active)
             # Not recording and no recorded forward to recompute: nothing more to do
             # (the common case on watch's unsampled steps, so checked first).
             if not (self._active or self._forward_recorded):
@@ -435,10 +439,10 @@ class Recorder:
         found = first_float_tensor((args, kwargs))
         self._compiled.append(("", None, "", None, None if found is None else take_sample(found[0], self.sample)))
 
-    def _compiled_forward(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
+    def _compiled_forward(self, name: str, shown: str, module: nn.Module, args: tuple, output: Any) -> None:
         counted = self._counts_forward()
         if self.sentinel is not None and counted:
-            self.sentinel.forward(name, module, args, output, self._active)
+            self.sentinel.forward(shown, module, args, output, self._active)
         if not (self._active and counted):
             return
         found = first_float_tensor(output)

@@ -444,3 +444,51 @@ def test_passes_finite_covers_torch_layers_only() -> None:
         MyReLU(),
     ]
     assert not any(nonfinite.passes_finite(m) for m in failing)
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``factor`` (inf: a NaN/inf made in backward)."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor, factor: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.factor = factor  # type: ignore[attr-defined]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad * ctx.factor, None  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("every", [1, 3])
+@pytest.mark.parametrize("fault", ["activation", "weight_grad"])
+def test_a_wrapped_layer_is_named_as_the_record_names_it_at_every_rate(every: int, fault: str) -> None:
+    """Wrappers insert name components (checkpoint_wrapper's ``_checkpoint_wrapped_module``,
+    FSDP1's ``_fsdp_wrapped_module``, compile's ``_orig_mod``): the per-step check of an
+    unsampled step named '2._checkpoint_wrapped_module' (type and dtype unknown) where a
+    sampled step names '2', a Linear."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    model[2] = checkpoint_wrapper(model[2])
+    inner = model[2]._checkpoint_wrapped_module
+    state = {"bad": False}
+    if fault == "activation":
+        inner.register_forward_hook(lambda m, a, out: out * float("inf") if state["bad"] else out)
+    else:  # ∂ℓ/∂(input of 2) finite, the gradient flowing into 2's output non-finite
+        inner.register_forward_hook(lambda m, a, out: _ScaleGradient.apply(out, float("inf")) if state["bad"] else out)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(GradscopeError) as info:
+        with gradscope.watch(model, every=every, on_finding=lambda f: None) as scope:
+            for step in range(8):
+                state["bad"] = step == 4
+                x, y = batch(step)
+                opt.zero_grad()
+                nn.functional.mse_loss(model(x), y).backward()
+                scope.step(opt)
+                opt.step()
+    record = info.value.record
+    assert record["step"] == 4
+    assert record["layer"] == "2" and "_checkpoint_wrapped_module" not in str(record)
+    if fault == "activation":
+        assert (record["type"], record["dtype"], record["role"]) == ("Linear", "float32", "activation")

@@ -166,6 +166,15 @@ def first_nonfinite(
                 origin, source = "produced", "the backward of the loss"
             elif _bad(after.gradient):  # pragma: no cover - the search order makes this impossible
                 origin, source = "received", after.name
+            elif _bad(after.weight_grad):
+                # One backward made both: the layer after took a finite ∂ℓ/∂h and gave out a
+                # non-finite weight gradient and ∂ℓ/∂h.  Named there, as the per-step check of
+                # an unsampled step names it (by that weight gradient): one event, one layer.
+                source = (
+                    f"the backward of {after.name}: its ∂ℓ/∂h was finite, its weight gradient and the "
+                    f"∂ℓ/∂h it passed back to {layer.name} are not"
+                )
+                return _describe(after, "weight_grad", after.weight_grad, step, "produced", source, weight_dtypes)
             else:
                 origin, source = "produced", f"the backward of {after.name}"
             return _describe(layer, "gradient", layer.gradient, step, origin, source)
