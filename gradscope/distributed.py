@@ -39,7 +39,7 @@ from gradscope import host_copy
 from gradscope.device_constants import on_device
 from gradscope.errors import GradscopeError
 from gradscope.host_copy import HostBuffers, HostCopy
-from gradscope.stats import COUNT, M2, MAX, MCOUNT, MEAN, MIN, NANSEEN, SIZE
+from gradscope.stats import COUNT, M2, MAX, MCOUNT, MEAN, MIN, NANSEEN, NONFINITE, SIZE
 
 NO_REDUCTION = "none"
 AUTO = "auto"  # audit's default: reduce only a sharded model (every rank runs its forward anyway)
@@ -138,18 +138,42 @@ def data_parallel_size(model: nn.Module, group: ReductionGroup) -> int:
     plain) every rank is a data-parallel rank.
     """
     fsdp2 = False
+    fsdp2_size: int | None = None
     mesh = None
     for module in model.modules():
         if any(base.__name__ == "FSDPModule" for base in type(module).__mro__):
             fsdp2 = True
+            fsdp2_size = fsdp2_size or _fsdp2_data_parallel_size(module)
         for param in module._parameters.values():
             if mesh is None and param is not None and hasattr(param, "device_mesh"):
                 mesh = param.device_mesh
+    if fsdp2_size is not None:
+        return fsdp2_size
     if mesh is None:
         return group.size
     if fsdp2:
         return int(mesh.size(0))
     return max(1, group.size // int(mesh.size()))
+
+
+def _fsdp2_data_parallel_size(module: nn.Module) -> int | None:
+    """The ranks an FSDP2 module's data is spread over: its shard mesh dimension's
+    size times its replicate dimension's (HSDP: a (replicate, shard) mesh; the first
+    dimension alone made ∂ℓ/∂h 2x too large on a (1, 2) mesh).  Read from FSDP2's
+    mesh info (private in torch 2.13: None when it is not there)."""
+    try:
+        info = module._get_fsdp_state()._fsdp_param_group.mesh_info  # type: ignore[operator,union-attr]
+    except (AttributeError, TypeError):
+        return None
+    size = 1
+    for attr in ("shard_mesh_size", "replicate_mesh_size"):
+        size *= int(getattr(info, attr, 1))
+    return size
+
+
+def row_nonfinite(row: torch.Tensor) -> bool:
+    """Whether a statistics row saw a NaN/inf.  Reads the device: for the error path only."""
+    return bool(row[NONFINITE] > 0) or not bool(torch.isfinite(row[MIN]) & torch.isfinite(row[MAX]))
 
 
 def _sum_part(rows: torch.Tensor) -> torch.Tensor:

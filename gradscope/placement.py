@@ -175,12 +175,17 @@ def _resolve_dtensor(param: Any) -> Local:
     sharded = any(p.is_shard() for p in placements)
     grad = param.grad
     if grad is not None:
-        if any(p.is_partial() for p in grad.placements):
-            # A pending sum across ranks: its local part is not a part of the gradient.
-            from torch.distributed.tensor import Replicate
-
-            grad = grad.redistribute(placements=[Replicate() if p.is_partial() else p for p in grad.placements])
-            owned = owned and all(c == 0 for c, p in zip(coordinate, grad.placements, strict=True) if p.is_replicate())
+        if tuple(grad.placements) != tuple(placements):
+            # The gradient laid out otherwise than its parameter: a pending sum (Partial),
+            # whose local part is not a part of the gradient, or a replica of a sharded
+            # parameter's gradient (an Embedding under RowwiseParallel gets a Replicate
+            # gradient for its Shard(0) weight), whose local part is the whole gradient on
+            # every rank.  Laid out as the parameter, this rank's part pairs with its part
+            # of the value and every element is counted once: Replicate -> Shard is a
+            # local slice, Partial -> Shard a reduce-scatter, Partial -> Replicate an
+            # all-reduce (collectives every rank reaches: parameters are resolved in the
+            # same order on each).
+            grad = grad.redistribute(device_mesh=param.device_mesh, placements=placements)
         grad = _local_of(grad)
     return Local(_local_of(param), grad, sharded=sharded, owned=owned, requires_grad=param.requires_grad)
 
@@ -200,11 +205,29 @@ def _resolve_flat(handle: Any, index: int, owner_rank: bool) -> Local:
         part = grad.detach()[start : start + numel] if grad is not None else None
         return Local(data[start : start + numel], part, sharded=True, owned=True, requires_grad=requires_grad)
     # Unsharded (NO_SHARD, or between forward and backward): every rank holds it all.
-    start = sum(int(n) for n in flat._numels[:index])
+    start = _unpadded_offset(flat, index)
     numel = int(flat._numels[index])
     grad = flat.grad
     part = grad.detach()[start : start + numel] if grad is not None and grad.numel() >= start + numel else None
     return Local(data[start : start + numel], part, sharded=False, owned=owner_rank, requires_grad=requires_grad)
+
+
+def _unpadded_offset(flat: Any, index: int) -> int:
+    """Where original parameter ``index`` starts in an unsharded FlatParameter.  With
+    ``use_orig_params=True`` FSDP1 pads each parameter to an aligned offset
+    (``_numels_with_padding``, ``_is_padding_mask``); summing ``_numels`` alone
+    read the padding (filled with 42) as the next parameter's values."""
+    numels, padding = getattr(flat, "_numels_with_padding", None), getattr(flat, "_is_padding_mask", None)
+    if numels is None or padding is None:
+        return sum(int(n) for n in flat._numels[:index])
+    offset, seen = 0, 0
+    for numel, is_padding in zip(numels, padding, strict=True):
+        if not is_padding:
+            if seen == index:
+                return offset
+            seen += 1
+        offset += int(numel)
+    raise IndexError(f"parameter {index} is not in this FlatParameter")
 
 
 class ParameterTable:
@@ -223,15 +246,25 @@ class ParameterTable:
             flat_param = getattr(handle, "flat_param", None)
             if flat_param is None or not _is_flat_parameter(flat_param):
                 continue
+            primary: dict[tuple[int, str], int] = {}
             for i, info in enumerate(flat_param._param_infos):
                 shape = tuple(int(s) for s in flat_param._shapes[i])
                 flat.setdefault(id(info.module), {})[info.param_name] = (handle, i, shape)
+                primary[(id(info.module), info.param_name)] = i
+            # Tied parameters (an output head sharing the embedding's weight): FSDP1
+            # keeps one slice, and the other owners in _shared_param_infos point at it.
+            for shared in getattr(flat_param, "_shared_param_infos", ()):
+                at = primary.get((id(shared.prim_module), shared.prim_param_name))
+                if at is not None:
+                    shape = tuple(int(s) for s in flat_param._shapes[at])
+                    flat.setdefault(id(shared.module), {})[shared.param_name] = (handle, at, shape)
         self._by_module: dict[int, list[ParameterRef]] = {}
         self._all: list[ParameterRef] = []
         # id -> parameter, held only while the table is built: a TorchScript
         # module hands out a fresh Python object per access, and a dead one's
         # id could be reused and mistaken for a tied parameter.
         seen: dict[int, Any] = {}
+        seen_slices: set[tuple[int, int]] = set()  # (handle, index) of FSDP1 slices listed once
         for module_name, module in model.named_modules():
             refs: list[ParameterRef] = []
             prefix = clean_name(module_name)
@@ -245,14 +278,18 @@ class ParameterTable:
                     refs.append(ParameterRef(full, module, attr, hit[2], hit[0], hit[1]))
                 else:
                     refs.append(ParameterRef(full, module, attr))
-                if id(param) in seen:  # a tied parameter: its norm counts once
-                    continue
+                tied = id(param) in seen or (hit is not None and (id(hit[0]), hit[1]) in seen_slices)
                 seen[id(param)] = param
-                self._all.append(refs[-1])
+                if hit is not None:
+                    seen_slices.add((id(hit[0]), hit[1]))
+                if not tied:  # a tied parameter: its norm counts once
+                    self._all.append(refs[-1])
             for attr, (handle, i, shape) in flattened.items():  # use_orig_params=False: no attribute left
                 full = f"{prefix}.{attr}" if prefix else attr
                 refs.append(ParameterRef(full, module, attr, shape, handle, i))
-                self._all.append(refs[-1])
+                if (id(handle), i) not in seen_slices:
+                    seen_slices.add((id(handle), i))
+                    self._all.append(refs[-1])
             if refs:
                 self._by_module[id(module)] = refs
 
@@ -300,7 +337,7 @@ def local_gradients(refs: list[ParameterRef], owner_rank: bool) -> list[tuple[st
                 out.append((ref.name, param.grad if owner_rank else None))
                 continue
             grad: Any = param.grad
-            if grad is None or not any(p.is_partial() for p in grad.placements):
+            if grad is None or tuple(grad.placements) == tuple(param.placements):
                 # The common DTensor case without building the parameter's local view.
                 out.append((ref.name, _local_of(grad) if grad is not None and _owns(param) else None))
                 continue
@@ -314,3 +351,17 @@ def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
     (``full_tensor()``: a collective every rank of its mesh must reach)."""
     value = tensor.detach()
     return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
+def whole_value(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor holding all of ``tensor``: itself unless a DTensor; a DTensor's
+    local tensor when every placement is Replicate (no communication), else
+    ``full_tensor()`` (a collective: every rank of its mesh must call it, as every
+    rank hands ``scope.step`` its loss).  A loss computed under tensor parallelism's
+    ``loss_parallel()`` is such a DTensor."""
+    if not _is_dtensor(tensor):
+        return tensor
+    value: Any = tensor.detach()
+    if all(p.is_replicate() for p in value.placements):
+        return value.to_local()
+    return value.full_tensor()

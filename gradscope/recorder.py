@@ -32,6 +32,7 @@ from gradscope.distributed import (
     ReductionGroup,
     data_parallel_size,
     resolve_group,
+    row_nonfinite,
     scale_gradient_rows,
 )
 from gradscope.extremes_through import extremes_through, in_place
@@ -273,6 +274,8 @@ class Recorder:
         # site name -> where its weight is found; looked up at capture time, never
         # kept (FSDP frees or swaps parameter storage between forward and backward).
         self._weights: dict[str, ParameterRef] = {}
+        self._selected_weights: list[tuple[str, ParameterRef]] | None = None
+        self._flush_local: dict[Any, torch.Tensor] = {}  # under a group: the last flush's own rows
         self._pending: list[tuple[str, str, RawStats | Sample]] = []
         self._input_pending: list[RawStats | Sample] = []
         self._pending_elements = 0  # elements of sample copies not reduced yet
@@ -645,6 +648,27 @@ class Recorder:
         """Where the weight of a recorded site is found."""
         return self._weights.get(key)
 
+    def held_nonfinite(self, layer: str, role: str) -> bool | None:
+        """Under a reduction group: whether this rank's own statistics of ``layer``'s
+        ``role`` at the last flush held a NaN/inf (None: unknown, no group or no row)."""
+        row = self._flush_local.get((layer, role))
+        return None if row is None else row_nonfinite(row)
+
+    def selected_weight_refs(self) -> list[tuple[str, ParameterRef]]:
+        """(layer name, main weight) of every selected module that has one, in model
+        order, whether or not it ran: the same list on every rank (a vector laid out
+        by it can be summed element by element across ranks, where the layers a rank
+        saw run differ with data-dependent branches or ``find_unused_parameters``)."""
+        if self._selected_weights is None:
+            table = self.parameter_table()
+            chosen = []
+            for name, module in self._selected:
+                weight = main_weight_ref(table.of_module(module))
+                if weight is not None:
+                    chosen.append((_display_name(name), weight))
+            self._selected_weights = list(dict(chosen).items())  # a module selected twice counts once
+        return self._selected_weights
+
     @property
     def owner(self) -> bool:
         """Whether this rank counts replicated parameters (rank 0 of the group)."""
@@ -794,6 +818,9 @@ class Recorder:
         host: dict[tuple[str, str], torch.Tensor] = {}
         if transfer.reduction is not None and self._reducer is not None and self.group is not None:
             host, host_extra = self._reducer.finish(transfer.reduction)
+            # This rank's own rows, before the reduction (a few numbers per layer, on the
+            # device): which rank's rows held a NaN/inf, asked on the error path only.
+            self._flush_local = transfer.reduction.local
             if self._data_parallel is None:
                 self._data_parallel = data_parallel_size(self.model, self.group)
             scale_gradient_rows(host, float(self._data_parallel))

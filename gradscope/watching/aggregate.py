@@ -55,6 +55,10 @@ class RunningRecord:
             "excluded_sampled_steps": self.excluded_flushes,
         }
 
+    def layer_names(self) -> set[str]:
+        """The layers merged so far."""
+        return set(self._layers)
+
     def merge(self, flush: Record, step: int | None = None) -> None:
         """Merge one flush's record (host statistics) of ``step`` into the aggregate:
         nothing from the first non-finite step on (a flush read one flush late,

@@ -81,8 +81,15 @@ def _event_order(record: dict[str, Any], positions: Mapping[str, int]) -> tuple[
 
 
 def first_of(records: list[dict[str, Any] | None], positions: Mapping[str, int]) -> dict[str, Any] | None:
-    """The record of the earliest event among ``records`` (None when there is none)."""
-    found = [(_event_order(record, positions), i, record) for i, record in enumerate(records) if record]
+    """The record of the earliest event among ``records`` (None when there is none).
+    Of equal events, the first record whose rank held the value in its own rows
+    (``record["seen_here"]``, default True): every rank finds a sampled step's
+    NaN in the reduced statistics, the rank whose rows it came from is named."""
+    found = [
+        ((*_event_order(record, positions), not record.get("seen_here", True)), i, record)
+        for i, record in enumerate(records)
+        if record
+    ]
     return min(found, key=lambda item: (item[0], item[1]))[2] if found else None
 
 
@@ -103,4 +110,6 @@ def earliest(records: list[dict[str, Any] | None], positions: Mapping[str, int])
     if first is None:
         return None
     rank = next(i for i, record in enumerate(records) if record is first)
-    return {**first, "rank": rank}
+    out = {**first, "rank": rank}
+    out.pop("seen_here", None)
+    return out

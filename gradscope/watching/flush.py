@@ -259,6 +259,11 @@ def locate(
     ):
         # Every rank holds the same reduced numbers, so all agree here on one record:
         # the earliest any rank found, at this step or held from an unsampled one.
+        if located is not None and located.get("step") == step and located.get("layer") is not None:
+            # Found in the reduced statistics, as every rank finds it: say whether this
+            # rank's own rows held it, so that the rank named is the one they came from.
+            held = scope._recorder.held_nonfinite(str(located["layer"]), str(located.get("role")))
+            located = {**located, "seen_here": held is not False}
         located = episodes.agree(located)
         if located is not None and located.get("step") != step:
             located.setdefault("read", f"at step {step}, the first flush after it: all ranks stop there together")
@@ -277,22 +282,33 @@ def name_spike_parameters(
             finding.evidence["largest_parameter_norms"] = top
 
 
-def layer_gradient_norms(scope: Scope, param_grad_norms: dict[str, float]) -> dict[str, float]:
+def recorded_layers(scope: Scope, record: Record) -> set[str]:
+    """Layers some rank has recorded in this run (this flush's included)."""
+    return {layer.name for layer in record.layers} | scope._aggregate.layer_names()
+
+
+def layer_gradient_norms(scope: Scope, param_grad_norms: dict[str, float], record: Record) -> dict[str, float]:
     """The gradient norm of each recorded layer's main weight at the sampled step
     (0 where the weight had no gradient), by layer name as the update ratios are."""
     trainable = {ref.name for ref in scope._norms.trainable()}  # a frozen weight has none by design
+    recorded = recorded_layers(scope, record)
     return {
-        layer.name: param_grad_norms.get(ref.name, 0.0)
-        for layer, ref in scope._ratios.weight_refs()
-        if ref.name in trainable
+        name: param_grad_norms.get(ref.name, 0.0)
+        for name, ref in scope._ratios.weight_refs()
+        if ref.name in trainable and name in recorded
     }
 
 
-def update_ratios_by_step(ratios: list[tuple[int, list[str], Any]]) -> dict[int, dict[str, float]]:
+def update_ratios_by_step(
+    ratios: list[tuple[int, list[str], Any]], recorded: set[str] | None = None
+) -> dict[int, dict[str, float]]:
+    """Step -> layer -> ‖Δw‖/‖w‖; ``recorded``: keep only these layers (under a group the
+    ratios cover every selected layer, the record the layers some rank ran)."""
     out: dict[int, dict[str, float]] = {}
     for ratio_step, layer_names, values in ratios:
         for name, value in zip(layer_names, values.tolist(), strict=True):
-            out.setdefault(ratio_step, {})[name] = value
+            if recorded is None or name in recorded:
+                out.setdefault(ratio_step, {})[name] = value
     return out
 
 
@@ -444,8 +460,9 @@ def complete(scope: Scope, pending: PendingFlush) -> GradscopeError | None:
             + ("; its weights were not measured, the search used the layer record" if missed else ""),
         )
     if sampled:
-        scope._rates.observe_gradients(layer_gradient_norms(scope, param_grad_norms))
-    update_ratios = update_ratios_by_step(host.ratios)
+        scope._rates.observe_gradients(layer_gradient_norms(scope, param_grad_norms, record))
+    grouped = scope._recorder.group is not None
+    update_ratios = update_ratios_by_step(host.ratios, recorded_layers(scope, record) if grouped else None)
     sources = findings_by_source(
         scope,
         record,

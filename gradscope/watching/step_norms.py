@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from gradscope.device_constants import on_device
-from gradscope.placement import ParameterRef, local_gradients
+from gradscope.placement import ParameterRef, local_gradients, whole_value
 from gradscope.recorder import Recorder
 from gradscope.watching.scaling import scale_value
 
@@ -83,6 +83,8 @@ class StepNorms:
         self._param_refs: list[ParameterRef] | None = None
 
     def observe_loss(self, loss: Any) -> None:
+        if isinstance(loss, torch.Tensor):
+            loss = whole_value(loss)  # a DTensor loss (loss_parallel) joins plain tensors as a plain one
         value: torch.Tensor | float = loss.detach().float().sum() if isinstance(loss, torch.Tensor) else float(loss)
         before = self.pending_loss
         if before is None:

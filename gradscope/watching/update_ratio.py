@@ -11,7 +11,6 @@ from typing import Any
 import torch
 
 from gradscope.placement import ParameterRef
-from gradscope.record import LayerRecord
 from gradscope.recorder import Recorder
 from gradscope.stats import dense_view, sample_stride
 from gradscope.watching.step_norms import squared_norms
@@ -64,13 +63,22 @@ class UpdateRatios:
         # (the previous snapshot is always resolved before the next is taken).
         self._copies: tuple[tuple[Any, ...], list[torch.Tensor]] | None = None
 
-    def weight_refs(self) -> list[tuple[LayerRecord, ParameterRef]]:
-        """Each recorded layer with a main weight (first call site only) and that weight's reference."""
+    def weight_refs(self) -> list[tuple[str, ParameterRef]]:
+        """(layer name, main weight) of each recorded layer (first call site only).
+
+        Under a reduction group, of every selected layer instead: the ratios are
+        summed across ranks element by element, so their layout must not depend
+        on which layers this rank saw run (a branch taken on one rank only made
+        the ranks' vectors differ in length, which aborted gloo, or in order,
+        which summed one layer's ratio into another's).  The host keeps the
+        ratios of layers some rank recorded (``recorded_ratios``)."""
+        if self.recorder.group is not None:
+            return self.recorder.selected_weight_refs()
         out = []
         for layer in self.recorder.record.layers:
             ref = self.recorder.weight_ref(layer.name) if layer.call == 1 else None
             if ref is not None:
-                out.append((layer, ref))
+                out.append((layer.name, ref))
         return out
 
     def layer_weights(self, registered: bool = False) -> dict[str, torch.Tensor]:
@@ -80,15 +88,15 @@ class UpdateRatios:
         or with ``registered`` the parameter object the optimizer holds (an
         FSDP1 unit's FlatParameter)."""
         weights: dict[str, torch.Tensor] = {}
-        for layer, ref in self.weight_refs():
+        for name, ref in self.weight_refs():
             if registered:
                 param = ref.registered()
                 if param is not None:
-                    weights[layer.name] = param
+                    weights[name] = param
                 continue
             local = ref.resolve(True)
             if local is not None:
-                weights[layer.name] = local.value
+                weights[name] = local.value
         if not registered:
             self.weight_dtypes = {name: str(w.dtype).removeprefix("torch.") for name, w in weights.items()}
         return weights
