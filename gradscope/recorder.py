@@ -16,7 +16,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import weakref
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, NamedTuple
@@ -96,13 +96,13 @@ class _Described(NamedTuple):
 
 
 @cache
-def _norm_types() -> frozenset[str]:
+def _norm_types() -> Container[str]:
     """The diagnosis' normalisation layer types (imported late: the diagnosis is optional)."""
     try:
         from gradscope.diagnose.layers import NORM_TYPES
     except ImportError:
         return frozenset()
-    return frozenset(NORM_TYPES)
+    return NORM_TYPES
 
 
 def _graph_task() -> int:

@@ -7,6 +7,8 @@ never assumed to be an activation or a normalisation.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,13 +25,46 @@ ACTIVATION_TYPES = RELU_TYPES | LEAKY_TYPES | SMOOTH_RELU_TYPES | SQUASH_TYPES
 DYING_TYPES = {"ReLU", "ReLU6"}
 # Activations with two asymptotes: they can saturate.
 SATURATING_TYPES = {"Tanh", "Sigmoid"}
+
+
+class TypeFamily:
+    """A set of layer class names that also holds the classes libraries write for
+    the same job under their own names: ``name in family`` is true for the exact
+    names and for names matching ``pattern``.
+
+    Types are read from class names (a Record may come from JSON, with no model),
+    and every library names its own normalisation: transformers' ``LlamaRMSNorm``,
+    ``GemmaRMSNorm``, ``T5LayerNorm``, ``ConvNextLayerNorm``, torchvision's
+    ``FrozenBatchNorm2d``, timm's ``LayerNorm2d``.  An exact-name set took them for
+    unknown layers: the depth rule ignored the scale they divide by and the
+    update-ratio rule judged their gains (Gemma's start at 0) as weights.
+    """
+
+    def __init__(self, exact: set[str], pattern: str) -> None:
+        self.exact = frozenset(exact)
+        self.pattern = re.compile(pattern)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and (name in self.exact or self.pattern.search(name) is not None)
+
+    def __iter__(self) -> Iterator[str]:
+        """The exact names (a pattern has no list)."""
+        return iter(sorted(self.exact))
+
+
 # Layers that normalise their input: the init scale before them does not
 # matter to the forward signal (Ioffe & Szegedy 2015).
-NORM_TYPES = {
-    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "LazyBatchNorm1d", "LazyBatchNorm2d",
-    "LazyBatchNorm3d", "LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
-    "RMSNorm", "LocalResponseNorm",
-}  # fmt: skip
+NORM_TYPES = TypeFamily(
+    {
+        "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "LazyBatchNorm1d", "LazyBatchNorm2d",
+        "LazyBatchNorm3d", "LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+        "RMSNorm", "LocalResponseNorm",
+    },
+    # a class name ending in a normalisation's name, with an optional 1d/2d/3d
+    r"(?:RMS|Layer|Group|Batch|Instance)Norm(?:[123][dD])?$",
+)  # fmt: skip
+# Batch normalisation (running statistics, a mode that matters).
+BATCHNORM_TYPES = TypeFamily({t for t in NORM_TYPES if "BatchNorm" in t}, r"BatchNorm(?:[123][dD])?$")
 # Layers that pass the signal through element-wise without changing its scale
 # in expectation: skipped when looking for "the activation after a layer".
 TRANSPARENT_TYPES = {
@@ -37,7 +72,10 @@ TRANSPARENT_TYPES = {
     "Flatten", "Unflatten",
 }  # fmt: skip
 # Lookup tables: their output scale is a design choice, not a per-layer gain.
-EMBEDDING_TYPES = {"Embedding", "EmbeddingBag"}
+# Libraries subclass or rewrite them (OPTLearnedPositionalEmbedding,
+# ScaledWordEmbedding, VocabParallelEmbedding; ViTEmbeddings owns the class token
+# and position table).
+EMBEDDING_TYPES = TypeFamily({"Embedding", "EmbeddingBag"}, r"Embeddings?$")
 # Layers whose init gradscope analyses and can fix (fan_in/fan_out as torch.nn.init).
 INIT_TYPES = {"Linear", "Conv1d", "Conv2d", "Conv3d", "LazyLinear", "LazyConv1d", "LazyConv2d", "LazyConv3d"}
 
@@ -98,13 +136,21 @@ class Context:
     def activation_after(self, layer: LayerRecord) -> tuple[str, LayerRecord | None]:
         """The kind of what follows ``layer`` in execution order, skipping transparent layers.
 
+        After an embedding, further embeddings are skipped too (parallel lookups).
         Returns ("relu" | "leaky_relu" | "tanh" | ... , the activation's record),
         ("norm", the normalisation's record), or ("identity", None) when the next
         layer is anything else (another Linear, the end of the model, an opaque
         module): the signal goes on unchanged as far as gradscope can tell.
         """
+        lookup = layer.type in EMBEDDING_TYPES
         for nxt in self.layers[self.position[layer.name] + 1 :]:
             if nxt.type in TRANSPARENT_TYPES:
+                continue
+            if lookup and nxt.type in EMBEDDING_TYPES:
+                # Lookups read ids, not the previous layer's output: embeddings run
+                # back to back are parallel branches whose sum the next layer reads
+                # (BERT's word + token-type + position tables into one LayerNorm;
+                # Llama's rotary table between embed_tokens and the first RMSNorm).
                 continue
             if nxt.type in ACTIVATION_TYPES:
                 return activation_kind(nxt.type), nxt

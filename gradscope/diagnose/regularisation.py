@@ -28,14 +28,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from gradscope.diagnose.layers import NORM_TYPES, Context
+from gradscope.diagnose.layers import BATCHNORM_TYPES, Context
 from gradscope.formats import get_format
 from gradscope.numbers import percent
 from gradscope.record import LayerRecord
 from gradscope.report import Finding, Fix, Severity
 
 DROPOUT_TYPES = {"Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout"}
-BATCHNORM_TYPES = {t for t in NORM_TYPES if "BatchNorm" in t}
 MAX_RATE = 0.9  # p at or above this keeps < 10 % of units, each scaled by >= 10 (see above)
 
 

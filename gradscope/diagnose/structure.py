@@ -156,6 +156,11 @@ def _head_boundary(ctx: Context) -> dict[str, Any] | None:
         entering, leaving = per_example_input(after), width(before)
         if not entering or not leaving or leaving < REDUCTION_MIN_FACTOR * entering:
             continue
+        if entering == per_example_input(before):
+            # B reads as many values as the previous layer did: a sibling reading the
+            # same input (SwiGLU's up_proj beside gate_proj, 2.75x narrower than
+            # gate_proj's output), not a head reading its pooled output.
+            continue
         if any((width(x) or 0) > max(entering, width(after) or 0) for x in layers[i:]):
             continue  # a side input (a time embedding), not the head
         return {
