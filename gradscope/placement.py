@@ -145,7 +145,21 @@ class ParameterRef:
             return None
         if _is_dtensor(param):
             return _resolve_dtensor(param)
-        return Local(param.detach(), param.grad, sharded=False, owned=owner_rank, requires_grad=param.requires_grad)
+        grad = stored_values(param.grad)
+        return Local(param.detach(), grad, sharded=False, owned=owner_rank, requires_grad=param.requires_grad)
+
+
+def stored_values(grad: torch.Tensor | None) -> torch.Tensor | None:
+    """A gradient as statistics can read it: itself when dense; a sparse one's
+    stored values (``nn.Embedding(sparse=True)`` gives a COO gradient holding the
+    rows the batch touched, which ``reshape``, ``take`` and ``dot`` cannot read).
+    Its norm is the gradient's norm (duplicates are summed by ``coalesce``); its
+    other statistics describe the touched rows, the only ones the update moves."""
+    if grad is None or grad.layout == torch.strided:
+        return grad
+    if grad.layout == torch.sparse_coo:
+        return grad.detach().coalesce().values()
+    return grad.detach().values()  # compressed layouts (CSR, CSC, BSR, BSC)
 
 
 def _local_of(tensor: Any) -> torch.Tensor:
@@ -334,7 +348,7 @@ def local_gradients(refs: list[ParameterRef], owner_rank: bool) -> list[tuple[st
                 out.append((ref.name, None))
                 continue
             if not _is_dtensor(param):
-                out.append((ref.name, param.grad if owner_rank else None))
+                out.append((ref.name, stored_values(param.grad) if owner_rank else None))
                 continue
             grad: Any = param.grad
             if grad is None or tuple(grad.placements) == tuple(param.placements):

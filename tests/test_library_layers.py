@@ -134,3 +134,39 @@ def test_watched_gemma_norm_gains_are_not_judged_as_weights() -> None:
     assert math.isfinite(float(loss))
     ratio = [f for f in report.findings if f.code == "update-ratio"]
     assert not ratio, ratio[0].message if ratio else ""
+
+
+class SparseLookup(nn.Module):
+    """word2vec / fastText / recommender style: a sparse embedding (COO gradient)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Embedding(100, 16, sparse=True)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.table(ids).mean(1))
+
+
+def test_a_sparse_gradient_is_measured_by_its_stored_values() -> None:
+    """``nn.Embedding(sparse=True)``: the audit failed ('the backward pass raised' on
+    gradscope's own ``take``) and watch raised from its per-step norm (``reshape``)."""
+    torch.manual_seed(0)
+    model = SparseLookup()
+    report = gradscope.audit(model, input_shape=(4, 8), input_dtype=torch.int64, vocab=100)
+    table = report.record.layer("table")
+    assert table.weight_grad is not None and 0 < table.weight_grad.count <= 4 * 8 * 16  # the touched rows' values
+    dense = torch.optim.Adam(model.head.parameters())
+    sparse = torch.optim.SparseAdam(list(model.table.parameters()))
+    ids = torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(1))
+    target = torch.randint(0, 10, (4,), generator=torch.Generator().manual_seed(2))
+    with gradscope.watch(model, every=1, raise_on=(), on_finding=lambda f: None) as scope:
+        for _ in range(3):
+            dense.zero_grad()
+            sparse.zero_grad()
+            nn.functional.cross_entropy(model(ids), target).backward()
+            want = math.sqrt(sum(float(p.grad.to_dense().pow(2).sum()) for p in model.parameters()))
+            scope.step(sparse)
+            sparse.step()
+            dense.step()
+    assert scope.report().analysis["training"]["global_grad_norm_last"] == pytest.approx(want, rel=1e-5)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from gradscope.loaders.compiled import ScriptedTensors
+from gradscope.placement import stored_values
 from gradscope.record import LayerRecord, Record
 from gradscope.recorder import fans
 from gradscope.stats import Stats, tensor_stats
@@ -40,8 +41,9 @@ class ParameterProbe:
 
     def _hook(self, name: str) -> Any:
         def hook(param: torch.Tensor) -> None:
-            if param.grad is not None:
-                self.grads.setdefault(name, []).append(tensor_stats(param.grad))
+            grad = stored_values(param.grad)  # a sparse gradient: its stored values
+            if grad is not None:
+                self.grads.setdefault(name, []).append(tensor_stats(grad))
 
         return hook
 
