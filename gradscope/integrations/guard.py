@@ -20,6 +20,7 @@ from typing import Any
 
 logger = logging.getLogger("gradscope")
 
+_OBSERVED = "_gradscope_observed"  # methods wrapped by observe_results, per callback
 _GUARDED = "_gradscope_guarded_callbacks"
 _SEARCH_FRAMES = 40  # callback -> handler -> Trainer.__init__ is 3 frames; subclasses add a few
 
@@ -72,4 +73,25 @@ def close_on_exception(owner: Any, key: Any, close: Callable[[], Any]) -> bool:
             raise
 
     owner.train = guarded_train
+    return True
+
+
+def observe_results(owner: Any, method: str, key: Any, observe: Callable[[Any], Any]) -> bool:
+    """Wrap ``owner.<method>`` (once per ``key``) so that ``observe`` sees each value
+    it returns; the value is returned unchanged.  False when there is no such method."""
+    original = getattr(owner, method, None)
+    if not callable(original):
+        return False
+    wrapped: set[tuple[str, int]] = owner.__dict__.setdefault(_OBSERVED, set())
+    if (method, id(key)) in wrapped:
+        return True
+    wrapped.add((method, id(key)))
+
+    @functools.wraps(original)
+    def observed(*args: Any, **kwargs: Any) -> Any:
+        value = original(*args, **kwargs)
+        observe(value)
+        return value
+
+    setattr(owner, method, observed)
     return True

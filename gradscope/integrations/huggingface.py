@@ -36,6 +36,10 @@ A thin adapter over ``gradscope.watch``:
 * evaluation runs between steps: the forward hooks are paused from
   ``on_step_end`` to the next ``on_step_begin``, so evaluation forwards are
   not recorded;
+* the training loss: the callback wraps the Trainer's ``training_step`` (found
+  as for ``train`` below) and hands each micro-batch's returned loss to
+  ``scope.observe_loss`` (the loss curve, the NaN-loss check, the
+  train/validation gap of ``overfitting``);
 * ``on_evaluate`` feeds the evaluation's ``eval_loss`` (and its other metrics)
   to ``scope.validation``: gradscope tracks the best step and finds ``overfitting``;
 * ``on_train_end`` closes the Scope, prints the run summary (on the
@@ -67,7 +71,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 import torch
 
 from gradscope.errors import GradscopeError
-from gradscope.integrations.guard import close_on_exception, close_quietly, find_owner
+from gradscope.integrations.guard import close_on_exception, close_quietly, find_owner, observe_results
 from gradscope.report import Report
 from gradscope.watching import Scope, watch
 
@@ -132,6 +136,14 @@ class GradscopeTrainerCallback(TrainerCallback):
         owner = find_owner(self)
         if owner is not None:
             close_on_exception(owner, self, self._close_on_exception)
+            observe_results(owner, "training_step", self, self._observe_loss)
+
+    def _observe_loss(self, loss: Any) -> None:
+        """Each micro-batch's loss as ``Trainer.training_step`` returns it (already
+        divided for gradient accumulation: their sum is the step's loss, as the
+        Trainer logs it); no callback event carries the loss of a step."""
+        if self.scope is not None and not self.scope.closed and isinstance(loss, torch.Tensor):
+            self.scope.observe_loss(loss)
 
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._guard()

@@ -165,3 +165,23 @@ def test_trainer_spike_detection_sees_the_norms_before_clipping(tmp_path) -> Non
     clipping = report.analysis["training"]["clipping"]
     assert clipping["max_norm"] == 1.0 and clipping["clipped_steps"] >= 1
     assert clipping["global_grad_norm_post_clip_last"] <= 1.0 + 1e-6
+
+
+def test_trainer_callback_sees_the_training_loss_the_trainer_logs(tmp_path) -> None:
+    """No callback event carries a step's loss: the callback read none, so the
+    dashboards had no loss curve and ``overfitting`` had no training loss."""
+    torch.manual_seed(0)
+    model = TinyRegressor()
+    callback = GradscopeTrainerCallback(every=1, log_dir=None)
+    args = training_args(
+        tmp_path, STEPS, gradient_accumulation_steps=ACCUMULATE, logging_strategy="steps", logging_steps=1
+    )
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=Rows(BATCH * ACCUMULATE * STEPS), callbacks=[callback]
+    )
+    trainer.train()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == STEPS
+    training = callback.report.analysis["training"]
+    # the mean of the micro-batches' losses, as the Trainer logs it (rounded to 4 digits in its log)
+    assert training["loss_last"] == pytest.approx(logged[-1], rel=1e-3, abs=1e-4)
