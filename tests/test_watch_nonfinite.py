@@ -492,3 +492,27 @@ def test_a_wrapped_layer_is_named_as_the_record_names_it_at_every_rate(every: in
     assert record["layer"] == "2" and "_checkpoint_wrapped_module" not in str(record)
     if fault == "activation":
         assert (record["type"], record["dtype"], record["role"]) == ("Linear", "float32", "activation")
+
+
+@pytest.mark.parametrize("every", [1, 5])
+@pytest.mark.parametrize("micro_batch", [0, 2, 3])
+def test_a_nan_input_of_any_micro_batch_is_received_at_every_rate(every: int, micro_batch: int) -> None:
+    """Gradient accumulation: four forwards per step whose layers share names.  The
+    per-step check matched inputs to activations by layer name, so a later micro-batch's
+    finite input hid an earlier one's NaN ('produced by the forward of 0')."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(GradscopeError) as info:
+        with gradscope.watch(model, every=every, on_finding=lambda f: None) as scope:
+            for step in range(6):
+                opt.zero_grad()
+                for micro in range(4):
+                    x, y = batch(10 * step + micro)
+                    if step == 2 and micro == micro_batch:
+                        x = x.clone()
+                        x[0, 0] = float("nan")
+                    (nn.functional.mse_loss(model(x), y) / 4).backward()
+                scope.step(opt)
+                opt.step()
+    assert where(info.value.record) == (2, "0", "activation", "received")

@@ -351,6 +351,10 @@ class ForwardSentinel:
         self.enabled = True  # False while the scope is paused (evaluation forwards)
         self.activations: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         self.inputs: list[tuple[str, tuple[torch.Tensor, torch.Tensor] | None]] = []
+        # where each input's forward starts in ``activations``: with gradient accumulation
+        # a step runs several forwards whose layers have the same names
+        self.input_starts: list[int] = []
+        self.starts_taken: list[int] = []  # ``input_starts`` of the step ``take`` handed over last
         self.buffer: FlagBuffer | None = None  # this step's slots (see FlagBuffer)
         self._free: list[FlagBuffer] = []  # buffers whose step was read, for reuse
         self._calls: dict[str, int] = {}
@@ -380,6 +384,7 @@ class ForwardSentinel:
             self._forward_start = False
             found = first_float_tensor(args)
             self.inputs.append((key, self._flag(found[0]) if found is not None else None))
+            self.input_starts.append(len(self.activations))
         if recording:
             return  # the Recorder takes the exact extremes itself
         found = first_float_tensor(output)
@@ -399,6 +404,7 @@ class ForwardSentinel:
     def take(self) -> tuple[list[tuple[str, torch.Tensor, torch.Tensor]], list[Any], FlagBuffer | None]:
         """This step's flags and the buffer that holds them; the next step starts empty."""
         activations, inputs, buffer = self.activations, self.inputs, self.buffer
+        self.starts_taken, self.input_starts = self.input_starts, []
         self.activations, self.inputs, self.buffer = [], [], None
         self.begin_forward()
         return activations, inputs, buffer
@@ -424,6 +430,7 @@ class StepFlags:
     event: Any = None
     same_step: bool = True  # read before optimizer.step() of this step (weights and .grad unchanged)
     buffer: FlagBuffer | None = None  # holds the activation and input flags until the step is read
+    input_starts: list[int] = field(default_factory=list)  # index in ``activations`` where each input's forward starts
 
 
 @dataclass
@@ -498,6 +505,7 @@ class StepCheck:
                 event,
                 same_step=reads_are_free(device),
                 buffer=buffer,
+                input_starts=self.sentinel.starts_taken,
             )
         )
 
@@ -630,6 +638,15 @@ def locate_gradient(
     }
 
 
+def _forward_of(index: int, starts: Sequence[int]) -> int | None:
+    """Which forward of the step activation ``index`` belongs to (the last one started at or before it)."""
+    found = None
+    for forward, start in enumerate(starts):
+        if start <= index:
+            found = forward
+    return found
+
+
 def locate_step(
     flags: StepFlags,
     layers: Sequence[LayerInfo],
@@ -655,7 +672,8 @@ def locate_step(
     act_ok = _host_extremes([(lo, hi) for _, lo, hi in flags.activations])
     input_ok = _host_extremes([extremes for _, extremes in flags.inputs if extremes is not None])
     input_iter = iter(input_ok)
-    inputs = {key: (next(input_iter) if extremes is not None else True) for key, extremes in flags.inputs}
+    input_by_forward = [next(input_iter) if extremes is not None else True for _, extremes in flags.inputs]
+    inputs = {key: ok for (key, _), ok in zip(flags.inputs, input_by_forward, strict=True)}
     first_bad = next((i for i, ok in enumerate(act_ok) if not ok), None)
 
     def weight_record(parameter: str, layer: LayerInfo | None) -> dict[str, Any]:
@@ -685,9 +703,17 @@ def locate_step(
         spoiled = [p for p in bad_weights if (p.rpartition(".")[0] or "model") == module]
         if spoiled:
             return weight_record(spoiled[0], layer)
-        starts_forward = key in inputs and (first_bad == 0 or flags.activations[first_bad - 1][0] not in inputs)
+        forward = _forward_of(first_bad, flags.input_starts) if len(flags.input_starts) == len(flags.inputs) else None
+        if forward is not None:
+            # The forward (micro-batch) the bad activation belongs to, by position: keyed by
+            # layer name, a later micro-batch's finite input hid an earlier one's NaN.
+            starts_forward = flags.input_starts[forward] == first_bad
+            input_bad = input_by_forward[forward] is False
+        else:
+            starts_forward = key in inputs and (first_bad == 0 or flags.activations[first_bad - 1][0] not in inputs)
+            input_bad = inputs.get(key) is False
         if first_bad == 0 or starts_forward:
-            received = inputs.get(key) is False
+            received = input_bad
             source = f"the input of {key}" if received else f"the forward of {key}"
         else:
             received = False  # the layer that ran just before was finite
