@@ -171,3 +171,22 @@ def test_first_sentence_keeps_numbers_and_cuts_long_text() -> None:
     )
     assert first_sentence("values of 1.5e3 and 2.5 here") == "values of 1.5e3 and 2.5 here"
     assert len(first_sentence("x" * 500)) == 110
+
+
+def test_information_is_logged_at_info_and_a_move_names_few_layers(caplog: pytest.LogCaptureFixture) -> None:
+    """A healthy fp32 BERT run printed six fp16-underflow *information* lines as
+    warnings, one over 900 characters: a move listed every previous layer."""
+    from gradscope.watching.alerts import Alert
+    from gradscope.watching.announce import Announcer
+
+    many = [f"bert.encoder.layer.{i}.attention.output.dense" for i in range(14)]
+    info = Finding(code="fp16-underflow", severity=Severity.INFO, layers=many[:2], message="values would flush to zero")
+    warning = Finding(code="exploding-gradient", severity=Severity.WARNING, layers=["a"], message="grows")
+    announcer = Announcer(writer=None, on_finding=None)
+    with caplog.at_level(logging.DEBUG, logger="gradscope"):
+        announcer.announce(Alert("moved", 5, info, ", ".join(many)), "scope.report()")
+        announcer.announce(Alert("appeared", 5, warning), "scope.report()")
+    levels = [record.levelno for record in caplog.records]
+    assert levels == [logging.INFO, logging.WARNING]
+    moved = caplog.records[0].getMessage()
+    assert "+11" in moved and many[5] not in moved and len(moved) < 400, moved

@@ -98,7 +98,8 @@ class Alert:
         if self.kind == "escalated":
             what = f"escalated {self.previous} → {severity.value}: "
         elif self.kind == "moved":
-            what = f"now in other layers (was [{self.previous}]): "
+            was = (self.previous or "").split(", ")
+            what = f"now in other layers (was{_layers(was) if was != [''] else ' none'}): "
         else:
             what = f"{severity.value}: "
         return f"{head}{_MARK[severity]} {code} {what}{first_sentence(self.finding.message)} (details: {details})"

@@ -51,10 +51,19 @@ class Announcer:
     def announce(self, alert: Alert, details: str) -> None:
         """Log one alert (always: ``on_finding`` is called in addition), and pass
         findings that appear, escalate or move to ``on_finding``."""
-        # Loud by default: without a handler configured, logging's last-resort
-        # handler prints warnings and errors to stderr.
+        # Loud by default for what needs acting on: without a handler configured,
+        # logging's last-resort handler prints warnings and errors to stderr.
+        # Information (a prediction for fp16 on an fp32 run, decayed biases) goes
+        # at INFO: in the report, the run summary's counts and TensorBoard, and on
+        # the console once logging is configured to show it; printed as warnings,
+        # a healthy fp32 BERT run logged six of them.
         severity = Severity(alert.finding.severity)
-        level = logging.ERROR if severity is Severity.ERROR and alert.kind != "cleared" else logging.WARNING
+        if severity is Severity.INFO:
+            level = logging.INFO
+        elif severity is Severity.ERROR and alert.kind != "cleared":
+            level = logging.ERROR
+        else:
+            level = logging.WARNING
         if is_writer():  # one voice per job: rank 0 prints
             logger.log(level, "%s", alert.line(details))
         if self.on_finding is not None and alert.kind != "cleared":
