@@ -190,3 +190,34 @@ def test_information_is_logged_at_info_and_a_move_names_few_layers(caplog: pytes
     assert levels == [logging.INFO, logging.WARNING]
     moved = caplog.records[0].getMessage()
     assert "+11" in moved and many[5] not in moved and len(moved) < 400, moved
+
+
+@pytest.mark.parametrize("every", [1, 5])
+def test_raise_on_a_spike_stops_at_its_step_without_clearing_it(every: int, caplog: pytest.LogCaptureFixture) -> None:
+    """raise_on=("gradient-spike",): at every=5 the run stopped at the next sampled
+    step (25, three updates after the spike at 22, the spiky one included); at every=1
+    the console said the spike had cleared, at its own step, right before stopping on it."""
+    import gradscope
+    from gradscope.errors import GradscopeError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    target = torch.randn(8, 1)
+    weights_at: dict[int, torch.Tensor] = {}
+    with caplog.at_level(logging.INFO, logger="gradscope"), pytest.raises(GradscopeError) as info:
+        with gradscope.watch(model, every=every, raise_on=("gradient-spike",)) as scope:
+            for step in range(40):
+                x = torch.randn(32, 8)
+                opt.zero_grad()
+                loss = nn.functional.mse_loss(model(x), x @ target) * (1000.0 if step == 22 else 1.0)
+                loss.backward()
+                weights_at[step] = model[0].weight.detach().clone()
+                scope.step(opt, loss=loss)
+                opt.step()
+    assert "step 22" in str(info.value) and max(weights_at) == 22
+    assert torch.equal(model[0].weight, weights_at[22])  # the spike's update was never applied
+    lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("gradscope step")]
+    assert any("gradient-spike" in line and "warning" in line for line in lines)
+    assert not any("gradient-spike" in line and "cleared" in line for line in lines), lines
+    assert scope.closed

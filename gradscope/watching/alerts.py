@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,11 +167,17 @@ class AlertTracker:
         self.histories: dict[tuple[str, str], FindingHistory] = {}
         self.counts: dict[str, int] = dict.fromkeys(KINDS, 0)
 
-    def observe(self, step: int, findings: Mapping[str, list[Finding]] | list[Finding]) -> list[Alert]:
+    def observe(
+        self, step: int, findings: Mapping[str, list[Finding]] | list[Finding], partial: Collection[str] = ()
+    ) -> list[Alert]:
         """Record one observation; return the alerts it raises.
 
         ``findings`` maps each source that ran to its findings (an empty list:
         it ran and found nothing).  A plain list means every source ran.
+        ``partial``: sources that ran on part of their evidence only (the flush at
+        close covers no new step: the training rules saw no norm or loss), so their
+        absent findings are not cleared (a spike that stopped the run was announced
+        "cleared" at the same step).
         """
         by_source = findings if isinstance(findings, Mapping) else dict.fromkeys(SOURCES, []) | {"diagnosis": findings}
         alerts: list[Alert] = []
@@ -197,7 +203,13 @@ class AlertTracker:
                     alerts.append(Alert("moved", step, finding, ", ".join(history.layers)))
                 history.severity, history.layers = severity, list(finding.layers)
         for key, history in self.histories.items():
-            if history.active and key not in seen and history.source in by_source and history.latest is not None:
+            if (
+                history.active
+                and key not in seen
+                and history.source in by_source
+                and history.source not in partial
+                and history.latest is not None
+            ):
                 history.active = False
                 alerts.append(Alert("cleared", step, history.latest, str(history.active_since)))
         for alert in alerts:

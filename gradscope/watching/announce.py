@@ -6,7 +6,7 @@ and the run summary at close.  Only rank 0 prints and writes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from gradscope.distributed import is_writer
@@ -32,12 +32,12 @@ class Announcer:
         if self.diverged_at is None or step < self.diverged_at:
             self.diverged_at = step
 
-    def alert(self, step: int, sources: dict[str, list[Finding]]) -> list[Alert]:
+    def alert(self, step: int, sources: dict[str, list[Finding]], partial: Collection[str] = ()) -> list[Alert]:
         """Feed one observation to the tracker and announce its alerts (one TensorBoard
-        text entry for all of them)."""
+        text entry for all of them); ``partial``: see ``AlertTracker.observe``."""
         if self.diverged_at is not None and step >= self.diverged_at:
             sources = {name: found for name, found in sources.items() if name == "nonfinite"}
-        alerts = self.tracker.observe(step, sources)
+        alerts = self.tracker.observe(step, sources, partial)
         if not alerts:
             return alerts
         details = "scope.report()"

@@ -41,7 +41,7 @@ from gradscope.watching.flush_result import FlushResult
 from gradscope.watching.model_snapshot import SnapshotLaunch, launch_snapshot
 from gradscope.watching.packing import PackLayout, Unpacked, pack, unpack
 from gradscope.watching.scaling import divide_stats
-from gradscope.watching.step_norms import StepNorms
+from gradscope.watching.step_norms import SCALE, StepNorms
 from gradscope.watching.training_state import RingReading
 from gradscope.watching.weights import WeightLaunch
 
@@ -225,11 +225,29 @@ def unscale(record: Record, scale: float, weight_grads_scaled: bool) -> Record:
     return record
 
 
+def observe_scales(scope: Scope, steps: list[int], ring: torch.Tensor | None, flags: StepNorms) -> None:
+    """Each step's GradScaler scale, in order, for the steps it skipped and its
+    calibration (``gradscope.training.ScalerSteps``, held by the update-ratio rule)."""
+    if ring is None:
+        return
+    scales = ring[SCALE].tolist()
+    for t in steps:
+        slot = t % flags.every
+        if flags.scale_given[slot]:
+            scope._rates.scaler.observe(t, scales[slot])
+
+
 def drop_skipped_gradients(scope: Scope, record: Record, sampled: bool, reading: RingReading) -> None:
     """The GradScaler skips a step whose scaled gradients overflowed: its gradient
-    statistics are not the ones training uses, so leave them out."""
+    statistics are not the ones training uses, so leave them out.  A non-finite
+    global norm over finite gradients is no overflow but the norm of still-scaled
+    gradients overflowing (bf16 under a huge scale, which the scaler does not
+    skip): their statistics are kept."""
     norms = reading.global_norms
     if scope._norms.scaler_seen and sampled and norms and not math.isfinite(norms[-1][1]):
+        grads = [layer.stats.get(role) for layer in record.layers for role in ("gradient", "weight_grad")]
+        if not any(stats is not None and stats.nonfinite_count > 0 for stats in grads):
+            return
         for layer in record.layers:
             layer.stats.pop("gradient", None)
             layer.stats.pop("weight_grad", None)
@@ -335,7 +353,9 @@ def findings_by_source(
         training.append(spike_finding(reading.spike, scope._training.spikes, clip))
     training.extend(scope._rates.observe(step, update_ratios, reading.global_norms, reading.losses))
     if scope._norms.scaler_seen:
-        skipped = skipped_steps_finding(scope._training.skipped, scope._last_flushed + 1, scope._training.last_scale)
+        skipped = skipped_steps_finding(
+            scope._training.skipped, scope._last_flushed + 1, scope._training.last_scale, scope._rates.scaler
+        )
         if skipped is not None:
             training.append(skipped)
     sources: dict[str, list[Finding]] = {"training": training}
@@ -436,6 +456,7 @@ def complete(scope: Scope, pending: PendingFlush) -> GradscopeError | None:
     record, host = gather(scope, pending)
     missed = complete_sampled_record(scope, record, host, step, full, pending.late) if sampled else False
     reading = scope._training.read(steps, host.ring, pending.ring_flags)
+    observe_scales(scope, steps, host.ring, pending.ring_flags)
     if reading.scale_now is not None:
         scope._training.scale_history.append((step, reading.scale_now))
         record = unscale(record, reading.scale_now, pending.sample_scaled)
@@ -479,7 +500,8 @@ def complete(scope: Scope, pending: PendingFlush) -> GradscopeError | None:
     name_spike_parameters(scope, findings, reading, step, param_grad_norms)
     weights = (pending.weights, host.weights) if pending.weights is not None and host.weights is not None else None
     findings.extend(regularisation_findings(scope, step, sampled and full, param_grad_norms, reading, sources, weights))
-    alerts = scope._announcer.alert(step, sources)
+    # A flush that covers no new step (at close) ran the training rules without a norm or loss.
+    alerts = scope._announcer.alert(step, sources, partial=() if steps else ("training",))
     scope._aggregate.merge(record, step=step)
     result = FlushResult(
         step=step,

@@ -527,6 +527,12 @@ class Scope:
         error, input_flags = self._check_step(step, sampled)
         if sampled:
             error = self._sampled_step(step, optimizer, scaled, input_flags) or error
+        elif "gradient-spike" in self.raise_on and error is None:
+            # Stopping on a spike must stop at the spike's step, before its update:
+            # the training numbers of every step are flushed (the norms, loss and
+            # scale only: nothing is recorded on this step) instead of at the next
+            # sampled step, up to every - 1 updates later.  Opt-in through raise_on.
+            error = self._flush(step, sampled=False, raise_errors=True)
         self._step += 1
         self._regularisation.set_step(self._step)
         if self._step % self.every == 0 and not self._paused:
