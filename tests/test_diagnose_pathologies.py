@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from diagnose_models import Log, Sqrt, kaiming, mlp, normal, one_thread, xavier  # noqa: F401 (one_thread: autouse fixture)
 from torch import nn
@@ -175,3 +176,44 @@ def test_tanh_after_std5_weights_saturates() -> None:
     assert finding.evidence["saturated_frac_lower_bound"] > 0.75
     assert "xavier_normal_(model[0].weight)" in finding.fix.code
     assert not math.isnan(finding.evidence["activation_std"])
+
+
+class FusedMLP(nn.Module):
+    """A module using its own parameters directly (a fused MoE expert): its activation child runs after them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(32, 64) * 0.1)
+        self.act = nn.SiLU()
+        self.w2 = nn.Parameter(torch.randn(64, 32) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x @ self.w1) @ self.w2
+
+
+@pytest.mark.parametrize("where", ["linear", "fused"])
+def test_a_non_finite_weight_is_named_as_the_weight_not_as_arithmetic(where: str) -> None:
+    """An audit of a corrupted checkpoint: a NaN weight was reported as ''2' produces it
+    (its input was finite)' with 'guard its arithmetic (clamp before log/sqrt/exp)',
+    and an inf fused expert weight was blamed on the SiLU after it."""
+    torch.manual_seed(0)
+    if where == "linear":
+        model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+        with torch.no_grad():
+            model[2].weight[3, 5] = float("nan")
+        bad, owner = "2.weight", "2"
+    else:
+        model = nn.Sequential(nn.Linear(32, 32), FusedMLP(), nn.Linear(32, 10))
+        with torch.no_grad():
+            model[1].w1[0, 0] = float("inf")
+        bad, owner = "1.w1", "1"
+    report = audit(model, input_shape=(8, 32))
+    (finding,) = [f for f in report.findings if f.code == "nonfinite"]
+    assert finding.layers == [owner] and finding.evidence["parameters"] == [bad]
+    assert "before any computation" in finding.message and "clamp" not in finding.fix.summary
+    if where == "linear":  # read back from JSON (no model): the recorded weight's statistics say it
+        from gradscope.diagnose import diagnose_record
+
+        again, _ = diagnose_record(Report.from_dict(report.to_dict()).record)
+        (from_json,) = [f for f in again if f.code == "nonfinite"]
+        assert from_json.layers == ["2"] and from_json.evidence["parameters"] == ["2.weight"]

@@ -142,9 +142,63 @@ def _backward(ctx: Context) -> Finding | None:
     return None
 
 
+def _nonfinite_parameters(ctx: Context) -> list[str]:
+    """Parameters that hold NaN/inf before anything runs: every one of the model
+    when it is at hand in an audit (a check per parameter, outside any hook), else
+    the recorded layers' weights (a report read from JSON, a watched run)."""
+    named = getattr(ctx.model, "named_parameters", None)
+    # During training the diagnosis reads no device value (the flush carried the
+    # weights' statistics), and the watch names non-finite weights itself.
+    params = list(named()) if callable(named) and not ctx.during_training else []
+    # Sharded parameters (DTensor, FSDP1 flat) differ per rank: the record's weights,
+    # reduced over the ranks, give every rank the same answer.
+    if params and not any(hasattr(p, "to_local") or hasattr(p, "_shard_param_infos") for _, p in params):
+        import torch
+
+        bad = []
+        with torch.no_grad():
+            for name, param in params:
+                if param.is_floating_point() and param.numel() and not bool(torch.isfinite(param).all()):
+                    bad.append(name)
+        return bad
+    return [f"{x.module}.{x.weight_name or 'weight'}" for x in ctx.layers if x.call == 1 and _bad(x.weight)]
+
+
+def _corrupt_weights(ctx: Context) -> Finding | None:
+    """A model whose parameters already hold NaN/inf (a corrupted checkpoint, an
+    update that overflowed): named as such, not as the first layer whose output
+    went non-finite, whose arithmetic is not at fault (a fused expert's inf weight
+    was blamed on the activation after it, with a 'clamp before log/sqrt' fix)."""
+    bad = _nonfinite_parameters(ctx)
+    if not bad:
+        return None
+    owners = list(dict.fromkeys(name.rpartition(".")[0] or "model" for name in bad))
+    shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    return Finding(
+        code="nonfinite",
+        severity=Severity.ERROR,
+        layers=owners,
+        message=(
+            f"Parameters hold NaN/inf before any computation: {shown}. Every output computed from them "
+            "is non-finite: the weights were saved or loaded corrupted, or an optimizer update overflowed."
+        ),
+        evidence={"pass": "parameters", "parameters": bad, "first_layer": owners[0]},
+        fix=Fix(
+            "Load the weights from a checkpoint saved before they went non-finite; to find the update that "
+            "breaks them, train under gradscope.watch, which stops at that step and names the parameter.",
+            "bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]\n"
+            "print(bad)  # restore these from a good checkpoint",
+        ),
+    )
+
+
 def rule_nonfinite(ctx: Context) -> list[Finding]:
     """One finding for the forward pass; one for the backward pass only when the
-    forward was finite (a NaN in the forward always poisons the backward)."""
+    forward was finite (a NaN in the forward always poisons the backward).  Non-finite
+    parameters come first: they are where a forward's NaN/inf starts."""
+    corrupt = _corrupt_weights(ctx)
+    if corrupt is not None:
+        return [corrupt]
     forward = _forward(ctx)
     if forward is not None:
         return [forward]
