@@ -38,6 +38,7 @@ from gradscope import advice, optimizers
 from gradscope.diagnose.layers import EMBEDDING_TYPES, NORM_TYPES
 from gradscope.numbers import significant
 from gradscope.report import Finding, Fix, Severity
+from gradscope.training import ScalerSteps, skipped_steps_finding
 
 # Karpathy's CS231n notes ("Neural Networks Part 3: ratio of weights:updates"):
 # updates of about 1e-3 of the weights' norm per step are healthy.
@@ -140,7 +141,9 @@ class LayerRatios:
     small_since: int | None = None  # the step at which the layer was first judged too small
     # Sampled steps whose weight gradient was read (its norm in the flush), and
     # whether any was non-zero: a weight that never gets a gradient does not move
-    # whatever the learning rate, which is no learning-rate problem at all.
+    # whatever the learning rate, which is no learning-rate problem at all.  A
+    # non-finite norm is a gradient (an overflowed one, or a still-scaled one whose
+    # norm overflowed): a weight the loss does not reach has None or exact zeros.
     gradients_read: int = 0
     gradient_seen: bool = False
 
@@ -159,8 +162,9 @@ class LayerRatios:
         self.last = ratio
         if ratio == 0.0 and lr is not None and lr > 0:
             # A step with lr > 0 that left the weights bit-identical: each update rounded
-            # away in the weights' precision (or the step was skipped: then other samples
-            # carry the run's largest ratio).  The layer does not learn: a sample at 0.
+            # away in the weights' precision.  The layer does not learn: a sample at 0.
+            # (Steps a GradScaler skipped never arrive here: LearningRateMonitor.observe
+            # leaves them out, optimizer.step() did not run.)
             self.samples += 1
             self.run_high = 0
             if self.small_since is None and self.too_small():
@@ -295,19 +299,28 @@ class LearningRateMonitor:
         self._lrs: dict[int, dict[str, tuple[float, float | None]]] = {}  # sampled step -> layer -> lrs
         self._kinds: dict[str, str] = {}
         self.divergence = Divergence()
+        # The GradScaler's scale step by step (fed by the flush): a step it skipped
+        # left every weight as it was (optimizer.step() did not run), so its update
+        # ratio (0) and its non-finite gradient norm are no sample of the learning
+        # rate's effect; and its skipped-steps finding at the end of the run.
+        self.scaler = ScalerSteps()
         # The run's first non-finite step: numbers from it on are the diverged run's
         # (inf losses, NaN ratios) and never feed a finding or its advice.
         self.diverged_at: int | None = None
 
     # -- inputs -------------------------------------------------------------------
     def observe_gradients(self, norms: dict[str, float]) -> None:
-        """A sampled step's gradient norm of each layer's weight (0 where it had none)."""
+        """A sampled step's gradient norm of each layer's weight (0 where it had none).
+
+        Only 0 means no gradient: an inf or NaN norm is the norm of a gradient that
+        reached the weight (overflowed under a GradScaler, or finite but so large,
+        still scaled, that its norm overflowed), never of a missing one."""
         for name, norm in norms.items():
             layer = self.layers.get(name)
             if layer is None:
                 layer = self.layers[name] = LayerRatios(kind=self._kinds.get(name, "weight"))
             layer.gradients_read += 1
-            layer.gradient_seen = layer.gradient_seen or (norm != 0.0 and math.isfinite(norm))
+            layer.gradient_seen = layer.gradient_seen or norm != 0.0  # NaN != 0.0 too
 
     def observe_optimizer(self, step: int, optimizer: Any, weights: dict[str, Any], types: dict[str, str]) -> None:
         """On a sampled step, before ``optimizer.step()``: the lr each layer's update will use."""
@@ -331,8 +344,15 @@ class LearningRateMonitor:
             update_ratios = {s: r for s, r in update_ratios.items() if s < cut}
             norms = [(s, v) for s, v in norms if s < cut]
             losses = [(s, v) for s, v in losses if s < cut]
+        if self.scaler.seen:
+            # A GradScaler skips exactly the steps with an inf/NaN gradient: under one, a
+            # non-finite global norm is a skipped step (or a still-scaled norm that
+            # overflowed), not a divergence.
+            norms = [(s, v) for s, v in norms if math.isfinite(v)]
         for ratio_step in sorted(update_ratios):
             lrs = self._lrs.pop(ratio_step, {})
+            if self.scaler.was_skipped(ratio_step):
+                continue  # optimizer.step() did not run: no update to judge
             for name, ratio in update_ratios[ratio_step].items():
                 layer = self.layers.get(name)
                 if layer is None:
@@ -344,6 +364,7 @@ class LearningRateMonitor:
             ]
             if weights:
                 self.divergence.median_ratio = (ratio_step, statistics.median(weights))
+        self.scaler.forget_before(step)  # the ratios of the steps before this flush have arrived
         self.divergence.observe(norms, losses)
         findings = []
         diverging = self._diverging(step)
@@ -596,12 +617,21 @@ class LearningRateMonitor:
 
     # -- the end of the run -------------------------------------------------------------
     def final_findings(self) -> list[Finding]:
+        """The run's learning-rate findings, and the GradScaler's skipped steps judged
+        over the whole run (``gradscope.training.skipped_steps_finding``: the scale
+        step by step, which the monitor holds for the update ratios, tells its
+        calibration from a scale that keeps overflowing)."""
         out = []
         if self.divergence.found is not None:
             out.append(self.divergence.found)
         ratio = self.update_ratio_finding(final=True)
         if ratio is not None:
             out.append(ratio)
+        scaler = self.scaler
+        if scaler.seen and scaler.last_step is not None:
+            skipped = skipped_steps_finding(scaler.skipped, scaler.last_step + 1, scaler.last_scale, scaler, final=True)
+            if skipped is not None:
+                out.append(skipped)
         return out
 
     def summary(self) -> dict[str, Any]:

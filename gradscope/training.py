@@ -8,7 +8,8 @@
   (one update-ratio finding per run, judged per optimizer family).
 * ``nonfinite``: the first NaN/Inf of the run (activation, ∂ℓ/∂h, weight
   gradient, weight or loss), where it was produced or received.
-* ``fp16-overflow`` with a GradScaler: too many steps skipped by the scaler.
+* ``fp16-overflow`` with a GradScaler: too many steps skipped by the scaler
+  after it calibrated its scale, or every step skipped (``ScalerSteps``).
 
 Each builder is a pure function of what the Scope accumulated.
 """
@@ -24,10 +25,26 @@ from gradscope.numbers import significant
 from gradscope.report import Finding, Fix, Severity
 from gradscope.watching.norms import AUTOCLIP_PERCENTILE, PERCENTILE_RELATIVE_ERROR, NormHistogram, Spike
 
-# GradScaler halves its scale and skips the step on overflow, and doubles it after
-# 2000 clean steps, so a healthy run skips about 1 step in 2000 (0.05 %).  Skipping
-# more than 1 % of steps means the scale keeps hitting the fp16 ceiling.
+# torch.amp.GradScaler (backoff_factor 0.5, growth_factor 2, growth_interval 2000)
+# skips the step and halves its scale whenever the scaled gradients hold an inf or
+# a NaN, and doubles it after 2000 consecutive clean steps.  So:
+# * calibration: a scale that starts too high (the default 2^16, or the user's
+#   init_scale) overflows on every step until it is low enough, log2(initial /
+#   needed) consecutive skips from the first step, a streak that ends with the
+#   first step that runs.  That is the scaler doing its job, never a finding.  A
+#   skip at a scale of 1 or below is no calibration: the gradients overflow fp16
+#   unscaled, which no loss scale cures.
+# * afterwards a healthy scaler skips about one step per growth, 1 in 2001
+#   (0.05 %).  Skipping more than 1 % of the steps after calibration (20x that)
+#   means the scale keeps hitting the fp16 ceiling ...
 SKIPPED_STEPS_WARNING = 0.01
+# ... judged on at least 5 skips after calibration, never on one or two: at the
+# healthy rate, 5 skips in the <= 500 steps where 5 are more than 1 % have a
+# Poisson probability below 1e-5 (lambda <= 0.25: lambda^5/5! ~ 8e-6), and each
+# skip halves the scale, so 5 leave it 2^5 = 32x below where calibration left it:
+# more than the early drift of a healthy gradient norm, which costs a skip or two
+# (a 300-step run whose default 2^16 overflows once at step 7 is healthy).
+SKIPPED_STEPS_MIN = 5
 
 
 def clip_advice(history: NormHistogram) -> dict[str, Any] | None:
@@ -230,23 +247,139 @@ def nonfinite_finding(record: dict[str, Any], clip: dict[str, Any] | None) -> Fi
     )
 
 
-def skipped_steps_finding(skipped: int, steps: int, scale: float | None) -> Finding | None:
-    """``fp16-overflow`` when the GradScaler skipped too many steps."""
-    if steps == 0 or skipped / steps <= SKIPPED_STEPS_WARNING:
+@dataclass
+class ScalerSteps:
+    """The GradScaler's scale step by step (a few numbers, whatever the run length):
+    which steps it skipped (its scale fell at the next step), and how many of the
+    skips were its calibration (see SKIPPED_STEPS_WARNING).
+
+    A step whose scale was read is skipped when the next step's scale is lower;
+    the last step read has no verdict yet.
+    """
+
+    initial_scale: float | None = None
+    last_scale: float | None = None
+    last_step: int | None = None
+    reads: int = 0  # steps whose scale was read
+    skipped: int = 0
+    calibration: int = 0  # skips of the opening streak, at a scale above 1
+    calibrating: bool = True  # no step has run yet (every step with a verdict was skipped)
+    ran: int = 0  # steps with a verdict that ran
+    # Skipped steps whose update ratio has not arrived yet: the update-ratio rule
+    # leaves them out (their ratio is 0 because optimizer.step() did not run).
+    # Forgotten at each flush once its ratios are read (``forget_before``), so
+    # at most one flush's steps (``every``) are kept.
+    recent: set[int] = field(default_factory=set)
+
+    @property
+    def seen(self) -> bool:
+        return self.reads > 0
+
+    def observe(self, step: int, scale: float) -> None:
+        """The scale ``step`` ran with (read before its ``scaler.update()``)."""
+        if not math.isfinite(scale) or scale <= 0.0:
+            return  # no scale a GradScaler holds
+        self.reads += 1
+        if self.initial_scale is None:
+            self.initial_scale = scale
+        previous, before = self.last_scale, self.last_step
+        if previous is not None and before is not None:
+            if scale < previous:
+                self.skipped += 1
+                if self.calibrating and previous > 1.0:
+                    self.calibration += 1
+                self.recent.add(before)
+            else:
+                self.calibrating = False
+                self.ran += 1
+        self.last_scale, self.last_step = scale, step
+
+    def was_skipped(self, step: int) -> bool:
+        return step in self.recent
+
+    def forget_before(self, step: int) -> None:
+        self.recent = {s for s in self.recent if s >= step}
+
+    def after_calibration(self) -> int:
+        return self.skipped - self.calibration
+
+
+def skipped_steps_finding(
+    skipped: int, steps: int, scale: float | None, scaler: ScalerSteps | None = None, *, final: bool = False
+) -> Finding | None:
+    """``fp16-overflow`` when the GradScaler skipped too many steps after calibrating
+    its scale (SKIPPED_STEPS_WARNING, SKIPPED_STEPS_MIN), or (``final``: at the end
+    of the run) skipped every step, so that the model never trained.
+
+    ``steps`` is the run's step count so far.  The judgement needs the scale step
+    by step (``scaler``): from the totals alone, a calibration from a high initial
+    scale cannot be told from a scale that keeps hitting the fp16 ceiling, so
+    without it the answer is None (the watch passes it: ``gradscope.watching.flush``
+    during the run, ``LearningRateMonitor.final_findings`` at the end).  The counts
+    are the scaler's own (``skipped`` and ``scale``, the caller's totals, are the
+    same numbers; ``scale`` stands in only if the scaler holds none).
+    """
+    if scaler is None or not scaler.seen or steps <= 0:
         return None
+    skipped = scaler.skipped
+    scale = scaler.last_scale if scaler.last_scale is not None else scale
+    evidence: dict[str, Any] = {
+        "skipped_steps": skipped,
+        "steps": steps,
+        "loss_scale": scale,
+        "initial_scale": scaler.initial_scale,
+        "calibration_skips": scaler.calibration,
+        "skipped_after_calibration": scaler.after_calibration(),
+        "threshold_frac": SKIPPED_STEPS_WARNING,
+        "min_skipped_after_calibration": SKIPPED_STEPS_MIN,
+    }
+    bf16 = "with torch.autocast(device_type='cuda', dtype=torch.bfloat16):\n    loss = model(x)"
+    if final and scaler.calibrating and scaler.ran == 0 and skipped >= SKIPPED_STEPS_MIN:
+        # The opening streak never ended: no optimizer step ran in the whole run.
+        initial = f" from {significant(scaler.initial_scale)}" if scaler.initial_scale is not None else ""
+        last = significant(scale) if scale is not None else "?"
+        if scale is not None and scale > 1.0:
+            # Still calibrating: every scale tried, down to the last, was too high.
+            start = min(2.0**16, 2.0 ** math.floor(math.log2(scale)))
+            why = f"its scale fell{initial} to {last} and never got low enough for optimizer.step() to run"
+            fix = Fix(
+                f"start the loss scale lower (GradScaler(init_scale={start:g})), or train in bf16 "
+                "(no loss scaling needed)",
+                f"scaler = torch.amp.GradScaler('cuda', init_scale={start:g})\n\n# or\n{bf16}",
+            )
+        else:
+            why = f"even at a scale of {last} (at most 1: the gradients overflow fp16 unscaled, no loss scale cures it)"
+            fix = Fix("train in bf16 (no loss scaling needed), or keep the overflowing block in float32", bf16)
+        return Finding(
+            code="fp16-overflow",
+            severity=Severity.WARNING,
+            layers=[],
+            message=(
+                f"the GradScaler skipped every step ({skipped} of {steps}: the last one's outcome shows only at a "
+                f"next step) because scaled gradients overflowed fp16, {why}, so the model did not train"
+            ),
+            evidence=evidence | {"every_step_skipped": True},
+            fix=fix,
+        )
+    excess = scaler.after_calibration()
+    after = max(steps - scaler.calibration, 1)
+    if excess < SKIPPED_STEPS_MIN or excess / after <= SKIPPED_STEPS_WARNING:
+        return None
+    if scaler.calibration:
+        what = (
+            f"skipped {excess} of the {after} steps after calibrating its scale ({skipped} of {steps} in all, "
+            f"{scaler.calibration} while its scale fell from {significant(scaler.initial_scale or 0.0)})"
+        )
+    else:
+        what = f"skipped {skipped} of {steps} steps"
     return Finding(
         code="fp16-overflow",
         severity=Severity.WARNING,
         layers=[],
-        message=f"the GradScaler skipped {skipped} of {steps} steps because scaled gradients overflowed fp16",
-        evidence={
-            "skipped_steps": skipped,
-            "steps": steps,
-            "loss_scale": scale,
-            "threshold_frac": SKIPPED_STEPS_WARNING,
-        },
+        message=f"the GradScaler {what} because scaled gradients overflowed fp16",
+        evidence=evidence | {"steps_after_calibration": after},
         fix=Fix(
             "lower the learning rate or clip gradients; if it persists, train in bf16 (no loss scaling needed)",
-            "with torch.autocast(device_type='cuda', dtype=torch.bfloat16):\n    loss = model(x)",
+            bf16,
         ),
     )
