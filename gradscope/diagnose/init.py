@@ -16,12 +16,27 @@ from typing import Any
 
 from gradscope import advice
 from gradscope.diagnose import thresholds as th
-from gradscope.diagnose.layers import INIT_TYPES, SQUASH_TYPES, Context
+from gradscope.diagnose.layers import (
+    ACTIVATION_TYPES,
+    INIT_TYPES,
+    NORM_TYPES,
+    SQUASH_TYPES,
+    TRANSPARENT_TYPES,
+    Context,
+    is_parametrised,
+)
+from gradscope.diagnose.structure import Structure
+from gradscope.record import LayerRecord
 from gradscope.report import Finding, Fix, Severity
 from gradscope.stats import Stats
 
 DEPTH_CODES = {"vanishing-gradient", "exploding-gradient", "vanishing-activations", "exploding-activations"}
 KAIMING_KINDS = {"relu", "leaky_relu", "gelu", "silu", "mish", "elu", "celu", "hardswish", "softplus"}
+# Two statistics of one tensor agree to this relative tolerance: the same float32
+# (or narrower) values, accumulated in float64 (gradscope.stats) in another order
+# after a reshape or permute, differ by ~1e-12; any operation on the values (an
+# add, an average) moves the second moment or an extreme by far more.
+SAME_TENSOR_TOLERANCE = 1e-6
 
 
 def _second_moment(stats: Stats | None) -> float | None:
@@ -163,14 +178,21 @@ def _row_code(row: dict[str, Any]) -> str:
 
 
 def compounding_runs(ctx: Context, rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Runs of rows whose gains multiply: each layer feeds the next one directly.
+    """Runs of rows whose gains multiply into what the loss sees.
 
-    Two rows are chained when what the second layer receives is what the first
-    (with its activation) put out: equal second moments within CHAIN_TOLERANCE.
-    A normalisation, a residual add, parallel projections (attention's query,
-    key and value all read the same input) or a layer-scaled branch breaks the
-    chain.  Layers after a head boundary and the output layer (its gain only
-    scales the logits, which the loss sees once) are left out.
+    Two rows are chained when the second layer receives what the first (with its
+    activation) put out (``_feeds``): the same tensor, not merely one of the same
+    scale.  A normalisation, a residual add, parallel projections (attention's
+    query, key and value all read the same input), attention itself or a
+    layer-scaled branch breaks the chain.  Layers after a head boundary and the
+    output layer (its gain only scales the logits, which the loss sees once) are
+    left out.
+
+    A run counts only when its product is what the network does to the signal
+    (``_compounds``): its end feeds the output layer or the head, or its gain is
+    so large that a residual add passes it on.  A run that ends a residual branch
+    is rescued by the add when its gain is small, one whose end is normalised
+    whatever its gain (the docstring of ``rule_poor_init``).
     """
     from gradscope.diagnose.depth import structure
 
@@ -200,22 +222,140 @@ def compounding_runs(ctx: Context, rows: list[dict[str, Any]]) -> list[list[dict
             current.append(row)
     if len(current) >= 2:
         runs.append(current)
-    return runs
+    return [run for run in runs if _compounds(ctx, found, run, rows)]
 
 
 def _chained(ctx: Context, before: dict[str, Any], after: dict[str, Any]) -> bool:
-    layer = ctx.by_name[before["name"]]
+    return _feeds(ctx, ctx.by_name[before["name"]], ctx.by_name[after["name"]])
+
+
+def _output_end(ctx: Context, layer: LayerRecord) -> LayerRecord:
+    """The record of what ``layer`` puts out: its activation's when one follows it."""
     kind, act = ctx.activation_after(layer)
-    out = _second_moment(act.activation if act is not None and kind != "norm" else layer.activation)
-    nxt = ctx.by_name[after["name"]]
+    return act if act is not None and kind != "norm" else layer
+
+
+def _passes_through(layer: LayerRecord, ctx: Context) -> bool:
+    """A layer that may sit between two chained layers: an activation, a transparent
+    layer, or a module of no parameters that is no normalisation (a pooling, a
+    library's own activation class).  A parametrised layer, a normalisation or a
+    module with parameters of its own (a layer scale, a GRN) changes the signal in
+    a way the per-layer gains do not account for."""
+    if layer.type in ACTIVATION_TYPES or layer.type in TRANSPARENT_TYPES:
+        return True
+    return layer.type not in NORM_TYPES and layer.parameters == 0 and not is_parametrised(layer, ctx.by_name)
+
+
+def _feeds(ctx: Context, layer: LayerRecord, nxt: LayerRecord) -> bool:
+    """Whether ``nxt`` receives what ``layer`` (with its activation) put out.
+
+    Execution order and equal scales are not data flow: attention over a few
+    tokens hands ``o_proj`` a tensor of ``v_proj``'s scale, ``query`` reads what
+    the layer before ``key`` read, and SwinV2's position-bias MLP reads a fixed
+    coordinate table right after ``value`` ran.  So, from the record:
+
+    * nothing between the two may transform the signal (``_passes_through``);
+    * ``nxt``'s recorded input is the very tensor recorded just before it
+      (``_same_tensor``: same element count, same exact extremes, same second
+      moment), so no unrecorded operation (an add, attention, a split, another
+      input) came between;
+    * its second moment is the one ``layer``'s activation put out, within
+      CHAIN_TOLERANCE (a Dropout in between), so the measured gains telescope.
+
+    A record without inputs (watch) keeps the last two: the input is taken to be
+    the output recorded just before ``nxt``.
+    """
+    start, stop = ctx.position[layer.name], ctx.position[nxt.name]
+    if stop <= start or not all(_passes_through(x, ctx) for x in ctx.layers[start + 1 : stop]):
+        return False
+    feeder = ctx.layers[stop - 1]
     stats = nxt.input
     if stats is None:  # a record without inputs (watch): what the previous call site put out
-        prev = ctx.previous(nxt)
-        stats = prev.activation if prev is not None else None
+        stats = feeder.activation
+    elif not _same_tensor(stats, feeder.activation):
+        return False
+    out = _second_moment(_output_end(ctx, layer).activation)
     received = _second_moment(stats)
     if out is None or received is None or out <= 0:
         return False
     return 1 / th.CHAIN_TOLERANCE <= received / out <= th.CHAIN_TOLERANCE
+
+
+def _same_tensor(received: Stats, sent: Stats | None) -> bool:
+    """Whether two statistics describe one tensor (a reshape or permute of it at most).
+
+    The count and the extremes are exact even when the moments come from a
+    sample (``gradscope.stats``), so they fingerprint a tensor: an add, an
+    attention average, a split or a different input changes at least one of them.
+    The second moment must agree too when neither side was sampled (the same
+    values, summed in another order).
+    """
+    if sent is None or received.count == 0 or received.count != sent.count:
+        return False
+    if received.extremes_exact and sent.extremes_exact:
+        if not (_equal(received.min, sent.min) and _equal(received.max, sent.max)):
+            return False
+    if not received.sampled and not sent.sampled:
+        got, put = _second_moment(received), _second_moment(sent)
+        return got is not None and put is not None and _equal(got, put)
+    return True
+
+
+def _equal(a: float, b: float) -> bool:
+    # The same values in float64, only the summation order may differ.
+    return math.isclose(a, b, rel_tol=SAME_TENSOR_TOLERANCE, abs_tol=0.0)
+
+
+def _compounds(ctx: Context, found: Structure, run: list[dict[str, Any]], rows: list[dict[str, Any]]) -> bool:
+    """Whether the run's product is what the network does to its signal.
+
+    A run whose end goes on into the output layer (or, across the head boundary,
+    into the head) multiplies the signal the loss sees.  One whose end goes
+    elsewhere (a residual add, attention, a normalisation) is a branch: a residual
+    add ``x + f(x)`` has ``E[(x + f)^2] ≈ E[x^2] + E[f^2]``, so a branch of small
+    gain leaves the stream as it was (the library inits of transformers, std 0.02,
+    rely on it), while a branch of large gain passes it on (``1 + g`` per block)
+    unless a normalisation follows, which divides any scale out (Ioffe & Szegedy
+    2015; Ba et al. 2016).
+    """
+    last = ctx.by_name[run[-1]["name"]]
+    if found.head_boundary is not None and last.name == found.head_boundary["last_body_layer"]:
+        if _pooled_into(ctx, last, ctx.by_name[found.head_boundary["first_head_layer"]]):
+            return True
+    else:
+        after = next((r for r in rows if ctx.position[r["name"]] > ctx.position[last.name]), None)
+        if after is None:
+            return True  # the run's end is the model's output
+        if after is rows[-1] and found.head_boundary is None and _feeds(ctx, last, ctx.by_name[after["name"]]):
+            return True  # into the output layer
+    measured = math.prod(r["measured_gain"] for r in run)
+    return measured > th.INIT_STACK_HIGH and not _normalised_next(ctx, last)
+
+
+def _pooled_into(ctx: Context, last: LayerRecord, head: LayerRecord) -> bool:
+    """Whether the head reads the body's last output through a pooling, not through
+    a residual add or a normalisation.  Nothing in between may transform the signal
+    (``_passes_through``), and the head's input may hold no more second moment than
+    that output: an average is a convex combination, so its square is at most the
+    average of the squares (Jensen), where a residual stream added to a branch of
+    small gain holds far more than the branch."""
+    start, stop = ctx.position[last.name], ctx.position[head.name]
+    if not all(_passes_through(x, ctx) for x in ctx.layers[start + 1 : stop]):
+        return False
+    out = _second_moment(_output_end(ctx, last).activation)
+    received = _second_moment(head.input)
+    if received is None:
+        return True  # a record without inputs: as far as gradscope can tell
+    return out is not None and received <= th.CHAIN_TOLERANCE * out
+
+
+def _normalised_next(ctx: Context, layer: LayerRecord) -> bool:
+    """A normalisation is the next layer that is not transparent after ``layer``'s output."""
+    end = _output_end(ctx, layer)
+    for nxt in ctx.layers[ctx.position[end.name] + 1 :]:
+        if nxt.type not in TRANSPARENT_TYPES:
+            return nxt.type in NORM_TYPES
+    return False
 
 
 def _out_of_band(gain: float | None) -> bool:
