@@ -89,15 +89,30 @@ def _stats_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-@cache
 def sample_stride(n: int, sample: int) -> int:
     """The stride of the strided sample: the smallest prime >= n // sample.
 
     A prime stride visits every row and column of a tensor whose sizes it does
     not divide; a power-of-two stride over an NCHW activation of width 32
     would sample column 0 only, next to the zero padding.
+
+    Cached per (n, sample), except inside ``torch.compile``, where Dynamo traces
+    through a cache wrapper with a warning to the user and folds the search into
+    a constant anyway.
     """
-    candidate = max(2, n // sample)
+    import torch
+
+    if torch.compiler.is_compiling():
+        return _prime_at_least(max(2, n // sample))
+    return _cached_stride(n, sample)
+
+
+@cache
+def _cached_stride(n: int, sample: int) -> int:
+    return _prime_at_least(max(2, n // sample))
+
+
+def _prime_at_least(candidate: int) -> int:
     while any(candidate % d == 0 for d in range(2, math.isqrt(candidate) + 1)):
         candidate += 1
     return candidate
