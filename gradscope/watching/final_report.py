@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from gradscope.record import Record
 from gradscope.recorder import Recorder
 from gradscope.report import Finding, Report, Severity
-from gradscope.training import clip_advice, nonfinite_finding, skipped_steps_finding, spike_finding, with_run_clip
+from gradscope.training import clip_advice, nonfinite_finding, spike_finding, with_run_clip
 
 if TYPE_CHECKING:
     from gradscope.watching.scope import Scope
@@ -105,11 +105,7 @@ def _training_findings(scope: Scope, diagnosed: list[Finding]) -> tuple[list[Fin
         diagnosed = [f for f in diagnosed if f.code != "nonfinite"]
     if training.spikes.worst is not None:
         findings.append(spike_finding(training.spikes.worst, training.spikes, clip))
-    findings.extend(scope._rates.final_findings())
-    if scope._norms.scaler_seen:
-        skipped = skipped_steps_finding(training.skipped, scope.steps, training.last_scale)
-        if skipped is not None:
-            findings.append(skipped)
+    findings.extend(scope._rates.final_findings())  # the scaler's skipped steps included (ScalerSteps)
     before = scope._before_divergence
     findings.extend(before[0] if before is not None else scope._regularisation.final_findings())
     return findings, diagnosed
