@@ -171,6 +171,16 @@ def _fsdp2_data_parallel_size(module: nn.Module) -> int | None:
     return size
 
 
+def mean_over_group(group: ReductionGroup, value: float) -> float:
+    """``value`` averaged over the group's ranks (one all-reduce every rank must reach;
+    a fill on the group's device, not a host-to-device copy of a Python number)."""
+    import torch.distributed as dist
+
+    total = torch.full((1,), value, dtype=torch.float64, device=group.device())
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group.group)
+    return float(total[0]) / group.size
+
+
 def row_nonfinite(row: torch.Tensor) -> bool:
     """Whether a statistics row saw a NaN/inf.  Reads the device: for the error path only."""
     return bool(row[NONFINITE] > 0) or not bool(torch.isfinite(row[MIN]) & torch.isfinite(row[MAX]))

@@ -261,6 +261,30 @@ def _nan_on_rank_one(rank: int, engine: str) -> dict[str, Any]:
     return {"error": None}
 
 
+def _validation_per_rank(rank: int) -> dict[str, Any]:
+    """Each rank passes its own shard's validation loss (rank 0's rises, rank 1's falls),
+    with stop_on=("overfitting",), then meets the other in a barrier (a checkpoint save)."""
+    model = _mlp()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    mine = [1.0, 0.9, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5] if rank == 0 else [1.0 - 0.05 * i for i in range(10)]
+    out: dict[str, Any] = {"stopped": None, "last_loss": None}
+    try:
+        with gradscope.watch(model, every=1, on_finding=_quiet, stop_on=("overfitting",)) as scope:
+            for step in range(20):
+                opt.zero_grad()
+                loss = ddp(_rows(_data(step), rank)).pow(2).mean()
+                loss.backward()
+                scope.step(opt, loss=loss)
+                opt.step()
+                if step % 2 == 1:
+                    out["last_loss"] = scope.validation(mine[step // 2])["loss"]
+    except gradscope.GradscopeError:
+        out["stopped"] = scope.steps
+    dist.barrier()  # every rank reaches it: none was left waiting in a collective
+    return out
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -277,6 +301,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             "fsdp1_tied_orig": _fsdp1_tied(rank, use_orig_params=True),
             "nan_ddp": _nan_on_rank_one(rank, "ddp"),
             "nan_fsdp2": _nan_on_rank_one(rank, "fsdp2"),
+            "validation": _validation_per_rank(rank),
         }
         partial = Path(out_dir, f"rank{rank}.json.partial")
         partial.write_text(json.dumps(result))
@@ -377,3 +402,10 @@ def test_fsdp1_tied_weights_are_measured_for_every_owner(ranks: dict[int, dict],
 def test_a_nan_one_rank_made_at_a_sampled_step_names_that_rank(ranks: dict[int, dict], engine: str) -> None:
     for rank in range(WORLD):
         assert ranks[rank][f"nan_{engine}"] == {"step": 2, "layer": "2", "role": "activation", "rank": 1}
+
+
+def test_validation_losses_are_averaged_so_every_rank_stops_together(ranks: dict[int, dict]) -> None:
+    """scope.validation was per rank: rank 0 stopped on its own rising loss and rank 1
+    trained on into a collective that never completed (a hang until the timeout)."""
+    first, second = ranks[0]["validation"], ranks[1]["validation"]
+    assert first["stopped"] is not None and first == second

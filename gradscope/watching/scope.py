@@ -88,6 +88,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradscope.distributed import mean_over_group
 from gradscope.errors import GradscopeError
 from gradscope.host_copy import HostBuffers
 from gradscope.learning_rate import LearningRateMonitor
@@ -439,6 +440,7 @@ class Scope:
         *,
         patience: int | None = None,
         min_delta: float | None = None,
+        reduce: bool | None = None,
     ) -> dict[str, Any]:
         """Record a held-out evaluation of the weights after the optimizer steps so far.
 
@@ -448,12 +450,24 @@ class Scope:
         default 0.05).  Called once per evaluation, not per step: a tensor
         ``loss`` is read here (one host sync per evaluation).
 
+        Under torch.distributed (a reduction group) the loss is averaged over the
+        ranks (one all-reduce), so that every rank judges the same number and a
+        ``stop_on`` stops them all at the same evaluation: each rank passing its
+        own shard's loss stopped one rank alone, and the others waited in their
+        next collective.  Every rank must then call ``validation`` together;
+        ``reduce=False`` when only one rank evaluates (its decision is its own).
+
         Raises:
             GradscopeError: ``stop_on`` includes "overfitting" and this evaluation
                 completes the overfitting finding.
         """
         self._check_open()
         self._read_pending_now()  # the training losses of a flush still in flight belong before it
+        group = self._recorder.group
+        if group is not None and reduce is not False:
+            loss = mean_over_group(
+                group, float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else float(loss)
+            )
         evaluation, new = self._regularisation.add_validation(self._step, loss, metrics, patience, min_delta)
         if self._writer is not None:
             self._writer.write_validation(evaluation.step, evaluation.loss, evaluation.gap)
