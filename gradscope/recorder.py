@@ -887,7 +887,12 @@ class Recorder:
 
     def pending_count(self) -> int:
         """Statistics waiting for the flush: entries, and rows merged early."""
-        return len(self._pending) + len(self._input_pending) + len(self._merged)
+        return len(self._pending) + len(self._input_pending) + len(self._merged) + len(self._compiled)
+
+    def discard_pending(self) -> None:
+        """Drop the statistics waiting for the flush (forwards that no step followed)."""
+        self._pending, self._input_pending, self._merged, self._compiled = [], [], {}, []
+        self._pending_elements = 0
 
 
 def _finalize_and_merge(keys: list[tuple[str, str]], raws: Sequence[RawStats]) -> dict[tuple[str, str], torch.Tensor]:

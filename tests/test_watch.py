@@ -580,3 +580,26 @@ def test_a_normalisation_reading_a_residual_sum_has_its_input_recorded() -> None
         recorded = record.layer("post").input
         assert recorded is not None and recorded.count == 16 * 8
         assert recorded.std == pytest.approx(float(model.residual_sum.double().std(unbiased=False)), rel=1e-9)
+
+
+def test_a_forward_after_the_last_step_is_not_a_training_step() -> None:
+    """A final prediction with gradients on (or micro-batches whose step never came)
+    was flushed at close as an eleventh sampled step of ten, its rows merged into the
+    training statistics (layer 0 counted 2,240 activations instead of 640)."""
+    import gradscope
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradscope.watch(model, every=1, raise_on=(), on_finding=lambda f: None) as scope:
+        for _ in range(10):
+            opt.zero_grad()
+            loss = model(torch.randn(4, 8)).pow(2).mean()
+            loss.backward()
+            scope.step(opt, loss=loss)
+            opt.step()
+        model(torch.randn(100, 8))  # a prediction, gradients on
+    report = scope.report()
+    assert report.analysis["training"]["sampled_steps"] == 10
+    assert report.record.layer("0").activation.count == 10 * 4 * 16
+    assert any("after the last step()" in note for note in report.record.notes)

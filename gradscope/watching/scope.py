@@ -355,6 +355,13 @@ class Scope:
         """What is left, flushed at close.  With a reduction group the recorder's
         flush is a collective: every rank flushes (unless closing on an exception)."""
         reduced = self._recorder.group is not None
+        if self._step > 0 and self._recorder.pending_count():
+            # Recorded after the last step(): a prediction forward with gradients on, or
+            # micro-batches whose optimizer step never came.  No training step followed
+            # them, so they are not one (they were flushed as an extra sampled step, with
+            # the prediction's rows merged into the training statistics).
+            self._recorder.discard_pending()
+            self._aggregate.record.note("forwards after the last step() are left out: no optimizer step followed them")
         if not collective and reduced:
             self._aggregate.record.note("closed on an exception: the last steps' statistics were not reduced")
         elif self._last_flushed < self._step - 1 or self._recorder.pending_count() or self._ratios.ready or reduced:
