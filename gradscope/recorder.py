@@ -254,6 +254,7 @@ class Recorder:
         self._data_parallel: int | None = None
         self._table: ParameterTable | None = None
         self._selected = select_modules(model, include, exclude, types, parametrised_only)
+        self.parametrised_only = parametrised_only  # tier "light": parameter-free layers are not hooked
         # RNN/LSTM/GRU and marked modules: gradient RMS per time step (gradscope.sequence)
         self._sequences = SequenceTaps(
             model, self._selected, sequence_modules, lambda: self._closed, lambda text: self.record.note(text)

@@ -4,6 +4,8 @@ before ``optimizer.step()``, with the same name at every sampling rate."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -19,6 +21,22 @@ INFINITE_BATCH = torch.full((8, 6), float("inf"))  # an evaluation batch, seen u
 
 def where(record: dict) -> tuple:
     return record["step"], record["layer"], record["role"], record["origin"]
+
+
+def stopping_record(model: nn.Module, make_scope: Any, set_bad: Any, bad_step: int = 5) -> dict:
+    """Train 8 SGD steps under ``make_scope()`` with ``set_bad(step == bad_step)`` before
+    each forward; the record of the GradscopeError that must stop the run."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(GradscopeError) as info:
+        with make_scope() as scope:
+            for step in range(8):
+                set_bad(step == bad_step)
+                x, y = batch(step)
+                opt.zero_grad()
+                nn.functional.mse_loss(model(x), y).backward()
+                scope.step(opt)
+                opt.step()
+    return info.value.record
 
 
 @pytest.mark.parametrize("every", EVERIES)
@@ -99,17 +117,8 @@ def test_an_infinite_global_norm_is_nonfinite_at_every_rate(every: int) -> None:
 def test_a_nan_made_in_backward_is_named_at_the_same_layer(every: int) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), NanInBackward(poison=False), nn.Tanh(), nn.Linear(16, 3))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with pytest.raises(GradscopeError) as info:
-        with Scope(model, every=every, diagnose=False) as scope:
-            for step in range(8):
-                model[1].poison = step == 5
-                x, y = batch(step)
-                opt.zero_grad()
-                nn.functional.mse_loss(model(x), y).backward()
-                scope.step(opt)
-                opt.step()
-    record = info.value.record
+    scope = Scope(model, every=every, diagnose=False)
+    record = stopping_record(model, lambda: scope, lambda bad: setattr(model[1], "poison", bad))
     assert (record["step"], record["layer"]) == (5, "0")
     # sampled: ∂ℓ/∂h of 0 is recorded; unsampled: its weight gradient, received from it
     assert (record["role"], record["origin"]) == (
@@ -516,3 +525,33 @@ def test_a_nan_input_of_any_micro_batch_is_received_at_every_rate(every: int, mi
                 scope.step(opt)
                 opt.step()
     assert where(info.value.record) == (2, "0", "activation", "received")
+
+
+class _InfFrom(nn.Module):
+    """A parameter-free layer that turns its input infinite while ``on``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * float("inf") if self.on else x
+
+
+@pytest.mark.parametrize("every", [1, 4])
+@pytest.mark.parametrize("tier", ["full", "light"])
+def test_the_light_tier_does_not_claim_a_layer_produced_what_an_unhooked_one_did(tier: str, every: int) -> None:
+    """tier='light' hooks only layers with parameters: a NaN made by GPT-2's GELU was
+    'produced by the forward of c_proj', the next layer with parameters."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), _InfFrom(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    record = stopping_record(
+        model,
+        lambda: gradscope.watch(model, every=every, tier=tier, on_finding=lambda f: None),
+        lambda bad: setattr(model[1], "on", bad),
+    )
+    if tier == "full":
+        assert where(record) == (5, "1", "activation", "produced")
+    else:
+        assert where(record) == (5, "2", "activation", "unknown")
+        assert "parameter-free layer" in record["source"]

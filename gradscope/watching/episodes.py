@@ -189,6 +189,7 @@ class NonfiniteEpisodes:
         """The nonfinite finding for a step that saw NaN/inf: the first such step of
         the run names it, and it stays the same finding (one alert) while later
         steps stay non-finite, until a sampled step is finite again."""
+        located = self._qualified(located)
         if self.on_located is not None:
             self.on_located(located)
         if self.first is None:
@@ -196,6 +197,23 @@ class NonfiniteEpisodes:
         if self.episode is None:
             self.episode = nonfinite_finding(located, clip)
         return self.episode
+
+    def _qualified(self, located: dict[str, Any]) -> dict[str, Any]:
+        """What the record can prove.  With only layers that have parameters hooked
+        (tier "light"), an activation whose recorded predecessor was finite may have
+        been made non-finite by a parameter-free layer in between (GPT-2's GELU before
+        c_proj): "produced" there is not shown, so the origin is unknown and the
+        source names both candidates."""
+        if not self.recorder.parametrised_only or located.get("role") != "activation":
+            return located
+        if located.get("origin") != "produced":
+            return located
+        layer = located.get("layer")
+        source = (
+            f"the forward of {layer} or a parameter-free layer that ran before it "
+            "(tier='light' hooks only layers with parameters; tier='full' tells them apart)"
+        )
+        return {**located, "origin": "unknown", "source": source}
 
     def error(self) -> GradscopeError | None:
         if self.raised or "nonfinite" not in self.raise_on or self.episode is None:
