@@ -170,3 +170,36 @@ def test_a_sparse_gradient_is_measured_by_its_stored_values() -> None:
             sparse.step()
             dense.step()
     assert scope.report().analysis["training"]["global_grad_norm_last"] == pytest.approx(want, rel=1e-5)
+
+
+def _collapsing_bn_stack() -> nn.Module:
+    """Ten 1x1 conv + BatchNorm + SiLU blocks with BatchNorm gains drawn at N(0, 0.02^2)
+    (transformers' MobileViT _init_weights does this): each block shrinks the signal
+    until the variance BatchNorm divides by is its eps, after which it rescales nothing."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, padding=1)]
+    for _ in range(10):
+        conv = nn.Conv2d(16, 16, 1)
+        nn.init.normal_(conv.weight, std=0.02)
+        nn.init.zeros_(conv.bias)
+        norm = nn.BatchNorm2d(16)
+        nn.init.normal_(norm.weight, std=0.02)
+        layers += [conv, norm, nn.SiLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
+def test_a_signal_collapsing_below_the_normalisations_eps_is_vanishing_and_the_gains_are_named() -> None:
+    """The depth rule scaled each gradient by the std the BatchNorm divides by; it
+    divides by sqrt(var + eps), and with var far below eps that hid a 10^6x collapse:
+    the audit said only fp16-underflow."""
+    model = _collapsing_bn_stack()
+    report = gradscope.audit(model, input_shape=(8, 3, 16, 16))
+    stds = [layer.activation.std for layer in report.record.layers if layer.type == "BatchNorm2d"]
+    assert stds[-1] < 1e-5 * stds[0]  # the collapse is real (1.9e-2 to 2.1e-8)
+    (vanishing,) = [f for f in report.findings if f.code == "vanishing-gradient"]
+    assert vanishing.severity == "error"
+    assert "below their eps" in vanishing.fix.summary
+    namespace: dict = {"model": model}
+    exec(vanishing.fix.code, namespace)  # the snippet as the user pastes it
+    again = gradscope.audit(model, input_shape=(8, 3, 16, 16))
+    assert "vanishing-gradient" not in again.codes()

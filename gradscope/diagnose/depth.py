@@ -211,7 +211,13 @@ def _norm_scale(ctx: Context, layer: LayerRecord) -> float:
     # post-LN blocks), so its recorded input is the right scale when there is one.
     std = _std(norm.input) if norm is not None else None
     std = std or _std(layer.activation)
-    return std if std else 1.0
+    if not std:
+        return 1.0
+    # It divides by sqrt(var + eps), not by the std: below eps (BatchNorm gains
+    # drawn at N(0, 0.02^2) shrink every block's output until its variance is far
+    # below 1e-5) the normalisation no longer rescales, and the gradient is not
+    # multiplied back up; dividing by the std alone hid that collapse.
+    return math.sqrt(std * std + ctx.norm_eps(norm))
 
 
 def _unnormalised_tail(layers: list[LayerRecord], ctx: Context) -> list[LayerRecord]:
@@ -351,12 +357,40 @@ def _depth_fix(ctx: Context, exploding: bool) -> Fix:
             f"{squash} saturates and shrinks the gradient at every layer: use ReLU (or GELU) with Kaiming init." + tail,
             advice.swap_activation_code(squash, "ReLU"),
         )
+    starved = _starved_norms(ctx)
+    if starved and not exploding:
+        shown = ", ".join(f"'{name}'" for name in starved[:3]) + (f" +{len(starved) - 3}" if len(starved) > 3 else "")
+        return Fix(
+            f"Normalisation layers {shown} receive inputs whose variance is below their eps, so they no longer "
+            "rescale the signal: the normalisation gains before them are far below 1 and shrink it block by "
+            "block. Reset the normalisation weights to PyTorch's default 1 (and biases to 0).",
+            "from torch import nn\n\n"
+            "norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)\n"
+            "for module in model.modules():\n"
+            "    if isinstance(module, norms) and module.weight is not None:\n"
+            "        nn.init.ones_(module.weight)\n"
+            "        nn.init.zeros_(module.bias)",
+        )
     return Fix(
         "Rescale each layer from data with LSUV (Mishkin & Matas 2016), and add normalisation "
         "(BatchNorm/LayerNorm) or residual connections.",
         "from gradscope.fix import apply_init\n\n"
         'apply_init(model, scheme="lsuv", inputs=batch)  # batch: one input batch of your data' + clip_code,
     )
+
+
+def _starved_norms(ctx: Context) -> list[str]:
+    """Normalisation layers whose input variance is below their eps (a tenth of it):
+    they divide by ~sqrt(eps) instead of the std and pass a vanishing signal on."""
+    starved = []
+    for layer in ctx.layers:
+        if layer.type not in NORM_TYPES:
+            continue
+        before = ctx.previous(layer)
+        std = _std(layer.input) or (_std(before.activation) if before is not None else None)
+        if std is not None and std * std < 0.1 * ctx.norm_eps(layer):
+            starved.append(layer.name)
+    return starved
 
 
 def _training_depth_fix(ctx: Context, exploding: bool, bad: list[dict[str, Any]]) -> Fix:

@@ -159,6 +159,23 @@ class Context:
             return "identity", None
         return "identity", None
 
+    def norm_eps(self, norm: LayerRecord | None) -> float:
+        """The eps a normalisation adds to the variance it divides by: the module's own
+        when the model is at hand, else torch's default for BatchNorm/LayerNorm/GroupNorm
+        (1e-5; RMSNorm's default is smaller, so 1e-5 errs towards less rescaling)."""
+        default = 1e-5
+        if norm is None or self.model is None:
+            return default
+        try:
+            module = self.model if norm.module == "model" else self.model.get_submodule(norm.module)
+        except AttributeError:
+            return default
+        for name in ("eps", "variance_epsilon", "epsilon"):  # torch; transformers' RMSNorms
+            value = getattr(module, name, None)
+            if isinstance(value, (int, float)) and value >= 0:
+                return float(value)
+        return default
+
     def negative_slope(self, activation: LayerRecord | None) -> float:
         """The leaky ReLU's slope, read from the model when it is at hand (default 0.01)."""
         if activation is None or self.model is None:
