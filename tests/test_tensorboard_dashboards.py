@@ -205,3 +205,18 @@ def test_equally_bad_series_keep_forward_order_despite_float_rounding() -> None:
     for a, b in pairs[:20]:
         named, _ = WorstSeries(chart, limit=1).choose({"first": a, "second": b})
         assert named == ["first"], (a, b)
+
+
+def test_the_same_steps_at_the_same_step_are_drawn_once() -> None:
+    """A run whose first bad step was its last drew its heatmaps twice at that step
+    (once as the first bad step, once at close): image steps [0, 5, 5]."""
+    sink = Sink()
+    worker = HeatmapWorker(sink, {"gradient": "g"})
+    history = bad_history()
+    assert worker.request(history, 5, force=True)
+    deadline = time.monotonic() + 30
+    while not worker.drawn and time.monotonic() < deadline:  # the first drawing is done
+        time.sleep(0.01)
+    assert worker.request(history, 5, force=True)  # accepted, nothing new to draw
+    worker.close()
+    assert [img[4] for img in sink.images] == [5]

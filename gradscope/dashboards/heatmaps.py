@@ -67,6 +67,7 @@ class HeatmapWorker:
         self.draw_threads: set[int] = set()  # idents of the threads that drew (tests: never the caller's)
         self.last_seconds = 0.0
         self._last_request: float | None = None
+        self._last_drawn: tuple[int, int] | None = None  # (step, steps in the history) of the last request
         self._pending: tuple[dict[str, Any], int] | None = None
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -87,6 +88,10 @@ class HeatmapWorker:
         """Hand over a snapshot to draw; returns whether it was accepted."""
         if not self.due(force):
             return False
+        drawn = (step, len(history.get("steps") or ()))
+        if drawn == self._last_drawn:
+            return True  # the same steps at the same step (the first bad step was the last): one image
+        self._last_drawn = drawn
         self._last_request = self.clock()
         with self._cond:
             self._pending = (history, step)  # replaces a stale request not drawn yet
