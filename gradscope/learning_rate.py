@@ -296,6 +296,7 @@ class LearningRateMonitor:
     def __init__(self) -> None:
         self.layers: dict[str, LayerRatios] = {}
         self.optimizer = OptimizerSeen()
+        self._optimizer_of: dict[str, OptimizerSeen] = {}  # layer -> the optimizer seen updating it
         self._lrs: dict[int, dict[str, tuple[float, float | None]]] = {}  # sampled step -> layer -> lrs
         self._kinds: dict[str, str] = {}
         self.divergence = Divergence()
@@ -322,14 +323,27 @@ class LearningRateMonitor:
             layer.gradients_read += 1
             layer.gradient_seen = layer.gradient_seen or norm != 0.0  # NaN != 0.0 too
 
-    def observe_optimizer(self, step: int, optimizer: Any, weights: dict[str, Any], types: dict[str, str]) -> None:
-        """On a sampled step, before ``optimizer.step()``: the lr each layer's update will use."""
-        self.optimizer = OptimizerSeen.of(optimizer)
-        self._lrs[step] = optimizers.layer_learning_rates(optimizer, weights)
+    def observe_optimizer(self, step: int, optimizer: Any, weights: dict[str, Any], types: dict[str, str]) -> set[str]:
+        """On a step whose update ratios are sampled, before ``optimizer.step()``: the lr
+        each layer's update will use.  Returns the layers among ``weights`` the optimizer
+        updates (a run may step several, each holding its own layers)."""
+        seen = OptimizerSeen.of(optimizer)
+        self.optimizer = seen
+        lrs = optimizers.layer_learning_rates(optimizer, weights)
+        self._lrs[step] = {**self._lrs.get(step, {}), **lrs}
+        for name in lrs:
+            self._optimizer_of[name] = seen
         for name, type_name in types.items():
             self._kinds.setdefault(name, layer_kind(type_name))
         for old in [s for s in self._lrs if s < step - 64]:  # ratios never resolved (no optimizer step)
             del self._lrs[old]
+        return set(lrs)
+
+    def optimizer_of(self, layers: list[str]) -> OptimizerSeen:
+        """The optimizer that updates ``layers`` (the snippets rebuild that one), when one
+        does them all; else the one seen last."""
+        seen = {id(x): x for n in layers if (x := self._optimizer_of.get(n)) is not None}
+        return next(iter(seen.values())) if len(seen) == 1 else self.optimizer
 
     def observe(
         self,
@@ -513,8 +527,9 @@ class LearningRateMonitor:
                 "no learning rate changes that"
             )
         judged = sum(1 for x in self.layers.values() if x.samples)
+        seen = self.optimizer_of(large + small + unreached)
         if large or small:
-            summary, code = self._ratio_fix(large, small, judged, final)
+            summary, code = self._ratio_fix(large, small, judged, final, seen)
         else:
             summary, code = "", ""
         if unreached:
@@ -528,7 +543,7 @@ class LearningRateMonitor:
         family = {
             optimizers.ADAPTIVE: "Adam-like: the ratio is about c·lr/rms(w), c <= 1 (Kingma & Ba 2015)",
             optimizers.SGD_LIKE: "SGD: the ratio is lr·‖g‖/‖w‖, (1-momentum)^-1 times that for a steady gradient",
-        }.get(self.optimizer.family, "unknown optimizer family")
+        }.get(seen.family, "unknown optimizer family")
         representative = self.layers[layers[0]]
         return Finding(
             code="update-ratio",
@@ -544,17 +559,20 @@ class LearningRateMonitor:
                 "target": UPDATE_RATIO_TARGET,
                 "band": [UPDATE_RATIO_LOW, UPDATE_RATIO_HIGH],
                 "band_norm_and_embedding": [EXTREME_LOW, EXTREME_HIGH],
-                "optimizer": self.optimizer.expression if self.optimizer.known else None,
+                "optimizer": seen.expression if seen.known else None,
                 "optimizer_family": family,
                 "first_outside_step": min(first_outside) if first_outside else None,
             },
             fix=Fix(summary, code),
         )
 
-    def _ratio_fix(self, large: list[str], small: list[str], judged: int, final: bool) -> tuple[str, str]:
+    def _ratio_fix(
+        self, large: list[str], small: list[str], judged: int, final: bool, seen: OptimizerSeen
+    ) -> tuple[str, str]:
         """A learning rate from the observed ratios (the ratio is proportional to it), in the
-        user's own optimizer class; with the rates unknown (scope.step() never saw the
-        optimizer), as a factor on the optimizer's current rate."""
+        user's own optimizer class (``seen``: the one updating these layers); with the rates
+        unknown (scope.step() never saw the optimizer), as a factor on the optimizer's
+        current rate."""
         groups: list[tuple[str, list[str], float, float | None]] = []  # (label, layers, factor, new lr)
         for label, names in (("too large", large), ("too small", small)):
             if not names:
@@ -580,7 +598,7 @@ class LearningRateMonitor:
             if new_lr is not None:
                 return (
                     f"set the learning rate to about {new_lr:g} (the update ratio is proportional to it)",
-                    self.optimizer.constructor(f"{root}.parameters()", new_lr),
+                    seen.constructor(f"{root}.parameters()", new_lr),
                 )
             return (
                 f"scale the learning rate by about {factor:g} (the update ratio is proportional to it)",
@@ -601,9 +619,9 @@ class LearningRateMonitor:
             params.append(f'{{"params": {chosen}, "lr": {rate}}}')
         others = " | ".join(f"group_{i}" for i in range(len(groups)))
         params.insert(0, f'{{"params": [p for n, p in {root}.named_parameters() if layer_of(n) not in {others}]}}')
-        extra = f", {self.optimizer.arguments}" if self.optimizer.arguments else ""
+        extra = f", {seen.arguments}" if seen.arguments else ""
         listing = "[\n    " + ",\n    ".join(params) + ",\n]"
-        lines.append(f"optimizer = {self.optimizer.expression}({listing}, lr={base}{extra})")
+        lines.append(f"optimizer = {seen.expression}({listing}, lr={base}{extra})")
         summary = "give " + " and ".join(
             f"{_quoted(names)} their own learning rate ("
             + (f"{new_lr:g}" if new_lr is not None else f"{factor:g}x the current one")

@@ -555,3 +555,31 @@ def test_the_light_tier_does_not_claim_a_layer_produced_what_an_unhooked_one_did
     else:
         assert where(record) == (5, "2", "activation", "unknown")
         assert "parameter-free layer" in record["source"]
+
+
+def test_attach_with_a_scaler_that_skips_the_step_still_stops_at_it() -> None:
+    """scope.attach(opt, scaler): a GradScaler that finds inf/NaN gradients skips
+    optimizer.step(), and the optimizer's pre-step hook with it: the NaN step was seen
+    at the next iteration, labelled with the wrong step, its forward merged with that one's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
+    state = {"bad": False}
+    model[2].register_forward_hook(lambda m, a, out: out * float("nan") if state["bad"] else out)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu")
+    scope = gradscope.watch(model, every=1, on_finding=lambda f: None).attach(opt, scaler=scaler)
+    stopped_in = None
+    with pytest.raises(GradscopeError) as info:
+        for iteration in range(8):
+            stopped_in = iteration
+            state["bad"] = iteration == 3
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(torch.randn(16, 8)).float().pow(2).mean()
+            scope.observe_loss(loss)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    assert stopped_in == 3 and where(info.value.record) == (3, "2", "activation", "produced")
+    scope.close()
+    assert "step" not in scaler.__dict__  # the wrapper is gone with the scope

@@ -2,9 +2,13 @@
 
 * ``train-mode-inference`` (``eval_mode``): a no-grad forward with Dropout or
   BatchNorm in training mode, from a forward pre-hook on the root module;
-* ``weight-decay`` (``gradscope.optimizer_audit``): the optimizer given to
+* ``weight-decay`` (``gradscope.optimizer_audit``): every optimizer given to
   ``scope.step`` (or ``attach``), read at the diagnosis cadence with the
-  groups' *current* learning rates;
+  groups' *current* learning rates.  A run may step several (a GAN's generator
+  and discriminator, each given to ``scope.step`` in turn): each is audited at
+  every measurement, so one's findings never clear another's (remembering only
+  the last one given made the audit follow whichever optimizer the cadence
+  happened to land on);
 * weights over time and ``l1-not-sparse`` (``weights``), at the diagnosis cadence;
 * held-out results and ``overfitting`` (``validation``), from ``scope.validation``.
 
@@ -41,6 +45,28 @@ def dropout_rates(model: nn.Module) -> list[tuple[str, float]]:
     ]
 
 
+def _summaries(optimizers: list[Any], model: nn.Module, summary: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    """The first optimizer's summary (the one the report has always shown), with every
+    optimizer's under ``"optimizers"`` when the run steps more than one."""
+    first = summary(optimizers[0], model)
+    if len(optimizers) > 1:
+        every = [first] + [summary(opt, model) for opt in optimizers[1:]]
+        first = {**first, "optimizers": every}
+    return first
+
+
+def _for_advice(summary: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The decay of the whole run for the overfitting advice: every optimizer's groups
+    (a run whose second optimizer decays is not told that none is set)."""
+    if summary is None or "optimizers" not in summary:
+        return summary
+    every = summary["optimizers"]
+    return {
+        "groups": [g for s in every for g in s.get("groups", [])],
+        "max_eta_lambda": max((s.get("max_eta_lambda") or 0.0 for s in every), default=0.0),
+    }
+
+
 def check_stop_on(stop_on: Any) -> tuple[str, ...]:
     """``stop_on`` as a tuple of known codes (checked before any hook is attached)."""
     codes = (stop_on,) if isinstance(stop_on, str) else tuple(stop_on)
@@ -70,7 +96,8 @@ class RegularisationWatch:
         self.guard = EvalModeGuard(model)
         self.weights = WeightWatch(parameters if parameters is not None else model, group)
         self.validation = ValidationTracker()
-        self._optimizer: Any = None
+        # Every optimizer given to scope.step, weakly, in the order first seen.
+        self._optimizers: list[weakref.ReferenceType[Any]] = []
         self._cached: list[Finding] = []
         self._optimizer_summary: dict[str, Any] | None = None
         self._overfitting: Finding | None = None
@@ -78,7 +105,7 @@ class RegularisationWatch:
 
     # -- inputs from the Scope -------------------------------------------------
     def observe_optimizer(self, optimizer: Any) -> None:
-        """Remember (weakly) the optimizer the Scope is given; read at the diagnosis cadence."""
+        """Remember (weakly) an optimizer the Scope is given; each one is read at the diagnosis cadence."""
         if optimizer is None:
             return
         from gradscope.optimizer_audit import _base_optimizer
@@ -86,12 +113,17 @@ class RegularisationWatch:
         base = _base_optimizer(optimizer)
         if not hasattr(base, "param_groups"):
             return
-        current = self._optimizer() if self._optimizer is not None else None
-        if current is not base:
-            try:
-                self._optimizer = weakref.ref(base)
-            except TypeError:  # an optimizer without weakref support: not audited
-                self._optimizer = None
+        if any(ref() is base for ref in self._optimizers):
+            return
+        try:
+            ref = weakref.ref(base)
+        except TypeError:  # an optimizer without weakref support: not audited
+            return
+        self._optimizers = [r for r in self._optimizers if r() is not None] + [ref]
+
+    def optimizers(self) -> list[Any]:
+        """The optimizers seen so far that are still alive, in the order first seen."""
+        return [opt for ref in self._optimizers if (opt := ref()) is not None]
 
     def set_step(self, step: int) -> None:
         self.guard.step = step
@@ -135,13 +167,17 @@ class RegularisationWatch:
         from gradscope.optimizer_audit import decay_of_parameters, optimizer_findings, optimizer_summary
 
         model = self._model()
-        optimizer = self._optimizer() if self._optimizer is not None else None
+        optimizers = self.optimizers() if model is not None else []
         cached: list[Finding] = []
-        decays = None
-        if optimizer is not None and model is not None:
-            decays = decay_of_parameters(optimizer, model)
-            cached.extend(optimizer_findings(optimizer, model))
-            self._optimizer_summary = optimizer_summary(optimizer, model)
+        decays: dict[str, tuple[float, float, str]] | None = None
+        if optimizers and model is not None:
+            # Each optimizer holds its own parameters: their decays are merged, their
+            # findings listed side by side (keyed by their first layer in the alerts).
+            decays = {}
+            for optimizer in optimizers:
+                decays.update(decay_of_parameters(optimizer, model))
+                cached.extend(optimizer_findings(optimizer, model))
+            self._optimizer_summary = _summaries(optimizers, model, optimizer_summary)
         if weights is not None:
             self.weights.complete(step, weights[0], weights[1], decays, param_grad_norms)
         l1 = self.weights.l1_finding()
@@ -161,7 +197,9 @@ class RegularisationWatch:
         evaluation = self.validation.add(step, loss, metrics, patience=patience, min_delta=min_delta)
         model = self._model()
         finding = overfitting_finding(
-            self.validation, self._optimizer_summary_now(), dropout_rates(model) if model is not None else []
+            self.validation,
+            _for_advice(self._optimizer_summary_now()),
+            dropout_rates(model) if model is not None else [],
         )
         new = finding is not None and self._overfitting is None
         if finding is not None:
@@ -169,13 +207,13 @@ class RegularisationWatch:
         return evaluation, finding if new else None
 
     def _optimizer_summary_now(self) -> dict[str, Any] | None:
-        optimizer = self._optimizer() if self._optimizer is not None else None
+        optimizers = self.optimizers()
         model = self._model()
-        if optimizer is None or model is None:
+        if not optimizers or model is None:
             return self._optimizer_summary
         from gradscope.optimizer_audit import optimizer_summary
 
-        return optimizer_summary(optimizer, model)
+        return _summaries(optimizers, model, optimizer_summary)
 
     # -- the report --------------------------------------------------------------
     def final_findings(self) -> list[Finding]:

@@ -92,6 +92,7 @@ from gradscope.distributed import mean_over_group
 from gradscope.errors import GradscopeError
 from gradscope.host_copy import HostBuffers
 from gradscope.learning_rate import LearningRateMonitor
+from gradscope.optimizer_audit import _base_optimizer
 from gradscope.record import Record
 from gradscope.recorder import Recorder
 from gradscope.report import Finding, Report
@@ -169,6 +170,12 @@ class Scope:
         self._closed = False
         self._hooks_checked = False
         self._rates = LearningRateMonitor()  # update-ratio and learning-rate-too-high (gradscope.learning_rate)
+        # A run may step several optimizers, each given to step() in turn (a GAN's G and
+        # D): the layers the sampled step's optimizer does not update are owed a sample
+        # of their update ratio, taken at the next step of an optimizer that updates
+        # them (``_owed_snapshot``); the optimizers already asked since the sampled step.
+        self._owed: set[str] = set()
+        self._owed_asked: set[int] = set()
         self._aggregate = RunningRecord()
         # The regularisation findings and summary at the first non-finite step (see _mark_nonfinite).
         self._before_divergence: tuple[list[Finding], dict[str, Any]] | None = None
@@ -393,11 +400,30 @@ class Scope:
         the loss is seen only if you pass it to ``observe_loss``.
         """
         self._check_open()
+        observed = {"by_scaler": False}
 
         def pre_hook(opt: Any, args: Any, kwargs: Any) -> None:
-            self.step(opt, scaler=scaler)
+            if not observed["by_scaler"]:
+                self.step(opt, scaler=scaler)
 
         self._optimizer_handles.append(optimizer.register_step_pre_hook(pre_hook))
+        if scaler is not None and callable(getattr(scaler, "step", None)):
+            # A GradScaler that finds inf/NaN gradients skips optimizer.step(), and its
+            # pre-step hook with it: the step was seen only at the next iteration, its
+            # forward merged with that one's.  Its own step() always runs: observe there.
+            original = scaler.step
+
+            def scaler_step(opt: Any, *args: Any, **kwargs: Any) -> Any:
+                if opt is optimizer:
+                    self.step(opt, scaler=scaler)
+                    observed["by_scaler"] = True
+                try:
+                    return original(opt, *args, **kwargs)
+                finally:
+                    observed["by_scaler"] = False
+
+            scaler.step = scaler_step
+            self._optimizer_handles.append(_Restore(scaler, "step"))
         self._ratios.hook_post(optimizer)
         return self
 
@@ -554,6 +580,8 @@ class Scope:
             # scale only: nothing is recorded on this step) instead of at the next
             # sampled step, up to every - 1 updates later.  Opt-in through raise_on.
             error = self._flush(step, sampled=False, raise_errors=True)
+        if not sampled and optimizer is not None and self._owed:
+            self._owed_snapshot(step, optimizer)
         self._step += 1
         self._regularisation.set_step(self._step)
         if self._step % self.every == 0 and not self._paused:
@@ -603,11 +631,35 @@ class Scope:
         if full:
             self._recorder.capture_parameters()
         self._sample_scaled = scaled
+        self._owed, self._owed_asked = set(), set()
         if optimizer is not None:
             types = {layer.name: layer.type for layer in self._recorder.record.layers}
-            self._rates.observe_optimizer(step, optimizer, self._ratios.layer_weights(registered=True), types)
+            weights = self._ratios.layer_weights(registered=True)
+            held = self._rates.observe_optimizer(step, optimizer, weights, types)
+            if held:
+                # Layers this optimizer does not update: another one may (see _owed_snapshot).
+                self._owed = set(weights) - held
+                self._owed_asked = {id(_base_optimizer(optimizer))}
         self._ratios.take_snapshot(step)
         return earlier or self._flush(step, sampled=True, full=full, raise_errors=True, input_flags=input_flags)
+
+    def _owed_snapshot(self, step: int, optimizer: Any) -> None:
+        """An unsampled step of another optimizer than the sampled step's: the update-ratio
+        snapshot of the owed layers it updates, so that each optimizer's layers get a
+        sample per sampled step whichever optimizer's step the cadence lands on (with a
+        GAN's D and G alternating and an even ``every``, G's layers never had one).
+        Each optimizer is asked once per sampled step: a single-optimizer run pays a
+        set lookup."""
+        key = id(_base_optimizer(optimizer))
+        if key in self._owed_asked:
+            return
+        self._owed_asked.add(key)
+        types = {layer.name: layer.type for layer in self._recorder.record.layers}
+        weights = {n: w for n, w in self._ratios.layer_weights(registered=True).items() if n in self._owed}
+        held = self._rates.observe_optimizer(step, optimizer, weights, types)
+        if held:
+            self._owed -= held
+            self._ratios.take_snapshot(step, only=held)
 
     # -- flush ------------------------------------------------------------------
     def _flush(
@@ -661,6 +713,17 @@ class Scope:
             record, formats=self.formats, model=model if model is not None else self.model, during_training=True
         )
         return with_run_clip(list(findings), clip_advice(self._training.history), None)
+
+
+class _Restore:
+    """A removable handle for an instance attribute gradscope set: removing it brings
+    back the class's own (``scaler.step`` wrapped by ``Scope.attach``)."""
+
+    def __init__(self, owner: Any, name: str) -> None:
+        self.owner, self.name = owner, name
+
+    def remove(self) -> None:
+        self.owner.__dict__.pop(self.name, None)
 
 
 def _first_device(model: nn.Module) -> torch.device:
