@@ -43,9 +43,15 @@ class TypeFamily:
     def __init__(self, exact: set[str], pattern: str) -> None:
         self.exact = frozenset(exact)
         self.pattern = re.compile(pattern)
+        self._seen: dict[str, bool] = {}  # name -> member: the recorder asks per hooked forward
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and (name in self.exact or self.pattern.search(name) is not None)
+        if not isinstance(name, str):
+            return False
+        member = self._seen.get(name)
+        if member is None:
+            member = self._seen[name] = name in self.exact or self.pattern.search(name) is not None
+        return member
 
     def __iter__(self) -> Iterator[str]:
         """The exact names (a pattern has no list)."""
