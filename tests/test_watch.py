@@ -603,3 +603,19 @@ def test_a_forward_after_the_last_step_is_not_a_training_step() -> None:
     assert report.analysis["training"]["sampled_steps"] == 10
     assert report.record.layer("0").activation.count == 10 * 4 * 16
     assert any("after the last step()" in note for note in report.record.notes)
+
+
+def test_a_step_an_exception_cut_short_is_not_a_sampled_step() -> None:
+    """An exception in the first forward: the summary read '0 steps (every=1, 1 sampled)'."""
+    import gradscope
+
+    class Fails(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("the model's own error")
+
+    model = nn.Sequential(nn.Linear(8, 8), Fails())
+    with pytest.raises(RuntimeError, match="own error"):
+        with gradscope.watch(model, every=1, on_finding=lambda f: None) as scope:
+            model(torch.randn(4, 8))
+    training = scope.report().analysis["training"]
+    assert (training["steps"], training["sampled_steps"]) == (0, 0)

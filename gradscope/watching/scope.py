@@ -362,11 +362,11 @@ class Scope:
         """What is left, flushed at close.  With a reduction group the recorder's
         flush is a collective: every rank flushes (unless closing on an exception)."""
         reduced = self._recorder.group is not None
-        if self._step > 0 and self._recorder.pending_count():
-            # Recorded after the last step(): a prediction forward with gradients on, or
-            # micro-batches whose optimizer step never came.  No training step followed
-            # them, so they are not one (they were flushed as an extra sampled step, with
-            # the prediction's rows merged into the training statistics).
+        if (self._step > 0 or not collective) and self._recorder.pending_count():
+            # Recorded after the last step(): a prediction forward with gradients on,
+            # micro-batches whose optimizer step never came, or a step an exception cut
+            # short.  No training step followed them, so they are not one (they were
+            # flushed as an extra sampled step, merged into the training statistics).
             self._recorder.discard_pending()
             self._aggregate.record.note("forwards after the last step() are left out: no optimizer step followed them")
         if not collective and reduced:
