@@ -3,6 +3,7 @@ soft-thresholding's exact zeros, dropout's E[x'] = x, the forgotten ``model.eval
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -276,8 +277,14 @@ def test_overfitting_names_the_best_step_and_a_healthy_run_has_none() -> None:
 
 
 @pytest.mark.slow
-def test_stop_on_overfitting_ends_training_at_the_finding() -> None:
-    report, losses, stopped = curve_run(n_train=12, stop_on=("overfitting",))
+def test_stop_on_overfitting_ends_training_at_the_finding(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="gradscope"):
+        report, losses, stopped = curve_run(n_train=12, stop_on=("overfitting",))
+    # one alert, whose header names the evaluation's step, as its message does (the flush
+    # at close announced it one step earlier in its header than in its message)
+    (line,) = [r.getMessage() for r in caplog.records if "overfitting" in r.getMessage() and "step" in r.getMessage()
+               and r.getMessage().startswith("gradscope step")]  # fmt: skip
+    assert line.startswith(f"gradscope step {losses[-1][0]}:") and f"at step {losses[-1][0]}" in line
     assert isinstance(stopped, GradscopeError) and "stop_on includes 'overfitting'" in str(stopped)
     (finding,) = [f for f in report.findings if f.code == "overfitting"]
     # stopped at the evaluation that completed the finding: PATIENCE evaluations after the best

@@ -505,6 +505,10 @@ class Scope:
         if self._writer is not None:
             self._writer.write_validation(evaluation.step, evaluation.loss, evaluation.gap)
         if new is not None and "overfitting" in self._regularisation.stop_on:
+            # Announced now, at the evaluation's step, not by the flush at close (one
+            # step earlier in its header than in its message); partial: the other
+            # training findings are not cleared by this one observation.
+            self._announcer.alert(evaluation.step, {"training": [new]}, partial=("training",))
             self._regularisation.stopped_at = self._step
             raise GradscopeError(f"{new.message}; stopping (stop_on includes 'overfitting')", new.to_dict())
         return evaluation.to_dict()
