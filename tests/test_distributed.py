@@ -319,20 +319,26 @@ def _ddp_worker(rank: int) -> dict[str, Any]:
     return out
 
 
-def _worker(rank: int, port: int, out_dir: str, engine: str) -> None:
+def in_gloo_group(rank: int, port: int, out_dir: str, compute: Callable[[], dict[str, Any]]) -> None:
+    """A rank's life in a spawned test: join the gloo group, run ``compute`` on one
+    thread, write its result as ``rank{rank}.json`` for ``run_ranks``, leave the group."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     os.environ["GRADSCOPE_TEST_DIR"] = out_dir
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
-        result = _all_engines(rank, engine)
+        result = compute()
         # Written whole, then renamed: the parent reads only complete results.
         partial = Path(out_dir, f"rank{rank}.json.partial")
         partial.write_text(json.dumps(result))
         partial.rename(Path(out_dir, f"rank{rank}.json"))
     finally:
         dist.destroy_process_group()
+
+
+def _worker(rank: int, port: int, out_dir: str, engine: str) -> None:
+    in_gloo_group(rank, port, out_dir, lambda: _all_engines(rank, engine))
 
 
 def run_ranks(

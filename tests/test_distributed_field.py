@@ -20,10 +20,7 @@ Every number is checked against one unsharded process on the same data.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 import gradscope
-from tests.test_distributed import WORLD, run_ranks
+from tests.test_distributed import WORLD, in_gloo_group, run_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -285,29 +282,23 @@ def _validation_per_rank(rank: int) -> dict[str, Any]:
     return out
 
 
+def _results(rank: int) -> dict[str, Any]:
+    return {
+        "tp_embedding": _tp_embedding(rank),
+        "routed": _routed(rank),
+        "loss_parallel": _loss_parallel(rank),
+        "hsdp": _hsdp(rank),
+        "fsdp1_no_shard": _fsdp1_no_shard(rank),
+        "fsdp1_tied_flat": _fsdp1_tied(rank, use_orig_params=False),
+        "fsdp1_tied_orig": _fsdp1_tied(rank, use_orig_params=True),
+        "nan_ddp": _nan_on_rank_one(rank, "ddp"),
+        "nan_fsdp2": _nan_on_rank_one(rank, "fsdp2"),
+        "validation": _validation_per_rank(rank),
+    }
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        result = {
-            "tp_embedding": _tp_embedding(rank),
-            "routed": _routed(rank),
-            "loss_parallel": _loss_parallel(rank),
-            "hsdp": _hsdp(rank),
-            "fsdp1_no_shard": _fsdp1_no_shard(rank),
-            "fsdp1_tied_flat": _fsdp1_tied(rank, use_orig_params=False),
-            "fsdp1_tied_orig": _fsdp1_tied(rank, use_orig_params=True),
-            "nan_ddp": _nan_on_rank_one(rank, "ddp"),
-            "nan_fsdp2": _nan_on_rank_one(rank, "fsdp2"),
-            "validation": _validation_per_rank(rank),
-        }
-        partial = Path(out_dir, f"rank{rank}.json.partial")
-        partial.write_text(json.dumps(result))
-        partial.rename(Path(out_dir, f"rank{rank}.json"))
-    finally:
-        dist.destroy_process_group()
+    in_gloo_group(rank, port, out_dir, lambda: _results(rank))
 
 
 @pytest.fixture(scope="module")

@@ -255,12 +255,13 @@ def test_attention_value_output_chain_is_not_poor_init(length: int) -> None:
 # costs ~3.5 s in whichever test runs first: all are marked slow.
 
 
-def _hf_audit(build: Any, **kwargs: Any) -> tuple[nn.Module, Report]:
-    pytest.importorskip("transformers")
+def _hf_audit(model_class: str, config_class: str, config: dict[str, Any], **kwargs: Any) -> tuple[nn.Module, Report]:
+    """transformers' ``model_class(config_class(**config))`` at its own init (seed 0), audited."""
+    transformers = pytest.importorskip("transformers")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(0)
-        model = build()
+        model = getattr(transformers, model_class)(getattr(transformers, config_class)(**config))
         return model, audit(model, **kwargs)
 
 
@@ -269,22 +270,19 @@ def _tokens(length: int, vocab: int = 128) -> dict[str, Any]:
 
 
 IMAGE = dict(input_shape=(2, 3, 64, 64))
+# A two-layer decoder 32 wide (Llama, Mistral, Gemma2 share these fields).
+DECODER = dict(
+    vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+    max_position_embeddings=64,
+)  # fmt: skip
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("length", [1, 2, 4, 16])
 @pytest.mark.parametrize("kv_heads", [1, 2])
 def test_llama_at_its_init_is_not_poor_init(kv_heads: int, length: int) -> None:
-    def build() -> nn.Module:
-        import transformers as t
-
-        config = t.LlamaConfig(
-            vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=kv_heads, max_position_embeddings=64,
-        )  # fmt: skip
-        return t.LlamaForCausalLM(config)
-
-    model, report = _hf_audit(build, **_tokens(length))
+    config = dict(DECODER, num_key_value_heads=kv_heads)
+    model, report = _hf_audit("LlamaForCausalLM", "LlamaConfig", config, **_tokens(length))
     assert _poor_init(report) is None
     if kv_heads == 1 or length > 1:  # repeated KV heads or a mix over tokens: not v_proj's output
         assert not _links(report, model, "model.layers.1.self_attn.v_proj", "model.layers.1.self_attn.o_proj")
@@ -292,41 +290,20 @@ def test_llama_at_its_init_is_not_poor_init(kv_heads: int, length: int) -> None:
 
 @pytest.mark.slow
 def test_mistral_and_gemma2_at_their_init_are_not_poor_init() -> None:
-    def mistral() -> nn.Module:
-        import transformers as t
-
-        config = t.MistralConfig(
-            vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, max_position_embeddings=64,
-        )  # fmt: skip
-        return t.MistralForCausalLM(config)
-
-    def gemma2() -> nn.Module:
-        import transformers as t
-
-        config = t.Gemma2Config(
-            vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=16, max_position_embeddings=64, sliding_window=8,
-        )  # fmt: skip
-        return t.Gemma2ForCausalLM(config)
-
-    for build, length in ((mistral, 1), (mistral, 4), (gemma2, 16)):
-        _, report = _hf_audit(build, **_tokens(length))
-        assert _poor_init(report) is None, build.__name__
+    mistral = ("MistralForCausalLM", "MistralConfig", dict(DECODER, num_key_value_heads=1))
+    gemma2 = ("Gemma2ForCausalLM", "Gemma2Config", dict(DECODER, num_key_value_heads=1, head_dim=16, sliding_window=8))
+    for (model_class, config_class, config), length in ((mistral, 1), (mistral, 4), (gemma2, 16)):
+        _, report = _hf_audit(model_class, config_class, config, **_tokens(length))
+        assert _poor_init(report) is None, model_class
 
 
 @pytest.mark.slow
 def test_electra_embeddings_project_into_query_is_not_a_stack() -> None:
-    def build() -> nn.Module:
-        import transformers as t
-
-        config = t.ElectraConfig(
-            vocab_size=128, embedding_size=32, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=128, max_position_embeddings=64,
-        )  # fmt: skip
-        return t.ElectraForPreTraining(config)
-
-    model, report = _hf_audit(build, **_tokens(16))
+    config = dict(
+        vocab_size=128, embedding_size=32, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=128, max_position_embeddings=64,
+    )  # fmt: skip
+    model, report = _hf_audit("ElectraForPreTraining", "ElectraConfig", config, **_tokens(16))
     # query does read embeddings_project's output (gains 0.1 and 0.05, 0.005 together),
     # but its own output goes into the attention scores, not into key: a branch.
     layer = "electra.encoder.layer.0.attention.self"
@@ -339,15 +316,10 @@ def test_electra_embeddings_project_into_query_is_not_a_stack() -> None:
 
 @pytest.mark.slow
 def test_swinv2_value_does_not_feed_the_position_bias_mlp() -> None:
-    def build() -> nn.Module:
-        import transformers as t
-
-        config = t.Swinv2Config(
-            num_labels=10, image_size=64, patch_size=4, embed_dim=24, depths=[1, 1], num_heads=[2, 4], window_size=4
-        )
-        return t.Swinv2ForImageClassification(config)
-
-    model, report = _hf_audit(build, **IMAGE)
+    config = dict(
+        num_labels=10, image_size=64, patch_size=4, embed_dim=24, depths=[1, 1], num_heads=[2, 4], window_size=4
+    )
+    model, report = _hf_audit("Swinv2ForImageClassification", "Swinv2Config", config, **IMAGE)
     attention = "swinv2.encoder.layers.1.blocks.0.attention.self"
     # The MLP reads a fixed table of relative coordinates that happens to run after `value`.
     assert not _links(report, model, f"{attention}.value", f"{attention}.continuous_position_bias_mlp.0")
@@ -356,38 +328,28 @@ def test_swinv2_value_does_not_feed_the_position_bias_mlp() -> None:
 
 @pytest.mark.slow
 def test_focalnet_projection_in_does_not_feed_the_focal_convs_whole() -> None:
-    def build() -> nn.Module:
-        import transformers as t
-
-        config = t.FocalNetConfig(num_labels=10, image_size=64, embed_dim=24, depths=[1, 1], hidden_sizes=[24, 48])
-        return t.FocalNetForImageClassification(config)
-
-    model, report = _hf_audit(build, **IMAGE)
+    config = dict(num_labels=10, image_size=64, embed_dim=24, depths=[1, 1], hidden_sizes=[24, 48])
+    model, report = _hf_audit("FocalNetForImageClassification", "FocalNetConfig", config, **IMAGE)
     modulation = "focalnet.encoder.stages.0.layers.0.modulation"
     # The first focal conv reads one slice of projection_in's output (q, ctx, gates = split).
     assert not _links(report, model, f"{modulation}.projection_in", f"{modulation}.focal_layers.0.0")
     assert _poor_init(report) is None
 
 
+# (transformers class prefix, config) of image classifiers whose blocks are residual branches
+VISION = {
+    "segformer": ("Segformer", dict(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 64, 128])),
+    "convnextv2": ("ConvNextV2", dict(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 2, 1])),
+    "poolformer": ("PoolFormer", dict(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 64, 128])),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["segformer", "convnextv2", "poolformer"])
+@pytest.mark.parametrize("name", sorted(VISION))
 def test_vision_residual_blocks_at_their_init_are_not_poor_init(name: str) -> None:
-    def build() -> nn.Module:
-        import transformers as t
-
-        if name == "segformer":
-            return t.SegformerForImageClassification(
-                t.SegformerConfig(num_labels=10, depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 64, 128])
-            )
-        if name == "convnextv2":
-            return t.ConvNextV2ForImageClassification(
-                t.ConvNextV2Config(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 2, 1], num_labels=10)
-            )
-        return t.PoolFormerForImageClassification(
-            t.PoolFormerConfig(num_labels=10, depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 64, 128])
-        )
-
-    model, report = _hf_audit(build, **IMAGE)
+    prefix, config = VISION[name]
+    classifier, config_class = f"{prefix}ForImageClassification", f"{prefix}Config"
+    model, report = _hf_audit(classifier, config_class, dict(config, num_labels=10), **IMAGE)
     if name == "segformer":
         # Mix-FFN: fc1 -> a transposed view -> dwconv is a real chain (gain ~5e-5)...
         ffn = "segformer.stages.0.blocks.0.mlp"

@@ -8,15 +8,11 @@ must agree with each other.
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-from test_distributed import run_ranks
+from test_distributed import in_gloo_group, run_ranks
 from torch import nn
 
 import gradscope
@@ -86,19 +82,16 @@ def _nan_on_one_rank(rank: int, late: bool) -> dict[str, Any]:
     return {"reached": reached, "record": None, "message": ""}
 
 
+def _results(rank: int) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        f"{every}-{late}": _watched(rank, every, late) for every in (1, 3) for late in (False, True)
+    }
+    result["nan"] = {str(late): _nan_on_one_rank(rank, late) for late in (False, True)}
+    return result
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        result = {f"{every}-{late}": _watched(rank, every, late) for every in (1, 3) for late in (False, True)}
-        result["nan"] = {str(late): _nan_on_one_rank(rank, late) for late in (False, True)}
-        partial = Path(out_dir, f"rank{rank}.json.partial")
-        partial.write_text(json.dumps(result))
-        partial.rename(Path(out_dir, f"rank{rank}.json"))
-    finally:
-        dist.destroy_process_group()
+    in_gloo_group(rank, port, out_dir, lambda: _results(rank))
 
 
 @pytest.fixture(scope="module")
