@@ -171,13 +171,22 @@ def _fsdp2_data_parallel_size(module: nn.Module) -> int | None:
     return size
 
 
-def mean_over_group(group: ReductionGroup, value: float) -> float:
-    """``value`` averaged over the group's ranks (one all-reduce every rank must reach;
-    a fill on the group's device, not a host-to-device copy of a Python number)."""
+def sum_over_group(group: ReductionGroup | None, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over the group's ranks, on ``tensor``'s device (itself without
+    a group): one all-reduce every rank must reach, on a copy."""
+    if group is None:
+        return tensor
     import torch.distributed as dist
 
-    total = torch.full((1,), value, dtype=torch.float64, device=group.device())
+    total = tensor.to(group.device(), copy=True)
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group.group)
+    return total.to(tensor.device)
+
+
+def mean_over_group(group: ReductionGroup, value: float) -> float:
+    """``value`` averaged over the group's ranks (a fill on the group's device, not a
+    host-to-device copy of a Python number)."""
+    total = sum_over_group(group, torch.full((1,), value, dtype=torch.float64, device=group.device()))
     return float(total[0]) / group.size
 
 

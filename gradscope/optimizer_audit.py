@@ -118,7 +118,7 @@ def _number(value: Any) -> float:
     return float(value)
 
 
-def _base_optimizer(optimizer: Any) -> Any:
+def base_optimizer(optimizer: Any) -> Any:
     """The torch optimizer behind wrappers (accelerate's AcceleratedOptimizer, itself an
     Optimizer subclass, and Lightning's LightningOptimizer): whatever ``.optimizer`` holds."""
     for _ in range(4):
@@ -147,7 +147,7 @@ def parameter_names(model: nn.Module | None) -> dict[int, str]:
 
 def group_decays(optimizer: Any, model: nn.Module | None = None) -> list[GroupDecay]:
     """Every parameter group's lr, weight decay, ηλ and how the decay is applied."""
-    optimizer = _base_optimizer(optimizer)
+    optimizer = base_optimizer(optimizer)
     kind = type(optimizer).__name__
     names = parameter_names(model)
     groups = []
@@ -231,7 +231,7 @@ def param_group_snippet(
     With another ``expression`` (AdamW for an Adam-family optimizer) only the
     learning rate is carried over, unless the class is Adam's own family
     (whose betas, eps and amsgrad AdamW shares)."""
-    optimizer = _base_optimizer(optimizer)
+    optimizer = base_optimizer(optimizer)
     own = _optimizer_expression(optimizer)
     expression = expression or own
     if expression == own or type(optimizer).__name__ == "Adam":
@@ -266,7 +266,7 @@ def _modules_of(names: list[str]) -> list[str]:
 
 def optimizer_findings(optimizer: Any, model: nn.Module | None = None) -> list[Finding]:
     """``weight-decay`` findings for ``optimizer`` (whose parameters belong to ``model``)."""
-    base = _base_optimizer(optimizer)
+    base = base_optimizer(optimizer)
     kind = type(base).__name__
     groups = group_decays(base, model)
     findings: list[Finding] = []
@@ -405,7 +405,7 @@ def _pulls_gains_down(group: GroupDecay) -> bool:
 
 def optimizer_summary(optimizer: Any, model: nn.Module | None = None) -> dict[str, Any]:
     """The optimizer part of a report's analysis: its class and every group's decay."""
-    base = _base_optimizer(optimizer)
+    base = base_optimizer(optimizer)
     groups = group_decays(base, model)
     return {
         "optimizer": type(base).__name__,

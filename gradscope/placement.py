@@ -362,20 +362,8 @@ def local_gradients(refs: list[ParameterRef], owner_rank: bool) -> list[tuple[st
 
 def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` detached, gathered whole when it is a DTensor shard
-    (``full_tensor()``: a collective every rank of its mesh must reach)."""
+    (``full_tensor()``: a collective every rank of its mesh must reach; a Replicate
+    one is its local tensor, no communication).  A loss computed under tensor
+    parallelism's ``loss_parallel()`` is such a DTensor."""
     value = tensor.detach()
     return value.full_tensor() if hasattr(value, "full_tensor") else value
-
-
-def whole_value(tensor: torch.Tensor) -> torch.Tensor:
-    """A plain tensor holding all of ``tensor``: itself unless a DTensor; a DTensor's
-    local tensor when every placement is Replicate (no communication), else
-    ``full_tensor()`` (a collective: every rank of its mesh must call it, as every
-    rank hands ``scope.step`` its loss).  A loss computed under tensor parallelism's
-    ``loss_parallel()`` is such a DTensor."""
-    if not _is_dtensor(tensor):
-        return tensor
-    value: Any = tensor.detach()
-    if all(p.is_replicate() for p in value.placements):
-        return value.to_local()
-    return value.full_tensor()

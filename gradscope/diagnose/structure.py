@@ -73,7 +73,7 @@ def _model_parameters(ctx: Context) -> list[tuple[str, Any]]:
         return []
 
 
-def _gain_like(shape: Any) -> bool:
+def gain_like(shape: Any) -> bool:
     """One non-singleton dimension at most: [C], [C, 1, 1], [1, 1, C] or a scalar."""
     return sum(1 for s in shape if int(s) > 1) <= 1
 
@@ -98,7 +98,7 @@ def find_structure(ctx: Context) -> Structure:
         if not isinstance(param, torch.Tensor) or param.numel() == 0 or param.numel() > LAYER_SCALE_MAX_NUMEL:
             continue
         owner, _, pname = name.rpartition(".")
-        if pname == "bias" or not _gain_like(param.shape):
+        if pname == "bias" or not gain_like(param.shape):
             continue
         with torch.no_grad():
             peak = float(param.detach().abs().max())

@@ -108,9 +108,9 @@ class RegularisationWatch:
         """Remember (weakly) an optimizer the Scope is given; each one is read at the diagnosis cadence."""
         if optimizer is None:
             return
-        from gradscope.optimizer_audit import _base_optimizer
+        from gradscope.optimizer_audit import base_optimizer
 
-        base = _base_optimizer(optimizer)
+        base = base_optimizer(optimizer)
         if not hasattr(base, "param_groups"):
             return
         if any(ref() is base for ref in self._optimizers):

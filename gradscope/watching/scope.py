@@ -92,7 +92,7 @@ from gradscope.distributed import mean_over_group
 from gradscope.errors import GradscopeError
 from gradscope.host_copy import HostBuffers
 from gradscope.learning_rate import LearningRateMonitor
-from gradscope.optimizer_audit import _base_optimizer
+from gradscope.optimizer_audit import base_optimizer
 from gradscope.record import Record
 from gradscope.recorder import Recorder
 from gradscope.report import Finding, Report
@@ -643,7 +643,7 @@ class Scope:
             if held:
                 # Layers this optimizer does not update: another one may (see _owed_snapshot).
                 self._owed = set(weights) - held
-                self._owed_asked = {id(_base_optimizer(optimizer))}
+                self._owed_asked = {id(base_optimizer(optimizer))}
         self._ratios.take_snapshot(step)
         return earlier or self._flush(step, sampled=True, full=full, raise_errors=True, input_flags=input_flags)
 
@@ -654,7 +654,7 @@ class Scope:
         GAN's D and G alternating and an even ``every``, G's layers never had one).
         Each optimizer is asked once per sampled step: a single-optimizer run pays a
         set lookup."""
-        key = id(_base_optimizer(optimizer))
+        key = id(base_optimizer(optimizer))
         if key in self._owed_asked:
             return
         self._owed_asked.add(key)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from gradscope.device_constants import on_device
-from gradscope.placement import ParameterRef, local_gradients, whole_value
+from gradscope.placement import ParameterRef, local_gradients, whole_tensor
 from gradscope.recorder import Recorder
 from gradscope.watching.scaling import scale_value
 
@@ -84,7 +84,7 @@ class StepNorms:
 
     def observe_loss(self, loss: Any) -> None:
         if isinstance(loss, torch.Tensor):
-            loss = whole_value(loss)  # a DTensor loss (loss_parallel) joins plain tensors as a plain one
+            loss = whole_tensor(loss)  # a DTensor loss (loss_parallel) joins plain tensors as a plain one
         value: torch.Tensor | float = loss.detach().float().sum() if isinstance(loss, torch.Tensor) else float(loss)
         before = self.pending_loss
         if before is None:

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from gradscope.diagnose.structure import LAYER_SCALE_MAX, _gain_like
+from gradscope.diagnose.structure import LAYER_SCALE_MAX, gain_like
 from gradscope.placement import ParameterRef
 from gradscope.recorder import Recorder
 from gradscope.stats import dense_view, sample_stride
@@ -63,7 +63,7 @@ def reference_rms(shape: Sequence[int]) -> tuple[float, float]:
     elements per slice of its first non-singleton dimension ([out, in, k, k]: in·k·k;
     a position table [1, T, d]: d)."""
     dims = [int(d) for d in shape]
-    if _gain_like(dims):
+    if gain_like(dims):
         return LAYER_SCALE_MAX, 1.0
     sizes = [d for d in dims if d > 1]
     fan_in = math.prod(sizes[1:]) if len(sizes) > 1 else 1

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from gradscope.device_constants import on_device
-from gradscope.distributed import ReductionGroup
+from gradscope.distributed import ReductionGroup, sum_over_group
 from gradscope.numbers import percent, significant
 from gradscope.placement import ParameterRef, ParameterTable
 from gradscope.report import Finding, Fix, Severity
@@ -109,17 +109,6 @@ class WeightTrack:
         }
 
 
-def _sum_over(group: ReductionGroup | None, tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` summed over the group's ranks (itself without a group): a collective."""
-    if group is None:
-        return tensor
-    import torch.distributed as dist
-
-    total = tensor.to(group.device())
-    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group.group)
-    return total.to(tensor.device)
-
-
 @dataclass
 class WeightLaunch:
     """A measurement launched on the device: the weights' names and their vector
@@ -190,8 +179,8 @@ class WeightWatch:
             # Squared norms as the per-step gradient norms take them (a BLAS dot per
             # weight on the CPU, 2.7x faster there than vector_norm).
             squares = squared_norms([w for _, w in parts])
-            # a copy: the all-reduce works in place, and the vector keeps this rank's part
-            whole = _sum_over(self.group, squares.clone()) if self.group is not None else squares
+            # summed on a copy: the vector keeps this rank's part
+            whole = sum_over_group(self.group, squares)
             counts = self._counts(parts, whole.sqrt(), device)
             vector = torch.cat([squares.unsqueeze(1).to(torch.float32), counts], dim=1).reshape(-1)
         return WeightLaunch([ref.name for ref, _ in parts], vector)
@@ -226,7 +215,7 @@ class WeightWatch:
         launched = self.launch()
         if launched is None:
             return
-        self.complete(step, launched, _sum_over(self.group, launched.vector.clone()).cpu(), decays, grad_norms)
+        self.complete(step, launched, sum_over_group(self.group, launched.vector).cpu(), decays, grad_norms)
 
     @staticmethod
     def _counts(
