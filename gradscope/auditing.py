@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -224,7 +225,7 @@ def audit(
         data_parallel = data_parallel_size(model, group)
         data_seed = seed + 1_000_003 * (group.rank // max(1, group.size // data_parallel))
     generator = torch.Generator().manual_seed(data_seed)
-    loss_description = ""
+    passes: list[PassLoss] = []
     with preserved_state(model):
         torch.manual_seed(seed)
         model.train(mode == "train")
@@ -247,7 +248,7 @@ def audit(
                 batch = inputs if spec is None else synthetic_input(spec, generator, device)
                 # Every pass starts and ends with no ``.grad``: its weight-gradient
                 # statistics are of its own batch's gradient, never of a running sum.
-                loss_description = _one_pass(model, recorder, batch, loss, generator)
+                passes.append(_one_pass(model, recorder, batch, loss, generator))
             record = recorder.finish()
 
     shape, dtype_name = (list(spec.shape), str(spec.dtype).removeprefix("torch.")) if spec else _describe_inputs(inputs)
@@ -255,7 +256,7 @@ def audit(
         "input_shape": shape,
         "input_dtype": dtype_name,
         "loss": loss if isinstance(loss, str) else "custom",
-        "loss_from": loss_description,
+        "loss_from": passes[-1].description if passes else "",
         "batches": batches,
         "seed": seed,
         "mode": mode,
@@ -265,6 +266,7 @@ def audit(
     }
     if spec is not None and spec.vocab is not None:
         run["vocab"] = spec.vocab
+    run.update(_loss_facts(passes))
     reduction = recorder.reduction_summary()
     if reduction != "single process":
         run["reduction"] = reduction
@@ -292,13 +294,35 @@ def audit(
     return report
 
 
+@dataclass
+class PassLoss:
+    """What one pass's loss says about the run (``compute_loss``)."""
+
+    description: str
+    value: float  # this process's loss on its batch
+    classes: int | None  # softmax cross-entropy built by gradscope: the class count
+    logits: int | None  # and the element count of the logits it read
+
+
+def _loss_facts(passes: list[PassLoss]) -> dict[str, Any]:
+    """The run's loss entries: the mean loss over the passes, and for a cross-entropy
+    gradscope built, the class count and logits size (``diagnose.logits`` reads them)."""
+    if not passes:
+        return {}
+    facts: dict[str, Any] = {"loss_value": sum(p.value for p in passes) / len(passes)}
+    if passes[-1].classes is not None:
+        facts["loss_classes"] = passes[-1].classes
+        facts["loss_logits"] = passes[-1].logits
+    return facts
+
+
 def _one_pass(
     model: nn.Module,
     recorder: Recorder,
     batch: Any,
     loss: str | Callable[[Any], torch.Tensor],
     generator: torch.Generator,
-) -> str:
+) -> PassLoss:
     """Forward, loss, backward, parameter capture; errors become one-line InputErrors.
 
     Expects every ``.grad`` to be None and leaves it so: the weight gradient
@@ -337,7 +361,8 @@ def _one_pass(
     for param in model.parameters():
         param.grad = None  # every gradient of this pass is recorded: none reaches the next pass
     recorder.flush()
-    return result.description
+    # One host read per pass, after the backward: an audit is not a hot path.
+    return PassLoss(result.description, float(result.loss.detach()), result.classes, result.logits)
 
 
 class _GradientRelease:

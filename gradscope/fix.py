@@ -10,8 +10,10 @@ Schemes:
   ``poor-init`` warning names (chained layers whose predicted gains compound
   outside the healthy band, confirmed by the measured signal), per layer with
   what the diagnosis recommends (Kaiming before the ReLU family, Xavier before
-  tanh/sigmoid or nothing).  A healthy model, or one whose small branch gains
-  residuals and normalisation rescue, is left untouched; ask for ``"kaiming"``
+  tanh/sigmoid or nothing), and an output layer whose logits are too large for
+  the softmax at the std the finding gives (``gradscope.diagnose.logits``).
+  A healthy model, or one whose small branch gains residuals and
+  normalisation rescue, is left untouched; ask for ``"kaiming"``
   or ``"xavier"`` to change every layer.
 * ``"lsuv"`` — Mishkin & Matas 2016, layer-sequential unit variance:
   orthonormal pre-init, then in execution order rescale each layer's weight by
@@ -69,10 +71,14 @@ def _std(module: nn.Module) -> float:
     return float(_weight(module).detach().float().std())
 
 
-def _init_layer(module: nn.Module, scheme: str, nonlinearity: str = "relu", negative_slope: float = 0.01) -> None:
+def _init_layer(
+    module: nn.Module, scheme: str, nonlinearity: str = "relu", negative_slope: float = 0.01, std: float | None = None
+) -> None:
     weight = _weight(module)
     with torch.no_grad():
-        if scheme == "kaiming":
+        if scheme == "normal" and std is not None:  # a std the diagnosis computed (the logits' layer)
+            nn.init.normal_(weight, std=std)
+        elif scheme == "kaiming":
             if nonlinearity == "leaky_relu":
                 nn.init.kaiming_normal_(weight, a=negative_slope, nonlinearity="leaky_relu")
             else:
@@ -125,33 +131,42 @@ def apply_init(
         targets = _auto_targets(model, inputs, layers, audit_kwargs)
     else:
         targets = [
-            (name, scheme, "relu", 0.01)
+            (name, scheme, "relu", 0.01, None)
             for name, module in model.named_modules()
             if _eligible(module) and _selected(name or "model", layers)
         ]
     changes = []
-    for name, chosen, nonlinearity, slope in targets:
+    for name, chosen, nonlinearity, slope, std in targets:
         module = _get(model, name)
         old = _std(module)
-        _init_layer(module, chosen, nonlinearity, slope)
+        _init_layer(module, chosen, nonlinearity, slope, std)
         changes.append({"layer": name or "model", "scheme": chosen, "old_std": old, "new_std": _std(module)})
     return changes
 
 
 def _auto_targets(
     model: nn.Module, inputs: Any, layers: Sequence[str] | None, audit_kwargs: dict[str, Any]
-) -> list[tuple[str, str, str, float]]:
+) -> list[tuple[str, str, str, float, float | None]]:
     from gradscope.auditing import audit
 
     report = audit(model, inputs, **audit_kwargs)
-    targets = []
+    targets: list[tuple[str, str, str, float, float | None]] = []
     for row in report.analysis.get("init") or []:
         layer = report.record.layer(row["name"])
         if row.get("flag") != "poor-init" or not _selected(layer.module, layers):
             continue
         if not _eligible(_get(model, layer.module)):
             continue
-        targets.append((layer.module, row["scheme"], row["nonlinearity"], row["negative_slope"] or 0.01))
+        targets.append((layer.module, row["scheme"], row["nonlinearity"], row["negative_slope"] or 0.01, None))
+    # The output layer whose logits are too large (gradscope.diagnose.logits): the
+    # std the finding computed; a head tied to an embedding changes the table too.
+    for finding in report.findings:
+        head = finding.evidence.get("logits", finding.evidence) if finding.code == "poor-init" else {}
+        if "recommended_std" not in head or head.get("cause") != "logit-scale":
+            continue
+        module = report.record.layer(head["logits_layer"]).module
+        if _selected(module, layers) and _eligible(_get(model, module)):
+            targets.append((module, "normal", "linear", 0.01, float(head["recommended_std"])))
     return targets
 
 

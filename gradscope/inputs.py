@@ -227,6 +227,8 @@ def synthetic_input(spec: InputSpec, generator: torch.Generator, device: torch.d
 class LossResult:
     loss: torch.Tensor
     description: str  # e.g. "ce on output['logits']"
+    classes: int | None = None  # softmax cross-entropy built here: the class count
+    logits: int | None = None  # and the element count of the tensor it read
 
 
 def compute_loss(
@@ -258,7 +260,7 @@ def compute_loss(
         classes = out.shape[-1]
         target = torch.randint(0, classes, out.shape[:-1], generator=generator).to(out.device)
         loss = nn.functional.cross_entropy(out.reshape(-1, classes), target.reshape(-1))
-        return LossResult(loss, f"ce on {where} ({classes} classes)")
+        return LossResult(loss, f"ce on {where} ({classes} classes)", classes, out.numel())
     if kind == "mse":
         target = torch.randn(out.shape, generator=generator).to(out.device)
         return LossResult(nn.functional.mse_loss(out, target), f"mse on {where}")

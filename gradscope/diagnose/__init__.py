@@ -11,7 +11,7 @@ threshold lives in ``thresholds.py`` with its source.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ def diagnose_record(
     model: Any = None,
     steps: int | None = None,
     during_training: bool = False,
+    loss: Mapping[str, Any] | None = None,
 ) -> tuple[list[Finding], dict[str, Any]]:
     """Findings (sorted) and the analysis dict for a Record.
 
@@ -69,6 +70,8 @@ def diagnose_record(
             to turn merged gradient sums into a per-step norm.
         during_training: the record comes from a run in progress (``watch``):
             no finding advises re-initialising weights that are being trained.
+        loss: the audit's loss entries (``loss_classes``, ``loss_logits``,
+            ``loss_value`` of ``Report.run``), when gradscope built the loss.
     """
     from gradscope.diagnose.depth import rule_activations, rule_gradient
     from gradscope.diagnose.init import rule_poor_init
@@ -92,6 +95,12 @@ def diagnose_record(
         raise InputError(f"unknown format {unknown[0]!r}; choose among {', '.join(FORMAT_NAMES)}")
     ctx = Context(record, tuple(formats), model, steps if steps is not None else max(record.steps, 1))
     ctx.during_training = during_training
+    loss = loss or {}
+    ctx.loss_classes, ctx.loss_logits, ctx.loss_value = (
+        loss.get("loss_classes"),
+        loss.get("loss_logits"),
+        loss.get("loss_value"),
+    )
     ctx.analysis = _analysis(ctx)
     findings: list[Finding] = []
     # poor-init runs last: its severity depends on what the depth rules found.
@@ -133,6 +142,7 @@ def diagnose(report: Report, model: Any = None) -> None:
         formats=tuple(formats),
         model=model,
         steps=int(batches) if batches else None,
+        loss=report.run,
     )
     report.findings = findings
     report.analysis = analysis

@@ -376,6 +376,17 @@ def rule_poor_init(ctx: Context) -> list[Finding]:
     """
     if ctx.during_training:
         return []
+    from gradscope.diagnose.logits import logit_scale_finding, with_logits
+
+    stack = _stack_findings(ctx)
+    head = logit_scale_finding(ctx)
+    if head is None:
+        return stack
+    # One poor-init finding whose fix re-initialises the stack and the head together.
+    return [with_logits(stack[0], head), *stack[1:]] if stack else [head]
+
+
+def _stack_findings(ctx: Context) -> list[Finding]:
     rows = ctx.analysis.get("init") or []
     judged = []
     for run in compounding_runs(ctx, rows):

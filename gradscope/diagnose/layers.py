@@ -126,6 +126,11 @@ class Context:
     found: set[str] = field(default_factory=set)  # codes found by the rules run so far
     during_training: bool = False  # watch: the weights are being trained, never advise re-initialising
     cache: dict[str, Any] = field(default_factory=dict)  # derived once per diagnosis (the structure)
+    # When gradscope built the loss as softmax cross-entropy (an audit): the class
+    # count, the logits' element count and the loss it measured (``diagnose.logits``).
+    loss_classes: int | None = None
+    loss_logits: int | None = None
+    loss_value: float | None = None
 
     def __post_init__(self) -> None:
         self.layers: list[LayerRecord] = sorted(self.record.layers, key=lambda x: x.index)
