@@ -145,6 +145,22 @@ def graph_calls_from_file(marker: Path) -> Callable[[dict[str, bytes]], None]:
     return edit
 
 
+def shape_expression_runs(marker: Path) -> Callable[[dict[str, bytes]], None]:
+    """One tensor size of the graph, ``{"as_int": n}``, becomes a symbolic expression that
+    torch's deserialiser hands to ``sympy.sympify``, which evaluates it as Python."""
+
+    def edit(records: dict[str, bytes]) -> None:
+        program = json.loads(records["models/model.json"])
+        values = program["graph_module"]["graph"]["tensor_values"]
+        meta = next(iter(values.values()))
+        size = meta["sizes"][0]["as_int"]
+        payload = f"__import__('pathlib').Path({str(marker)!r}).touch() or Integer({size})"
+        meta["sizes"][0] = {"as_expr": {"expr_str": payload, "hint": {"as_int": size}}}
+        records["models/model.json"] = json.dumps(program).encode()
+
+    return edit
+
+
 def with_native_code(records: dict[str, bytes]) -> None:
     records["data/aotinductor/model/model.so"] = b"\x7fELF not really"
 

@@ -28,6 +28,7 @@ from hostile_files import (
     poison_weights,
     rewrite_archive,
     save_scripted_writer,
+    shape_expression_runs,
     state_dict_payload,
     torch_save_bytes,
     with_native_code,
@@ -44,6 +45,7 @@ CASES = [
     "pt2_constants",
     "pt2_example_inputs",
     "pt2_graph_op",
+    "pt2_shape_expression",
     "pt2_native_code",
     "torchscript",
     "inputs_file",
@@ -80,6 +82,7 @@ def make_case(name: str, base: dict[str, Path], folder: Path) -> Case:
             "pt2_constants": poison_constants,
             "pt2_example_inputs": poison_example_inputs,
             "pt2_graph_op": graph_calls_from_file,
+            "pt2_shape_expression": shape_expression_runs,
         }.get(name)
         path = rewrite_archive(base["scaled"], folder / "model.pt2", edit(marker) if edit else with_native_code)
         if name == "pt2_graph_op":

@@ -3,7 +3,9 @@
 What ``torch.export.load`` does (torch/export/pt2_archive/_package.py,
 ``load_pt2``), and where it runs code from the file:
 
-* ``models/<name>.json`` - the graph, as JSON.  Its operators are looked up by
+* ``models/<name>.json`` - the graph, as JSON.  Its symbolic-shape strings
+  (``expr_str``) are evaluated as Python by ``sympy.sympify``
+  (``gradscope.loaders.symbolic`` checks them first).  Its operators are looked up by
   name with ``getattr`` from ``torch``, ``operator`` or ``math`` (serde/
   serialize.py, ``deserialize_operator``), so a name like
   ``torch.serialization.os.system`` resolves to a Python callable that runs
@@ -49,6 +51,7 @@ import torch
 from gradscope.loaders.consent import CodeRefused, refuse
 from gradscope.loaders.detect import LoadError
 from gradscope.loaders.pickles import describe_imports, unsafe_globals
+from gradscope.loaders.symbolic import first_unsafe_expression
 
 _DATA_ALTERNATIVE = "re-export it from the Python model with torch.export.save"
 MODEL_NAME = "model"  # the program torch.export.load returns (torch/export/__init__.py)
@@ -89,7 +92,39 @@ def captured_torch_logs() -> Iterator[list[str]]:
 # aten::from_file maps a file (shared=True creates or overwrites it), aten::save
 # is TorchScript's torch.save, aten::_print writes to stdout.
 _DENIED_OPS = {"aten::from_file", "aten::save", "aten::_print"}
+# And these trust their arguments to describe memory they may touch: a kernel that
+# skips a bounds check reads or writes outside a tensor's storage when the graph
+# hands it a lying size or index (field trial: aten._sparse_coo_tensor_with_dims_and_tensors
+# with an index of 1e8, then aten._to_dense, segfaulted the process).  Measured on
+# torch 2.13: _reshape_alias views 100,000 elements of a 4-element storage with no
+# error; _index_put_impl_(unsafe=True) and the _unsafe_index family skip index
+# checks by design.  Views that validate (as_strided, narrow, slice, select,
+# prims.as_strided) stay allowed.
+_UNCHECKED_OPS = {
+    "aten::_reshape_alias",
+    "aten::_index_put_impl_",
+    "aten::_unsafe_index",
+    "aten::_unsafe_index_put",
+    "aten::_unsafe_masked_index",
+    "aten::_unsafe_masked_index_put_accumulate",
+    "aten::set_",
+}
+# Sparse and nested constructors build a layout from index or offset tensors they
+# do not validate (check_sparse_tensor_invariants is off by default): every operator
+# whose name says it makes, takes apart or converts those layouts.
+_UNCHECKED_LAYOUT_WORDS = ("sparse", "nested", "_compressed", "_coo", "_csr", "_csc", "_bsr", "_bsc")
 _TENSOR_NAMESPACES = {"aten", "prims"}
+
+
+def _unchecked(schema: Any) -> bool:
+    """Whether an ATen/prims operator trusts its inputs to describe memory (above)."""
+    name = str(schema.name)
+    return (
+        name in _UNCHECKED_OPS
+        or any(word in name for word in _UNCHECKED_LAYOUT_WORDS)
+        or any(arg.name == "unsafe" for arg in schema.arguments)
+    )
+
 
 # Higher-order operators torch.export emits for control flow, grad mode and
 # autocast regions, and functionalised mutation; their subgraphs and the
@@ -145,6 +180,7 @@ def disallowed_op(target: Any) -> str | None:
         if (
             target.namespace in _TENSOR_NAMESPACES
             and schema.name not in _DENIED_OPS
+            and not _unchecked(schema)
             and not any(arg.name in ("filename", "path", "file") for arg in schema.arguments)
         ):
             return None
@@ -186,8 +222,9 @@ def check_graph_ops(program: Any, path: Path) -> None:
             if bad is not None:
                 raise refuse(
                     path,
-                    f"is a torch.export archive whose graph calls {bad}, which is not a tensor operation "
-                    "(such calls can act outside the tensor world, e.g. aten.from_file creates and overwrites files)",
+                    f"is a torch.export archive whose graph calls {bad}, which is not a checked tensor operation "
+                    "(such calls can act outside the tensor world, e.g. aten.from_file creates and overwrites files, "
+                    "or touch memory outside a tensor, e.g. a sparse constructor with unchecked indices)",
                     _DATA_ALTERNATIVE,
                 )
 
@@ -376,6 +413,26 @@ def _refuse_native_code(names_in_archive: list[str], path: Path) -> None:
         )
 
 
+def _refuse_code_in_expressions(graph_bytes: bytes, path: Path) -> None:
+    """Refuse a graph whose shape expressions are Python code (``gradscope.loaders.symbolic``):
+    torch evaluates them with ``sympy.sympify`` while it deserialises."""
+    try:
+        found = first_unsafe_expression(graph_bytes)
+    except ValueError as exc:
+        raise LoadError(
+            f"{str(path)!r} is a damaged torch.export archive: its graph is not JSON ({_first(exc)})"
+        ) from None
+    if found is not None:
+        expression, problem = found
+        shown = expression if len(expression) <= 60 else expression[:57] + "..."
+        raise refuse(
+            path,
+            f"is a torch.export archive whose graph holds a shape expression with {problem} ({shown!r}); "
+            "torch evaluates those expressions as Python (sympy.sympify) when it loads the archive",
+            _DATA_ALTERNATIVE,
+        )
+
+
 @contextlib.contextmanager
 def _log_on_error(log: list[str]) -> Iterator[None]:
     """Attach what torch logged to the LoadError (``torch_log``), for ``--debug`` to show."""
@@ -435,8 +492,11 @@ def load_archive(path: Path, *, trusted: bool) -> tuple[Any, list[str]]:
         if model_file not in archive_names:
             raise LoadError(f"{str(path)!r} is a torch.export archive without a program named {MODEL_NAME!r}")
         parts = _Parts(reader, path, trusted)
+        graph_bytes = reader.read_bytes(model_file)
+        if not trusted:
+            _refuse_code_in_expressions(graph_bytes, path)
         try:
-            serialized = _bytes_to_dataclass(schema.ExportedProgram, reader.read_bytes(model_file))
+            serialized = _bytes_to_dataclass(schema.ExportedProgram, graph_bytes)
             unknown = plain_output_types(serialized)
             state = parts.tensors(names.WEIGHTS_CONFIG_FILENAME_FORMAT, names.WEIGHTS_DIR, "weights", MODEL_NAME)
             constants = parts.tensors(
