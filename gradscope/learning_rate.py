@@ -80,6 +80,27 @@ WARMUP_START_FACTOR = 0.01
 WARMUP_STEPS = 100
 
 
+def updated(ratio: float, lr: float | None) -> bool:
+    """Whether a sampled ratio is an update of the layer: a finite non-zero one, or 0
+    at a learning rate > 0 (each update rounded away in the weights' precision).  A
+    ratio of 0 without a learning rate is a layer the step did not update: frozen
+    (requires_grad False), or without a gradient at that step, which torch's
+    optimizers skip even when a param group holds it (``optimizers.updated_by_step``)."""
+    return math.isfinite(ratio) and (ratio > 0.0 or (lr is not None and lr > 0))
+
+
+def growth(value: float, minimum: float | None) -> float | None:
+    """``value`` against the minimum so far (inf for a non-finite value; None before any minimum)."""
+    if minimum is None:
+        return None
+    return math.inf if not math.isfinite(value) else value / minimum
+
+
+def _at(peak_step: int | None, step: int) -> str:
+    """ " at step 3" when the worst step of a flush is not the flush's own."""
+    return f" at step {peak_step}" if peak_step is not None and peak_step != step else ""
+
+
 def layer_kind(type_name: str) -> str:
     if type_name in NORM_TYPES:
         return "norm"
@@ -247,13 +268,24 @@ class OptimizerSeen:
 
 @dataclass
 class Divergence:
-    """Running minimum of the loss and the global norm, and the first norms of the run."""
+    """Running minimum of the loss and the global norm, the worst growth of the last
+    flush's steps, and the first norms of the run.
+
+    Every step's loss and global norm reach the host (the ring of
+    ``gradscope.watching.step_norms``), so the rule reads each of them, not only the
+    flush's last: each step's value against the minimum up to that step, the worst
+    of the flush kept.  At ``every=1`` that is the step itself; at ``every=10`` a loss
+    that jumped 7x at step 1 and fell back by step 10 is still seen (reading the last
+    step alone missed it), and the growth is the same number at any ``every``."""
 
     min_loss: float | None = None
     loss_nonpositive: bool = False  # growth ratios mean nothing for a loss that can be <= 0
     min_norm: float | None = None
     last_loss: tuple[int, float] | None = None
     last_norm: tuple[int, float] | None = None
+    # (step, growth) of the worst step of the last flush that brought a loss / a norm
+    loss_peak: tuple[int, float] | None = None
+    norm_peak: tuple[int, float] | None = None
     early_norms: list[float] = field(default_factory=list)
     median_ratio: tuple[int, float] | None = None  # (step, median update ratio of the weight layers)
     found: Finding | None = None  # the run's first finding (the final report's)
@@ -263,12 +295,19 @@ class Divergence:
     episode: Finding | None = None
 
     def observe(self, norms: list[tuple[int, float]], losses: list[tuple[int, float]]) -> None:
+        """One flush's steps, in step order.  A flush without any (at close) keeps the
+        previous flush's peaks, as it kept its last values."""
+        if losses:
+            self.loss_peak = None
         for step, loss in losses:
             self.last_loss = (step, loss)
             if math.isfinite(loss):
                 if loss <= 0:
                     self.loss_nonpositive = True
                 self.min_loss = loss if self.min_loss is None else min(self.min_loss, loss)
+            self.loss_peak = _worse(self.loss_peak, step, growth(loss, self.min_loss))
+        if norms:
+            self.norm_peak = None
         for step, norm in norms:
             self.last_norm = (step, norm)
             if math.isfinite(norm) and norm > 0:
@@ -276,18 +315,24 @@ class Divergence:
                 # the norms before any growth: the clip threshold must not learn from the divergence
                 if len(self.early_norms) < EARLY_NORMS and norm < NORM_GROWTH * self.min_norm and self.found is None:
                     self.early_norms.append(norm)
+            self.norm_peak = _worse(self.norm_peak, step, growth(norm, self.min_norm))
 
     def loss_growth(self) -> float | None:
-        if self.last_loss is None or self.min_loss is None or self.loss_nonpositive:
+        """The worst loss of the last flush's steps against the minimum up to it."""
+        if self.loss_peak is None or self.loss_nonpositive:
             return None
-        loss = self.last_loss[1]
-        return math.inf if not math.isfinite(loss) else loss / self.min_loss
+        return self.loss_peak[1]
 
     def norm_growth(self) -> float | None:
-        if self.last_norm is None or self.min_norm is None:
-            return None
-        norm = self.last_norm[1]
-        return math.inf if not math.isfinite(norm) else norm / self.min_norm
+        """The worst global norm of the last flush's steps against the minimum up to it."""
+        return None if self.norm_peak is None else self.norm_peak[1]
+
+
+def _worse(peak: tuple[int, float] | None, step: int, value: float | None) -> tuple[int, float] | None:
+    """The larger of ``peak`` and (step, value) by value; the earlier step on a tie."""
+    if value is None or (peak is not None and not value > peak[1]):
+        return peak
+    return (step, value)
 
 
 class LearningRateMonitor:
@@ -373,8 +418,12 @@ class LearningRateMonitor:
                     layer = self.layers[name] = LayerRatios(kind=self._kinds.get(name, "weight"))
                 lr, initial = lrs.get(name, (None, None))
                 layer.add(ratio_step, ratio, lr, initial)
+            # the layers this step updated: a frozen one a param group holds (ratio 0, no
+            # lr: ``optimizers.updated_by_step``) would drag the median towards 0
             weights = [
-                r for n, r in update_ratios[ratio_step].items() if self.layers[n].kind == "weight" and math.isfinite(r)
+                r
+                for n, r in update_ratios[ratio_step].items()
+                if self.layers[n].kind == "weight" and updated(r, lrs.get(n, (None, None))[0])
             ]
             if weights:
                 self.divergence.median_ratio = (ratio_step, statistics.median(weights))
@@ -441,10 +490,12 @@ class LearningRateMonitor:
             signals.append(
                 f"the median layer moves by {significant(median)} of its norm per step (about 1e-3 is healthy)"
             )
+        loss_step = d.loss_peak[0] if d.loss_peak is not None else None
+        norm_step = d.norm_peak[0] if d.norm_peak is not None else None
         if loss_growth is not None and loss_growth >= LOSS_GROWTH:
-            signals.append(f"the loss is {significant(loss_growth)}x its minimum so far")
+            signals.append(f"the loss is {significant(loss_growth)}x its minimum so far" + _at(loss_step, step))
         if norm_growth is not None and norm_growth >= NORM_GROWTH:
-            signals.append(f"the gradient norm is {significant(norm_growth)}x its minimum")
+            signals.append(f"the gradient norm is {significant(norm_growth)}x its minimum" + _at(norm_step, step))
         clip = advice.clip_threshold(d.early_norms) if len(d.early_norms) > 1 else None
         summary = "lower the learning rate"
         lines = []
@@ -477,7 +528,9 @@ class LearningRateMonitor:
                 "median_update_ratio": median,
                 "median_update_ratio_step": d.median_ratio[0] if d.median_ratio is not None else None,
                 "loss_growth": loss_growth,
+                "loss_growth_step": loss_step,
                 "gradient_norm_growth": norm_growth,
+                "gradient_norm_growth_step": norm_step,
                 "learning_rate": lr,
                 "suggested_learning_rate": new_lr,
                 "optimizer": self.optimizer.expression if self.optimizer.known else None,

@@ -79,8 +79,21 @@ def _value(x: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def updated_by_step(weight: Any) -> bool:
+    """Whether ``optimizer.step()`` will update ``weight`` now: it requires a gradient
+    and has one.  torch's optimizers skip a parameter whose ``.grad`` is None
+    (``torch.optim.SGD._init_group``: ``if p.grad is not None``; Adam's likewise),
+    weight decay and momentum included, so a frozen layer handed over with
+    ``model.parameters()`` (linear probing, a frozen backbone) is held by a param
+    group yet never moves.  Read after backward, before ``optimizer.step()``: two
+    attribute reads, no host sync."""
+    return bool(getattr(weight, "requires_grad", False)) and getattr(weight, "grad", None) is not None
+
+
 def layer_learning_rates(optimizer: Any, weights: dict[str, Any]) -> dict[str, tuple[float, float | None]]:
-    """Layer -> (current lr, the schedule's initial lr) of the param group holding its weight.
+    """Layer -> (current lr, the schedule's initial lr) of the param group holding its
+    weight, for the layers this step updates (``updated_by_step``): a frozen layer in a
+    param group has no learning rate to judge.
 
     ``initial_lr`` is what torch's LR schedulers store in each group: with it a
     decayed (or warming-up) schedule is told apart from a learning rate that is
@@ -97,7 +110,7 @@ def layer_learning_rates(optimizer: Any, weights: dict[str, Any]) -> dict[str, t
     out: dict[str, tuple[float, float | None]] = {}
     for name, weight in weights.items():
         group = by_param.get(id(weight))
-        if group is None:
+        if group is None or not updated_by_step(weight):
             continue
         lr = _value(group.get("lr"))
         if lr is not None:

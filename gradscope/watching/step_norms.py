@@ -6,18 +6,30 @@ rank only), which the flush sums over the reduction group before the square
 root: √(Σ over ranks of local Σg²), as ``clip_grad_norm_`` does for DTensors.
 Parameters are looked up by name at each step, never kept: FSDP swaps and
 frees parameter storage (``gradscope.placement``).
+
+Which parameters: every parameter of the model that has a gradient at the step,
+as ``clip_grad_norm_(model.parameters())`` and ``optimizer.step()`` read them
+(both skip a parameter whose ``.grad`` is None), whether or not it required one
+when the watch started: a backbone unfrozen mid-run (progressive unfreezing) is
+in the norm and the non-finite check from its first gradient on.  The model's
+parameter list is scanned again at a sampled step (a flush's step) only when a
+parameter or submodule was registered anywhere since the last scan (torch's
+global registration hooks set a flag; a scan walks every module, 4 ms on a
+24-layer transformer, too much for every step at every=1): a module added
+mid-run (``add_module`` + ``add_param_group``) joins at the next flush.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from gradscope.device_constants import on_device
-from gradscope.placement import ParameterRef, local_gradients, whole_tensor
+from gradscope.placement import ParameterRef, ParameterTable, local_gradients, whole_tensor
 from gradscope.recorder import Recorder
 from gradscope.watching.scaling import scale_value
 
@@ -57,6 +69,38 @@ def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(squares)
 
 
+class StructureChanges:
+    """Whether any module registered a parameter or submodule since the last ``take``:
+    torch's process-wide registration hooks (torch.nn.modules.module) set a flag, so
+    nothing is walked per step.  The hooks hold this object weakly and ``close``
+    removes them."""
+
+    def __init__(self) -> None:
+        from torch.nn.modules import module as modules
+
+        self.changed = True
+        me = weakref.ref(self)
+
+        def mark(*_: Any) -> None:
+            watcher = me()
+            if watcher is not None:
+                watcher.changed = True
+
+        self._handles = [
+            modules.register_module_parameter_registration_hook(mark),
+            modules.register_module_module_registration_hook(mark),
+        ]
+
+    def take(self) -> bool:
+        changed, self.changed = self.changed, False
+        return changed
+
+    def close(self) -> None:
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+
+
 class StepNorms:
     """The ring of per-step norm, loss and scale, and the per-parameter gradient
     norms of the sampled step, for the flush to pack."""
@@ -81,6 +125,7 @@ class StepNorms:
         self.step_loss: torch.Tensor | float | None = None
         self.step_squares: tuple[list[str], torch.Tensor | None, torch.Tensor | None] = ([], None, None)
         self._param_refs: list[ParameterRef] | None = None
+        self._structure = StructureChanges()
 
     def observe_loss(self, loss: Any) -> None:
         if isinstance(loss, torch.Tensor):
@@ -112,25 +157,43 @@ class StepNorms:
             self.buf = torch.full((3, self.every), math.nan, dtype=torch.float32, device=device)
         return self.buf
 
-    def trainable(self) -> list[ParameterRef]:
-        """The trainable parameters, by name (the table is built after any sharding)."""
-        if self._param_refs is None:
-            owner = self.recorder.owner
-            refs = []
-            for ref in self.recorder.parameter_table():
-                local = ref.resolve(owner)
-                if local is not None and local.requires_grad:
-                    refs.append(ref)
-            self._param_refs = refs
+    def parameters(self) -> list[ParameterRef]:
+        """Every parameter of the model, by name, trainable now or not (the per-step
+        loop keeps those with a gradient); scanned on first use and again by ``rescan``."""
+        return self._param_refs if self._param_refs is not None else self.rescan()
+
+    def rescan_if_changed(self) -> None:
+        if self._structure.take():
+            self.rescan()
+
+    def rescan(self) -> list[ParameterRef]:
+        """The model's parameters as they are now (after any sharding): a module added
+        since the last scan joins.  A walk over the modules (4 ms for a 24-layer
+        transformer), so at each sampled step only, never per step."""
+        self._param_refs = list(ParameterTable(self.recorder.model))
         return self._param_refs
 
+    def trainable(self) -> list[ParameterRef]:
+        """The parameters that require a gradient now, read when asked (a layer
+        unfrozen mid-run is trainable from then on).  The registered parameter's flag,
+        not ``resolve``: no DTensor redistribution for a flag."""
+        out = []
+        for ref in self.parameters():
+            param = ref.registered()
+            if param is not None and param.requires_grad:
+                out.append(ref)
+        return out
+
     def close(self) -> None:
-        """Drop the ring (the scope closed)."""
+        """Drop the ring and the registration hooks (the scope closed)."""
         self.buf = None
+        self._structure.close()
 
     def observe(self, step: int, scaler: Any, scaled: bool, sampled: bool) -> None:
         """Device-only work of every step: global norm, loss, scale into the ring."""
         slot = step % self.every
+        if sampled:
+            self.rescan_if_changed()  # a flush's step: parameters added to the model since join here
         measure = sampled or self.tier == "full"
         self.norm_given[slot] = measure
         pre_clip, self.pre_clip = self.pre_clip, None
@@ -199,11 +262,14 @@ class StepNorms:
         return total, stacked, presence
 
     def gradient_squares(self) -> GradientSquares:
-        """This rank's gradients now: the layout of the names (every trainable
-        parameter with a reduction group, else those with a gradient), the names
-        with a gradient, their squared norms (device, no sync) and, with a
-        reduction group, which of the layout they are (a host tuple)."""
-        refs = self.trainable()
+        """This rank's gradients now: the layout of the names (every parameter of
+        the model with a reduction group, the same on every rank whatever each one
+        froze, else those with a gradient), the names with a gradient, their
+        squared norms (device, no sync) and, with a reduction group, which of the
+        layout they are (a host tuple).  "Has a gradient", not "requires one": the
+        flag may have changed since the scan, the ``.grad`` is what the optimizer
+        and ``clip_grad_norm_`` read."""
+        refs = self.parameters()
         grads_by_name = local_gradients(refs, self.recorder.owner)
         present = [name for name, grad in grads_by_name if grad is not None]
         grads = [grad for _, grad in grads_by_name if grad is not None]
@@ -218,18 +284,22 @@ class StepNorms:
         return names, present, squares, mask
 
     def local_parameters(self) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
-        """(name, this rank's part of the value, its gradient) of each trainable
-        parameter, looked up now and not kept (for the non-finite search)."""
+        """(name, this rank's part of the value, its gradient) of each parameter that
+        requires a gradient or has one now, looked up now and not kept (for the
+        non-finite search: the per-step check covers every parameter with a gradient)."""
         out = []
-        for ref in self.trainable():
+        for ref in self.parameters():
+            param = ref.registered()
+            if param is None or not (param.requires_grad or param.grad is not None):
+                continue  # frozen and without a gradient: no resolve (a DTensor's may communicate)
             local = ref.resolve(True)
             if local is not None:
                 out.append((ref.name, local.value, local.grad))
         return out
 
     def default_device(self) -> torch.device:
-        for ref in self.trainable():
-            local = ref.resolve(True)
-            if local is not None:
-                return local.value.device
+        for ref in self.parameters():
+            param = ref.registered()
+            if param is not None:
+                return param.device  # a DTensor's device is its local tensor's
         return torch.device("cpu")
