@@ -35,15 +35,21 @@ def dedupe(findings: list[Finding]) -> list[Finding]:
     return out
 
 
-def _one_nonfinite(findings: list[Finding], first: dict[str, Any] | None) -> list[Finding]:
+def _one_nonfinite(findings: list[Finding], first: dict[str, Any] | None, scope: Scope) -> list[Finding]:
     """The run's first non-finite step is its nonfinite finding; later episodes (the
     run went finite and non-finite again, after it had diverged) are listed in its
-    evidence rather than as findings of their own."""
+    evidence rather than as findings of their own, and so are the later non-finite
+    steps (each one raised with ``raise_on``; NonfiniteEpisodes.later)."""
     if first is None:
         return findings
     ours = [f for f in findings if f.code == "nonfinite" and f.evidence.get("step") == first.get("step")]
     if not ours:
         return findings
+    episodes = scope._episodes
+    if episodes.later_count:
+        ours[0].evidence["later_nonfinite_steps"] = list(episodes.later)
+        if episodes.later_count > len(episodes.later):
+            ours[0].evidence["later_nonfinite_count"] = episodes.later_count
     later = [f for f in findings if f.code == "nonfinite" and f is not ours[0]]
     if later:
         ours[0].evidence["later_episode_steps"] = sorted({int(f.evidence.get("step") or 0) for f in later})
@@ -118,10 +124,12 @@ def final_report(scope: Scope) -> Report:
     # One clip threshold in the whole report: the run's AutoClip (before the divergence, if any).
     clip = clip_advice(scope._training.history)
     findings = with_run_clip(dedupe(findings + diagnosed), clip, scope._aggregate.diverged_at)
-    findings = _one_nonfinite(scope._tracker.annotate(findings), scope.first_nonfinite)
+    findings = _one_nonfinite(scope._tracker.annotate(findings), scope.first_nonfinite, scope)
     order = {layer.name: layer.index for layer in record.layers}
     findings.sort(key=lambda f: (-Severity(f.severity).rank, order.get(f.layers[0], -1) if f.layers else -1))
     analysis["training"] = scope.training_summary()
+    if scope._training.ceiling.clipped:
+        record.note(scope._training.ceiling.message())
     before = scope._before_divergence
     analysis["regularisation"] = before[1] if before is not None else scope._regularisation.summary()
     parameters = sum(p.numel() for p in scope.model.parameters())

@@ -6,6 +6,7 @@ and skipped steps, and the trainer's clipping; ``summary()`` is
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -14,8 +15,11 @@ from typing import Any
 import torch
 
 from gradscope.training import SpikeSummary, clip_advice
+from gradscope.watching.clip_ceiling import ClipCeiling
 from gradscope.watching.norms import NormHistogram, Spike, SpikeDetector
 from gradscope.watching.step_norms import LOSS, NORM, SCALE, StepNorms
+
+logger = logging.getLogger("gradscope")
 
 
 @dataclass
@@ -48,6 +52,8 @@ class TrainingState:
         self.clip_max_norm: float | None = None
         self.clipped_steps = 0
         self.post_clip_last: float | None = None
+        # Norms pinned at one ceiling: gradients clipped before step() (clip_ceiling).
+        self.ceiling = ClipCeiling()
         # The run's first non-finite step: later norms are the diverged run's, kept
         # out of the AutoClip history, the spike detector and the norm summary.
         self.diverged_at: int | None = None
@@ -89,6 +95,8 @@ class TrainingState:
             # Step diverged_at itself was read before it was known to be non-finite
             # (its norm, if non-finite, only counts as such in the history).
             return
+        if self.clip_max_norm is None and self.ceiling.observe(norm):
+            logger.warning("gradscope: %s", self.ceiling.message())
         if self.clip_max_norm and math.isfinite(norm):
             # torch.nn.utils.clip_grads_with_norm_: factor max_norm / (norm + 1e-6), at most 1
             self.post_clip_last = norm * min(1.0, self.clip_max_norm / (norm + 1e-6))
@@ -133,6 +141,7 @@ class TrainingState:
             "skipped_steps": self.skipped if scaler_seen else None,
             "update_ratio": update_ratio,
             "first_nonfinite": first_nonfinite,
+            "clipped_before_step": self.ceiling.summary(),
             "clipping": None
             if not self.clip_max_norm
             else {
