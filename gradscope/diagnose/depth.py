@@ -43,11 +43,25 @@ from typing import Any
 from gradscope import advice
 from gradscope.diagnose import thresholds as th
 from gradscope.diagnose.init import compounding_runs, init_fix, poor_init_layers
-from gradscope.diagnose.layers import EMBEDDING_TYPES, NORM_TYPES, Context, width
+from gradscope.diagnose.layers import BATCHNORM_TYPES, EMBEDDING_TYPES, NORM_TYPES, Context, width
 from gradscope.diagnose.structure import Structure, find_structure
 from gradscope.record import LayerRecord
 from gradscope.report import Finding, Fix, Severity
 from gradscope.stats import Stats
+
+# A BatchNorm in training mode divides by the standard deviation of the n values
+# it sees per channel (batch x H x W; Ioffe & Szegedy 2015), and its backward pass
+# by the same.  That batch variance has n - 1 degrees of freedom, and the mean of
+# 1/σ_B², an inverse chi-square's, is finite only beyond 2 of them (E[1/χ²_k] =
+# 1/(k - 2) for k > 2): with n <= 3 values per channel the gradient's scale is
+# unbounded (n = 2 normalises any pair to ±1; torch refuses n = 1).  Wu & He
+# 2018 (Group Normalization) show BatchNorm's error rising fast as its batch shrinks.
+BATCHNORM_MIN_VALUES = 4
+# The GroupNorm the fix proposes keeps at least this many channels per group, so
+# that a group normalises over 4x BATCHNORM_MIN_VALUES values even on a 1x1 map
+# (Wu & He 2018's default of 32 groups would leave one channel, one value, per
+# group of a 32-channel layer there).
+GROUP_MIN_CHANNELS = 16
 
 
 def _valid(stats: Stats | None) -> bool:
@@ -326,9 +340,14 @@ def _hidden_squash(rows: list[dict[str, Any]]) -> str | None:
     return None
 
 
-def _depth_fix(ctx: Context, exploding: bool) -> Fix:
+def _depth_fix(ctx: Context, exploding: bool, flagged: list[str] | None = None) -> Fix:
     """Init calls when the init is at fault; an activation change for sigmoid/tanh
-    stacks; otherwise normalisation or residuals, with LSUV as the data-driven init."""
+    stacks; a larger batch when BatchNorms on the gradient's path see too few values
+    per channel; otherwise normalisation or residuals (where the network has none),
+    with LSUV as the data-driven init.  ``flagged``: the layers the finding names."""
+    starved_bn = _few_value_batchnorms(ctx, flagged or [])
+    if starved_bn and not ctx.during_training:
+        return _few_values_fix(starved_bn)
     rows = ctx.analysis.get("init") or []
     # Only layers whose gains really multiply (chained, not branches that a
     # residual or normalisation rescues) are worth re-initialising.
@@ -371,11 +390,87 @@ def _depth_fix(ctx: Context, exploding: bool) -> Fix:
             "        nn.init.ones_(module.weight)\n"
             "        nn.init.zeros_(module.bias)",
         )
+    # A network that already normalises is not told to add normalisation.
+    structural = (
+        ", and add normalisation (BatchNorm/LayerNorm) or residual connections."
+        if plain
+        else f" (the network already has {sum(x.type in NORM_TYPES for x in ctx.layers)} normalisation layers)."
+    )
     return Fix(
-        "Rescale each layer from data with LSUV (Mishkin & Matas 2016), and add normalisation "
-        "(BatchNorm/LayerNorm) or residual connections.",
+        "Rescale each layer from data with LSUV (Mishkin & Matas 2016)" + structural,
         "from gradscope.fix import apply_init\n\n"
         'apply_init(model, scheme="lsuv", inputs=batch)  # batch: one input batch of your data' + clip_code,
+    )
+
+
+def values_per_channel(layer: LayerRecord) -> int | None:
+    """How many values a BatchNorm averages per channel: every dimension of its
+    output but the channel one (dimension 1; torch's layout), batch x H x W for 2-d."""
+    shape = layer.output_shape
+    if not shape or len(shape) < 2 or not shape[1]:
+        return None
+    return math.prod(int(d) for d in shape) // int(shape[1])
+
+
+def _batch_statistics(ctx: Context, layer: LayerRecord) -> bool:
+    """Whether the BatchNorm normalises with the batch's statistics: in training mode
+    or without running statistics (as far as the model, when at hand, tells;
+    torchvision's FrozenBatchNorm2d never does)."""
+    if "Frozen" in layer.type:
+        return False
+    if ctx.model is None:
+        return True  # an audit runs the model in training mode
+    try:
+        module = ctx.model if layer.module == "model" else ctx.model.get_submodule(layer.module)
+    except AttributeError:
+        return True
+    return bool(getattr(module, "training", True)) or getattr(module, "running_mean", None) is None
+
+
+def _few_value_batchnorms(ctx: Context, flagged: list[str]) -> list[tuple[LayerRecord, int]]:
+    """(BatchNorm, values per channel) for each BatchNorm with fewer than
+    BATCHNORM_MIN_VALUES per channel that the flagged signal starts at or passes
+    through: placed after the earliest flagged layer (the gradient comes from the
+    loss, through every layer after it)."""
+    if not flagged:
+        return []
+    first = min(ctx.position[name] for name in flagged if name in ctx.position)
+    found = []
+    for layer in ctx.layers[first:]:
+        if layer.type not in BATCHNORM_TYPES or not _batch_statistics(ctx, layer):
+            continue
+        count = values_per_channel(layer)
+        if count is not None and count < BATCHNORM_MIN_VALUES:
+            found.append((layer, count))
+    return found
+
+
+def _few_values_fix(starved: list[tuple[LayerRecord, int]]) -> Fix:
+    names = [layer.name for layer, _ in starved]
+    shown = ", ".join(f"'{n}'" for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    counts = sorted({count for _, count in starved})
+    counted = " or ".join(str(c) for c in counts)
+    first = starved[0][0]
+    shape = "x".join(str(d) for d in first.output_shape or [])
+    return Fix(
+        f"{len(names)} BatchNorm layer(s) ({shown}) normalise over only {counted} value(s) per channel "
+        f"(batch x height x width; '{first.name}' outputs {shape}): a batch variance from so few values "
+        f"makes its gradient unbounded (fewer than {BATCHNORM_MIN_VALUES} per channel). Use a larger batch "
+        "or larger inputs, so that every BatchNorm sees at least "
+        f"{BATCHNORM_MIN_VALUES} values per channel, or replace BatchNorm by GroupNorm, which does not depend "
+        "on the batch (Wu & He 2018).",
+        "from torch import nn\n\n"
+        "# a larger batch or larger inputs; or GroupNorm in place of each BatchNorm (Wu & He 2018):\n"
+        "def group_norm(bn: nn.BatchNorm2d) -> nn.GroupNorm:\n"
+        f"    # Wu & He's 32 groups, but at least {GROUP_MIN_CHANNELS} channels per group: a group must see\n"
+        "    # enough values even on a 1x1 map, where one channel per group would be one value\n"
+        "    wide = (g for g in (32, 16, 8, 4, 2) if bn.num_features % g == 0 and bn.num_features // g >= "
+        f"{GROUP_MIN_CHANNELS})\n"
+        "    return nn.GroupNorm(max(wide, default=1), bn.num_features, eps=bn.eps)\n\n"
+        "for module in list(model.modules()):\n"
+        "    for child_name, child in list(module.named_children()):\n"
+        "        if isinstance(child, nn.BatchNorm2d):\n"
+        "            setattr(module, child_name, group_norm(child))",
     )
 
 
@@ -470,7 +565,7 @@ def rule_gradient(ctx: Context) -> list[Finding]:
                     "threshold_error": th.DEPTH_ERROR_LOW,
                     "absolute_floor": th.GRADIENT_RMS_MIN,
                 },
-                fix=_depth_fix(ctx, exploding=False),
+                fix=_depth_fix(ctx, exploding=False, flagged=_ordered(ctx, low)),
             )
         )
     high = _far_segment(scanned, _exploding)
@@ -502,7 +597,7 @@ def rule_gradient(ctx: Context) -> list[Finding]:
                     "threshold_error": th.DEPTH_ERROR_HIGH,
                     "absolute_ceiling": th.GRADIENT_RMS_MAX,
                 },
-                fix=_depth_fix(ctx, exploding=True),
+                fix=_depth_fix(ctx, exploding=True, flagged=_ordered(ctx, high + huge)),
             )
         )
     return findings

@@ -52,6 +52,16 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return num / den
 
 
+def _input_second_moment(ctx: Context, layer: LayerRecord) -> float | None:
+    """``E[x^2]`` of what ``layer`` reads: its recorded input, else what the layer
+    before it (or the model's input) put out."""
+    in_m2 = _second_moment(layer.input)
+    if in_m2 is not None:
+        return in_m2
+    prev = ctx.previous(layer)
+    return _second_moment(prev.activation) if prev is not None else _second_moment(ctx.record.input)
+
+
 def _recommendation(kind: str, after_norm: str | None) -> tuple[str, str]:
     """(scheme, nonlinearity for Kaiming) for the activation kind after a layer."""
     effective = after_norm or kind
@@ -86,10 +96,7 @@ def analyse_init(ctx: Context) -> list[dict[str, Any]]:
         predicted = (
             None if kind == "norm" or factor is None else advice.predicted_gain(layer.fan_in, weight_var, factor)
         )
-        in_m2 = _second_moment(layer.input)
-        if in_m2 is None:
-            prev = ctx.previous(layer)
-            in_m2 = _second_moment(prev.activation) if prev is not None else _second_moment(ctx.record.input)
+        in_m2 = _input_second_moment(ctx, layer)
         measured_out = act_m2 if act_m2 is not None and kind != "norm" else out_m2
         measured = _ratio(measured_out, in_m2)
         scheme, nonlinearity = _recommendation(kind, after_norm)
@@ -401,11 +408,45 @@ def _stack_findings(ctx: Context) -> list[Finding]:
     run, predicted, measured = max(judged, key=lambda t: abs(math.log(t[2])) if t[2] > 0 else math.inf)
     if _out_of_band(predicted):
         return [_weights_finding(ctx, run, predicted, measured)]
+    # The weights' product is (just) inside the band, the signal is not: a layer
+    # whose own weight is far off may still be the cause, the rest of the stack
+    # (or the measurement's spread) taking it over the edge.
+    explaining = _explaining_layers(run, measured)
+    if explaining:
+        return [_weights_finding(ctx, run, predicted, measured, bad=explaining)]
     return _bias_finding(ctx, run, predicted, measured)
 
 
-def _weights_finding(ctx: Context, stack: list[dict[str, Any]], predicted: float, measured: float | None) -> Finding:
-    bad = [r for r in stack if _gain_off(r) and r["off_recommendation"]] or [r for r in stack if _gain_off(r)]
+def _explaining_layers(run: list[dict[str, Any]], measured: float) -> list[dict[str, Any]]:
+    """The fewest poorly initialised rows of ``run`` (worst predicted gain first) whose
+    re-initialisation brings the measured gain back into the band.
+
+    Re-initialising a row to its recommendation makes its predicted gain ≈ 1, so
+    the measured product divided by the rows' predicted gains is what the signal
+    would do after the fix (He et al. 2015's gains multiply along the stack).
+    None when no such set exists: then the weights do not explain the measurement.
+    """
+    poor = sorted(poor_init_layers(run), key=lambda r: -abs(math.log(r["predicted_gain"])))
+    chosen: list[dict[str, Any]] = []
+    remaining = measured
+    for row in poor:
+        chosen.append(row)
+        remaining /= row["predicted_gain"]
+        if not _out_of_band(remaining):
+            return sorted(chosen, key=lambda r: run.index(r))
+    return []
+
+
+def _weights_finding(
+    ctx: Context,
+    stack: list[dict[str, Any]],
+    predicted: float,
+    measured: float | None,
+    bad: list[dict[str, Any]] | None = None,
+) -> Finding:
+    """The weights of ``bad`` (default: every row of the stack whose gain is off) cause it."""
+    if bad is None:
+        bad = [r for r in stack if _gain_off(r) and r["off_recommendation"]] or [r for r in stack if _gain_off(r)]
     for row in bad:
         row["flag"] = "poor-init"
     gains = [r["predicted_gain"] for r in bad]
@@ -420,7 +461,12 @@ def _weights_finding(ctx: Context, stack: list[dict[str, Any]], predicted: float
         f"The weights of {len(bad)} layer(s) ({_quoted([r['name'] for r in bad])}) predict a variance gain of "
         f"{spread} per layer (at '{worst['name']}': std {worst['weight_std']:.3g} where {worst['scheme']} asks "
         f"{worst['recommended_std']:.3g}), {predicted:.3g} compounded over the {len(stack)} layers that multiply; "
-        f"the signal measured across them confirms it ({measured:.3g})."
+        + (
+            f"the signal measured across them confirms it ({measured:.3g})."
+            if _out_of_band(predicted)
+            else f"the signal measured across them changes {measured:.3g}x, outside the healthy "
+            f"[{th.INIT_STACK_LOW:g}, {th.INIT_STACK_HIGH:g}]."
+        )
     )
     return Finding(
         code="poor-init",
@@ -447,16 +493,96 @@ def _weights_finding(ctx: Context, stack: list[dict[str, Any]], predicted: float
     )
 
 
+# One layer's measured gain scatters around its prediction by up to ~2x in
+# either direction with no bias at all: He et al.'s gain is an expectation over
+# the weights, and a 32-channel conv on correlated features gives a ReLU'd
+# chi-square of few degrees of freedom (relative spread ~0.4; the field's
+# Kaiming conv stack measured 0.49-1.49 per layer for a predicted 1.0).
+BIAS_NOISE_FACTOR = 2.0
+
+
+def _beyond_noise(ratio: float) -> bool:
+    return not (1 / BIAS_NOISE_FACTOR <= ratio <= BIAS_NOISE_FACTOR)
+
+
+def _bias_explains(effect: float | None, ratio: float) -> bool:
+    """The biases' own effect leaves the noise band on the side the measurement is off.
+    Unknown biases (no model, no bias statistics) are never blamed."""
+    if effect is None or not _beyond_noise(effect):
+        return False
+    return (effect > 1) == (ratio > 1)
+
+
+def _bias_values(ctx: Context, row: dict[str, Any]) -> list[float] | None:
+    """The layer's bias values, read from the model when it is at hand."""
+    if ctx.model is None:
+        return None
+    layer = ctx.by_name[row["name"]]
+    try:
+        module = ctx.model if layer.module == "model" else ctx.model.get_submodule(layer.module)
+    except AttributeError:
+        return None
+    bias = getattr(module, "bias", None)
+    if bias is None or not hasattr(bias, "detach") or _sharded(bias):
+        # A sharded bias would need a collective to read whole, and the diagnosis may
+        # run on one rank: unknown, so never blamed.
+        return None
+    values = [float(v) for v in bias.detach().double().flatten().cpu().tolist()]
+    return values if values and all(math.isfinite(v) for v in values) else None
+
+
+def _sharded(tensor: Any) -> bool:
+    """A DTensor (FSDP2, tensor parallel) or an FSDP1 flat parameter: not this rank's whole."""
+    return any(cls.__name__ in ("DTensor", "FlatParameter") for cls in type(tensor).__mro__)
+
+
+def _bias_effect(ctx: Context, row: dict[str, Any]) -> float | None:
+    """The factor by which the layer's biases change its gain over its weights' alone.
+
+    He et al. 2015's model: the pre-activation of channel c is ``y_c = b_c + z`` with
+    ``z ~ N(0, s^2)``, ``s^2 = n_in · Var[w] · E[x^2]``.  Through a ReLU,
+    ``E[relu(y_c)^2] = (s^2 + b_c^2) Φ(b_c/s) + b_c s φ(b_c/s)`` (the second moment of
+    a rectified normal), against ``s^2/2`` with no bias; a leaky ReLU adds ``a^2``
+    times the same for ``-y_c``.  Elsewhere the bias adds its square to the second
+    moment entering the activation: ``(s^2 + mean b^2) / s^2``.  1 for zero biases;
+    None when the biases or the input's scale are unknown.
+    """
+    biases = _bias_values(ctx, row)
+    in_m2 = _input_second_moment(ctx, ctx.by_name[row["name"]])
+    if biases is None or in_m2 is None or row["fan_in"] is None:
+        return None
+    s2 = row["fan_in"] * row["weight_std"] ** 2 * in_m2
+    if s2 <= 0:
+        return None if not any(biases) else math.inf
+    kind = row["activation_after"]
+    if kind not in ("relu", "leaky_relu"):
+        return (s2 + sum(b * b for b in biases) / len(biases)) / s2
+    slope = (row["negative_slope"] or 0.0) if kind == "leaky_relu" else 0.0
+    s = math.sqrt(s2)
+    rectified = sum(_rectified_m2(b, s) + slope**2 * _rectified_m2(-b, s) for b in biases) / len(biases)
+    return rectified / ((1 + slope**2) * s2 / 2)
+
+
+def _rectified_m2(mean: float, s: float) -> float:
+    """``E[max(y, 0)^2]`` for ``y ~ N(mean, s^2)`` (the rectified normal's second moment)."""
+    t = mean / s
+    cdf = 0.5 * (1 + math.erf(t / math.sqrt(2)))
+    pdf = math.exp(-t * t / 2) / math.sqrt(2 * math.pi)
+    return (s * s + mean * mean) * cdf + mean * s * pdf
+
+
 def _bias_finding(ctx: Context, stack: list[dict[str, Any]], predicted: float, measured: float | None) -> list[Finding]:
     """The weights predict a healthy product, the measurement does not: the layers whose
-    measured gain is far above what their weights predict owe it to their biases."""
+    measured gain is far from what their weights predict, and whose biases are large
+    enough to account for it (``_bias_effect``), owe it to their biases."""
     culprits = [
         r
         for r in stack
         if r.get("has_bias")
         and r["measured_gain"] is not None
         and r["predicted_gain"]
-        and not (0.5 <= r["measured_gain"] / r["predicted_gain"] <= 2.0)
+        and _beyond_noise(r["measured_gain"] / r["predicted_gain"])
+        and _bias_explains(_bias_effect(ctx, r), r["measured_gain"] / r["predicted_gain"])
     ]
     if not culprits:
         return []

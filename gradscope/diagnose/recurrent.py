@@ -48,6 +48,16 @@ EXACT_EIGEN_MAX = 1024
 GELFAND_SQUARINGS = 10  # k = 2^10: the Frobenius factor sqrt(n) contributes n^{1/2048} (< 1.5% at n = 10^6)
 # A line through fewer points is no growth rate.
 MIN_STEPS = 3
+# The init advice (orthogonal per gate block, or the identity for a ReLU RNN) is
+# already in place when every block's spectral radius and largest singular value
+# are 1 within this tolerance: nn.init.orthogonal_ and eye_ give exactly 1 up to
+# float32 rounding (~1e-7), while torch's default U(±1/√H) gives ρ ≈ 1/√3 and
+# σ ≈ 2/√3 (circular law; Marchenko-Pastur edge), far from both.
+ORTHOGONAL_TOLERANCE = 0.05
+# An LSTM's forget gate counts as open when its effective bias (b_ih + b_hh, mean
+# over the units) is past 0.5, midway between torch's default (mean 0) and the
+# 1 that the advice sets (Gers et al. 2000; Jozefowicz et al. 2015).
+FORGET_BIAS_OPEN = 0.5
 THROUGH_TIME = "through-time"  # the analysis name in report.analysis["not_assessed"]
 
 
@@ -148,9 +158,11 @@ def _clip_line(ctx: Context) -> tuple[str, str]:
     )
 
 
-def _init_snippet(layer: LayerRecord, module: Any, kind: str, vanishing: bool) -> list[str]:
+def _init_snippet(layer: LayerRecord, module: Any, kind: str, orthogonal: bool, forget: bool) -> list[str]:
     """Recurrent init for this module: orthogonal per gate block (Saxe et al. 2014: every singular
-    value 1, so the linearised product keeps ∂ℓ/∂h's norm), identity for a ReLU RNN (Le et al. 2015)."""
+    value 1, so the linearised product keeps ∂ℓ/∂h's norm), identity for a ReLU RNN (Le et al. 2015);
+    with ``forget``, an LSTM's forget-gate bias at 1.  Only the parts asked for: a part already in
+    place is never advised again."""
     target = advice.module_expression(layer.module)
     names = [n for n, _ in module.named_parameters(recurse=False) if n.startswith("weight_hh_l")] if module else []
     if not names:
@@ -163,13 +175,14 @@ def _init_snippet(layer: LayerRecord, module: Any, kind: str, vanishing: bool) -
         lines += [f"    for w in ({listed}):", f"        {init}"]
         return lines
     gates = len(GATES[kind])
-    lines += [
-        f"    hidden = {target}.hidden_size",
-        f"    for w in ({listed}):",
-        f"        for gate in range({gates}):  # {', '.join(GATES[kind])} blocks",
-        "            nn.init.orthogonal_(w[gate * hidden : (gate + 1) * hidden])",
-    ]
-    if vanishing and kind == "LSTM":
+    lines += [f"    hidden = {target}.hidden_size"]
+    if orthogonal:
+        lines += [
+            f"    for w in ({listed}):",
+            f"        for gate in range({gates}):  # {', '.join(GATES[kind])} blocks",
+            "            nn.init.orthogonal_(w[gate * hidden : (gate + 1) * hidden])",
+        ]
+    if forget and kind == "LSTM":
         # Gers et al. 2000, Jozefowicz et al. 2015: a forget-gate bias of 1 keeps the cell state's gradient.
         biases = [n.replace("weight_hh", "bias_hh") for n in names]
         lines += [
@@ -179,18 +192,75 @@ def _init_snippet(layer: LayerRecord, module: Any, kind: str, vanishing: bool) -
     return lines
 
 
-def _gated_alternative(layer: LayerRecord, module: Any) -> list[str]:
-    if module is None:
-        return ["# or a gated cell (nn.LSTM / nn.GRU), whose cell state carries the gradient through time"]
+def _lstm_arguments(module: Any) -> str:
     args = f"{module.input_size}, {module.hidden_size}, num_layers={module.num_layers}"
     if module.batch_first:
         args += ", batch_first=True"
     if module.bidirectional:
         args += ", bidirectional=True"
+    return args
+
+
+def _gated_alternative(layer: LayerRecord, module: Any) -> list[str]:
+    if module is None:
+        return ["# or a gated cell (nn.LSTM / nn.GRU), whose cell state carries the gradient through time"]
     return [
         "# or a gated cell, whose cell state carries the gradient through time (Hochreiter & Schmidhuber 1997):",
-        f"# {advice.module_expression(layer.module)} = nn.LSTM({args})",
+        f"# {advice.module_expression(layer.module)} = nn.LSTM({_lstm_arguments(module)})",
     ]
+
+
+def _gated_replacement(layer: LayerRecord, module: Any) -> list[str]:
+    """The gated cell as the fix itself, for an RNN whose init is already right."""
+    target = advice.module_expression(layer.module)
+    args = _lstm_arguments(module) if module is not None else "input_size, hidden_size"
+    return [
+        "import torch.nn as nn",
+        "",
+        "# a gated cell: its cell state carries the gradient through time (Hochreiter & Schmidhuber 1997);",
+        "# its state is a pair (h, c) where the RNN's is h",
+        f"{target} = nn.LSTM({args})",
+    ]
+
+
+def truncation_window(factor: float | None, steps: int | None) -> int | None:
+    """The steps back over which ∂ℓ/∂h keeps at least DEPTH_WARN_LOW of its size:
+    factor^k >= DEPTH_WARN_LOW (the same two decades that warn across depth)."""
+    if factor is None or not 0 < factor < 1:
+        return None
+    k = int(math.log(th.DEPTH_WARN_LOW) / math.log(factor))
+    return max(1, min(k, steps - 1)) if steps else max(1, k)
+
+
+def _remaining(row: dict[str, Any], factor: float, vanishing: bool) -> tuple[str, list[str]]:
+    """(summary, snippet comment lines) for what is left once the init advice is in place:
+    the per-step factor then comes from the activation's derivative (tanh' <= 1, ReLU's
+    dead units) or the gates, which no init of W_hh changes."""
+    kind = row["kind"]
+    cause = {
+        "RNN": f"{row.get('nonlinearity', 'tanh')}'s derivative",
+        "LSTM": "the forget gate",
+        "GRU": "the update gate",
+    }.get(kind, "the recurrence")
+    parts: list[str] = []
+    lines: list[str] = []
+    if kind == "RNN":
+        parts.append("use a gated cell (nn.LSTM/nn.GRU)")
+    window = truncation_window(factor, row.get("steps")) if vanishing else None
+    if window is not None:
+        parts.append(f"truncate backprop through time to {window} steps")
+        lines.append(
+            f"# or truncated BPTT: feed the sequence in chunks of {window} steps and detach the carried "
+            "state between chunks (h = h.detach()), over which ∂ℓ/∂h keeps >= "
+            f"{th.DEPTH_WARN_LOW:g} of its size"
+        )
+    parts.append("add skip connections in time (a residual over steps) so the gradient bypasses the recurrence")
+    radius = row.get("spectral_radius_max")
+    shown = f" (spectral radius {radius:.3g})" if radius is not None else ""
+    summary = f"the recurrent weights are already orthogonal{shown}, so the rest comes from {cause}: " + ", or ".join(
+        parts
+    )
+    return summary, lines
 
 
 def _analyse(ctx: Context, layer: LayerRecord) -> tuple[dict[str, Any], list[str]]:
@@ -232,11 +302,45 @@ def _analyse(ctx: Context, layer: LayerRecord) -> tuple[dict[str, Any], list[str
         row["spectral_radius_max"] = max(radii)
     if kind != "RNN":
         row["spectral_radius_role"] = "evidence only: the gates, not W_hh alone, set a gated cell's factor per step"
-    if kind == "RNN" and radii and steps:
+    row["init_in_place"] = _init_in_place(spectra)
+    if kind == "LSTM":
+        row["forget_bias_mean"] = _forget_bias_mean(module)
+    if kind == "RNN":
         row["nonlinearity"] = getattr(module, "nonlinearity", "tanh")
+    if kind == "RNN" and radii and steps:
         row["predicted_factor_per_step"] = max(radii)
         row["predicted_change"] = max(radii) ** max(steps - 1, 0)
     return row, missing
+
+
+def _init_in_place(spectra: list[dict[str, Any]]) -> bool:
+    """Whether every recurrent block already has spectral radius 1 and norm 1 (the state
+    the init advice produces): re-advising it would change nothing."""
+    blocks = [b for s in spectra for b in s["blocks"]]
+    if not blocks:
+        return False
+    for b in blocks:
+        radius, norm = b["spectral_radius"], b["spectral_norm"]
+        if not (math.isfinite(radius) and abs(radius - 1) <= ORTHOGONAL_TOLERANCE):
+            return False
+        if norm is not None and abs(norm - 1) > ORTHOGONAL_TOLERANCE:
+            return False
+    return True
+
+
+def _forget_bias_mean(module: Any) -> float | None:
+    """Mean effective forget-gate bias (b_ih + b_hh, torch's i, f, g, o order) over layers and units."""
+    hidden = int(module.hidden_size)
+    total, count = 0.0, 0
+    for name, bias in module.named_parameters(recurse=False):
+        if name.startswith("bias_hh_l"):
+            paired = getattr(module, name.replace("bias_hh", "bias_ih"), None)
+            forget = bias.detach()[hidden : 2 * hidden].double()
+            if paired is not None:
+                forget = forget + paired.detach()[hidden : 2 * hidden].double()
+            total += float(forget.sum())
+            count += hidden
+    return total / count if count else None
 
 
 def _severity(change: float, vanishing: bool) -> Severity | None:
@@ -275,6 +379,46 @@ def _verdict(row: dict[str, Any]) -> tuple[str, Severity, str] | None:
     return None
 
 
+def _fix(
+    ctx: Context, layer: LayerRecord, row: dict[str, Any], module: Any, factor: float, vanishing: bool
+) -> tuple[str, list[str], str]:
+    """(summary, snippet lines, clipping line) of the fix: only what is not already in place."""
+    kind = row["kind"]
+    clip_summary, clip_code = _clip_line(ctx)
+    orthogonal = kind in RECURRENT_TYPES and not row.get("init_in_place")
+    forget_bias = row.get("forget_bias_mean")
+    forget = vanishing and kind == "LSTM" and (forget_bias is None or forget_bias < FORGET_BIAS_OPEN)
+    lines: list[str] = []
+    if orthogonal or forget:
+        lines = _init_snippet(layer, module, kind, orthogonal, forget)
+    if kind == "RNN" and orthogonal:
+        lines += _gated_alternative(layer, module)
+        relu = row.get("nonlinearity") == "relu"
+        init_summary = "identity recurrent weights (IRNN, Le et al. 2015)" if relu else "orthogonal recurrent weights"
+        summary = (
+            f"before training starts, give {_quoted(layer.name)} {init_summary} (spectral radius 1), "
+            "or use nn.LSTM/nn.GRU"
+        )
+    elif kind in ("LSTM", "GRU") and (orthogonal or forget):
+        summary = "before training starts, " + (
+            f"initialise {_quoted(layer.name)}'s recurrent weights orthogonally per gate block"
+            + (" and set the forget-gate bias to 1" if forget else "")
+            if orthogonal
+            else f"set {_quoted(layer.name)}'s forget-gate bias to 1 (its recurrent weights are already orthogonal)"
+        )
+    elif kind in RECURRENT_TYPES:
+        summary, remaining = _remaining(row, factor, vanishing)
+        summary = f"{_quoted(layer.name)}: {summary}"
+        lines = (_gated_replacement(layer, module) if kind == "RNN" else []) + remaining
+    else:
+        summary = f"keep the Jacobian of {_quoted(layer.name)}'s recurrence near norm 1 (orthogonal recurrent weights)"
+    if not vanishing and clip_code:
+        lines += [clip_code]
+    if not vanishing:
+        summary += f"; {clip_summary}"
+    return summary, lines, clip_code
+
+
 def _finding(ctx: Context, layer: LayerRecord, row: dict[str, Any], verdict: tuple[str, Severity, str]) -> Finding:
     code, severity, basis = verdict
     module = _module(ctx, layer)
@@ -298,30 +442,7 @@ def _finding(ctx: Context, layer: LayerRecord, row: dict[str, Any], verdict: tup
             else "early steps get huge gradients, so updates blow up."
         )
     )
-    kind = row["kind"]
-    lines = _init_snippet(layer, module, kind, vanishing) if kind in RECURRENT_TYPES else []
-    clip_summary, clip_code = _clip_line(ctx)
-    if kind == "RNN":
-        lines += _gated_alternative(layer, module)
-    if not vanishing and clip_code:
-        lines += [clip_code]
-    if kind == "RNN":
-        relu = row.get("nonlinearity") == "relu"
-        init_summary = "identity recurrent weights (IRNN, Le et al. 2015)" if relu else "orthogonal recurrent weights"
-        summary = (
-            f"before training starts, give {_quoted(layer.name)} {init_summary} (spectral radius 1), "
-            "or use nn.LSTM/nn.GRU"
-        )
-    elif kind in ("LSTM", "GRU"):
-        summary = (
-            f"before training starts, initialise {_quoted(layer.name)}'s recurrent weights orthogonally per gate block"
-        )
-        if vanishing and kind == "LSTM":
-            summary += " and set the forget-gate bias to 1"
-    else:
-        summary = f"keep the Jacobian of {_quoted(layer.name)}'s recurrence near norm 1 (orthogonal recurrent weights)"
-    if not vanishing:
-        summary += f"; {clip_summary}"
+    summary, lines, clip_code = _fix(ctx, layer, row, module, factor, vanishing)
     if ctx.during_training:
         # watch: the weights are being trained; never re-initialise them mid-run.
         summary = summary.replace("before training starts, ", "for the next run, ")
