@@ -1,8 +1,11 @@
 """Range findings for low-precision formats: overflow (values become inf) and
 underflow (gradients flush to zero), answered from the exponent histograms.
 
-Only the formats named in the run (``report.run["formats"]``) are checked;
-limits come from ``torch.finfo`` through ``gradscope.formats``.
+Only the formats named in the run (``report.run["formats"]``), plus the
+formats the record's tensors already are in, are checked: fp32 tensors against
+each of them, a tensor already in bf16/fp16 against its own format and the fp8
+formats asked about (an fp8 recipe casts it; ``_checked_against``).  Limits
+come from ``torch.finfo`` through ``gradscope.formats``.
 """
 
 from __future__ import annotations
@@ -37,12 +40,22 @@ def _headroom(stats: Stats, fmt: str) -> float:
 
 
 def _checked_against(layer: LayerRecord, fmt: str) -> bool:
-    """A tensor already in a low-precision format (autocast to bf16, a model
-    cast to fp16) is judged against its own format only: the range of another
-    format says nothing about it.  fp32 tensors are judged against every
-    format the run asks about."""
+    """fp32 tensors are judged against every format the run asks about; a tensor
+    already in a low-precision format (autocast to bf16, a model cast to fp16)
+    against its own format and the fp8 formats asked about, which are narrower
+    than both 16-bit ones: fp8 training starts from a bf16/fp16 model, and the
+    field trial's bf16 Llama lost an fp8-e4m3-underflow warning its fp32 twin had.
+    Not against the other 16-bit format: fp16 is the audit's default question, and
+    a bf16 model's values above 65504 are no fp16 problem of a run that is bf16."""
     own = format_for_dtype(f"torch.{layer.output_dtype}") if layer.output_dtype else None
-    return own is None or own == fmt
+    return own is None or own == fmt or fmt.startswith("fp8")
+
+
+def _cast_from(layer: LayerRecord, fmt: str) -> str:
+    """The clause ' (a bf16 tensor cast to fp8_e4m3)' when the tensor already is in
+    another low-precision format, so the finding says which question it answers."""
+    own = format_for_dtype(f"torch.{layer.output_dtype}") if layer.output_dtype else None
+    return f" (a {own} tensor cast to {fmt})" if own is not None and own != fmt else ""
 
 
 def _overflow_items(ctx: Context, fmt: str) -> list[tuple[LayerRecord, str, Stats, float, float]]:
@@ -81,7 +94,7 @@ def _overflow(ctx: Context, fmt: str) -> Finding | None:
         verb = f"exceeds {fmt}'s maximum {form.max:g} and becomes inf"
     else:
         verb = f"is within one binade of {fmt}'s maximum {form.max:g}"
-    message = f"{what} of '{layer.name}' reaches {stats.absmax:.3g}, which {verb}"
+    message = f"{what} of '{layer.name}'{_cast_from(layer, fmt)} reaches {stats.absmax:.3g}, which {verb}"
     if len(names) > 1:
         message += f" ({len(names)} layers affected, first '{first.name}')"
     activations = [t[0] for t in items if t[1] == "activation"]
@@ -141,9 +154,9 @@ def flushed_fraction(stats: Stats, fmt: str, scale_exponent: int = 0) -> float:
     return stats.count_exponents(hi=get_format(fmt).subnormal_exponent - 2 - scale_exponent) / total
 
 
-def _underflow(ctx: Context, fmt: str) -> Finding | None:
-    items: list[tuple[LayerRecord, str, float]] = []
-    rescued = True  # does GradScaler's default start bring every such tensor back?
+def _underflow_items(ctx: Context, fmt: str) -> list[tuple[LayerRecord, str, float, Stats]]:
+    """(layer, role, flushed fraction, statistics) of each gradient tensor mostly flushed in ``fmt``."""
+    items = []
     for layer in ctx.layers:
         if not _checked_against(layer, fmt):
             continue
@@ -153,9 +166,83 @@ def _underflow(ctx: Context, fmt: str) -> Finding | None:
                 continue
             frac = flushed_fraction(stats, fmt)
             if frac >= th.UNDERFLOW_WARN_FRAC:
-                items.append((layer, role, frac))
-                default = flushed_fraction(stats, fmt, th.GRADSCALER_DEFAULT_EXPONENT)
-                rescued = rescued and default < th.UNDERFLOW_WARN_FRAC
+                items.append((layer, role, frac, stats))
+    return items
+
+
+def _worst_flushed(items: list[tuple[LayerRecord, str, float, Stats]], fmt: str, exponent: int) -> float:
+    """The largest flushed fraction among the tensors once the loss is scaled by 2^exponent."""
+    return max(flushed_fraction(t[3], fmt, exponent) for t in items)
+
+
+def _scaling(
+    items: list[tuple[LayerRecord, str, float, Stats]], fmt: str, scale: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What loss scaling does for the flushed tensors: where GradScaler's default
+    start ends up, and whether one scale keeps both ends in range.
+
+    torch.amp.GradScaler starts at 2^16 and halves the scale at every step whose
+    gradients overflow, skipping that step (PyTorch documentation), so it lands
+    on the largest 2^j <= 2^16 that does not overflow, min(16, k_max), after
+    16 - k_max skipped steps.  "Rescued" means that landing scale brings every
+    tensor below UNDERFLOW_WARN_FRAC flushed; "fits" means the recommended scale
+    (k_max minus the headroom binade) does."""
+    default = th.GRADSCALER_DEFAULT_EXPONENT
+    if scale is None:  # no finite non-zero gradient to place the scale: the default start alone
+        return {"lands": default, "skipped": 0, "rescued": _worst_flushed(items, fmt, default) < th.UNDERFLOW_WARN_FRAC}
+    k_max = int(scale["max_exponent_no_overflow"])
+    lands = min(default, k_max) if scale["default_overflows"] else default
+    at_lands = _worst_flushed(items, fmt, lands)
+    at_chosen = _worst_flushed(items, fmt, int(scale["exponent"]))
+    return {
+        "lands": lands,
+        "skipped": default - lands,
+        "rescued": at_lands < th.UNDERFLOW_WARN_FRAC,
+        "flushed_at_landing": at_lands,
+        "fits": at_chosen < th.UNDERFLOW_WARN_FRAC,
+        "flushed_at_recommended": at_chosen,
+    }
+
+
+def _scaler_clause(fmt: str, scale: dict[str, Any] | None, scaling: dict[str, Any]) -> str:
+    """What GradScaler's default start does, in the words the fix uses too."""
+    if fmt != "fp16":
+        return ""  # GradScaler's default start is fp16's; bf16/fp8 have no such default
+    default = th.GRADSCALER_DEFAULT_EXPONENT
+    if scale is not None and scale["default_overflows"]:
+        start = (
+            f"; GradScaler's default 2^{default} overflows (gradient absmax {scale['gradient_absmax']:.3g} x "
+            f"2^{default} = {scale['gradient_absmax'] * 2.0**default:.3g} > {get_format(fmt).max:g}), so it "
+            f"skips {scaling['skipped']} step(s) halving down to 2^{scaling['lands']}"
+        )
+        if scaling["rescued"]:
+            return start + ", which brings them back"
+        return start + f", which still leaves {scaling['flushed_at_landing']:.0%} of a tensor flushed"
+    if scaling["rescued"]:
+        return f"; GradScaler's default 2^{default} brings them back"
+    return ""
+
+
+def _scale_fix(fmt: str, scale: dict[str, Any] | None, scaling: dict[str, Any]) -> Fix:
+    """The loss scale that fits both ends, or, when none does, the wider format."""
+    if scale is None:
+        return Fix("Use loss scaling (torch.amp.GradScaler) or bf16.", 'scaler = torch.amp.GradScaler("cuda")')
+    if not scaling["fits"]:
+        return Fix(
+            f"No single loss scale fits these gradients in {fmt}: 2^{scale['exponent']} ({scale['method']}) still "
+            f"leaves {scaling['flushed_at_recommended']:.0%} of a tensor flushed, and a larger one overflows. "
+            "Train in bf16 (fp32's range), or keep the layers whose gradients flush in fp32.",
+            '# bf16 autocast: fp32\'s range, no loss scale needed\nwith torch.autocast(device_type="cuda", '
+            "dtype=torch.bfloat16):\n    loss = criterion(model(x), y)\nloss.backward()",
+        )
+    return Fix(
+        f"Scale the loss by 2^{scale['exponent']} ({scale['method']}); {scale['comparison']}.",
+        scale["code"] + "\nscaler.scale(loss).backward()\nscaler.step(optimizer)\nscaler.update()",
+    )
+
+
+def _underflow(ctx: Context, fmt: str) -> Finding | None:
+    items = _underflow_items(ctx, fmt)
     if not items:
         return None
     scale = ctx.analysis.get("loss_scale") if fmt == "fp16" else None
@@ -163,6 +250,12 @@ def _underflow(ctx: Context, fmt: str) -> Finding | None:
         scale = advice.loss_scale_from_stats(
             (s for x in ctx.layers for r in UNDERFLOW_ROLES if (s := x.stats.get(r)) is not None), fmt
         )
+    scaling = _scaling(items, fmt, scale)
+    # Unscaled fp16 gradients underflow routinely (attention's query/key at
+    # init); it is harmful only when the standard cure, GradScaler's default
+    # start (after the halvings its overflow costs), is not enough.  bf16/fp8
+    # get no GradScaler default: warning.
+    rescued = fmt == "fp16" and scaling["rescued"]
     worst = max(items, key=lambda t: t[2])
     names = sorted({t[0].name for t in items}, key=lambda n: ctx.position[n])
     evidence: dict[str, Any] = {
@@ -180,20 +273,21 @@ def _underflow(ctx: Context, fmt: str) -> Finding | None:
             flushed_frac_after_scaling=scale["flushed_frac"],
             gradscaler_default_exponent=scale["default_exponent"],
             gradscaler_default_overflows=scale["default_overflows"],
+            gradscaler_lands_at_exponent=scaling["lands"],
+            gradscaler_skipped_steps=scaling["skipped"],
+            worst_flushed_frac_at_recommended_scale=scaling["flushed_at_recommended"],
+            single_scale_fits=scaling["fits"],
         )
-        fix = Fix(
-            f"Scale the loss by 2^{scale['exponent']} ({scale['method']}); {scale['comparison']}.",
-            scale["code"] + "\nscaler.scale(loss).backward()\nscaler.step(optimizer)\nscaler.update()",
-        )
-    else:
-        fix = Fix("Use loss scaling (torch.amp.GradScaler) or bf16.", 'scaler = torch.amp.GradScaler("cuda")')
+    evidence["gradscaler_default_rescues"] = rescued
+    fix = _scale_fix(fmt, scale, scaling)
     role = "∂ℓ/∂h" if worst[1] == "gradient" else "weight gradient"
     message = (
-        f"{worst[2]:.0%} of the {role} values of '{worst[0].name}' fall below {fmt}'s smallest subnormal "
-        f"and would flush to zero ({len(items)} gradient tensor(s) mostly lost)"
+        f"{worst[2]:.0%} of the {role} values of '{worst[0].name}'{_cast_from(worst[0], fmt)} fall below {fmt}'s "
+        f"smallest subnormal and would flush to zero ({len(items)} gradient tensor(s) mostly lost)"
     )
-    if rescued and fmt == "fp16":
-        message += f"; GradScaler's default 2^{th.GRADSCALER_DEFAULT_EXPONENT} brings them back"
+    message += _scaler_clause(fmt, scale, scaling)
+    if scale is not None and not scaling["fits"]:
+        message += f"; no single loss scale fits both ends in {fmt}"
     small = loss_end_smallness(ctx)
     if small is not None:
         name, per_term = small
@@ -212,10 +306,7 @@ def _underflow(ctx: Context, fmt: str) -> Finding | None:
         )
     return Finding(
         code=f"{code_prefix(fmt)}-underflow",
-        # Unscaled fp16 gradients underflow routinely (attention's query/key at
-        # init); it is harmful only when the standard cure, GradScaler's default
-        # start, is not enough.  bf16/fp8 get no GradScaler default: warning.
-        severity=Severity.INFO if rescued and fmt == "fp16" else Severity.WARNING,
+        severity=Severity.INFO if rescued else Severity.WARNING,
         layers=names,
         message=message + ".",
         evidence=evidence,

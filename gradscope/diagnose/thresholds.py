@@ -37,6 +37,17 @@ GRADIENT_RMS_MAX = 1e3
 # loss multiplied by 1e-12) has no decay; a 1-5x spread is width, not depth.
 FLOOR_NEEDS_DECAY = 0.1
 
+# A layer's weight gradient this many times below both of its closest learning
+# neighbours' (in execution order) is a structural zero: the loss does not depend on
+# the layer's output, and what is left is rounding.  fp32's unit roundoff is
+# 2^-24 ≈ 6e-8, so a difference of equal O(g) terms (a top-1 router's weight
+# p / Σp = 1) comes out at a few ulps of g: Mixtral's top-1 router measures
+# 4e-8 of its neighbours.  A real gradient changes between neighbours by one
+# layer's gain, at most a decade or two (the steepest the depth rules see, a
+# small-weight sigmoid stack, loses 0.028 per layer): a million is four
+# decades beyond.  Layer-scaled branches (gain 1e-6 at init) are left out.
+STRUCTURAL_ZERO_RATIO = 1e-6
+
 # -- init analysis ------------------------------------------------------------
 # Activation factor E[act(y)^2] / E[y^2] for y ~ N(0, s^2): ReLU keeps half of
 # the second moment (He et al. 2015, eq. 7: Var[y_l] = n_l Var[w_l] E[x_l^2],
