@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from gradscope.errors import GradscopeError, InputError
+from gradscope.own_hooks import OwnHook
 from gradscope.proximal import soft_threshold_  # noqa: F401  (L1's proximal step, re-exported)
 
 SCHEMES = ("auto", "kaiming", "xavier", "lsuv")
@@ -224,7 +225,7 @@ def _execution_order(model: nn.Module, batch: Any, names: list[str]) -> list[str
                 if name not in order:
                     order.append(name)
 
-            handles.append(module.register_forward_hook(hook))
+            handles.append(module.register_forward_hook(OwnHook(hook)))  # not a copy's (gradscope.own_hooks)
         _run(model, batch)
     finally:
         for handle in handles:
@@ -240,7 +241,7 @@ def _output_var(model: nn.Module, module: nn.Module, batch: Any) -> float | None
             seen.append(out.detach().float().var())
         raise _Stop
 
-    handle = module.register_forward_hook(hook)
+    handle = module.register_forward_hook(OwnHook(hook))  # not a copy's (gradscope.own_hooks)
     try:
         _run(model, batch)
     finally:

@@ -38,6 +38,7 @@ from gradscope.distributed import (
 from gradscope.extremes_through import extremes_through, in_place
 from gradscope.host_copy import HostBuffers, HostCopy
 from gradscope.outputs import first_float_tensor
+from gradscope.own_hooks import InertCopies, OwnHook
 from gradscope.placement import (
     ParameterRef,
     ParameterTable,
@@ -103,6 +104,40 @@ def _norm_types() -> Container[str]:
     except ImportError:
         return frozenset()
     return NORM_TYPES
+
+
+class _LayerHook(InertCopies):
+    """The forward hook of one hooked layer.  An object, not a closure: a deep copy
+    or a pickle of the model gets an inert hook (``gradscope.own_hooks``); its body
+    is in ``__call__`` itself, one Python call per hooked output as the closure was."""
+
+    __slots__ = ("recorder", "name", "shown")
+
+    def __init__(self, recorder: Recorder, name: str) -> None:
+        self.recorder = recorder
+        self.name = name
+        # The per-step check names a layer as the record does (wrapper components
+        # dropped): the same event gets the same name on sampled and unsampled steps.
+        self.shown = _display_name(name)
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        recorder, name = self.recorder, self.name
+        if recorder._closed:
+            return
+        if torch.compiler.is_compiling():
+            recorder._compiled_forward(name, self.shown, module, args, output)
+            return
+        if recorder.sentinel is not None and recorder._counts_forward():
+            recorder.sentinel.forward(self.shown, module, args, output, recorder._active)
+        # Not recording and no recorded forward to recompute: nothing more to do
+        # (the common case on watch's unsampled steps, so checked first).
+        if not (recorder._active or recorder._forward_recorded):
+            return
+        task = _graph_task()
+        if task != -1:
+            recorder._on_recompute(task, name, output)
+        elif recorder._active and recorder._counts_forward():
+            recorder._on_forward(name, module, args, output)
 
 
 def _graph_task() -> int:
@@ -301,14 +336,17 @@ class Recorder:
             return self
         self._closed = False
         try:
-            root = self.model.register_forward_pre_hook(self._on_root_forward, with_kwargs=True)
+            # OwnHook: a deep copy or a pickle of the model (an EMA copy, torch.save)
+            # gets an inert hook, not one feeding this recorder (gradscope.own_hooks).
+            root = self.model.register_forward_pre_hook(OwnHook(self._on_root_forward), with_kwargs=True)
             self._handles.append(root)
             # always_call: the grad mode of a forward that raised must not outlive it.
-            self._handles.append(self.model.register_forward_hook(self._on_root_forward_end, always_call=True))
+            self._handles.append(self.model.register_forward_hook(OwnHook(self._on_root_forward_end), always_call=True))
             for name, module in self._selected:
                 self._handles.append(module.register_forward_hook(self._forward_hook(name)))
                 if name in self._sequences.names:
-                    self._handles.append(module.register_forward_pre_hook(self._sequences.pre_hook(name, self._taps)))
+                    pre_hook = OwnHook(self._sequences.pre_hook(name, self._taps))
+                    self._handles.append(module.register_forward_pre_hook(pre_hook))
         except BaseException:
             self.close()
             raise
@@ -393,30 +431,8 @@ class Recorder:
             return True
         return self._root_grad if self._root_grad is not None else torch.is_grad_enabled()
 
-    def _forward_hook(self, name: str) -> Any:
-        # The per-step check names a layer as the record does (wrapper components
-        # dropped): the same event gets the same name on sampled and unsampled steps.
-        shown = _display_name(name)
-
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if self._closed:
-                return
-            if torch.compiler.is_compiling():
-                self._compiled_forward(name, shown, module, args, output)
-                return
-            if self.sentinel is not None and self._counts_forward():
-                self.sentinel.forward(shown, module, args, output, self._active)
-            # Not recording and no recorded forward to recompute: nothing more to do
-            # (the common case on watch's unsampled steps, so checked first).
-            if not (self._active or self._forward_recorded):
-                return
-            task = _graph_task()
-            if task != -1:
-                self._on_recompute(task, name, output)
-            elif self._active and self._counts_forward():
-                self._on_forward(name, module, args, output)
-
-        return hook
+    def _forward_hook(self, name: str) -> _LayerHook:
+        return _LayerHook(self, name)
 
     # -- inside torch.compile -----------------------------------------------------
     # Dynamo traces these hooks into the model's graph.  It cannot follow the

@@ -2,6 +2,14 @@
 from (the search itself is ``gradscope.watching.nonfinite``), the one finding
 that names an episode until a sampled step is finite again, and the error that
 stops training.
+
+The error is raised once per non-finite *step*, not once per run: catching
+``GradscopeError`` and skipping the batch (``zero_grad``, no ``optimizer.step``)
+is the documented way to drop a bad batch, and the run then goes on, so the
+next non-finite step must stop the update again, before ``optimizer.step()``,
+naming its own layer.  An alert is still one per episode (the finding stays the
+same while the run stays non-finite); ``first`` stays the run's first step and
+the later ones are counted (``later``).
 """
 
 from __future__ import annotations
@@ -31,6 +39,10 @@ from gradscope.watching.step_norms import NORM, StepNorms
 from gradscope.watching.update_ratio import UpdateRatios
 
 Alerting = Callable[[int, dict[str, list[Finding]]], Any]
+
+# The later non-finite steps the report lists (all are counted): bounded, like the
+# spike steps (gradscope.training.SpikeSummary.MAX_STEPS).
+MAX_LATER = 20
 
 
 def inputs_finite(flags: list[Any] | None) -> bool | None:
@@ -85,7 +97,12 @@ class NonfiniteEpisodes:
         self.raise_on = raise_on
         self.first: dict[str, Any] | None = None  # the run's first non-finite step
         self.episode: Finding | None = None  # the nonfinite finding of the current non-finite episode
-        self.raised = False  # an error was returned once: training was told to stop
+        self.latest: dict[str, Any] | None = None  # the record of the latest located non-finite step
+        self.raised_step: int | None = None  # the step of the last record an error was returned for
+        # With raise_on "nonfinite": the steps that stopped training after ``first``
+        # (each error was caught), the first MAX_LATER of them, and how many in all.
+        self.later: list[int] = []
+        self.later_count = 0
         # Called with every located non-finite record (the layer x step history marks it).
         self.on_located: Callable[[dict[str, Any]], None] | None = None
         # Under torch.distributed: every rank keeps the same record (gradscope.watching.agreement).
@@ -93,6 +110,11 @@ class NonfiniteEpisodes:
         # With an agreement: this rank's record of an unsampled step that went
         # non-finite, kept for the next flush (which stops every rank).
         self.held: dict[str, Any] | None = None
+
+    @property
+    def stopping(self) -> bool:
+        """Whether a non-finite step raises (``raise_on`` includes "nonfinite")."""
+        return "nonfinite" in self.raise_on
 
     def agree(self, located: dict[str, Any] | None) -> dict[str, Any] | None:
         """The record every rank keeps: the earliest any rank found, held or at this
@@ -109,8 +131,8 @@ class NonfiniteEpisodes:
         search this rank's tensors now, while they are those of the step, and keep
         the record for the next flush (no alert, no error: the other ranks may not
         have seen it; ``gradscope.watching.agreement``)."""
-        if self.held is not None or self.episode is not None:
-            return  # the first of the episode is already known
+        if self.held is not None or (self.episode is not None and not self.stopping):
+            return  # the first of the episode is already known (and, not stopping, enough)
         located = locate_step(
             flags, self.layer_infos(), self.norms.local_parameters(), include_gradients=not self.norms.scaler_seen
         )
@@ -192,11 +214,25 @@ class NonfiniteEpisodes:
         located = self._qualified(located)
         if self.on_located is not None:
             self.on_located(located)
-        if self.first is None:
-            self.first = located
+        self._remember(located)
         if self.episode is None:
             self.episode = nonfinite_finding(located, clip)
         return self.episode
+
+    def _remember(self, located: dict[str, Any]) -> None:
+        """The run's first non-finite record, the latest, and the later steps that
+        stop training (bounded; a run that goes on non-finite without raising has
+        the alert history and the layer x step history for that)."""
+        self.latest = located
+        if self.first is None:
+            self.first = located
+            return
+        step = int(located.get("step") or 0)
+        if not self.stopping or step == self.first.get("step") or (self.later and self.later[-1] == step):
+            return
+        self.later_count += 1
+        if len(self.later) < MAX_LATER:
+            self.later.append(step)
 
     def _qualified(self, located: dict[str, Any]) -> dict[str, Any]:
         """What the record can prove.  With only layers that have parameters hooked
@@ -216,24 +252,35 @@ class NonfiniteEpisodes:
         return {**located, "origin": "unknown", "source": source}
 
     def error(self) -> GradscopeError | None:
-        if self.raised or "nonfinite" not in self.raise_on or self.episode is None:
+        """The error for the latest located non-finite step, once per step (None when
+        not stopping, or when that step's error was returned already).  Under
+        torch.distributed every rank holds the same records (``agree``), so every
+        rank decides the same."""
+        latest = self.latest
+        if not self.stopping or latest is None:
             return None
-        self.raised = True
-        record = self.episode.evidence
-        return GradscopeError(self.episode.message + "; stopping (raise_on includes 'nonfinite')", record=dict(record))
+        step = int(latest.get("step") or 0)
+        if self.raised_step is not None and step <= self.raised_step:
+            return None
+        self.raised_step = step
+        message = nonfinite_finding(latest, None).message  # this step's own layer, not the episode's first
+        return GradscopeError(message + "; stopping (raise_on includes 'nonfinite')", record=dict(latest))
 
     def bad_step(self, flags: StepFlags, alert: Alerting) -> GradscopeError | None:
         """An unsampled step whose check flag was non-finite: find where, alert, and
         return the error to raise (None for a false alarm or when not raising)."""
-        if self.episode is not None:
-            # Already reported, and the run goes on (raise_on): no search per step, but
-            # the finding's life story follows it (the same finding: no new alert).
-            alert(flags.step, {"nonfinite": [self.episode]})
-            return None
-        located = locate_step(
-            flags, self.layer_infos(), self.norms.local_parameters(), include_gradients=not self.norms.scaler_seen
-        )
+        located = None
+        if self.episode is None or self.stopping:
+            # Within an episode the search runs only when this step must stop too (the
+            # user caught the last error and went on); else the run goes on non-finite
+            # and one search per step would cost a host read each.
+            located = locate_step(
+                flags, self.layer_infos(), self.norms.local_parameters(), include_gradients=not self.norms.scaler_seen
+            )
         if located is None:
+            if self.episode is not None:
+                # Already reported: the finding's life story follows it (the same finding: no new alert).
+                alert(flags.step, {"nonfinite": [self.episode]})
             return None
         if not flags.same_step:
             located["read"] = "one step late (accelerator): optimizer.step() of this step already ran"

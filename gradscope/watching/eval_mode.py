@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradscope.own_hooks import OwnHook
 from gradscope.report import Finding, Fix, Severity
 
 # Names listed in the finding's message and evidence (the count is exact).
@@ -60,7 +61,8 @@ class EvalModeGuard:
         self.step = 0  # the optimizer step the Scope is at (set by the Scope)
         self._reported = False
         if self._modules:
-            self._handle = model.register_forward_pre_hook(self._pre_hook)
+            # OwnHook: a deep copy of the model does not copy this guard with it (gradscope.own_hooks).
+            self._handle = model.register_forward_pre_hook(OwnHook(self._pre_hook))
 
     def _pre_hook(self, module: nn.Module, args: Any) -> None:
         if torch.is_grad_enabled():

@@ -418,16 +418,30 @@ def keep_result(scope: Scope, result: FlushResult, steps: list[int]) -> None:
         )
 
 
-def error_to_raise(scope: Scope, located: dict[str, Any] | None, alerts: list[Alert]) -> GradscopeError | None:
-    """The error that stops training (``raise_on``), at most once per run."""
-    if scope._episodes.raised:
-        return None
+def error_to_raise(
+    scope: Scope, located: dict[str, Any] | None, alerts: list[Alert], spike: Finding | None = None
+) -> GradscopeError | None:
+    """The error that stops training (``raise_on``), once per event: a user who
+    catches it and skips the batch goes on, and must be stopped again by the next
+    one (not once per run).  The events: each non-finite step
+    (``NonfiniteEpisodes.error``), each spike of this flush (``spike``: a spike at
+    the next step is a new spiky batch though its finding is still active, so no
+    alert), each appearance or escalation of another finding in ``raise_on``.
+    Under torch.distributed all of them come from reduced numbers: every rank
+    decides the same (``gradscope.watching.agreement``)."""
     if located is not None and "nonfinite" in scope.raise_on:
-        return scope._episodes.error()
+        error = scope._episodes.error()
+        if error is not None:
+            return error
+    if spike is not None and "gradient-spike" in scope.raise_on:
+        return GradscopeError(f"{spike.message}; stopping (raise_on includes 'gradient-spike')", spike.to_dict())
     for alert in alerts:
         finding = alert.finding
-        if alert.kind in ("appeared", "escalated") and finding.code in scope.raise_on and finding.code != "nonfinite":
-            scope._episodes.raised = True
+        if (
+            alert.kind in ("appeared", "escalated")
+            and finding.code in scope.raise_on
+            and finding.code not in ("nonfinite", "gradient-spike")
+        ):
             return GradscopeError(
                 f"{finding.message}; stopping (raise_on includes {finding.code!r})", finding.to_dict()
             )
@@ -456,6 +470,8 @@ def complete(scope: Scope, pending: PendingFlush) -> GradscopeError | None:
     record, host = gather(scope, pending)
     missed = complete_sampled_record(scope, record, host, step, full, pending.late) if sampled else False
     reading = scope._training.read(steps, host.ring, pending.ring_flags)
+    if reading.ceiling_found and is_writer():
+        logger.warning("gradscope: %s", scope._training.ceiling.message())
     observe_scales(scope, steps, host.ring, pending.ring_flags)
     if reading.scale_now is not None:
         scope._training.scale_history.append((step, reading.scale_now))
@@ -516,7 +532,8 @@ def complete(scope: Scope, pending: PendingFlush) -> GradscopeError | None:
         alerts=[alert.finding for alert in alerts if alert.kind != "cleared"],
     )
     keep_result(scope, result, steps)
-    error = error_to_raise(scope, located, alerts) if pending.raise_errors else None
+    spike = next((f for f in sources["training"] if f.code == "gradient-spike"), None) if reading.spike else None
+    error = error_to_raise(scope, located, alerts, spike) if pending.raise_errors else None
     if error is not None and pending.late:
         # Raised by a later step() (the one that read this flush): say which step it belongs to.
         error = GradscopeError(
