@@ -16,9 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradscope.attention_scores import AttentionScores
 from gradscope.distributed import NO_REDUCTION, data_parallel_size, resolve_group
 from gradscope.errors import GradscopeError, InputError
 from gradscope.inputs import InputSpec, check_batch_not_empty, compute_loss, resolve_spec, synthetic_input
+from gradscope.own_hooks import OwnHook
 from gradscope.recorder import Recorder
 from gradscope.report import Report
 
@@ -72,8 +74,9 @@ class _LayerTracker:
         self.failed_in: str | None = None
         self._handles: list[Any] = []
         for name, module in model.named_modules():
-            self._handles.append(module.register_forward_pre_hook(self._enter(name, module)))
-            self._handles.append(module.register_forward_hook(self._leave()))
+            # OwnHook: a copy the model's forward makes of a module is not tracked (gradscope.own_hooks).
+            self._handles.append(module.register_forward_pre_hook(OwnHook(self._enter(name, module))))
+            self._handles.append(module.register_forward_hook(OwnHook(self._leave())))
 
     def _enter(self, name: str, module: nn.Module) -> Callable[..., None]:
         label = f"{name or 'model'} ({type(module).__name__})"
@@ -92,6 +95,10 @@ class _LayerTracker:
 
     def innermost(self) -> str | None:
         return self.stack[-1] if self.stack else None
+
+    def innermost_module(self) -> str | None:
+        """The innermost running module's name (its label without the type)."""
+        return self.stack[-1].rsplit(" (", 1)[0] if self.stack else None
 
     def close(self) -> None:
         for handle in self._handles:
@@ -226,6 +233,7 @@ def audit(
         data_seed = seed + 1_000_003 * (group.rank // max(1, group.size // data_parallel))
     generator = torch.Generator().manual_seed(data_seed)
     passes: list[PassLoss] = []
+    scores = ScoreProbe()
     with preserved_state(model):
         torch.manual_seed(seed)
         model.train(mode == "train")
@@ -248,7 +256,7 @@ def audit(
                 batch = inputs if spec is None else synthetic_input(spec, generator, device)
                 # Every pass starts and ends with no ``.grad``: its weight-gradient
                 # statistics are of its own batch's gradient, never of a running sum.
-                passes.append(_one_pass(model, recorder, batch, loss, generator))
+                passes.append(_one_pass(model, recorder, batch, loss, generator, scores))
             record = recorder.finish()
 
     shape, dtype_name = (list(spec.shape), str(spec.dtype).removeprefix("torch.")) if spec else _describe_inputs(inputs)
@@ -267,6 +275,10 @@ def audit(
     if spec is not None and spec.vocab is not None:
         run["vocab"] = spec.vocab
     run.update(_loss_facts(passes))
+    if scores.rows:
+        run["attention_scores"] = scores.rows
+    if scores.unread:
+        run["attention_scores_unread"] = scores.unread
     reduction = recorder.reduction_summary()
     if reduction != "single process":
         run["reduction"] = reduction
@@ -292,6 +304,27 @@ def audit(
 
             add_optimizer_audit(report, optimizer, model)
     return report
+
+
+class ScoreProbe:
+    """The attention-score extremes of every pass (``gradscope.attention_scores``), merged."""
+
+    def __init__(self) -> None:
+        self.by_module: dict[str, dict[str, Any]] = {}
+        self.unread = 0
+
+    def add(self, probe: AttentionScores) -> None:
+        self.unread += probe.unread
+        for row in probe.summary():
+            seen = self.by_module.setdefault(row["module"], {**row, "max_score": 0.0, "calls": 0, "nonfinite_calls": 0})
+            seen["max_score"] = max(seen["max_score"], row["max_score"])
+            seen["calls"] += row["calls"]
+            seen["nonfinite_calls"] += row["nonfinite_calls"]
+            seen["source"] = sorted(set(seen["source"]) | set(row["source"]))
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return list(self.by_module.values())
 
 
 @dataclass
@@ -322,6 +355,7 @@ def _one_pass(
     batch: Any,
     loss: str | Callable[[Any], torch.Tensor],
     generator: torch.Generator,
+    scores: ScoreProbe | None = None,
 ) -> PassLoss:
     """Forward, loss, backward, parameter capture; errors become one-line InputErrors.
 
@@ -333,7 +367,11 @@ def _one_pass(
     recorder.start()
     try:
         with torch.enable_grad():
-            output = _call_model(model, batch)
+            with contextlib.ExitStack() as stack:
+                probe = stack.enter_context(AttentionScores(tracker.innermost_module)) if scores is not None else None
+                output = _call_model(model, batch)
+            if probe is not None and scores is not None:
+                scores.add(probe)
     except (GradscopeError, KeyboardInterrupt):
         raise
     except Exception as exc:

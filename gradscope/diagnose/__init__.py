@@ -57,7 +57,7 @@ def diagnose_record(
     model: Any = None,
     steps: int | None = None,
     during_training: bool = False,
-    loss: Mapping[str, Any] | None = None,
+    run: Mapping[str, Any] | None = None,
 ) -> tuple[list[Finding], dict[str, Any]]:
     """Findings (sorted) and the analysis dict for a Record.
 
@@ -70,9 +70,11 @@ def diagnose_record(
             to turn merged gradient sums into a per-step norm.
         during_training: the record comes from a run in progress (``watch``):
             no finding advises re-initialising weights that are being trained.
-        loss: the audit's loss entries (``loss_classes``, ``loss_logits``,
-            ``loss_value`` of ``Report.run``), when gradscope built the loss.
+        run: the audit's ``Report.run``: its loss entries (``loss_classes``,
+            ``loss_logits``, ``loss_value``) when gradscope built the loss, and the
+            attention scores it measured (``attention_scores``).
     """
+    from gradscope.diagnose.attention import rule_attention_scores
     from gradscope.diagnose.depth import rule_activations, rule_gradient
     from gradscope.diagnose.init import rule_poor_init
     from gradscope.diagnose.layers import Context
@@ -95,12 +97,13 @@ def diagnose_record(
         raise InputError(f"unknown format {unknown[0]!r}; choose among {', '.join(FORMAT_NAMES)}")
     ctx = Context(record, tuple(formats), model, steps if steps is not None else max(record.steps, 1))
     ctx.during_training = during_training
-    loss = loss or {}
+    run = run or {}
     ctx.loss_classes, ctx.loss_logits, ctx.loss_value = (
-        loss.get("loss_classes"),
-        loss.get("loss_logits"),
-        loss.get("loss_value"),
+        run.get("loss_classes"),
+        run.get("loss_logits"),
+        run.get("loss_value"),
     )
+    ctx.attention_scores = run.get("attention_scores")
     ctx.analysis = _analysis(ctx)
     findings: list[Finding] = []
     # poor-init runs last: its severity depends on what the depth rules found.
@@ -109,6 +112,7 @@ def diagnose_record(
         rule_gradient,
         rule_activations,
         rule_precision,
+        rule_attention_scores,
         rule_dead_units,
         rule_saturated_units,
         rule_through_time,
@@ -142,7 +146,7 @@ def diagnose(report: Report, model: Any = None) -> None:
         formats=tuple(formats),
         model=model,
         steps=int(batches) if batches else None,
-        loss=report.run,
+        run=report.run,
     )
     report.findings = findings
     report.analysis = analysis

@@ -131,6 +131,8 @@ class Context:
     loss_classes: int | None = None
     loss_logits: int | None = None
     loss_value: float | None = None
+    # The audit's attention-score extremes per module (gradscope.attention_scores).
+    attention_scores: list[dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         self.layers: list[LayerRecord] = sorted(self.record.layers, key=lambda x: x.index)

@@ -6,7 +6,6 @@ and skipped steps, and the trainer's clipping; ``summary()`` is
 
 from __future__ import annotations
 
-import logging
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -19,8 +18,6 @@ from gradscope.watching.clip_ceiling import ClipCeiling
 from gradscope.watching.norms import NormHistogram, Spike, SpikeDetector
 from gradscope.watching.step_norms import LOSS, NORM, SCALE, StepNorms
 
-logger = logging.getLogger("gradscope")
-
 
 @dataclass
 class RingReading:
@@ -32,6 +29,7 @@ class RingReading:
     first_bad_norm: int | None = None
     first_bad_loss: int | None = None
     spike: Spike | None = None
+    ceiling_found: bool = False  # norms first seen pinned at one ceiling (clip_ceiling)
 
 
 class TrainingState:
@@ -96,7 +94,7 @@ class TrainingState:
             # (its norm, if non-finite, only counts as such in the history).
             return
         if self.clip_max_norm is None and self.ceiling.observe(norm):
-            logger.warning("gradscope: %s", self.ceiling.message())
+            out.ceiling_found = True  # said by the flush, on the writing rank only
         if self.clip_max_norm and math.isfinite(norm):
             # torch.nn.utils.clip_grads_with_norm_: factor max_norm / (norm + 1e-6), at most 1
             self.post_clip_last = norm * min(1.0, self.clip_max_norm / (norm + 1e-6))
