@@ -71,7 +71,10 @@ writes when torch.distributed is initialised.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -224,6 +227,37 @@ def alert_markdown(step: int, finding: Finding) -> str:
     return text
 
 
+def _handed_to_caller(args: Any) -> bool:
+    """An exception of TensorBoard's event-writer thread that TensorBoard also raises in the writing thread.
+
+    ``tensorboard.summary.writer.event_file_writer._AsyncWriterThread.run`` stores the
+    exception (``self.exception``) and re-raises it; the next ``write``/``flush`` of the
+    thread that writes raises that same object (``_check_worker_status``).  Printing it
+    from the worker too is a duplicate traceback (a full disk gave 38 lines of stderr
+    before gradscope's one-line error).
+    """
+    thread = args.thread
+    return type(thread).__name__ == "_AsyncWriterThread" and getattr(thread, "exception", None) is args.exc_value
+
+
+@contextlib.contextmanager
+def writer_thread_errors_to_caller() -> Iterator[None]:
+    """While open, ``threading.excepthook`` drops what ``_handed_to_caller`` covers; everything else
+    (any other thread's exception) reaches the hook that was installed before.  Restored on exit."""
+    previous = threading.excepthook
+
+    def hook(args: Any) -> None:
+        if not _handed_to_caller(args):
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        if threading.excepthook is hook:  # someone else's hook installed meanwhile stays
+            threading.excepthook = previous
+
+
 class DashboardWriter:
     """gradscope's runs, tags and layout in one log directory.  Create it with
     ``for_rank_zero`` so other ranks get a writer that writes nothing."""
@@ -244,12 +278,21 @@ class DashboardWriter:
         self.heatmaps = HeatmapWorker(
             self._write_image, {"gradient": ch.HEATMAP_GRADIENT, "activation": ch.HEATMAP_ACTIVATION}
         )
+        self._quiet = contextlib.ExitStack()
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=self.logdir)
-            self._writer.add_custom_scalars(layout(self.formats))  # once per writer
-            self._runs.open(ch.RUN_ORDER)  # in colour order (gradscope.dashboards.charts)
+            self._quiet.enter_context(writer_thread_errors_to_caller())  # until close()
+            try:
+                self._writer = SummaryWriter(log_dir=self.logdir)
+                self._writer.add_custom_scalars(layout(self.formats))  # once per writer
+                self._runs.open(ch.RUN_ORDER)  # in colour order (gradscope.dashboards.charts)
+            except BaseException:
+                # a full disk can fail the first write: stop the threads started so far and
+                # restore the hook; the original error is the one to report
+                with contextlib.suppress(Exception):
+                    self.close()
+                raise
 
     @classmethod
     def for_rank_zero(cls, logdir: str | Path, formats: tuple[str, ...] = ("fp16",)) -> DashboardWriter:
@@ -412,13 +455,24 @@ class DashboardWriter:
             w.add_figure(f"{PREFIX}/depth_profile", figure, step)
 
     def close(self) -> None:
-        """Draw the pending heatmap, join its thread, close every run's events file."""
-        self.heatmaps.close()
-        self._runs.close()
-        if self._writer is not None:
-            self._writer.flush()
-            self._writer.close()
-            self._writer = None
+        """Draw the pending heatmap, join its thread, close every run's events file.
+
+        Each step runs even when an earlier one failed (a full disk fails the first
+        flush), so every writer thread is stopped while its exceptions are still
+        left to the caller; the error propagates (later ones chained to it)."""
+        with contextlib.ExitStack() as steps:  # run in reverse order of registration
+            steps.callback(self._quiet.close)
+            steps.callback(self._close_writer)
+            steps.callback(self._runs.close)
+            steps.callback(self.heatmaps.close)
+
+    def _close_writer(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                writer.flush()
+            finally:
+                writer.close()
 
 
 def depth_figure(record: Record) -> Any:

@@ -23,6 +23,9 @@ EXIT_OK = 0
 EXIT_FINDINGS = 1
 EXIT_ERROR = 2
 
+# What a MemoryError means where a model runs (audit, fix): the synthetic batch is the knob.
+MODEL_OUT_OF_MEMORY = "out of memory; try a smaller --input-shape batch"
+
 FAIL_ON = ("error", "warning", "never")
 OUTPUT_FORMATS = ("table", "json", "markdown", "html")
 
@@ -56,7 +59,9 @@ class App:
             self.abort(str(exc))
 
     @contextlib.contextmanager
-    def guard(self, *, subject: str | None = None, isolate: bool = True) -> Iterator[None]:
+    def guard(
+        self, *, subject: str | None = None, isolate: bool = True, out_of_memory: str = "out of memory"
+    ) -> Iterator[None]:
         """Run a command's work inside the CLI contract; every failure is one line.
 
         Inside the block (``isolate``, for commands that run model code): file
@@ -65,7 +70,8 @@ class App:
         --debug); SIGINT/SIGTERM raise, so staged outputs are removed and the
         command exits 130/143.  Torch's warnings are hidden unless --debug.
         ``subject`` (the MODEL the user passed) names the code in the message
-        when that code calls ``sys.exit``.
+        when that code calls ``sys.exit``; ``out_of_memory`` is the line for a
+        MemoryError, with the hint that fits the command.
         """
         from gradscope.cli.isolation import (
             EXIT_SIGINT,
@@ -111,7 +117,7 @@ class App:
                 self.abort(str(exc))
             if isinstance(exc, MemoryError):
                 self._traceback()
-                self.abort("out of memory; try a smaller --input-shape batch")
+                self.abort(out_of_memory)
             if isinstance(exc, OSError) and exc.filename is not None:
                 # a file the user named (an output folder that filled up, a path gone read-only)
                 self._traceback()

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from gradscope.cli.app import (
+    MODEL_OUT_OF_MEMORY,
     debug_option,
     exit_code,
     get_app,
@@ -80,9 +81,9 @@ def audit(
     appear only once everything succeeded.
     """
     app = get_app()
-    choice = InputChoice(**input_values)  # type: ignore[arg-type]
+    choice = InputChoice.from_command(input_values)
     color = fmt == "table" and not output and use_color()
-    with app.guard(subject=model):
+    with app.guard(subject=model, out_of_memory=MODEL_OUT_OF_MEMORY):
         from gradscope.cli.paths import check_model_inputs, plan_outputs
         from gradscope.cli.staging import Staging
 
@@ -97,6 +98,7 @@ def audit(
             inputs, kwargs = choice.audit_kwargs()
             loaded = load_model(model, arch=arch, trust_code=trust_code, seed=choice.seed)
             report = audit_loaded(loaded, inputs, **kwargs)
+            choice.check_applied(report.run)
             if planned is not None:
                 audit_planned_optimizer(report, loaded.module, planned)
             text = render_report(report, fmt, width=width, color=color)

@@ -10,54 +10,54 @@ a pickled module has no such file: its ``state_dict()`` is written.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from gradscope.errors import InputError
+from gradscope.loaders.files import state_dict_keys, torch_load, torch_save
 
 # Wrapper prefixes the loader strips when matching a state_dict to --arch
-# (DDP's "module.", Lightning's "model.", torch.compile's "_orig_mod.").
+# (DDP's "module.", Lightning's "model.", torch.compile's "_orig_mod."), in the
+# loader's order (gradscope.loaders.files._strip_prefix).
 _PREFIXES = ("", "module.", "model.", "_orig_mod.")
-_MAX_DEPTH = 4  # checkpoints nest the weights one or two levels down
 
 
-def _mappings(obj: Any, path: tuple[Any, ...] = (), depth: int = 0) -> Iterator[tuple[tuple[Any, ...], Any]]:
-    if isinstance(obj, Mapping):
-        yield path, obj
-        if depth < _MAX_DEPTH:
-            for key, value in obj.items():
-                yield from _mappings(value, (*path, key), depth + 1)
+def _locate(
+    original: Any, fixed: Mapping[str, torch.Tensor], source: str
+) -> tuple[tuple[Any, ...], MutableMapping, dict[str, Any]]:
+    """The mapping the loader read the weights from, its path, and fixed name -> original key.
+
+    The path is the loader's own (``state_dict_keys``: a bare state_dict, else the
+    first of CHECKPOINT_KEYS), never a search for the best match: a checkpoint that
+    also holds an EMA or teacher copy of the same weights has two matching entries,
+    and only the one the audit loaded may change.
+    """
+    path = state_dict_keys(original, Path(source))
+    mapping = original
+    for key in path:
+        mapping = mapping[key]
+    for prefix in _PREFIXES:
+        names = {
+            key[len(prefix) :]: key
+            for key, value in mapping.items()
+            if isinstance(key, str) and key.startswith(prefix) and isinstance(value, torch.Tensor)
+        }
+        if all(name in names for name in fixed) and isinstance(mapping, MutableMapping):
+            return path, mapping, {name: names[name] for name in fixed}
+    raise InputError("cannot find every fixed weight in the input file to update it; nothing was written")
 
 
-def _locate(original: Any, fixed: Mapping[str, torch.Tensor]) -> tuple[tuple[Any, ...], MutableMapping, dict[str, Any]]:
-    """The mapping holding the weights, its path, and fixed name -> original key."""
-    best: tuple[tuple[Any, ...], Any, dict[str, Any]] | None = None
-    for path, mapping in _mappings(original):
-        for prefix in _PREFIXES:
-            names = {
-                key[len(prefix) :]: key
-                for key, value in mapping.items()
-                if isinstance(key, str) and key.startswith(prefix) and isinstance(value, torch.Tensor)
-            }
-            matched = {name: names[name] for name in fixed if name in names}
-            if best is None or len(matched) > len(best[2]):
-                best = (path, mapping, matched)
-    if best is None or len(best[2]) != len(fixed) or not isinstance(best[1], MutableMapping):
-        raise InputError("cannot find every fixed weight in the input file to update it; nothing was written")
-    return best
-
-
-def merge_fixed(original: Any, fixed: Mapping[str, torch.Tensor]) -> tuple[int, tuple[Any, ...]]:
+def merge_fixed(original: Any, fixed: Mapping[str, torch.Tensor], source: str) -> tuple[int, tuple[Any, ...]]:
     """Put the changed tensors of ``fixed`` into ``original`` in place.
 
     Returns (number of tensors replaced, path of keys to the weights' mapping).
     Unchanged tensors stay the very objects that were loaded; changed ones take
     the original's dtype; weights tied in the model stay tied in the file.
     """
-    path, mapping, names = _locate(original, fixed)
+    path, mapping, names = _locate(original, fixed, source)
     replaced = 0
     for name, new in fixed.items():
         key = names[name]
@@ -85,13 +85,13 @@ def save_fixed(loaded: Any, source: str, staged: Path, target: Path, *, trusted:
     fixed = {name: tensor.detach() for name, tensor in module.state_dict().items()}
     as_safetensors = target.suffix == ".safetensors"
     if loaded.format == "state_dict":
-        original = torch.load(source, map_location="cpu", weights_only=not trusted)
-        replaced, path = merge_fixed(original, fixed)
-        kept = [str(k) for k in original if not path or k != path[0]] if isinstance(original, Mapping) else []
+        original = torch_load(Path(source), weights_only=not trusted)
+        replaced, path = merge_fixed(original, fixed, source)
+        kept = [str(k) for k in original if k != path[0]] if path else []  # a bare state_dict keeps no other entry
         if as_safetensors:
             _save_safetensors(original, staged, source, target)
             return f"safetensors, {replaced} tensor(s) updated"
-        torch.save(original, staged)
+        torch_save(original, staged)
         also = f"; kept {', '.join(kept)}" if kept else ""
         return f"the checkpoint via torch.save, {replaced} tensor(s) updated in {_where(path) or 'it'}{also}"
     if loaded.format == "safetensors":
@@ -101,11 +101,11 @@ def save_fixed(loaded: Any, source: str, staged: Path, target: Path, *, trusted:
         original = load_file(source, device="cpu")
         with safe_open(source, "pt") as handle:
             metadata = handle.metadata()
-        replaced, _path = merge_fixed(original, fixed)
+        replaced, _path = merge_fixed(original, fixed, source)
         if as_safetensors:
             _save_safetensors(original, staged, source, target, metadata)
         else:
-            torch.save(original, staged)
+            torch_save(original, staged)
         return f"{'safetensors' if as_safetensors else 'state_dict via torch.save'}, {replaced} tensor(s) updated"
     if as_safetensors:
         try:
@@ -114,7 +114,7 @@ def save_fixed(loaded: Any, source: str, staged: Path, target: Path, *, trusted:
             raise _no_safetensors() from None
         save_model(module, str(staged))
         return f"safetensors, {len(fixed)} tensors"
-    torch.save(fixed, staged)
+    torch_save(fixed, staged)
     return f"state_dict via torch.save, {len(fixed)} tensors"
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from gradscope.cli.app import FAIL_ON, debug_option, exit_code, get_app
+from gradscope.cli.app import FAIL_ON, MODEL_OUT_OF_MEMORY, debug_option, exit_code, get_app
 from gradscope.cli.isolation import check_not_interrupted
 from gradscope.cli.options import InputChoice, input_options, model_options
 from gradscope.render.sanitize import clean_text
@@ -54,8 +54,8 @@ def fix(
     everything succeeded.
     """
     app = get_app()
-    choice = InputChoice(**input_values)
-    with app.guard(subject=model):
+    choice = InputChoice.from_command(input_values)
+    with app.guard(subject=model, out_of_memory=MODEL_OUT_OF_MEMORY):
         from gradscope.cli.paths import check_model_inputs, plan_outputs
         from gradscope.cli.staging import Staging
 
@@ -69,6 +69,7 @@ def fix(
             from gradscope.errors import InputError
             from gradscope.fix import apply_init
             from gradscope.loaders import audit_loaded, load_model
+            from gradscope.loaders.factory import seeded
 
             inputs, kwargs = choice.audit_kwargs()
             loaded = load_model(model, arch=arch, trust_code=trust_code, seed=choice.seed)
@@ -78,7 +79,11 @@ def fix(
                     "(pass file.py:factory, or a state_dict with --arch)"
                 )
             before = audit_loaded(loaded, inputs, **kwargs)
-            changes = apply_init(loaded.module, scheme=scheme, inputs=inputs, **kwargs)
+            choice.check_applied(before.run)
+            # The new weights are drawn from torch's global generator (nn.init); --seed fixes
+            # them as it fixes the factory, so the same file and seed give the same --out.
+            with seeded(choice.seed):
+                changes = apply_init(loaded.module, scheme=scheme, inputs=inputs, **kwargs)
             after = audit_loaded(loaded, inputs, **kwargs)
             with staging.writing(target, also=(RuntimeError,)):  # torch.save reports a full disk as RuntimeError
                 saved = save_fixed(loaded, model, staging.file(target), target, trusted=trust_code)

@@ -105,9 +105,14 @@ def input_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+# Where a value came from when the user typed it (click.core.ParameterSource); the
+# rest are click's defaults, which never make an option "given".
+_TYPED = ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
+
+
 @dataclass
 class InputChoice:
-    """The parsed input options."""
+    """The parsed input options, and which of them the user gave (``given``)."""
 
     input_shape: str | None
     input_dtype: str
@@ -118,18 +123,75 @@ class InputChoice:
     seed: int
     formats: str
     mode: str
+    given: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_command(cls, values: dict[str, Any]) -> InputChoice:
+        """The choice of the running command, remembering which options were typed:
+        an option that does not apply is an error only when the user gave it."""
+        ctx = click.get_current_context()
+        given = frozenset(name for name in values if getattr(ctx.get_parameter_source(name), "name", None) in _TYPED)
+        return cls(**values, given=given)
 
     def check_before_loading(self) -> None:
-        """What can be checked before any model code runs: the flags' values and
-        the synthetic input's size (a memory estimate, before allocating anything)."""
+        """What can be checked before any model code runs: the flags' values, options
+        that cannot apply together, and the synthetic input's size (a memory
+        estimate, before allocating anything)."""
         from gradscope.errors import InputError
         from gradscope.inputs import check_input_memory, parse_shape
 
         if self.inputs_file and self.input_shape:
             raise InputError("pass either --inputs or --input-shape, not both")
+        self._check_applies_before_loading()
         self.formats_tuple()
         if self.input_shape:
             check_input_memory(parse_shape(self.input_shape), self.input_dtype, f"--input-shape {self.input_shape}")
+
+    def _check_applies_before_loading(self) -> None:
+        """--input-dtype and --vocab describe synthetic inputs; --vocab only integer ones."""
+        from gradscope.errors import InputError
+
+        if self.inputs_file:
+            for option, name in (("--input-dtype", "input_dtype"), ("--vocab", "vocab")):
+                if name in self.given:
+                    raise InputError(
+                        f"{option} applies to synthetic inputs, but --inputs {self.inputs_file!r} gives the inputs "
+                        f"(with their own dtype); drop {option}"
+                    )
+        float_inputs = self.input_dtype == "float32" and ("input_dtype" in self.given or self.input_shape)
+        if self.vocab is not None and float_inputs:
+            raise InputError(
+                f"--vocab {self.vocab} applies to int64 (token id) inputs, but the inputs are float32; "
+                "pass --input-dtype int64 or drop --vocab"
+            )
+
+    def check_applied(self, run: dict[str, Any]) -> None:
+        """After the audit: --input-dtype and --vocab, when given, shaped its inputs.
+
+        Without --input-shape the inputs come from the model (its first layer, a
+        TorchScript guess, a .pt2's saved example), which may decide the dtype: a
+        given option the audit could not use is an error, never silently dropped.
+        """
+        from gradscope.errors import InputError
+
+        synthetic = run.get("inputs") == "synthetic"
+        dtype = str(run.get("input_dtype", ""))
+        if not synthetic:
+            reason = "the inputs saved in the model file were used"
+        elif run.get("input_inferred_from"):
+            reason = f"the inputs were {dtype}, read from {run['input_inferred_from']}"
+        else:
+            reason = f"the inputs were {dtype}"
+        if "input_dtype" in self.given and dtype != self.input_dtype:
+            raise InputError(
+                f"--input-dtype {self.input_dtype} was not applied: {reason}; pass --input-shape with it "
+                "(or drop --input-dtype)"
+            )
+        if self.vocab is not None and not (synthetic and not dtype.startswith(("float", "bfloat", "complex"))):
+            raise InputError(
+                f"--vocab {self.vocab} was not applied: {reason}; --vocab is for int64 (token id) inputs "
+                "(pass --input-shape and --input-dtype int64 with it, or drop --vocab)"
+            )
 
     def formats_tuple(self) -> tuple[str, ...]:
         from gradscope.errors import InputError

@@ -218,6 +218,19 @@ def check_output_directory(path: str, option: str, inputs: list[InputFile]) -> P
     return target
 
 
+def _check_files_outside_runs(plan: OutputPlan) -> None:
+    """A file output may not lie inside a run directory: the run must be new or empty
+    when it is moved into place, and the run directory holds only the run."""
+    for option, target in plan.files.items():
+        where = Path(os.path.realpath(target.parent)) / target.name
+        for run_option, run in plan.directories.items():
+            if where.is_relative_to(os.path.realpath(run)):
+                raise InputError(
+                    f"{option} {str(target)!r} is inside the {run_option} run directory {str(run)!r}, which "
+                    "holds only the run; write it next to the run instead"
+                )
+
+
 def plan_outputs(
     inputs: list[InputFile], files: dict[str, str | None], directories: dict[str, str | None] | None = None
 ) -> OutputPlan:
@@ -235,4 +248,5 @@ def plan_outputs(
         if key in seen:
             raise InputError(f"{option} and {seen[key]} name the same path {str(target)!r}; give each its own")
         seen[key] = option
+    _check_files_outside_runs(plan)
     return plan

@@ -64,6 +64,15 @@ def _arch_model(arch: str | None, path: Path, kind: str, seed: int | None) -> An
     return model
 
 
+def _arch_unused(arch: str | None, spec: str, what: str) -> None:
+    """``--arch`` builds the architecture for weights alone; a MODEL that carries its own would ignore it."""
+    if arch:
+        raise LoadError(
+            f"--arch applies only to a state_dict or safetensors MODEL; {spec!r} is {what}, which carries its "
+            "own architecture (drop --arch)"
+        )
+
+
 def load_model(
     spec: str,
     *,
@@ -84,20 +93,24 @@ def load_model(
             (MODEL's or ``--arch``'s) builds the model; None leaves them alone.
 
     Raises:
-        LoadError: a one-line reason (missing, empty, truncated, mismatched...);
-            ``CodeRefused`` when the file is code and consent was not given.
+        LoadError: a one-line reason (missing, empty, truncated, mismatched, an
+            ``arch`` for a MODEL that has its own architecture...); ``CodeRefused``
+            when the file is code and consent was not given.
     """
     from gradscope.loaders import detect, files
     from gradscope.loaders.factory import build_from_spec, split_spec
 
     trusted = trust_code or trust_pickle
     if split_spec(spec) is not None:
+        _arch_unused(arch, spec, "a factory")  # before any of its code runs
         loaded = _from_factory(spec, build_from_spec(spec, seed=seed))
         loaded.seed = seed
         return loaded
     path = Path(spec)
     check_file(path)
     kind = detect.detect_format(path)
+    if kind in (detect.TORCHSCRIPT, detect.EXPORT):
+        _arch_unused(arch, spec, "a TorchScript file" if kind == detect.TORCHSCRIPT else "a torch.export archive")
     if kind == detect.TORCHSCRIPT:
         return _torchscript(spec, files.load_torchscript(path, trusted=trusted))
     if kind == detect.EXPORT:
@@ -123,6 +136,8 @@ def load_model(
         loader = "torch.load(weights_only=True)"
     import torch
 
+    if isinstance(obj, torch.nn.Module):
+        _arch_unused(arch, spec, "a pickled module")
     if isinstance(obj, torch.jit.ScriptModule):  # an nn.Module too, but one that refuses hooks
         loaded = _torchscript(spec, obj)
         loaded.format, loaded.loader = "pickle", loader
@@ -228,20 +243,21 @@ def load_inputs(spec: str) -> Any:
 
     import torch
 
-    from gradscope.loaders.files import first_line
-    from gradscope.loaders.pickles import describe_imports, unsafe_globals
+    from gradscope.loaders.files import code_refused, first_line, not_torch_save, torch_load
+    from gradscope.loaders.pickles import describe_imports
 
     path = Path(spec)
     check_file(path, "inputs file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch_load(path, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Weights only load failed" not in str(exc):
-            raise LoadError(f"inputs file {spec!r} is not a readable torch.save file: {first_line(exc)}") from None
-        imports = describe_imports(unsafe_globals(path))
+        imports = code_refused(path, exc)
+        if not imports:
+            raise not_torch_save(path, "inputs file ") from None
         raise LoadError(
-            f"inputs file {spec!r} is a pickled Python object{imports}; --inputs are read as tensors only "
-            "(weights_only=True, --trust-code does not apply): torch.save a tensor, a tuple or a dict of tensors"
+            f"inputs file {spec!r} is a pickled Python object{describe_imports(imports)}; --inputs are read as "
+            "tensors only (weights_only=True, --trust-code does not apply): torch.save a tensor, a tuple or a "
+            "dict of tensors"
         ) from None
     except Exception as exc:
         raise LoadError(

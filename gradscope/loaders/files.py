@@ -32,6 +32,46 @@ def first_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def torch_load(path: Path, *, weights_only: bool) -> Any:
+    """``torch.load`` of the file's content, whatever its name.
+
+    torch.load given a *path* ending in ``.safetensors`` reads it with
+    ``safetensors.torch.load_file`` (torch/serialization.py, ``load``, since 2.13),
+    so a torch.save file so named failed; an open handle leaves the format to
+    the bytes, as gradscope's contract says.
+    """
+    with path.open("rb") as handle, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(handle, map_location="cpu", weights_only=weights_only)
+
+
+def torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through an open handle: what is written never depends on the name."""
+    with path.open("wb") as handle:
+        torch.save(obj, handle)
+
+
+def code_refused(path: Path, exc: pickle.UnpicklingError) -> list[str]:
+    """The globals that made ``torch.load(weights_only=True)`` refuse ``path``, when it refused code.
+
+    Its restricted unpickler says "Weights only load failed" for a global it does
+    not allow *and* for bytes it cannot parse at all (a CSV, a ``.npy``, a stream
+    cut short: "Unsupported operand 49", "pickle data was truncated").  Only a
+    file whose opcodes name an import is code; the rest is damaged or another format.
+    """
+    if "Weights only load failed" not in str(exc):
+        return []
+    return unsafe_globals(path)
+
+
+def not_torch_save(path: Path, what: str = "") -> LoadError:
+    """The message for a file the restricted unpickler cannot parse and that imports nothing."""
+    return LoadError(
+        f"{what}{str(path)!r} is damaged or not a torch.save file: torch.load(weights_only=True) cannot parse it "
+        "(truncated, or another format such as CSV or NumPy) and it imports no code"
+    )
+
+
 def load_weights_only(path: Path) -> Any:
     """``torch.load(weights_only=True)`` with each failure turned into a one-line LoadError.
 
@@ -39,16 +79,14 @@ def load_weights_only(path: Path) -> Any:
     message names the globals it would import (read from the opcodes, never run).
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return torch_load(path, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Weights only load failed" not in str(exc):
-            raise LoadError(f"{str(path)!r} is not a readable torch.save file: {first_line(exc)}") from exc
-        imports = describe_imports(unsafe_globals(path))
+        imports = code_refused(path, exc)
+        if not imports:
+            raise not_torch_save(path) from exc
         raise refuse(
             path,
-            f"is a pickled Python object{imports}; unpickling it can run arbitrary code",
+            f"is a pickled Python object{describe_imports(imports)}; unpickling it can run arbitrary code",
             "save model.state_dict() and pass it with --arch",
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
@@ -58,9 +96,7 @@ def load_weights_only(path: Path) -> Any:
 def load_trusted_pickle(path: Path) -> Any:
     """The full unpickler, for ``--trust-code`` only."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=False)
+        return torch_load(path, weights_only=False)
     except (AttributeError, ModuleNotFoundError) as exc:
         raise LoadError(
             f"unpickling {str(path)!r} needs the code that defined the model: {first_line(exc)} "
@@ -70,20 +106,33 @@ def load_trusted_pickle(path: Path) -> Any:
         raise LoadError(f"cannot unpickle {str(path)!r}: {type(exc).__name__}: {first_line(exc)}") from exc
 
 
+def state_dict_keys(obj: Any, path: Path) -> tuple[str, ...]:
+    """The keys leading from a loaded torch.save object to its state_dict: () for a bare one.
+
+    A mapping that is at least half tensors is the state_dict; otherwise the first
+    of CHECKPOINT_KEYS that holds a mapping is followed.  ``gradscope fix`` writes
+    the fixed weights back to this same entry (``gradscope.cli.checkpoint``).
+    """
+    if not isinstance(obj, Mapping):
+        raise LoadError(f"{str(path)!r} holds a {type(obj).__name__}, not a state_dict")
+    tensors = [v for v in obj.values() if isinstance(v, torch.Tensor)]
+    if tensors and len(tensors) >= len(obj) / 2:
+        return ()
+    for key in CHECKPOINT_KEYS:
+        inner = obj.get(key)
+        if isinstance(inner, Mapping):
+            return (key, *state_dict_keys(inner, path))
+    keys = ", ".join(map(str, list(obj)[:6]))
+    raise LoadError(f"{str(path)!r} holds a dict ({keys}) with no state_dict of tensors in it")
+
+
 def extract_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], str]:
     """The tensors of a state_dict or of a checkpoint dict that nests one, and where they were."""
-    if isinstance(obj, Mapping):
-        tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        if tensors and len(tensors) >= len(obj) / 2:
-            return tensors, ""
-        for key in CHECKPOINT_KEYS:
-            inner = obj.get(key)
-            if isinstance(inner, Mapping):
-                found, where = extract_state_dict(inner, path)
-                return found, f"[{key!r}]{where}"
-        keys = ", ".join(map(str, list(obj)[:6]))
-        raise LoadError(f"{str(path)!r} holds a dict ({keys}) with no state_dict of tensors in it")
-    raise LoadError(f"{str(path)!r} holds a {type(obj).__name__}, not a state_dict")
+    keys = state_dict_keys(obj, path)
+    for key in keys:
+        obj = obj[key]
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return tensors, "".join(f"[{key!r}]" for key in keys)
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
