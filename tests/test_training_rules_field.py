@@ -46,6 +46,16 @@ def regression(step: int, n_in: int = 16, n_out: int = 4, rows: int = 32) -> tup
     return torch.randn(rows, n_in, generator=g), torch.randn(rows, n_out, generator=g)
 
 
+def train_step(model: nn.Module, opt: Any, scope: Any, step: int) -> None:
+    """One watched MSE step on ``regression(step)``, scope.step before optimizer.step."""
+    x, y = regression(step)
+    opt.zero_grad()
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    scope.step(opt, loss=loss)
+    opt.step()
+
+
 def clip_norm(model: nn.Module) -> float:
     """``clip_grad_norm_``'s total norm over every parameter with a gradient (inf: no clipping)."""
     return float(torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf))
@@ -115,12 +125,7 @@ def test_a_nan_in_an_unfrozen_weights_gradient_stops_at_its_step_before_the_upda
                     backbone.requires_grad_(True)
                 if step == 3:
                     backbone.weight.register_hook(lambda g: g * math.nan)
-                x, y = regression(step)
-                opt.zero_grad()
-                loss = nn.functional.mse_loss(model(x), y)
-                loss.backward()
-                scope.step(opt, loss=loss)
-                opt.step()
+                train_step(model, opt, scope, step)
                 steps_done.append(step)
     assert str(caught.value).startswith("step 3: ")
     assert caught.value.record.get("step") == 3 and caught.value.record.get("layer") == "0"
@@ -258,12 +263,7 @@ def probing_run(make_opt: Callable[..., torch.optim.Optimizer]) -> Any:
     opt = make_opt(model.parameters())
     with gradscope.watch(model, every=1) as scope:
         for step in range(12):
-            x, y = regression(step)
-            opt.zero_grad()
-            loss = nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            scope.step(opt, loss=loss)
-            opt.step()
+            train_step(model, opt, scope, step)
     return scope.report()
 
 

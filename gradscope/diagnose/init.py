@@ -515,14 +515,7 @@ def _bias_explains(effect: float | None, ratio: float) -> bool:
 
 def _bias_values(ctx: Context, row: dict[str, Any]) -> list[float] | None:
     """The layer's bias values, read from the model when it is at hand."""
-    if ctx.model is None:
-        return None
-    layer = ctx.by_name[row["name"]]
-    try:
-        module = ctx.model if layer.module == "model" else ctx.model.get_submodule(layer.module)
-    except AttributeError:
-        return None
-    bias = getattr(module, "bias", None)
+    bias = getattr(ctx.module_of(ctx.by_name[row["name"]]), "bias", None)
     if bias is None or not hasattr(bias, "detach") or _sharded(bias):
         # A sharded bias would need a collective to read whole, and the diagnosis may
         # run on one rank: unknown, so never blamed.

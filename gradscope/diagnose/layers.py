@@ -172,16 +172,22 @@ class Context:
             return "identity", None
         return "identity", None
 
+    def module_of(self, layer: LayerRecord | None) -> Any:
+        """The recorded layer's module when the model is at hand, else None."""
+        if layer is None or self.model is None:
+            return None
+        try:
+            return self.model if layer.module == "model" else self.model.get_submodule(layer.module)
+        except AttributeError:
+            return None
+
     def norm_eps(self, norm: LayerRecord | None) -> float:
         """The eps a normalisation adds to the variance it divides by: the module's own
         when the model is at hand, else torch's default for BatchNorm/LayerNorm/GroupNorm
         (1e-5; RMSNorm's default is smaller, so 1e-5 errs towards less rescaling)."""
         default = 1e-5
-        if norm is None or self.model is None:
-            return default
-        try:
-            module = self.model if norm.module == "model" else self.model.get_submodule(norm.module)
-        except AttributeError:
+        module = self.module_of(norm)
+        if module is None:
             return default
         for name in ("eps", "variance_epsilon", "epsilon"):  # torch; transformers' RMSNorms
             value = getattr(module, name, None)

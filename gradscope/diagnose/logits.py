@@ -68,11 +68,11 @@ def logits_layer(ctx: Context, classes: int) -> LayerRecord | None:
 def _tied_owner(ctx: Context, layer: LayerRecord) -> str | None:
     """Another module whose weight is the very tensor of ``layer`` (a head tied to an
     embedding), read from the model when it is at hand."""
-    if ctx.model is None or not layer.weight_name:
+    module = ctx.module_of(layer)
+    if module is None or not layer.weight_name:
         return None
-    try:
-        weight = getattr(ctx.model.get_submodule(layer.module), layer.weight_name)
-    except AttributeError:
+    weight = getattr(module, layer.weight_name, None)
+    if weight is None:
         return None
     for name, module in ctx.model.named_modules():
         if name != layer.module and getattr(module, "weight", None) is weight:

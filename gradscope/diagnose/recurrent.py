@@ -61,15 +61,6 @@ FORGET_BIAS_OPEN = 0.5
 THROUGH_TIME = "through-time"  # the analysis name in report.analysis["not_assessed"]
 
 
-def _module(ctx: Context, layer: LayerRecord) -> Any:
-    if ctx.model is None:
-        return None
-    try:
-        return ctx.model if layer.module == "model" else ctx.model.get_submodule(layer.module)
-    except AttributeError:
-        return None
-
-
 def spectral_radius(matrix: Any) -> float:
     """ρ(W), the largest |eigenvalue| (exact below EXACT_EIGEN_MAX, else Gelfand's formula)."""
     import torch
@@ -265,7 +256,7 @@ def _remaining(row: dict[str, Any], factor: float, vanishing: bool) -> tuple[str
 
 def _analyse(ctx: Context, layer: LayerRecord) -> tuple[dict[str, Any], list[str]]:
     """The through-time numbers of one layer, and what could not be assessed."""
-    module = _module(ctx, layer)
+    module = ctx.module_of(layer)
     kind = layer.type if layer.type in RECURRENT_TYPES else "marked"
     missing: list[str] = []
     row: dict[str, Any] = {"layer": layer.name, "kind": kind}
@@ -421,7 +412,7 @@ def _fix(
 
 def _finding(ctx: Context, layer: LayerRecord, row: dict[str, Any], verdict: tuple[str, Severity, str]) -> Finding:
     code, severity, basis = verdict
-    module = _module(ctx, layer)
+    module = ctx.module_of(layer)
     vanishing = code == "vanishing-through-time"
     steps = row.get("steps")
     radius = row.get("spectral_radius_max")

@@ -26,8 +26,6 @@ Read from the model (the rates) and the record (execution order and ranges):
 
 from __future__ import annotations
 
-from typing import Any
-
 from gradscope.diagnose.layers import BATCHNORM_TYPES, Context
 from gradscope.formats import get_format
 from gradscope.numbers import percent
@@ -38,15 +36,8 @@ DROPOUT_TYPES = {"Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout
 MAX_RATE = 0.9  # p at or above this keeps < 10 % of units, each scaled by >= 10 (see above)
 
 
-def _module(ctx: Context, layer: LayerRecord) -> Any:
-    try:
-        return ctx.model if layer.module == "model" else ctx.model.get_submodule(layer.module)
-    except AttributeError:
-        return None
-
-
 def _rate(ctx: Context, layer: LayerRecord) -> float | None:
-    module = _module(ctx, layer) if ctx.model is not None else None
+    module = ctx.module_of(layer)
     p = getattr(module, "p", None)
     return float(p) if isinstance(p, (int, float)) else None
 

@@ -26,7 +26,6 @@ weight 1: the loss does not depend on its logits): it never learns either.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from gradscope import advice
 from gradscope.diagnose import thresholds as th
@@ -161,23 +160,13 @@ def _reinit_summary(layers: list[LayerRecord]) -> str:
     )
 
 
-def _module(ctx: Context, layer: LayerRecord) -> Any:
-    """The layer's module when the model is at hand, else None."""
-    if ctx.model is None:
-        return None
-    try:
-        return ctx.model if layer.module == "model" else ctx.model.get_submodule(layer.module)
-    except AttributeError:
-        return None
-
-
 def _reinit_line(ctx: Context, layer: LayerRecord) -> str:
     """The init call that moves a zero layer off its stationary point."""
     target = advice.module_expression(layer.module)
     weight = f"{target}.{layer.weight_name or 'weight'}"
     if _is_gain(layer):
         return f"nn.init.ones_({weight})  # a gain starts at 1: the layer passes its normalised input on"
-    if callable(getattr(_module(ctx, layer), "reset_parameters", None)):
+    if callable(getattr(ctx.module_of(layer), "reset_parameters", None)):
         return f"{target}.reset_parameters()  # the layer's standard init"
     fan_in = layer.fan_in or 1
     # LeCun et al. 1998: std 1/sqrt(fan_in) keeps the output's variance at the input's.
