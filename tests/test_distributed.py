@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from watch_steps import Poison
 
 import gradscope
 from gradscope.recorder import Recorder
@@ -627,22 +628,10 @@ def test_an_audit_on_rank_zero_only_does_not_block(ddp_ranks: dict[int, dict]) -
 # -- failures end the job as fast as without gradscope -----------------------------------
 
 
-class _Poison(nn.Module):
-    """Tanh whose output turns NaN while ``on`` is set: an activation gone bad on one rank's rows only."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.on = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.tanh(x)
-        return y * math.nan if self.on else y
-
-
 def _poisonable_model() -> nn.Module:
     """``_model()`` with its Tanh (layer "3") able to turn NaN."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), _Poison(), nn.Linear(32, 4))
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), Poison(), nn.Linear(32, 4))
 
 
 # Phases of the watched job: (every, the step at which rank 1 alone goes bad, how).  Step 4

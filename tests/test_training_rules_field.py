@@ -142,6 +142,11 @@ class TwoHeads(nn.Module):
         self.body = nn.Linear(6, 16)
         self.head = nn.Linear(16, 3)
 
+    def add_second_head(self, opt: torch.optim.Optimizer) -> None:
+        """A head added mid-run, and its parameters to the optimizer (a new task)."""
+        self.add_module("head2", nn.Linear(16, 3))
+        opt.add_param_group({"params": self.head2.parameters()})
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.body(x))
         out = self.head(h)
@@ -160,8 +165,7 @@ def test_a_head_added_mid_run_joins_the_global_norm_at_the_next_flush(every: int
     with gradscope.watch(model, every=every) as scope:
         for step in range(7):
             if step == 2:
-                model.add_module("head2", nn.Linear(16, 3))
-                opt.add_param_group({"params": model.head2.parameters()})
+                model.add_second_head(opt)
             x, y = regression(step, 6, 3, 8)
             opt.zero_grad()
             loss = nn.functional.mse_loss(model(x), y)
@@ -200,8 +204,7 @@ def test_the_parameter_list_is_scanned_only_after_a_registration_and_its_hooks_l
         assert len(modules._global_parameter_registration_hooks) == before[0] + 1
         for step in range(8):
             if step == 5:
-                model.add_module("head2", nn.Linear(16, 3))
-                opt.add_param_group({"params": model.head2.parameters()})
+                model.add_second_head(opt)
             x, y = regression(step, 6, 3, 8)
             opt.zero_grad()
             nn.functional.mse_loss(model(x), y).backward()

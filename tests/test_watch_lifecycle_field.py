@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from watch_steps import batch
+from watch_steps import Poison, batch
 
 import gradscope
 from gradscope.errors import GradscopeError
@@ -39,18 +39,6 @@ EVERIES = [1, 3, 10]
 
 def _quiet(finding: Any) -> None:
     """on_finding for runs whose alerts are not under test."""
-
-
-class Poison(nn.Module):
-    """Tanh whose output turns NaN while ``on``: a layer that produces the NaN itself."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.on = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.tanh(x)
-        return y * math.nan if self.on else y
 
 
 def poisonable_model() -> nn.Sequential:

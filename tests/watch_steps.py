@@ -4,6 +4,7 @@ and the documented training step (``scope.step`` after backward, before
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,19 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Step ``step``'s inputs (8 x 6) and regression targets (8 x 3), the same in every test."""
     g = torch.Generator().manual_seed(1000 + step)
     return torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
+
+
+class Poison(nn.Module):
+    """Tanh whose output turns NaN while ``on`` is set: a layer that produces the NaN itself
+    (on one rank's rows only, when only that rank sets it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(x)
+        return y * math.nan if self.on else y
 
 
 class Blowup(nn.Module):
