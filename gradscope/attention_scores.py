@@ -37,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 # the audit's peak memory stays the model's (benchmarks/memory.py).
 CHUNK_ELEMENTS = 1 << 22
 
-_SOFTMAXES = {torch.softmax, F.softmax, torch.Tensor.softmax, torch.log_softmax, F.log_softmax}
+_SOFTMAXES = {torch.softmax, F.softmax, torch.Tensor.softmax}
 
 
 @dataclass
@@ -53,7 +53,7 @@ class ScoreExtremes:
 class AttentionScores(TorchFunctionMode):
     """Record attention-score extremes per innermost module (module docstring)."""
 
-    def __init__(self, where: Callable[[], str | None]) -> None:
+    def __init__(self, where: Callable[[], tuple[str, str] | None]) -> None:
         super().__init__()
         self.where = where
         self.by_module: dict[str, ScoreExtremes] = {}
@@ -64,7 +64,7 @@ class AttentionScores(TorchFunctionMode):
         try:
             if func is F.scaled_dot_product_attention:
                 self._sdpa(*args, **kwargs)
-            elif func in _SOFTMAXES and args and isinstance(args[0], torch.Tensor):
+            elif func in _SOFTMAXES and args and isinstance(args[0], torch.Tensor) and self._in_attention():
                 self._note(args[0].detach(), "softmax")
         except Exception:  # a probe never breaks the audit: what it cannot read is counted
             self.unread += 1
@@ -103,8 +103,17 @@ class AttentionScores(TorchFunctionMode):
             biggest = max(0.0, float(scores.float().where(finite, 0.0).max()))
         self._add(biggest, bad, source)
 
+    def _in_attention(self) -> bool:
+        """A softmax is read as attention only inside a module whose class says so
+        (GPT2Attention, BertSelfAttention, LlamaAttention, MultiheadAttention, *Attn):
+        a classifier's log_softmax or a router's softmax is no q·kᵀ (field sweep)."""
+        here = self.where()
+        kind = here[1].lower() if here else ""
+        return "attention" in kind or kind.endswith("attn")
+
     def _add(self, biggest: float, bad: bool, source: str) -> None:
-        module = self.where() or "model"
+        here = self.where()
+        module = here[0] if here else "model"
         entry = self.by_module.setdefault(module, ScoreExtremes())
         entry.max_score = max(entry.max_score, biggest)
         entry.calls += 1

@@ -96,9 +96,12 @@ class _LayerTracker:
     def innermost(self) -> str | None:
         return self.stack[-1] if self.stack else None
 
-    def innermost_module(self) -> str | None:
-        """The innermost running module's name (its label without the type)."""
-        return self.stack[-1].rsplit(" (", 1)[0] if self.stack else None
+    def innermost_module(self) -> tuple[str, str] | None:
+        """(name, class name) of the innermost running module."""
+        if not self.stack:
+            return None
+        name, _, kind = self.stack[-1].rpartition(" (")
+        return name, kind.rstrip(")")
 
     def close(self) -> None:
         for handle in self._handles:

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradscope.diagnose.layers import NORM_TYPES
 from gradscope.report import Finding, Fix, Severity
 
 # Optimizers that scale each coordinate by a running statistic of its gradient:
@@ -180,7 +181,10 @@ def _owner(model: nn.Module, name: str) -> tuple[str, nn.Module | None]:
 def no_decay_kind(model: nn.Module, name: str, param: torch.Tensor) -> str | None:
     """ "norm", "bias" or "embedding" for parameters usually kept out of weight decay, else None."""
     _, owner = _owner(model, name)
-    if isinstance(owner, NORM_MODULES):
+    # Libraries' own normalisation classes (LlamaRMSNorm, T5LayerNorm) are plain
+    # nn.Modules: recognised by name, as the diagnosis recognises them (field sweep:
+    # Llama's RMSNorm gains were counted as "biases").
+    if isinstance(owner, NORM_MODULES) or type(owner).__name__ in NORM_TYPES:
         return "norm"
     if isinstance(owner, EMBEDDING_MODULES):
         return "embedding"

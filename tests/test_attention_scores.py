@@ -79,6 +79,24 @@ def test_gpt2_at_its_init_has_no_score_finding_though_its_mask_is_finfo_min() ->
     assert not [f for f in report.findings if f.evidence.get("where") == "attention scores"]
 
 
+def test_a_softmax_outside_attention_is_no_attention_score() -> None:
+    """A classifier's softmax over large logits (head std 20) is the logits' finding, not an
+    attention one (field sweep: it was worded as q·kᵀ with a 1/√head_dim fix)."""
+
+    class Classifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 10)
+            nn.init.normal_(self.fc.weight, std=20.0)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.softmax(self.fc(x), dim=-1) + torch.softmax(self.fc(x) * 0, dim=-1)
+
+    report = audit(Classifier(), inputs=torch.randn(8, 16), loss="mean", formats=("fp16", "fp8_e4m3"))
+    assert "attention_scores" not in report.run
+    assert not [f for f in report.findings if f.evidence.get("where") == "attention scores"]
+
+
 class _SdpaBlock(nn.Module):
     """q, k, v projections into F.scaled_dot_product_attention, grouped-query (4 q heads, 2 kv)."""
 
@@ -124,7 +142,7 @@ def test_the_probe_changes_no_number_the_model_computes() -> None:
     model.eval()  # no dropout: the two forwards are comparable bit for bit
     with torch.no_grad():
         plain = model(ids).logits
-        with AttentionScores(lambda: None) as probe:
+        with AttentionScores(lambda: ("blocks", "GPT2Attention")) as probe:
             probed = model(ids).logits
     assert torch.equal(plain, probed)
-    assert probe.by_module["model"].calls == 2  # the two blocks' softmaxes
+    assert probe.by_module["blocks"].calls == 2  # the two blocks' softmaxes

@@ -186,3 +186,22 @@ def test_cli_optimizer_option(tmp_path) -> None:
     assert usage.exit_code == 2
     assert usage.stdout == ""
     assert len(usage.stderr.strip().splitlines()) == 1 and "Invalid learning rate" in usage.stderr
+
+
+def test_a_library_normalisation_class_is_a_normalisation_not_a_bias() -> None:
+    """Llama's and T5's RMSNorms are plain nn.Modules (field sweep: their gains were
+    counted as "biases", and the gain-pulling warning GPT-2's LayerNorms get was missed)."""
+    from gradscope.optimizer_audit import no_decay_kind
+
+    class LlamaRMSNorm(nn.Module):  # the library's shape: a gain, no nn.LayerNorm parent
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(width))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+    model = nn.Sequential(nn.Linear(8, 8), LlamaRMSNorm(8), nn.Linear(8, 2))
+    assert no_decay_kind(model, "1.weight", model[1].weight) == "norm"
+    assert no_decay_kind(model, "0.bias", model[0].bias) == "bias"
+    assert no_decay_kind(model, "0.weight", model[0].weight) is None

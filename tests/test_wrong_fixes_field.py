@@ -319,3 +319,24 @@ def test_generic_depth_advice_never_adds_normalisation_to_a_normalised_network()
         fix = _depth_fix(ctx, exploding=exploding)
         assert "add normalisation" not in fix.summary
         assert "normalisation layers" in fix.summary  # says why not
+
+
+def test_starved_normalisations_are_a_training_mode_cause_only() -> None:
+    """A BatchNorm in eval mode divides by its running variance, not by its input's, so
+    eps plays no part (field sweep: MobileNetV2 audited in eval was told to reset gains
+    that were already 1).  The same stack in training mode keeps the starved-norm fix."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(6):
+        conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        nn.init.normal_(conv.weight, std=1e-4)  # the BatchNorm's input variance far below eps = 1e-5
+        layers += [conv, nn.BatchNorm2d(8), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    x = torch.randn(8, 8, 4, 4) * 1e-3
+
+    def fixes(mode: str) -> str:
+        report = audit(model, inputs=x, mode=mode)
+        return " ".join(f.fix.summary for f in report.findings if f.fix is not None)
+
+    assert "below their eps" in fixes("train")
+    assert "below their eps" not in fixes("eval")

@@ -104,6 +104,7 @@ def diagnose_record(
         run.get("loss_value"),
     )
     ctx.attention_scores = run.get("attention_scores")
+    ctx.mode = run.get("mode")
     ctx.analysis = _analysis(ctx)
     findings: list[Finding] = []
     # poor-init runs last: its severity depends on what the depth rules found.

@@ -418,13 +418,13 @@ def _batch_statistics(ctx: Context, layer: LayerRecord) -> bool:
     torchvision's FrozenBatchNorm2d never does)."""
     if "Frozen" in layer.type:
         return False
-    if ctx.model is None:
-        return True  # an audit runs the model in training mode
-    try:
-        module = ctx.model if layer.module == "model" else ctx.model.get_submodule(layer.module)
-    except AttributeError:
-        return True
-    return bool(getattr(module, "training", True)) or getattr(module, "running_mean", None) is None
+    module = ctx.module_of(layer)
+    if module is None:
+        return ctx.mode != "eval"  # an audit runs the model in training mode unless asked
+    has_running = getattr(module, "running_mean", None) is not None
+    # The audit's mode, when known: the model is back in its own mode by now.
+    training = ctx.mode == "train" if ctx.mode in ("train", "eval") else bool(getattr(module, "training", True))
+    return training or not has_running
 
 
 def _few_value_batchnorms(ctx: Context, flagged: list[str]) -> list[tuple[LayerRecord, int]]:
@@ -480,6 +480,10 @@ def _starved_norms(ctx: Context) -> list[str]:
     starved = []
     for layer in ctx.layers:
         if layer.type not in NORM_TYPES:
+            continue
+        if layer.type in BATCHNORM_TYPES and not _batch_statistics(ctx, layer):
+            # Eval mode divides by the running variance, not by this input's: eps plays
+            # no part (field sweep: MobileNetV2 in eval was told to reset gains already 1).
             continue
         before = ctx.previous(layer)
         std = _std(layer.input) or (_std(before.activation) if before is not None else None)

@@ -133,6 +133,9 @@ class Context:
     loss_value: float | None = None
     # The audit's attention-score extremes per module (gradscope.attention_scores).
     attention_scores: list[dict[str, Any]] | None = None
+    # The mode the audit ran the model in ("train", "eval"); the model at hand is back
+    # in its own mode by the time the diagnosis reads it.
+    mode: str | None = None
 
     def __post_init__(self) -> None:
         self.layers: list[LayerRecord] = sorted(self.record.layers, key=lambda x: x.index)

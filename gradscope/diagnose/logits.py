@@ -32,7 +32,7 @@ import math
 from typing import Any
 
 from gradscope import advice
-from gradscope.diagnose.layers import INIT_TYPES, Context
+from gradscope.diagnose.layers import INIT_TYPES, TRANSPARENT_TYPES, Context
 from gradscope.record import LayerRecord
 from gradscope.report import Finding, Fix, Severity
 
@@ -61,8 +61,16 @@ def logits_layer(ctx: Context, classes: int) -> LayerRecord | None:
             continue
         if logits is not None and math.prod(shape) != logits:
             continue
+        if _keeps_the_logits(layer):
+            continue  # LogSoftmax, Dropout, Identity after the head: the head made them (field sweep)
         return layer
     return None
+
+
+def _keeps_the_logits(layer: LayerRecord) -> bool:
+    """A layer after the head that passes the logits on, shifted per row at most: a
+    (log-)softmax (shift-invariant for the loss), a Dropout, an Identity."""
+    return layer.type in TRANSPARENT_TYPES or layer.type in ("LogSoftmax", "Softmax", "Softmax2d")
 
 
 def _tied_owner(ctx: Context, layer: LayerRecord) -> str | None:

@@ -214,9 +214,24 @@ def _structural_zero(ctx: Context) -> list[Finding]:
         if found.in_scaled_branch(layer):
             continue  # a layer-scaled branch is small by design
         around = _learning_neighbours(rows, i)
-        if around and rms < th.STRUCTURAL_ZERO_RATIO * min(r for _, r in around):
+        if around and rms < th.STRUCTURAL_ZERO_RATIO * min(r for _, r in around) and _output_cut(layer, around):
             hits.append((layer, rms, around))
     return [_structural_finding(ctx, hits)] if hits else []
+
+
+def _output_cut(layer: LayerRecord, around: list[tuple[LayerRecord, float]]) -> bool:
+    """Whether the loss itself is cut from the layer's output: its ∂ℓ/∂h is as far below
+    the neighbours' as its weight gradient.  A weight gradient is ∂ℓ/∂h times the
+    layer's input, so a tiny input (a layer before it scaled by 1e-8, an eval-mode
+    signal that vanished) makes it tiny with ∂ℓ/∂h intact: the layer learns, slowly,
+    and the rule that judges the input's scale names it (field sweep: an MLP with
+    its first layer at 1e-8 was told its second was "zero by construction").
+    Unknown ∂ℓ/∂h: not claimed."""
+    own = layer.gradient
+    theirs = [x.gradient.rms for x, _ in around if x.gradient is not None and x.gradient.moments_valid]
+    if own is None or not own.moments_valid or not theirs or min(theirs) <= 0:
+        return False
+    return own.rms < th.STRUCTURAL_ZERO_RATIO * min(theirs)
 
 
 def _is_router(layer: LayerRecord) -> bool:
