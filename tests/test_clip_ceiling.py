@@ -97,3 +97,39 @@ def test_an_unclipped_run_has_no_ceiling() -> None:
     report, _ = _run(clip_before_step=False, observe_first=False)
     assert report.analysis["training"]["clipped_before_step"] is None
     assert not any("observe_gradients" in note for note in report.record.notes)
+
+
+@pytest.mark.parametrize("with_loss", [True, False])
+def test_repeated_gradients_are_no_ceiling(with_loss: bool) -> None:
+    """The same batch with no learning gives the same norm each step (the overhead
+    benchmark at lr 0 was told its gradients were clipped): with the losses equal too,
+    or without losses and no step below, nothing is said."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x, y = torch.randn(16, 8), torch.randn(16, 1)
+    with gradscope.watch(model, every=2) as scope:
+        for _ in range(12):
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            scope.step(opt, loss=loss if with_loss else None)
+            opt.step()
+    assert scope.report().analysis["training"]["clipped_before_step"] is None
+
+
+def test_without_losses_a_ceiling_needs_a_step_below_it() -> None:
+    ceiling = ClipCeiling()
+    for _ in range(5):
+        ceiling.observe(2.0)
+    assert not ceiling.clipped  # five equal norms and nothing else: repeated gradients
+    ceiling.observe(1.3)
+    assert ceiling.clipped  # varying norms, capped at 2.0: clipping
+    same_loss = ClipCeiling()
+    for _ in range(5):
+        same_loss.observe(2.0, loss=0.75)
+    assert not same_loss.clipped
+    moving = ClipCeiling()
+    for i in range(3):
+        moving.observe(2.0, loss=0.75 - 0.01 * i)
+    assert moving.clipped

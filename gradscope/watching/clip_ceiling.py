@@ -12,13 +12,19 @@ AutoClip's percentile is taken over clipped norms.
 
 Norms a model produces are continuous values: three of them at the run's
 maximum to within CEILING_TOLERANCE does not happen by chance, while clipping
-produces it on every step whose true norm is above ``max_norm``.
+produces it on every step whose true norm is above ``max_norm``.  Except when
+the gradients themselves repeat: the same batch with no learning (a learning
+rate of 0, a benchmark, an "overfit one batch" check before its first update)
+gives the same norm each step.  So the ceiling counts only with evidence that
+the gradients differed: two different losses among the steps at the ceiling,
+or, without losses, a step below it (clipping caps varying norms; repeated
+gradients vary in nothing).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 # Relative agreement of two norms that counts as "the same ceiling": the clipping
@@ -39,24 +45,38 @@ class ClipCeiling:
     at_ceiling: int = 0
     seen: int = 0
     announced: bool = False
+    below: bool = False  # a step's norm below the ceiling was seen
+    losses: set[float] = field(default_factory=set)  # the losses of the steps at the ceiling (a few)
 
-    def observe(self, norm: float) -> bool:
-        """Count one step's norm; True exactly once, when the ceiling is first established."""
+    def observe(self, norm: float, loss: float | None = None) -> bool:
+        """Count one step's norm (and its loss, when given); True exactly once, when
+        the ceiling is first established."""
         if not math.isfinite(norm) or norm <= 0:
             return False
         self.seen += 1
         if math.isclose(norm, self.ceiling, rel_tol=CEILING_TOLERANCE + CLIP_EPS / max(self.ceiling, norm)):
             self.at_ceiling += 1
+            self._loss(loss)
         elif norm > self.ceiling:
-            self.ceiling, self.at_ceiling = norm, 1
+            self.below = self.below or self.at_ceiling > 0
+            self.ceiling, self.at_ceiling, self.losses = norm, 1, set()
+            self._loss(loss)
+        else:
+            self.below = True
         if self.clipped and not self.announced:
             self.announced = True
             return True
         return False
 
+    def _loss(self, loss: float | None) -> None:
+        if loss is not None and math.isfinite(loss) and len(self.losses) < CEILING_STEPS:
+            self.losses.add(loss)
+
     @property
     def clipped(self) -> bool:
-        return self.at_ceiling >= CEILING_STEPS
+        if self.at_ceiling < CEILING_STEPS:
+            return False
+        return len(self.losses) >= 2 if self.losses else self.below
 
     def message(self) -> str:
         return (

@@ -69,6 +69,7 @@ class TrainingState:
                 break
             if norms.scale_given[slot]:
                 self._read_scale(float(ring[SCALE, slot]), out)
+            loss: float | None = None
             if norms.loss_given[slot]:
                 loss = float(ring[LOSS, slot])
                 out.losses.append((t, loss))
@@ -77,7 +78,7 @@ class TrainingState:
                     out.first_bad_loss = t
             if not norms.norm_given[slot]:
                 continue  # tier "light": gradient norms on sampled steps only
-            self._read_norm(t, float(ring[NORM, slot]), out)
+            self._read_norm(t, float(ring[NORM, slot]), out, loss)
         return out
 
     def _read_scale(self, scale: float, out: RingReading) -> None:
@@ -85,7 +86,7 @@ class TrainingState:
             self.skipped += 1  # GradScaler halves the scale when it skips a step
         self.last_scale = out.scale_now = scale
 
-    def _read_norm(self, t: int, norm: float, out: RingReading) -> None:
+    def _read_norm(self, t: int, norm: float, out: RingReading, loss: float | None = None) -> None:
         out.global_norms.append((t, norm))
         if not math.isfinite(norm) and out.first_bad_norm is None:
             out.first_bad_norm = t
@@ -93,7 +94,7 @@ class TrainingState:
             # Step diverged_at itself was read before it was known to be non-finite
             # (its norm, if non-finite, only counts as such in the history).
             return
-        if self.clip_max_norm is None and self.ceiling.observe(norm):
+        if self.clip_max_norm is None and self.ceiling.observe(norm, loss):
             out.ceiling_found = True  # said by the flush, on the writing rank only
         if self.clip_max_norm and math.isfinite(norm):
             # torch.nn.utils.clip_grads_with_norm_: factor max_norm / (norm + 1e-6), at most 1
