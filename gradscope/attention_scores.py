@@ -53,9 +53,9 @@ class ScoreExtremes:
 class AttentionScores(TorchFunctionMode):
     """Record attention-score extremes per innermost module (module docstring)."""
 
-    def __init__(self, where: Callable[[], tuple[str, str] | None]) -> None:
+    def __init__(self, where: Callable[[], tuple[str, str] | None] = lambda: None) -> None:
         super().__init__()
-        self.where = where
+        self.where = where  # (name, class name) of the innermost running module
         self.by_module: dict[str, ScoreExtremes] = {}
         self.unread = 0
 

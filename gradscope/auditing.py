@@ -236,7 +236,7 @@ def audit(
         data_seed = seed + 1_000_003 * (group.rank // max(1, group.size // data_parallel))
     generator = torch.Generator().manual_seed(data_seed)
     passes: list[PassLoss] = []
-    scores = ScoreProbe()
+    scores = AttentionScores()  # one probe over every pass: its extremes merge across them
     with preserved_state(model):
         torch.manual_seed(seed)
         model.train(mode == "train")
@@ -278,8 +278,8 @@ def audit(
     if spec is not None and spec.vocab is not None:
         run["vocab"] = spec.vocab
     run.update(_loss_facts(passes))
-    if scores.rows:
-        run["attention_scores"] = scores.rows
+    if scores.by_module:
+        run["attention_scores"] = scores.summary()
     if scores.unread:
         run["attention_scores_unread"] = scores.unread
     reduction = recorder.reduction_summary()
@@ -307,27 +307,6 @@ def audit(
 
             add_optimizer_audit(report, optimizer, model)
     return report
-
-
-class ScoreProbe:
-    """The attention-score extremes of every pass (``gradscope.attention_scores``), merged."""
-
-    def __init__(self) -> None:
-        self.by_module: dict[str, dict[str, Any]] = {}
-        self.unread = 0
-
-    def add(self, probe: AttentionScores) -> None:
-        self.unread += probe.unread
-        for row in probe.summary():
-            seen = self.by_module.setdefault(row["module"], {**row, "max_score": 0.0, "calls": 0, "nonfinite_calls": 0})
-            seen["max_score"] = max(seen["max_score"], row["max_score"])
-            seen["calls"] += row["calls"]
-            seen["nonfinite_calls"] += row["nonfinite_calls"]
-            seen["source"] = sorted(set(seen["source"]) | set(row["source"]))
-
-    @property
-    def rows(self) -> list[dict[str, Any]]:
-        return list(self.by_module.values())
 
 
 @dataclass
@@ -358,7 +337,7 @@ def _one_pass(
     batch: Any,
     loss: str | Callable[[Any], torch.Tensor],
     generator: torch.Generator,
-    scores: ScoreProbe | None = None,
+    scores: AttentionScores | None = None,
 ) -> PassLoss:
     """Forward, loss, backward, parameter capture; errors become one-line InputErrors.
 
@@ -371,10 +350,10 @@ def _one_pass(
     try:
         with torch.enable_grad():
             with contextlib.ExitStack() as stack:
-                probe = stack.enter_context(AttentionScores(tracker.innermost_module)) if scores is not None else None
+                if scores is not None:
+                    scores.where = tracker.innermost_module  # this pass's modules
+                    stack.enter_context(scores)
                 output = _call_model(model, batch)
-            if probe is not None and scores is not None:
-                scores.add(probe)
     except (GradscopeError, KeyboardInterrupt):
         raise
     except Exception as exc:

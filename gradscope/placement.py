@@ -97,6 +97,12 @@ def _is_flat_parameter(tensor: Any) -> bool:
     return hasattr(tensor, "_param_infos") and hasattr(tensor, "_shard_param_infos")
 
 
+def is_sharded(tensor: Any) -> bool:
+    """A DTensor (FSDP2, tensor parallel) or an FSDP1 flat parameter: not this rank's
+    whole tensor, which only a collective would read."""
+    return _is_dtensor(tensor) or _is_flat_parameter(tensor)
+
+
 class Local(NamedTuple):
     """One parameter as this rank holds it now (plain tensors, nothing kept)."""
 

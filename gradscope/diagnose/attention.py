@@ -21,6 +21,7 @@ from typing import Any
 
 from gradscope.diagnose import thresholds as th
 from gradscope.diagnose.layers import Context
+from gradscope.diagnose.precision import code_prefix
 from gradscope.formats import get_format
 from gradscope.report import Finding, Fix, Severity
 
@@ -66,7 +67,7 @@ def _format_finding(fmt: str, rows: Sequence[Mapping[str, Any]]) -> Finding | No
         f"The attention scores (q·kᵀ·scale, inside the module, seen by no layer output) of '{worst['module']}' "
         f"reach {worst['max_score']:.3g}, {verb}."
     )
-    code = fmt.replace("_", "-") + "-overflow"
+    code = f"{code_prefix(fmt)}-overflow"
     return Finding(
         code=code,
         severity=severity,

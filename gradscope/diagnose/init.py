@@ -516,17 +516,14 @@ def _bias_explains(effect: float | None, ratio: float) -> bool:
 def _bias_values(ctx: Context, row: dict[str, Any]) -> list[float] | None:
     """The layer's bias values, read from the model when it is at hand."""
     bias = getattr(ctx.module_of(ctx.by_name[row["name"]]), "bias", None)
-    if bias is None or not hasattr(bias, "detach") or _sharded(bias):
+    from gradscope.placement import is_sharded  # torch: only when the model is at hand
+
+    if bias is None or not hasattr(bias, "detach") or is_sharded(bias):
         # A sharded bias would need a collective to read whole, and the diagnosis may
         # run on one rank: unknown, so never blamed.
         return None
     values = [float(v) for v in bias.detach().double().flatten().cpu().tolist()]
     return values if values and all(math.isfinite(v) for v in values) else None
-
-
-def _sharded(tensor: Any) -> bool:
-    """A DTensor (FSDP2, tensor parallel) or an FSDP1 flat parameter: not this rank's whole."""
-    return any(cls.__name__ in ("DTensor", "FlatParameter") for cls in type(tensor).__mro__)
 
 
 def _bias_effect(ctx: Context, row: dict[str, Any]) -> float | None:
