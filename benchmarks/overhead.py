@@ -38,6 +38,7 @@ Monitors:
                 the least any per-layer monitor can cost
   guarantee     the reads of watch's first-bad-step guarantee alone, by hand: an exact
                 aminmax per module output and a dot per gradient, every step
+  norm          the exact global gradient norm alone (a dot per gradient), every step
   handwritten   per-leaf ``output.std().item()`` forward hook + ``grad.std().item()``
                 tensor hook (what people write by hand; one host sync per tensor)
   recorder      gradscope's Recorder every step: full statistics of activations,
@@ -144,6 +145,23 @@ def guarantee_floor_monitor(model: nn.Module, opt: torch.optim.Optimizer) -> Ite
 
 
 @contextlib.contextmanager
+def norm_monitor(model: nn.Module, opt: torch.optim.Optimizer) -> Iterator[Callable[[], None]]:
+    """The exact global gradient norm every step and nothing else (a BLAS dot per
+    parameter gradient, as ``squared_norms`` takes it on the CPU): the part of the
+    guarantee no design can skip, since spikes, AutoClip and a non-finite gradient
+    are all read from it.  It reads every gradient once per step, so on a model
+    whose step is memory-light (the MLP) it is a fixed share of the step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    sink: list[torch.Tensor] = []
+
+    def before_step() -> None:
+        sink.clear()
+        sink.append(torch.stack([torch.dot(g, g) for g in (p.grad.reshape(-1) for p in params if p.grad is not None)]))
+
+    yield before_step
+
+
+@contextlib.contextmanager
 def handwritten_monitor(model: nn.Module, opt: torch.optim.Optimizer) -> Iterator[Callable[[], None]]:
     values: list[float] = []
     hooks = _Hooks(
@@ -188,6 +206,7 @@ MONITORS: dict[str, Monitor] = {
     "none": no_monitor,
     "floor": floor_monitor,
     "guarantee": guarantee_floor_monitor,
+    "norm": norm_monitor,
     "handwritten": handwritten_monitor,
     "recorder": recorder_monitor,
     "watch-1": _watch_monitor(1),
