@@ -209,7 +209,8 @@ def rule_expert_routing(ctx: Context) -> list[Finding]:
         "# towards a uniform load; transformers' *ForCausalLM adds it to the loss when labels are given:",
         "model.config.output_router_logits = True  # read at every forward",
         "model.router_aux_loss_coef = 0.01  # the model's copy of config.router_aux_loss_coef",
-        "# Start the collapsed routers small, as transformers' _init_weights does (std = initializer_range):",
+        "# When the routers' own weights or bias cause the collapse, start them as transformers'",
+        "# _init_weights does (std = initializer_range, bias 0):",
     ]
     for row in collapsed:
         if row["router"]:
@@ -242,8 +243,9 @@ def rule_expert_routing(ctx: Context) -> list[Finding]:
             },
             fix=Fix(
                 "Add the load-balancing loss (output_router_logits=True, router_aux_loss_coef=0.01; Fedus et al. "
-                "2022), re-initialise the collapsed routers at std initializer_range, and add router jitter, so "
-                "that every expert receives tokens and a gradient.",
+                "2022), which spreads the tokens over training whatever the cause; re-initialising the collapsed "
+                "routers at std initializer_range cures at once a collapse that their own weights or bias cause; "
+                "router jitter helps the starved experts get tokens early.",
                 "\n".join(lines),
             ),
         )
