@@ -32,6 +32,28 @@ from torch import nn
 from gradscope.own_hooks import OwnHook
 from gradscope.placement import clean_name
 
+# Elements converted to float64 at once when summing one expert's slice: the
+# audit's temporaries stay O(chunk), never O(tensor) (the promise of
+# gradscope.chunked: an audit's peak memory is the model's own).  Mixtral-8x7B's
+# gate_up_proj is 8 x 28672 x 4096: a whole float64 copy would be 7.5 GB.
+CHUNK = 1 << 20
+
+
+def per_expert_sums(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σx, Σx²) over each expert's slice ``tensor[e]``, in float64, on the tensor's
+    device, read in chunks of ``CHUNK`` elements (no host sync)."""
+    experts = int(tensor.shape[0])
+    sums = torch.zeros(experts, dtype=torch.float64, device=tensor.device)
+    squares = torch.zeros_like(sums)
+    with torch.no_grad():
+        for e in range(experts):
+            flat = tensor[e].detach().reshape(-1)
+            for chunk in flat.split(CHUNK):
+                wide = chunk.double()
+                sums[e] += wide.sum()
+                squares[e] += wide.square().sum()
+    return sums, squares
+
 
 def is_fused_experts(module: nn.Module) -> bool:
     """A module holding every expert of a layer in 3-D parameters: its class name
@@ -183,7 +205,7 @@ class ExpertProbe:
     def _grad_tally(site: _Site, name: str) -> Any:
         def tally(grad: torch.Tensor) -> None:
             with torch.no_grad():
-                sq = grad.detach().reshape(grad.shape[0], -1).double().square().sum(dim=1)
+                _, sq = per_expert_sums(grad)
                 previous = site.grad_sq.get(name)
                 site.grad_sq[name] = sq if previous is None else previous + sq
             site.grad_reads[name] = site.grad_reads.get(name, 0) + 1
@@ -206,9 +228,12 @@ class ExpertProbe:
             weights = []
             for pname, param in fused_weights(module):
                 fan_in, fan_out = expert_fans(module, pname, tuple(param.shape))
-                with torch.no_grad():
-                    std = param.detach().reshape(param.shape[0], -1).double().std(dim=1).cpu().tolist()
-                per_expert = param[0].numel() * max(site.grad_reads.get(pname, 0), 1)
+                n = param[0].numel()
+                sums, squares = per_expert_sums(param)
+                # Σ(x - mean)² = Σx² - (Σx)²/n; std with Bessel's correction, as torch.std
+                var = (squares - sums.square() / n).clamp_min(0.0) / max(n - 1, 1)
+                std = var.sqrt().cpu().tolist()
+                per_expert = n * max(site.grad_reads.get(pname, 0), 1)
                 sq = site.grad_sq.get(pname)
                 rms = (sq / per_expert).sqrt().cpu().tolist() if sq is not None else None
                 weights.append(

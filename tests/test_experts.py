@@ -59,7 +59,31 @@ def _gpt_oss(experts: int = 8) -> nn.Module:
     return transformers.GptOssForCausalLM(config)
 
 
-FAMILIES: dict[str, Callable[..., nn.Module]] = {"mixtral": _mixtral, "olmoe": _olmoe, "gpt_oss": _gpt_oss}
+def _qwen2_moe(experts: int = 8) -> nn.Module:
+    config = transformers.Qwen2MoeConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, moe_intermediate_size=INTERMEDIATE,
+        shared_expert_intermediate_size=INTERMEDIATE, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_experts=experts, num_experts_per_tok=2,
+    )  # fmt: skip
+    return transformers.Qwen2MoeForCausalLM(config)
+
+
+def _qwen3_moe(experts: int = 8) -> nn.Module:
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, moe_intermediate_size=INTERMEDIATE,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=experts,
+        num_experts_per_tok=2,
+    )  # fmt: skip
+    return transformers.Qwen3MoeForCausalLM(config)
+
+
+FAMILIES: dict[str, Callable[..., nn.Module]] = {
+    "mixtral": _mixtral,
+    "olmoe": _olmoe,
+    "gpt_oss": _gpt_oss,
+    "qwen2_moe": _qwen2_moe,
+    "qwen3_moe": _qwen3_moe,
+}
 
 
 def _build(family: str, experts: int = 8, seed: int = 0) -> nn.Module:
@@ -267,6 +291,18 @@ def test_fused_experts_at_std_1_are_poor_init_with_the_right_fan_in_and_the_fix_
 
 
 # -- the probe changes nothing and leaves nothing behind --------------------------------------
+
+
+def test_per_expert_sums_are_bounded_by_a_chunk_and_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunked float64 sums give torch's per-expert std to 1e-12 whatever the chunk."""
+    from gradscope import experts as experts_module
+
+    tensor = torch.randn(4, 30, 7, generator=torch.Generator().manual_seed(0)) * 0.3 + 0.01
+    monkeypatch.setattr(experts_module, "CHUNK", 16)  # 210 elements per expert: 14 chunks
+    sums, squares = experts_module.per_expert_sums(tensor)
+    flat = tensor.double().reshape(4, -1)
+    assert torch.allclose(sums, flat.sum(1), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(squares, flat.square().sum(1), rtol=1e-12)
 
 
 def test_the_probe_changes_no_number_and_removes_every_hook() -> None:
