@@ -190,8 +190,10 @@ class ExpertProbe:
             with torch.no_grad():
                 flat = index.detach().reshape(-1).long()
                 # Out-of-range ids (a sentinel for tokens sent to no local expert, as in
-                # expert parallelism) land in an extra bin that is dropped.
-                flat = flat.clamp(0, site.experts)
+                # expert parallelism, or -1 for a dropped token) land in an extra bin
+                # that is dropped.
+                outside = (flat < 0) | (flat >= site.experts)
+                flat = flat.masked_fill(outside, site.experts)
                 bins = torch.zeros(site.experts + 1, dtype=torch.float64, device=flat.device)
                 bins.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
                 counts = bins[: site.experts]

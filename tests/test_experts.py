@@ -322,3 +322,24 @@ def test_the_probe_changes_no_number_and_removes_every_hook() -> None:
     assert not experts.gate_up_proj._backward_hooks and not experts.down_proj._backward_hooks
     (row,) = probe.summary()
     assert row["calls"] == 1 and row["tokens"] == 32 and sum(row["tokens_per_expert"]) == 64
+
+
+def test_routing_ids_outside_the_experts_are_not_counted() -> None:
+    """Expert parallelism marks tokens for no local expert with E (Mixtral's one_hot has
+    E + 1 classes) and capacity-limited routers drop tokens with -1: neither is a choice."""
+
+    class Experts(nn.Module):  # a fused experts module: (E, out, in), indexed per expert
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 3, 3))
+
+        def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            return sum(x @ self.w[e].T for e in index.unique().tolist() if 0 <= e < 4)
+
+    model = nn.Sequential()
+    model.experts = Experts()
+    index = torch.tensor([[0, 4], [-1, 1], [1, 3]])
+    with ExpertProbe(model) as probe:
+        model.experts(torch.randn(3, 3), index)
+    (row,) = probe.summary()
+    assert row["tokens_per_expert"] == [1, 2, 0, 1] and row["tokens"] == 3 and row["top_k"] == 2
