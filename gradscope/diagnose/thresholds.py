@@ -130,8 +130,8 @@ CLIP_FEW_NORMS_FACTOR = 2.0
 
 # -- mixture-of-experts routing (gradscope.diagnose.experts) -------------------
 # An expert is starved when it receives at most 5% of its fair share of the
-# token choices (tokens · top_k / E).  Measured (tests/test_experts.py, and the
-# sweep in its docstring): a randomly initialised router over 512 random tokens
+# token choices (tokens · top_k / E).  Measured (a sweep during development;
+# tests/test_experts.py re-checks E = 4, 8): a randomly initialised router over 512 random tokens
 # (Mixtral, OLMoE, Qwen2-MoE from configs; E = 4, 8, 16, top-2; 8 seeds each)
 # gives its least-used expert 0.28-0.75 of the fair share (median 0.48-0.88):
 # more than five times this threshold.
