@@ -19,6 +19,7 @@ from torch import nn
 from gradscope.attention_scores import AttentionScores
 from gradscope.distributed import NO_REDUCTION, data_parallel_size, resolve_group
 from gradscope.errors import GradscopeError, InputError
+from gradscope.experts import ExpertProbe
 from gradscope.inputs import InputSpec, check_batch_not_empty, compute_loss, resolve_spec, synthetic_input
 from gradscope.own_hooks import OwnHook
 from gradscope.recorder import Recorder
@@ -237,7 +238,8 @@ def audit(
     generator = torch.Generator().manual_seed(data_seed)
     passes: list[PassLoss] = []
     scores = AttentionScores()  # one probe over every pass: its extremes merge across them
-    with preserved_state(model):
+    experts = ExpertProbe(model)  # tokens per expert of fused MoE layers, over every pass
+    with preserved_state(model), experts:
         torch.manual_seed(seed)
         model.train(mode == "train")
         for p in model.parameters():
@@ -282,6 +284,8 @@ def audit(
         run["attention_scores"] = scores.summary()
     if scores.unread:
         run["attention_scores_unread"] = scores.unread
+    if experts.sites:
+        run["experts"] = experts.summary()
     reduction = recorder.reduction_summary()
     if reduction != "single process":
         run["reduction"] = reduction

@@ -14,12 +14,17 @@ Schemes:
   the softmax at the std the finding gives (``gradscope.diagnose.logits``).
   A healthy model, or one whose small branch gains residuals and
   normalisation rescue, is left untouched; ask for ``"kaiming"``
-  or ``"xavier"`` to change every layer.
+  or ``"xavier"`` to change every layer.  Fused mixture-of-experts weights
+  (``(E, out, in)`` parameters of a ``*Experts`` module, ``gradscope.experts``)
+  that the ``poor-init`` finding names are drawn from N(0, std²) with the std
+  computed from one expert's fan-in (``diagnose.experts``): ``torch.nn.init``'s
+  fans of a 3-D tensor are not one expert's.
 * ``"lsuv"`` — Mishkin & Matas 2016, layer-sequential unit variance:
   orthonormal pre-init, then in execution order rescale each layer's weight by
   ``1/sqrt(Var(out))`` until ``|Var(out) - 1| < 0.1``, at most 10 tries.
 
-Only Linear and Conv1d/2d/3d layers are changed.  No hook stays attached and
+Only Linear and Conv1d/2d/3d layers (and, with "auto", the fused expert weights
+named above) are changed.  No hook stays attached and
 the model's modes, buffers, gradients and the global RNG state are restored
 (only the weights and biases of the changed layers differ afterwards).
 """
@@ -128,8 +133,9 @@ def apply_init(
         raise InputError(f"unknown init scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
     if scheme == "lsuv":
         return lsuv(model, inputs, layers=layers, **audit_kwargs)
+    fused: list[tuple[str, str, float]] = []
     if scheme == "auto":
-        targets = _auto_targets(model, inputs, layers, audit_kwargs)
+        targets, fused = _auto_targets(model, inputs, layers, audit_kwargs)
     else:
         targets = [
             (name, scheme, "relu", 0.01, None)
@@ -142,12 +148,27 @@ def apply_init(
         old = _std(module)
         _init_layer(module, chosen, nonlinearity, slope, std)
         changes.append({"layer": name or "model", "scheme": chosen, "old_std": old, "new_std": _std(module)})
+    for name, pname, std in fused:
+        param = getattr(_get(model, name), pname)
+        old = float(param.detach().float().std())
+        with torch.no_grad():
+            nn.init.normal_(param, std=std)  # i.i.d. entries: the same std for every expert's matrix
+        changes.append(
+            {
+                "layer": f"{name}.{pname}",
+                "scheme": "normal",
+                "old_std": old,
+                "new_std": float(param.detach().float().std()),
+            }
+        )
     return changes
 
 
 def _auto_targets(
     model: nn.Module, inputs: Any, layers: Sequence[str] | None, audit_kwargs: dict[str, Any]
-) -> list[tuple[str, str, str, float, float | None]]:
+) -> tuple[list[tuple[str, str, str, float, float | None]], list[tuple[str, str, float]]]:
+    """The layers to re-initialise (module, scheme, nonlinearity, slope, std) and the
+    fused expert weights (module, parameter, std) that the audit's findings name."""
     from gradscope.auditing import audit
 
     report = audit(model, inputs, **audit_kwargs)
@@ -168,7 +189,14 @@ def _auto_targets(
         module = report.record.layer(head["logits_layer"]).module
         if _selected(module, layers) and _eligible(_get(model, module)):
             targets.append((module, "normal", "linear", 0.01, float(head["recommended_std"])))
-    return targets
+    fused = [
+        (p["module"], p["parameter"], float(p["recommended_std"]))
+        for finding in report.findings
+        if finding.code == "poor-init" and finding.evidence.get("cause") == "fused-experts"
+        for p in finding.evidence["parameters"]
+        if _selected(p["module"], layers)
+    ]
+    return targets, fused
 
 
 # -- LSUV ---------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from gradscope.distributed import (
     row_nonfinite,
     scale_gradient_rows,
 )
+from gradscope.experts import expert_fans, is_fused_experts
 from gradscope.extremes_through import extremes_through, in_place
 from gradscope.host_copy import HostBuffers, HostCopy
 from gradscope.outputs import first_float_tensor
@@ -648,7 +649,11 @@ class Recorder:
             if weight is not None:
                 site.weight_name = weight.attr
                 site.weight_shape = list(weight.shape)
-                site.fan_in, site.fan_out = fans(weight.shape)
+                # A fused experts module's (E, out, in) weight: one expert's fans, not torch's 3-D ones.
+                fused = is_fused_experts(module) and len(weight.shape) == 3
+                site.fan_in, site.fan_out = (
+                    expert_fans(module, weight.attr, weight.shape) if fused else fans(weight.shape)
+                )
                 self._weights[key] = weight
         self._sites[key] = site
         self.record.layers.append(site)

@@ -76,6 +76,7 @@ def diagnose_record(
     """
     from gradscope.diagnose.attention import rule_attention_scores
     from gradscope.diagnose.depth import rule_activations, rule_gradient
+    from gradscope.diagnose.experts import rule_expert_init, rule_expert_routing
     from gradscope.diagnose.init import rule_poor_init
     from gradscope.diagnose.layers import Context
     from gradscope.diagnose.nonfinite import rule_nonfinite
@@ -105,6 +106,7 @@ def diagnose_record(
     )
     ctx.attention_scores = run.get("attention_scores")
     ctx.mode = run.get("mode")
+    ctx.experts = run.get("experts")
     ctx.analysis = _analysis(ctx)
     findings: list[Finding] = []
     # poor-init runs last: its severity depends on what the depth rules found.
@@ -115,10 +117,12 @@ def diagnose_record(
         rule_precision,
         rule_attention_scores,
         rule_dead_units,
+        rule_expert_routing,
         rule_saturated_units,
         rule_through_time,
         rule_zero_init,
         rule_dropout,
+        rule_expert_init,
         rule_poor_init,
     ):
         found = rule(ctx)

@@ -136,6 +136,9 @@ class Context:
     # The mode the audit ran the model in ("train", "eval"); the model at hand is back
     # in its own mode by the time the diagnosis reads it.
     mode: str | None = None
+    # The audit's fused mixture-of-experts modules: routing and per-expert weights
+    # (gradscope.experts.ExpertProbe.summary, read by diagnose.experts).
+    experts: list[dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         self.layers: list[LayerRecord] = sorted(self.record.layers, key=lambda x: x.index)

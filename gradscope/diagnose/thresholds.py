@@ -127,3 +127,17 @@ AUTOCLIP_MIN_HISTORY = 20
 # clip at twice the observed (median) norm, so ordinary steps pass untouched and
 # only spikes of more than one binade are cut.  A heuristic, said as such.
 CLIP_FEW_NORMS_FACTOR = 2.0
+
+# -- mixture-of-experts routing (gradscope.diagnose.experts) -------------------
+# An expert is starved when it receives at most 5% of its fair share of the
+# token choices (tokens · top_k / E).  Measured (a sweep during development;
+# tests/test_experts.py re-checks E = 4, 8): a randomly initialised router over 512 random tokens
+# (Mixtral, OLMoE, Qwen2-MoE from configs; E = 4, 8, 16, top-2; 8 seeds each)
+# gives its least-used expert 0.28-0.75 of the fair share (median 0.48-0.88):
+# more than five times this threshold.
+EXPERT_STARVED_SHARE = 0.05
+# With fewer than 32 token choices per expert expected, a (nearly) empty expert
+# can be chance: the least-used expert of a healthy router expects ~0.28 of its
+# share, 9 tokens at 32, and P(Poisson(9) <= 1) ≈ 1e-3.  Below it, routing is
+# reported as not assessed.
+EXPERT_MIN_FAIR_TOKENS = 32
