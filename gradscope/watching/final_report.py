@@ -73,7 +73,9 @@ def _run_record(scope: Scope) -> Record:
     record = scope._aggregate.materialize()
     record.reduction = dict(recorder.record.reduction)
     ran = {layer.module for layer in recorder.record.layers}
-    selected = recorder._selected  # the modules the recorder hooked
+    present = {id(module) for module in scope.model.modules()}
+    # the modules the recorder hooked and the model still holds (one removed mid-run is not "not executed")
+    selected = [(name, module) for name, module in recorder._selected if id(module) in present]
     record.not_executed = [name or "model" for name, _ in selected if (name or "model") not in ran]
     for note in recorder.record.notes:
         record.note(note)

@@ -583,6 +583,11 @@ class Scope:
             error = self._flush(step, sampled=False, raise_errors=True)
         if not sampled and optimizer is not None and self._owed:
             self._owed_snapshot(step, optimizer)
+        if self._norms.modules_changed():
+            # A module registered anywhere since the last step (torch's registration
+            # hooks set a flag: nothing is walked per step): the selection is looked at
+            # again, so that a module added mid-run is hooked from the next forward on.
+            self._recorder.reselect()
         self._step += 1
         self._regularisation.set_step(self._step)
         if self._step % self.every == 0 and not self._paused:
