@@ -50,6 +50,7 @@ def mode_findings(report: Report) -> list:
     return [f for f in report.findings if f.code == "train-mode-inference"]
 
 
+@pytest.mark.slow
 def test_training_on_after_evaluation_without_train_is_found() -> None:
     report = gpt2_run(lambda model: None)  # model.train() forgotten
     (finding,) = mode_findings(report)
@@ -60,6 +61,7 @@ def test_training_on_after_evaluation_without_train_is_found() -> None:
     assert report.analysis["regularisation"]["eval_mode_training_steps"] == 3
 
 
+@pytest.mark.slow
 def test_training_after_model_train_is_quiet() -> None:
     assert not mode_findings(gpt2_run(lambda model: model.train()))
 

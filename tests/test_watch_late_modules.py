@@ -72,6 +72,7 @@ def test_a_layer_added_mid_run_is_named_where_it_makes_an_inf(every: int) -> Non
     assert scope.report().record.not_executed == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("every", [1, 3])
 def test_a_new_head_outside_the_forward_of_a_gpt2_is_recorded_and_named(every: int) -> None:
     transformers = pytest.importorskip("transformers")
