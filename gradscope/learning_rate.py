@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -335,6 +336,10 @@ def _worse(peak: tuple[int, float] | None, step: int, value: float | None) -> tu
     return (step, value)
 
 
+def _none_excluded(step: int) -> bool:
+    return False
+
+
 class LearningRateMonitor:
     """Update ratios and divergence signals of a run, turned into the two findings."""
 
@@ -350,9 +355,11 @@ class LearningRateMonitor:
         # ratio (0) and its non-finite gradient norm are no sample of the learning
         # rate's effect; and its skipped-steps finding at the end of the run.
         self.scaler = ScalerSteps()
-        # The run's first non-finite step: numbers from it on are the diverged run's
-        # (inf losses, NaN ratios) and never feed a finding or its advice.
-        self.diverged_at: int | None = None
+        # Whether a step was found non-finite (gradscope.watching.divergence): its
+        # numbers are a bad batch's or the diverged run's (inf losses, NaN ratios,
+        # the 0 ratio of a skipped batch) and never feed a finding or its advice;
+        # nor does any other non-finite norm or loss.
+        self.excludes: Callable[[int], bool] = _none_excluded
 
     # -- inputs -------------------------------------------------------------------
     def observe_gradients(self, norms: dict[str, float]) -> None:
@@ -398,11 +405,10 @@ class LearningRateMonitor:
         losses: list[tuple[int, float]],
     ) -> list[Finding]:
         """One flush's numbers; returns this flush's findings (each code at most once)."""
-        if self.diverged_at is not None:
-            cut = self.diverged_at
-            update_ratios = {s: r for s, r in update_ratios.items() if s < cut}
-            norms = [(s, v) for s, v in norms if s < cut]
-            losses = [(s, v) for s, v in losses if s < cut]
+        excludes = self.excludes
+        update_ratios = {s: r for s, r in update_ratios.items() if not excludes(s)}
+        norms = [(s, v) for s, v in norms if not excludes(s) and math.isfinite(v)]
+        losses = [(s, v) for s, v in losses if not excludes(s) and math.isfinite(v)]
         if self.scaler.seen:
             # A GradScaler skips exactly the steps with an inf/NaN gradient: under one, a
             # non-finite global norm is a skipped step (or a still-scaled norm that

@@ -290,6 +290,7 @@ class Recorder:
         self._data_parallel: int | None = None
         self._table: ParameterTable | None = None
         self._selected = select_modules(model, include, exclude, types, parametrised_only)
+        self._selection = (include, exclude, types, parametrised_only)  # for ``reselect``
         self.parametrised_only = parametrised_only  # tier "light": parameter-free layers are not hooked
         # RNN/LSTM/GRU and marked modules: gradient RMS per time step (gradscope.sequence)
         self._sequences = SequenceTaps(
@@ -297,6 +298,7 @@ class Recorder:
         )
         self._selected += self._sequences.extra
         self._handles: list[Any] = []
+        self._module_handles: dict[tuple[str, int], list[Any]] = {}  # (name, id(module)) -> its hooks
         self._active = False
         self._closed = False
         self._calls: dict[str, int] = {}
@@ -344,20 +346,51 @@ class Recorder:
             # always_call: the grad mode of a forward that raised must not outlive it.
             self._handles.append(self.model.register_forward_hook(OwnHook(self._on_root_forward_end), always_call=True))
             for name, module in self._selected:
-                self._handles.append(module.register_forward_hook(self._forward_hook(name)))
-                if name in self._sequences.names:
-                    pre_hook = OwnHook(self._sequences.pre_hook(name, self._taps))
-                    self._handles.append(module.register_forward_pre_hook(pre_hook))
+                self._hook_module(name, module)
         except BaseException:
             self.close()
             raise
         return self
+
+    def _hook_module(self, name: str, module: nn.Module) -> None:
+        handles = [module.register_forward_hook(self._forward_hook(name))]
+        if name in self._sequences.names:
+            handles.append(module.register_forward_pre_hook(OwnHook(self._sequences.pre_hook(name, self._taps))))
+        self._handles += handles
+        self._module_handles.setdefault((name, id(module)), []).extend(handles)
+
+    def reselect(self) -> tuple[list[str], list[str]]:
+        """Hook the modules the selection finds in the model now that it did not
+        before, and unhook those it no longer finds: a module added mid-run (a new
+        head by ``add_module``, progressive growing) gets the same hooks as the
+        original ones, a replaced or removed one stops being recorded.  A walk over
+        the modules: call it only when the structure changed (``StructureChanges``).
+        Returns the (added, removed) names."""
+        if not self._handles:
+            return [], []
+        now = select_modules(self.model, *self._selection)
+        keys = {(name, id(module)) for name, module in now}
+        before = {(name, id(module)) for name, module in self._selected}
+        sequences = {name for name, _ in self._sequences.extra}  # marked by the user: kept as they are
+        removed = [(n, m) for n, m in self._selected if (n, id(m)) not in keys and n not in sequences]
+        added = [(n, m) for n, m in now if (n, id(m)) not in before]
+        for name, module in removed:
+            for handle in self._module_handles.pop((name, id(module)), []):
+                handle.remove()
+        for name, module in added:
+            self._hook_module(name, module)
+        if added or removed:
+            gone = {(n, id(m)) for n, m in removed}
+            self._selected = [(n, m) for n, m in self._selected if (n, id(m)) not in gone] + added
+            self._selected_weights = None  # the update ratios' weights are looked up again
+        return [n for n, _ in added], [n for n, _ in removed]
 
     def close(self) -> None:
         """Remove every hook.  Safe to call twice."""
         self._active = False
         self._closed = True
         handles, self._handles = self._handles, []
+        self._module_handles = {}
         for handle in handles:
             handle.remove()
 

@@ -532,6 +532,17 @@ def _watch_header(report: Report) -> list[tuple[str, str]]:
                 f"had diverged, later statistics excluded",
             )
         )
+    elif isinstance(coverage, Mapping) and coverage.get("cleared_episodes"):
+        spans = coverage["cleared_episodes"]
+        first = spans[0] if isinstance(spans, list) and spans and isinstance(spans[0], list) else None
+        span = f" (steps {first[0]} to {first[1]})" if first and len(first) == 2 else ""
+        items.append(
+            (
+                "stats",
+                f"finite steps ({coverage.get('sampled_steps')} sampled): the run went non-finite and recovered"
+                f"{span}, {coverage.get('excluded_sampled_steps')} non-finite sampled steps excluded",
+            )
+        )
     run_bits = ["mode watch"]
     if run.get("formats"):
         run_bits.append("formats " + ", ".join(str(f) for f in run["formats"]))
@@ -607,17 +618,24 @@ ROLE_NAMES = {
 
 
 def _diverged(report: Report) -> tuple[int | None, bool]:
-    """The first non-finite step of a watched run, and whether the report's
-    statistics stop before it (``run["statistics"]``: a watch report does; a
-    report saved before that field existed mixes the blow-up in).  (None, False)
-    otherwise (an audit's batch is one moment)."""
+    """The step a watched run diverged at, and whether the report's statistics
+    leave out its non-finite steps (``run["statistics"]``: a watch report does; a
+    report saved before that field existed mixes the blow-up in).  A run whose
+    non-finite episodes cleared gives (None, True); (None, False) otherwise (an
+    audit's batch is one moment)."""
     training = report.analysis.get("training") if isinstance(report.analysis, Mapping) else None
     first = training.get("first_nonfinite") if isinstance(training, Mapping) else None
     if not isinstance(first, Mapping):
         return None, False
     coverage = report.run.get("statistics") if isinstance(report.run, Mapping) else None
-    excluded = isinstance(coverage, Mapping) and as_float(coverage.get("diverged_at")) is not None
-    return int(as_float(first.get("step")) or 0), excluded
+    if not isinstance(coverage, Mapping) or "diverged_at" not in coverage:
+        return int(as_float(first.get("step")) or 0), False
+    cut = as_float(coverage.get("diverged_at"))
+    if cut is None:
+        # The run recovered (its non-finite episodes cleared): their steps are left
+        # out, and there is no "before step k" to say.
+        return None, True
+    return int(cut), True
 
 
 @dataclass

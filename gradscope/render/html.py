@@ -283,11 +283,14 @@ def _depth_profile(report: Report) -> list[str]:
     chart = svg.depth_profile_svg(names, series, flagged=flagged, caption=caption)
     lo, hi = F.HEALTHY_LOG10
     diverged = _first_bad_step(report)
-    note = (
-        f" The run went non-finite at step {F.number(diverged)}: these whole-run statistics include the blow-up."
-        if diverged is not None
-        else ""
-    )
+    coverage = report.run.get("statistics") if isinstance(report.run, Mapping) else None
+    if diverged is None:
+        note = ""
+    elif isinstance(coverage, Mapping) and "diverged_at" in coverage:
+        # A watch report's statistics leave out its non-finite steps (run["statistics"]).
+        note = f" The run went non-finite at step {F.number(diverged)}: these statistics leave its NaN/inf steps out."
+    else:
+        note = f" The run went non-finite at step {F.number(diverged)}: these whole-run statistics include the blow-up."
     out += [
         '<figure class="gs-figure gs-figure-depth">',
         f'<div class="gs-scroll">{chart}</div>',

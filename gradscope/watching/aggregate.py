@@ -1,10 +1,12 @@
 """The whole-run aggregate of a watched run: every flush's per-layer statistics
 merged exactly (Chan et al. 1979, see ``gradscope.stats.merge_stats``).
 
-After the run's first non-finite step the statistics are diverged (NaN/inf, or
-the blow-up's numbers): ``diverge(step)`` freezes the aggregate, later flushes
-are counted but not merged, so the final diagnosis, loss scale and table read
-the run as it was before it broke (``coverage`` says which steps that is).
+The statistics of a non-finite step, and of every step of a non-finite episode
+still open (the run diverged: NaN/inf or the blow-up's numbers), are counted
+but not merged (``gradscope.watching.divergence``), so the final diagnosis, loss
+scale and table read the run's finite steps: all of them before a divergence,
+and again after an episode that cleared (a bad batch caught and skipped).
+``coverage`` says which steps that is.
 
 The merged vectors live in one host tensor, one row per (layer, role), and
 each flush merges into it with a single stacked ``merge_stats`` call; Stats
@@ -20,39 +22,41 @@ import torch
 
 from gradscope.record import LayerRecord, Record
 from gradscope.stats import SIZE, Stats, merge_stats
+from gradscope.watching.divergence import NonfiniteSpans
 
 
 class RunningRecord:
     """Per-layer statistics merged over flushes, plus the run-level Record fields."""
 
-    def __init__(self) -> None:
+    def __init__(self, spans: NonfiniteSpans | None = None) -> None:
+        self.spans = spans if spans is not None else NonfiniteSpans()
         self.record = Record()  # notes, steps, input; layers are filled by ``materialize``
         self._layers: dict[str, LayerRecord] = {}  # name -> layer template (stats unused)
         self._rows = torch.zeros(0, SIZE, dtype=torch.float64)
         self._index: dict[tuple[str, str], int] = {}  # (layer, role) -> row
-        self.diverged_at: int | None = None  # the run's first non-finite step, once known
-        self.excluded_flushes = 0  # flushes with statistics, not merged: from diverged_at on
+        self.excluded_flushes = 0  # flushes with statistics, not merged: non-finite steps
 
-    def diverge(self, step: int) -> None:
-        """The run went non-finite at ``step``: merge nothing from now on (the flush
-        of ``step`` itself, whose statistics hold the NaN/inf, included)."""
-        if self.diverged_at is None or step < self.diverged_at:
-            self.diverged_at = step
+    @property
+    def diverged_at(self) -> int | None:
+        """The first step of the non-finite episode still open (None while finite)."""
+        return self.spans.diverged_at
 
     def coverage(self) -> dict[str, object]:
         """Which steps the merged statistics cover (``report.run["statistics"]``)."""
-        if self.diverged_at is None:
-            return {
-                "steps": "all",
-                "sampled_steps": self.record.steps,
-                "diverged_at": None,
-                "excluded_sampled_steps": 0,
-            }
+        cut = self.spans.diverged_at
+        cleared = self.spans.summary()
+        if cut is not None:
+            steps = f"before step {cut}" + (", finite steps only" if self.spans.cleared else "")
+        elif self.spans.cleared or self.excluded_flushes:
+            steps = "finite steps"
+        else:
+            steps = "all"
         return {
-            "steps": f"before step {self.diverged_at}",
+            "steps": steps,
             "sampled_steps": self.record.steps,
-            "diverged_at": self.diverged_at,
+            "diverged_at": cut,
             "excluded_sampled_steps": self.excluded_flushes,
+            **cleared,
         }
 
     def layer_names(self) -> set[str]:
@@ -61,9 +65,10 @@ class RunningRecord:
 
     def merge(self, flush: Record, step: int | None = None) -> None:
         """Merge one flush's record (host statistics) of ``step`` into the aggregate:
-        nothing from the first non-finite step on (a flush read one flush late,
-        ``Scope.read_late``, may complete after a later step's check found it)."""
-        if self.diverged_at is not None and (step is None or step >= self.diverged_at):
+        nothing of a non-finite step or of an episode still open (a flush read one
+        flush late, ``Scope.read_late``, may complete after a later step's check
+        found that one: its own step is then kept)."""
+        if self.spans.excludes(step) or (step is None and self.spans.diverged_at is not None):
             self.excluded_flushes += bool(flush.layers)
             return
         merge_at: list[int] = []

@@ -12,6 +12,7 @@ from typing import Any
 from gradscope.distributed import is_writer
 from gradscope.report import Finding, Report, Severity
 from gradscope.watching.alerts import Alert, AlertTracker, run_summary
+from gradscope.watching.divergence import NonfiniteSpans
 
 logger = logging.getLogger("gradscope")
 
@@ -19,23 +20,22 @@ logger = logging.getLogger("gradscope")
 class Announcer:
     """Turns each observation of findings into alerts and says them."""
 
-    def __init__(self, writer: Any, on_finding: Callable[[Finding], Any] | None) -> None:
+    def __init__(
+        self, writer: Any, on_finding: Callable[[Finding], Any] | None, spans: NonfiniteSpans | None = None
+    ) -> None:
         self.writer = writer
         self.on_finding = on_finding
         self.tracker = AlertTracker()
-        self.diverged_at: int | None = None  # the run's first non-finite step, once known
-
-    def diverge(self, step: int) -> None:
-        """From ``step`` on the run's statistics are NaN/inf or the blow-up's: only the
-        nonfinite source still speaks.  The other rules' findings neither appear nor
-        clear (a rule that reads NaN finds nothing, which is not a recovery)."""
-        if self.diverged_at is None or step < self.diverged_at:
-            self.diverged_at = step
+        # At a non-finite step and within an open episode the statistics are NaN/inf
+        # or the blow-up's: only the nonfinite source speaks.  The other rules'
+        # findings neither appear nor clear (a rule that reads NaN finds nothing,
+        # which is not a recovery); they speak again once the episode clears.
+        self.spans = spans if spans is not None else NonfiniteSpans()
 
     def alert(self, step: int, sources: dict[str, list[Finding]], partial: Collection[str] = ()) -> list[Alert]:
         """Feed one observation to the tracker and announce its alerts (one TensorBoard
         text entry for all of them); ``partial``: see ``AlertTracker.observe``."""
-        if self.diverged_at is not None and step >= self.diverged_at:
+        if self.spans.excludes(step):
             sources = {name: found for name, found in sources.items() if name == "nonfinite"}
         alerts = self.tracker.observe(step, sources, partial)
         if not alerts:

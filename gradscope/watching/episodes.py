@@ -35,6 +35,7 @@ from gradscope.watching.nonfinite import (
     nonfinite_kinds,
 )
 from gradscope.watching.norms import NormHistogram
+from gradscope.watching.overflow import OverflowedNorms
 from gradscope.watching.step_norms import NORM, StepNorms
 from gradscope.watching.update_ratio import UpdateRatios
 
@@ -107,6 +108,8 @@ class NonfiniteEpisodes:
         self.on_located: Callable[[dict[str, Any]], None] | None = None
         # Under torch.distributed: every rank keeps the same record (gradscope.watching.agreement).
         self.agreement = agreement
+        # The true norms of steps whose float32 norm overflowed (set by the Scope).
+        self.overflowed: OverflowedNorms | None = None
         # With an agreement: this rank's record of an unsampled step that went
         # non-finite, kept for the next flush (which stops every rank).
         self.held: dict[str, Any] | None = None
@@ -277,6 +280,11 @@ class NonfiniteEpisodes:
             located = locate_step(
                 flags, self.layer_infos(), self.norms.local_parameters(), include_gradients=not self.norms.scaler_seen
             )
+        if located is None and flags.same_step and flags.squares is not None and self.overflowed is not None:
+            # No NaN/Inf found: a global norm over finite gradients overflowed float32;
+            # its true norm, for the norm history (gradscope.watching.overflow).
+            grads = [(name, grad) for name, _, grad in self.norms.local_parameters() if grad is not None]
+            self.overflowed.measure(flags.step, grads, None)
         if located is None:
             if self.episode is not None:
                 # Already reported: the finding's life story follows it (the same finding: no new alert).

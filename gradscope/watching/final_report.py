@@ -2,10 +2,12 @@
 training record (norms, spikes, update ratios, first non-finite step) and the
 diagnosis of the whole-run statistics.
 
-A run that went non-finite at step k is reported from its statistics before k
-(``RunningRecord.diverge``): the steps from k on are NaN/inf or the blow-up's
-numbers, and advice fitted to them (a loss scale, a clip threshold, an init)
-would fit the blow-up.  ``report.run["statistics"]`` and a note say so.
+A run that went non-finite at step k and never came back is reported from its
+statistics before k (``gradscope.watching.divergence``): the steps from k on are
+NaN/inf or the blow-up's numbers, and advice fitted to them (a loss scale, a clip
+threshold, an init) would fit the blow-up.  A run whose non-finite episodes
+cleared (a bad batch caught and skipped) is reported from its finite steps.
+``report.run["statistics"]`` and a note say so.
 """
 
 from __future__ import annotations
@@ -71,16 +73,27 @@ def _run_record(scope: Scope) -> Record:
     record = scope._aggregate.materialize()
     record.reduction = dict(recorder.record.reduction)
     ran = {layer.module for layer in recorder.record.layers}
-    selected = recorder._selected  # the modules the recorder hooked
+    present = {id(module) for module in scope.model.modules()}
+    # the modules the recorder hooked and the model still holds (one removed mid-run is not "not executed")
+    selected = [(name, module) for name, module in recorder._selected if id(module) in present]
     record.not_executed = [name or "model" for name, _ in selected if (name or "model") not in ran]
     for note in recorder.record.notes:
         record.note(note)
     coverage = scope._aggregate.coverage()
+    cleared = scope._spans.cleared_count
     if coverage["diverged_at"] is not None:
         record.note(
             f"the run went non-finite at step {coverage['diverged_at']}: from then on it had diverged, so the "
             f"layer statistics, the diagnosis and its advice cover the {coverage['sampled_steps']} sampled "
-            f"steps before it ({coverage['excluded_sampled_steps']} later sampled steps excluded)"
+            f"steps before it ({coverage['excluded_sampled_steps']} non-finite sampled steps excluded)"
+            + (f"; {cleared} earlier non-finite episode(s) cleared" if cleared else "")
+        )
+    elif cleared:
+        record.note(
+            f"the run went non-finite and recovered ({cleared} episode(s), the first from step "
+            f"{scope._spans.cleared[0][0]} to step {scope._spans.cleared[0][1]}): the layer statistics, the "
+            f"diagnosis and its advice cover the {coverage['sampled_steps']} finite sampled steps "
+            f"({coverage['excluded_sampled_steps']} non-finite sampled steps excluded)"
         )
     return record
 
@@ -112,8 +125,7 @@ def _training_findings(scope: Scope, diagnosed: list[Finding]) -> tuple[list[Fin
     if training.spikes.worst is not None:
         findings.append(spike_finding(training.spikes.worst, training.spikes, clip))
     findings.extend(scope._rates.final_findings())  # the scaler's skipped steps included (ScalerSteps)
-    before = scope._before_divergence
-    findings.extend(before[0] if before is not None else scope._regularisation.final_findings())
+    findings.extend(scope._regularisation.final_findings())  # it never read a non-finite step (flush)
     return findings, diagnosed
 
 
@@ -130,8 +142,7 @@ def final_report(scope: Scope) -> Report:
     analysis["training"] = scope.training_summary()
     if scope._training.ceiling.clipped:
         record.note(scope._training.ceiling.message())
-    before = scope._before_divergence
-    analysis["regularisation"] = before[1] if before is not None else scope._regularisation.summary()
+    analysis["regularisation"] = scope._regularisation.summary()
     parameters = sum(p.numel() for p in scope.model.parameters())
     return Report(
         record=record,

@@ -41,7 +41,7 @@ from gradscope.watching.flush_result import FlushResult
 from gradscope.watching.model_snapshot import SnapshotLaunch, launch_snapshot
 from gradscope.watching.packing import PackLayout, Unpacked, pack, unpack
 from gradscope.watching.scaling import divide_stats
-from gradscope.watching.step_norms import SCALE, StepNorms
+from gradscope.watching.step_norms import NORM, SCALE, StepNorms
 from gradscope.watching.training_state import RingReading
 from gradscope.watching.weights import WeightLaunch
 
@@ -237,6 +237,24 @@ def observe_scales(scope: Scope, steps: list[int], ring: torch.Tensor | None, fl
             scope._rates.scaler.observe(t, scales[slot])
 
 
+def measure_overflow(scope: Scope, pending: PendingFlush, ring: torch.Tensor | None) -> dict[str, float]:
+    """A sampled step whose global norm reads inf: when every gradient element is
+    finite, only float32's sum of squares overflowed (a GradScaler's scale grown
+    for ~100k bf16 steps): its true norm, read now (the rare path), replaces inf
+    (gradscope.watching.overflow).  Not one flush late (the gradients are the next
+    step's) nor under a group (the norm is reduced over ranks).  Returns the true
+    norms of the parameters whose own float32 norm overflowed."""
+    if ring is None or not pending.sampled or pending.late or scope._recorder.group is not None:
+        return {}
+    slot = pending.step % scope.every
+    if not pending.ring_flags.norm_given[slot] or math.isfinite(float(ring[NORM, slot])):
+        return {}
+    scaled = pending.sample_scaled and pending.ring_flags.scale_given[slot]
+    scale = float(ring[SCALE, slot]) if scaled else None
+    grads = [(name, grad) for name, _, grad in scope._norms.local_parameters() if grad is not None]
+    return scope._training.overflowed.measure(pending.step, grads, scale) or {}
+
+
 def drop_skipped_gradients(scope: Scope, record: Record, sampled: bool, reading: RingReading) -> None:
     """The GradScaler skips a step whose scaled gradients overflowed: its gradient
     statistics are not the ones training uses, so leave them out.  A non-finite
@@ -362,7 +380,8 @@ def findings_by_source(
     if sampled or located is not None:
         sources["nonfinite"] = nonfinite  # a sampled step is searched whole: absence clears
     if sampled and full and record.layers:
-        scope._last_diagnosed = step
+        if not scope._spans.excludes(step):  # a non-finite step's diagnosis is not said: the next step is due
+            scope._last_diagnosed = step
         diagnosed = scope._diagnose(record, model)
         if located is not None:
             # The watch's own record of this step says where it started; the
@@ -385,11 +404,15 @@ def regularisation_findings(
 ) -> list[Finding]:
     """Weight decay, weights over time, validation (``gradscope.watching.regularisation``),
     added to the training source: cached between measurements, evaluated every flush."""
+    if scope._spans.excludes(step):
+        # A non-finite step's weights and losses would poison the weights over time
+        # and the validation gap: its cached findings stand as they were.
+        full, weights = False, None
     found = scope._regularisation.flush(
         step,
         full=full,
         param_grad_norms=param_grad_norms,
-        losses=reading.losses,
+        losses=[(t, loss) for t, loss in reading.losses if not scope._spans.is_bad(t)],
         writer=scope._writer,
         weights=weights,
     )
@@ -469,18 +492,17 @@ def complete(scope: Scope, pending: PendingFlush) -> GradscopeError | None:
     step, sampled, full, steps = pending.step, pending.sampled, pending.full, pending.steps
     record, host = gather(scope, pending)
     missed = complete_sampled_record(scope, record, host, step, full, pending.late) if sampled else False
-    reading = scope._training.read(steps, host.ring, pending.ring_flags)
-    if reading.ceiling_found and is_writer():
-        logger.warning("gradscope: %s", scope._training.ceiling.message())
-    observe_scales(scope, steps, host.ring, pending.ring_flags)
+    overflowed = measure_overflow(scope, pending, host.ring)
+    # The ring as read below, without reading it into the run's state yet: the
+    # step's search comes first, so that a bad step never enters the norm history.
+    reading = scope._training.peek(steps, host.ring, pending.ring_flags)
     if reading.scale_now is not None:
-        scope._training.scale_history.append((step, reading.scale_now))
         record = unscale(record, reading.scale_now, pending.sample_scaled)
     drop_skipped_gradients(scope, record, sampled, reading)
-    clip = clip_advice(scope._training.history)
     param_grad_norms = (
         dict(zip(host.names, host.param_norms.tolist(), strict=True)) if host.param_norms is not None else {}
     )
+    param_grad_norms.update((name, norm) for name, norm in overflowed.items() if name in param_grad_norms)
     input_finite = pending.input_finite if host.inputs_nonfinite is None else host.inputs_nonfinite == 0
     episodes = scope._episodes
     later = None
@@ -490,6 +512,19 @@ def complete(scope: Scope, pending: PendingFlush) -> GradscopeError | None:
     located = locate(scope, record, host, reading, step, sampled, param_grad_norms, input_finite)
     if later is not None:
         episodes.held = later
+    if located is not None:
+        scope._spans.mark(int(located["step"]))  # before its norm is read
+    elif sampled:
+        # Searched whole and finite: a non-finite episode ends here (a bad batch
+        # caught and skipped), and every signal resumes (gradscope.watching.divergence).
+        scope._spans.clear(step)
+    reading = scope._training.read(steps, host.ring, pending.ring_flags)
+    if reading.ceiling_found and is_writer():
+        logger.warning("gradscope: %s", scope._training.ceiling.message())
+    observe_scales(scope, steps, host.ring, pending.ring_flags)
+    if reading.scale_now is not None:
+        scope._training.scale_history.append((step, reading.scale_now))
+    clip = clip_advice(scope._training.history)
     if located is not None and pending.late and located.get("step") == step:
         located.setdefault(
             "read",

@@ -590,10 +590,15 @@ def locate_gradient(
     first), from the exact per-parameter norms.
 
     ``elements(param)`` is (has NaN, has inf) of the gradient's elements (both
-    False: only the float32 sum of squares overflowed; None: cannot tell now);
+    False: only the float32 sum of squares overflowed, not an event; None:
+    cannot tell now); None when no parameter is left;
     ``gradient_bad(layer)`` whether ∂ℓ/∂h of that layer was non-finite (None:
     not recorded, as on unsampled steps).
     """
+    # A gradient whose elements are all finite only overflowed float32's sum of
+    # squares (norm above ~1.8e19): no NaN/Inf event (gradscope.watching.overflow).
+    kinds_of = {p: elements(p) for p in bad}
+    bad = [p for p, kinds in kinds_of.items() if kinds is None or any(kinds)]
     if not bad:
         return None
     modules = {layer.module: layer for layer in layers if layer.name == layer.module}
@@ -601,27 +606,22 @@ def locate_gradient(
     parameter = ranked[0]
     layer = owner_of(parameter, modules)
     name = layer.name if layer is not None else None
-    kinds = elements(parameter)
-    if kinds is not None and not any(kinds):
-        origin = "produced"
+    kinds = kinds_of[parameter]
+    upstream = gradient_bad(name) if name is not None else None
+    if upstream is None and forward_finite and name is not None:
+        origin = "received"
         source = (
-            f"the squared gradient norm of {parameter} overflowed float32 (norm above ~1.8e19, every element "
-            "finite), as clip_grad_norm_ would compute it"
+            f"∂ℓ/∂h of {name}: the forward was finite, so the backward of {name} or of a layer after it made "
+            "the gradient non-finite (∂ℓ/∂h is recorded on sampled steps only)"
         )
+    elif upstream:
+        origin, source = "received", f"∂ℓ/∂h of {name}"
+    elif upstream is False:
+        origin, source = "produced", f"the weight-gradient computation of {name}"
     else:
-        upstream = gradient_bad(name) if name is not None else None
-        if upstream is None and forward_finite and name is not None:
-            origin = "received"
-            source = (
-                f"∂ℓ/∂h of {name}: the forward was finite, so the backward of {name} or of a layer after it made "
-                "the gradient non-finite (∂ℓ/∂h is recorded on sampled steps only)"
-            )
-        elif upstream:
-            origin, source = "received", f"∂ℓ/∂h of {name}"
-        elif upstream is False:
-            origin, source = "produced", f"the weight-gradient computation of {name}"
-        else:
-            origin, source = "unknown", f"the gradient of {parameter}"
+        origin, source = "unknown", f"the gradient of {parameter}"
+    if kinds is None:
+        source += " (its elements could not be read at this step: possibly only its float32 norm overflowed)"
     return {
         "step": step,
         "layer": name,

@@ -126,6 +126,8 @@ class RegularisationWatch:
         return [opt for ref in self._optimizers if (opt := ref()) is not None]
 
     def set_step(self, step: int) -> None:
+        """The Scope observed optimizer step ``step - 1`` and is now at ``step``."""
+        self.guard.stepped(step - 1)
         self.guard.step = step
 
     def flush(
@@ -149,12 +151,14 @@ class RegularisationWatch:
             if writer is not None:
                 writer.write_weights(step, self.weights.tracks)
         findings = list(self._cached)
-        mode = self.guard.finding()
-        if mode is not None:
-            findings.append(mode)
+        findings += self._mode_findings()
         if self._overfitting is not None:
             findings.append(self._overfitting)
         return findings
+
+    def _mode_findings(self) -> list[Finding]:
+        """Both directions of a forgotten mode switch (gradscope.watching.eval_mode)."""
+        return [f for f in (self.guard.finding(), self.guard.eval_training_finding()) if f is not None]
 
     def launch_weights(self) -> WeightLaunch | None:
         """The device side of the weights measurement of a full flush, packed into
@@ -217,10 +221,7 @@ class RegularisationWatch:
 
     # -- the report --------------------------------------------------------------
     def final_findings(self) -> list[Finding]:
-        findings = list(self._cached)
-        mode = self.guard.finding()
-        if mode is not None:
-            findings.append(mode)
+        findings = list(self._cached) + self._mode_findings()
         if self._overfitting is not None:
             findings.append(self._overfitting)
         return findings
@@ -229,6 +230,7 @@ class RegularisationWatch:
         out: dict[str, Any] = {
             "weights": self.weights.summary(),
             "train_mode_inference_forwards": self.guard.count,
+            "eval_mode_training_steps": self.guard.eval_training,
         }
         if self._optimizer_summary is not None:
             out["optimizer"] = self._optimizer_summary

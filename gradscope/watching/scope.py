@@ -101,6 +101,7 @@ from gradscope.watching.aggregate import RunningRecord
 from gradscope.watching.agreement import Agreement
 from gradscope.watching.alerts import AlertTracker
 from gradscope.watching.announce import Announcer
+from gradscope.watching.divergence import NonfiniteSpans
 from gradscope.watching.episodes import NonfiniteEpisodes
 from gradscope.watching.final_report import final_report
 from gradscope.watching.flush import PendingFlush, complete, launch
@@ -176,9 +177,10 @@ class Scope:
         # them (``_owed_snapshot``); the optimizers already asked since the sampled step.
         self._owed: set[str] = set()
         self._owed_asked: set[int] = set()
-        self._aggregate = RunningRecord()
-        # The regularisation findings and summary at the first non-finite step (see _mark_nonfinite).
-        self._before_divergence: tuple[list[Finding], dict[str, Any]] | None = None
+        # The run's non-finite steps, episode by episode: what every run-level part leaves out.
+        self._spans = NonfiniteSpans()
+        self._rates.excludes = self._spans.is_bad
+        self._aggregate = RunningRecord(self._spans)
         self._diagnose_failed = False
         self._last_diagnosed = -DIAGNOSE_EVERY_STEPS
 
@@ -214,7 +216,7 @@ class Scope:
             from gradscope.tensorboard import DashboardWriter
 
             self._writer = DashboardWriter.for_rank_zero(log_dir, formats=self.formats)
-        self._announcer = Announcer(self._writer, on_finding)
+        self._announcer = Announcer(self._writer, on_finding, self._spans)
         # Moments and histograms of tensors above 2 x WATCH_SAMPLE elements come from
         # a strided sample (errors in gradscope.stats); counts stay exact, and so do
         # the extremes of activations and ∂ℓ/∂h.  Weights and weight gradients are
@@ -237,7 +239,7 @@ class Scope:
         # frees parameter storage), from the recorder's table, built after sharding.
         self._norms = StepNorms(self._recorder, self.every, self.tier)
         self._ratios = UpdateRatios(self._recorder)
-        self._training = TrainingState()
+        self._training = TrainingState(self._spans)
         # Under torch.distributed every rank stops at the same step, with the same
         # record of where (gradscope.watching.agreement).
         group = self._recorder.group
@@ -250,6 +252,7 @@ class Scope:
         self._layer_history = RunHistory()
         self._heatmap_due = False
         self._episodes.on_located = self._mark_nonfinite
+        self._episodes.overflowed = self._training.overflowed
         self._check = StepCheck()  # the per-step non-finite check (gradscope.watching.nonfinite)
         self._recorder.sentinel = self._check.sentinel
         self._check.prepare(_first_device(model))
@@ -524,21 +527,15 @@ class Scope:
         """Mark a located non-finite value in the history; the run's first is drawn at
         the next flush whatever the heatmap cadence (gradscope.dashboards.heatmaps).
 
-        From the run's first non-finite step on, statistics are diverged: the
-        aggregate, the norm history and the alerts of the other rules stop there
-        (called before the flush of that step merges or alerts anything)."""
+        The step opens a non-finite episode (``gradscope.watching.divergence``): the
+        aggregate, the norm history, the learning-rate rules, the regularisation
+        watch and the alerts of the other rules leave it out, and every later step
+        until a sampled step is finite again (called before the flush of that step
+        merges or alerts anything)."""
         step = int(located["step"])
         if self._layer_history.mark_nonfinite(step, located.get("layer"), located.get("role") or ""):
             self._heatmap_due = True
-        if self._aggregate.diverged_at is None:
-            # The regularisation watch keeps its own running state: its findings and
-            # summary as they stood before this step's statistics reach it.
-            self._before_divergence = (self._regularisation.final_findings(), self._regularisation.summary())
-        self._aggregate.diverge(step)
-        self._training.diverge(step)
-        self._announcer.diverge(step)
-        if self._rates.diverged_at is None or step < self._rates.diverged_at:
-            self._rates.diverged_at = step
+        self._spans.mark(step)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -586,6 +583,11 @@ class Scope:
             error = self._flush(step, sampled=False, raise_errors=True)
         if not sampled and optimizer is not None and self._owed:
             self._owed_snapshot(step, optimizer)
+        if self._norms.modules_changed():
+            # A module registered anywhere since the last step (torch's registration
+            # hooks set a flag: nothing is walked per step): the selection is looked at
+            # again, so that a module added mid-run is hooked from the next forward on.
+            self._recorder.reselect()
         self._step += 1
         self._regularisation.set_step(self._step)
         if self._step % self.every == 0 and not self._paused:

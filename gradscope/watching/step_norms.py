@@ -79,12 +79,13 @@ class StructureChanges:
         from torch.nn.modules import module as modules
 
         self.changed = True
+        self.changed_for_hooks = False  # the same, for the recorder's selection (take_for_hooks)
         me = weakref.ref(self)
 
         def mark(*_: Any) -> None:
             watcher = me()
             if watcher is not None:
-                watcher.changed = True
+                watcher.changed = watcher.changed_for_hooks = True
 
         self._handles = [
             modules.register_module_parameter_registration_hook(mark),
@@ -93,6 +94,11 @@ class StructureChanges:
 
     def take(self) -> bool:
         changed, self.changed = self.changed, False
+        return changed
+
+    def take_for_hooks(self) -> bool:
+        """``take`` for a second reader: the Scope, which hooks modules added mid-run."""
+        changed, self.changed_for_hooks = self.changed_for_hooks, False
         return changed
 
     def close(self) -> None:
@@ -161,6 +167,11 @@ class StepNorms:
         """Every parameter of the model, by name, trainable now or not (the per-step
         loop keeps those with a gradient); scanned on first use and again by ``rescan``."""
         return self._param_refs if self._param_refs is not None else self.rescan()
+
+    def modules_changed(self) -> bool:
+        """Whether a module or parameter was registered anywhere since the last call
+        (a flag: nothing walked)."""
+        return self._structure.take_for_hooks()
 
     def rescan_if_changed(self) -> None:
         if self._structure.take():

@@ -15,7 +15,9 @@ import torch
 
 from gradscope.training import SpikeSummary, clip_advice
 from gradscope.watching.clip_ceiling import ClipCeiling
+from gradscope.watching.divergence import NonfiniteSpans
 from gradscope.watching.norms import NormHistogram, Spike, SpikeDetector
+from gradscope.watching.overflow import OverflowedNorms
 from gradscope.watching.step_norms import LOSS, NORM, SCALE, StepNorms
 
 
@@ -35,7 +37,7 @@ class RingReading:
 class TrainingState:
     """Global norms, losses and loss scales over the whole run (bounded memory)."""
 
-    def __init__(self) -> None:
+    def __init__(self, spans: NonfiniteSpans | None = None) -> None:
         self.history = NormHistogram()
         self.detector = SpikeDetector()
         self.spikes = SpikeSummary()
@@ -52,13 +54,14 @@ class TrainingState:
         self.post_clip_last: float | None = None
         # Norms pinned at one ceiling: gradients clipped before step() (clip_ceiling).
         self.ceiling = ClipCeiling()
-        # The run's first non-finite step: later norms are the diverged run's, kept
-        # out of the AutoClip history, the spike detector and the norm summary.
-        self.diverged_at: int | None = None
-
-    def diverge(self, step: int) -> None:
-        if self.diverged_at is None or step < self.diverged_at:
-            self.diverged_at = step
+        # The run's non-finite steps and open episode (gradscope.watching.divergence):
+        # their norms are the diverged run's or a bad batch's, kept out of the AutoClip
+        # history, the spike detector and the norm summary; the steps after an
+        # episode that cleared come back in.
+        self.spans = spans if spans is not None else NonfiniteSpans()
+        # Norms that overflowed float32 over finite gradients, measured again by the
+        # check that found them (gradscope.watching.overflow): read in place of inf.
+        self.overflowed = OverflowedNorms()
 
     def read(self, steps: list[int], ring: torch.Tensor | None, norms: StepNorms) -> RingReading:
         """Walk the ring's slots of ``steps``: scales, losses, norms, spikes."""
@@ -81,18 +84,51 @@ class TrainingState:
             self._read_norm(t, float(ring[NORM, slot]), out, loss)
         return out
 
+    def peek(self, steps: list[int], ring: torch.Tensor | None, norms: StepNorms) -> RingReading:
+        """What ``read`` will say of the ring's slots of ``steps`` (scale, losses, norms
+        and the first non-finite ones), without reading them into the run's state:
+        the flush searches its step first, so that a step it finds non-finite never
+        enters the norm history (gradscope.watching.divergence)."""
+        out = RingReading()
+        if ring is None:
+            return out
+        for t in steps:
+            slot = t % norms.every
+            if norms.scale_given[slot]:
+                out.scale_now = float(ring[SCALE, slot])
+            if norms.loss_given[slot]:
+                loss = float(ring[LOSS, slot])
+                out.losses.append((t, loss))
+                if not math.isfinite(loss) and out.first_bad_loss is None:
+                    out.first_bad_loss = t
+            if norms.norm_given[slot]:
+                norm = float(ring[NORM, slot])
+                if not math.isfinite(norm):
+                    norm = self.overflowed.get(t, norm)
+                out.global_norms.append((t, norm))
+                if not math.isfinite(norm) and out.first_bad_norm is None:
+                    out.first_bad_norm = t
+        return out
+
     def _read_scale(self, scale: float, out: RingReading) -> None:
         if self.last_scale is not None and scale < self.last_scale:
             self.skipped += 1  # GradScaler halves the scale when it skips a step
         self.last_scale = out.scale_now = scale
 
     def _read_norm(self, t: int, norm: float, out: RingReading, loss: float | None = None) -> None:
+        true = self.overflowed.take(t)
+        if true is not None and not math.isfinite(norm):
+            norm = true  # finite gradients whose float32 squared norm overflowed
         out.global_norms.append((t, norm))
         if not math.isfinite(norm) and out.first_bad_norm is None:
             out.first_bad_norm = t
-        if self.diverged_at is not None and t > self.diverged_at:
-            # Step diverged_at itself was read before it was known to be non-finite
-            # (its norm, if non-finite, only counts as such in the history).
+        if self.spans.is_bad(t):
+            # A step already known non-finite (an unsampled one, found by its own
+            # check).  A sampled bad step is read before its flush finds it: its
+            # norm, non-finite, then only counts as such.  Non-finite norms of an
+            # open episode count as such too; its finite ones are real samples.
+            if not math.isfinite(norm):
+                self.history.add(norm)
             return
         if self.clip_max_norm is None and self.ceiling.observe(norm, loss):
             out.ceiling_found = True  # said by the flush, on the writing rank only
@@ -131,6 +167,7 @@ class TrainingState:
             "global_grad_norm_last": self.global_last,
             "global_grad_norm_max": self.global_max,
             "nonfinite_norm_steps": self.history.nonfinite,
+            "norm_overflow_steps": self.overflowed.count,
             "clip": clip,
             "spikes": self.spikes.count,
             "spike_steps": list(self.spikes.steps),

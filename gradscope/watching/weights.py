@@ -201,6 +201,11 @@ class WeightWatch:
         grad_norms = grad_norms or {}
         for name, (squared, zeros, near, sampled) in zip(launched.names, rows, strict=True):
             near_frac = near / sampled if sampled > 0 else math.nan
+            if not math.isfinite(squared):
+                # A float32 sum of squares that overflowed (‖w‖ above ~1.8e19, a blow-up's
+                # weights) made the near-zero tolerance inf: every weight would count as
+                # near zero.  Not measured (gradscope.watching.overflow).
+                near_frac = math.nan
             norm = math.sqrt(squared) if squared >= 0 else math.nan
             self._record(self.tracks[name], step, norm, zeros, near_frac, decays.get(name), grad_norms.get(name))
 
