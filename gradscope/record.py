@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from gradscope.liveness import UnitLiveness
 from gradscope.stats import Stats
 from gradscope.timeprofile import TimeProfile
 
@@ -37,6 +38,8 @@ class LayerRecord:
     stats: dict[str, Stats] = field(default_factory=dict)  # role -> merged statistics
     # sequence layers: role ("gradient", "input_gradient") -> RMS per time step (gradscope.sequence)
     time: dict[str, TimeProfile] = field(default_factory=dict)
+    # ReLU-family layers: which units fired at least once (gradscope.liveness)
+    units: UnitLiveness | None = None
 
     def get(self, role: str) -> Stats | None:
         return self.stats.get(role)
@@ -69,6 +72,9 @@ class LayerRecord:
         previous = self.time.get(role)
         self.time[role] = profile if previous is None else previous.merge(profile)
 
+    def add_units(self, liveness: UnitLiveness) -> None:
+        self.units = liveness if self.units is None else self.units.merge(liveness)
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "name": self.name,
@@ -93,6 +99,8 @@ class LayerRecord:
         )
         if self.time:  # only sequence layers carry it
             out["time"] = {role: profile.to_dict() for role, profile in self.time.items()}
+        if self.units is not None:  # only ReLU-family layers carry it
+            out["units"] = self.units.to_dict()
         return out
 
     @classmethod
@@ -118,6 +126,8 @@ class LayerRecord:
                 layer.stats[role] = Stats.from_dict(data[role])
         for role, profile in (data.get("time") or {}).items():
             layer.time[role] = TimeProfile.from_dict(profile)
+        if data.get("units"):
+            layer.units = UnitLiveness.from_dict(data["units"])
         return layer
 
 

@@ -38,6 +38,7 @@ from gradscope.distributed import (
 from gradscope.experts import expert_fans, is_fused_experts
 from gradscope.extremes_through import extremes_through, in_place
 from gradscope.host_copy import HostBuffers, HostCopy
+from gradscope.liveness import UnitTaps, liveness_from_host
 from gradscope.outputs import first_float_tensor
 from gradscope.own_hooks import InertCopies, OwnHook
 from gradscope.placement import (
@@ -79,6 +80,11 @@ class FlushTransfer:
     extra_device: torch.device | None = None  # whose copy starts with the caller's extra numbers
     n_extra: int = 0
     reduction: PendingReduction | None = None  # with a reduction group, instead of the copies
+    # per-unit peaks of ReLU-family sites (gradscope.liveness): (site, axis, positions, units)
+    units: list[tuple[str, int, int, int]] = field(default_factory=list)
+    # per device: the indices into ``units`` packed after its statistics rows
+    units_by_device: dict[torch.device, list[int]] = field(default_factory=dict)
+    units_copies: list[tuple[list[int], HostCopy]] = field(default_factory=list)  # under a group: their own copies
 
     def ready(self) -> bool:
         """Whether every copy has landed (never blocks; a launched reduction counts as
@@ -297,6 +303,7 @@ class Recorder:
             model, self._selected, sequence_modules, lambda: self._closed, lambda text: self.record.note(text)
         )
         self._selected += self._sequences.extra
+        self._units = UnitTaps()  # per-unit peaks of ReLU-family outputs (gradscope.liveness)
         self._handles: list[Any] = []
         self._module_handles: dict[tuple[str, int], list[Any]] = {}  # (name, id(module)) -> its hooks
         self._active = False
@@ -439,6 +446,7 @@ class Recorder:
         self._last_taken = None
         self._grad_hooked.clear()
         self._backward_since_forward = False
+        self._units.new_forward()
         found = first_float_tensor((args, kwargs))
         if found is not None:
             self._bound_pending()
@@ -573,6 +581,7 @@ class Recorder:
                 self._pending.append((key, "input", self._take(arg[0])))
         elif norm_input is not None:
             self._pending.append((key, "input", self._take(norm_input)))
+        self._units.on_forward(key, site.type, tensor)
         if tensor.requires_grad and torch.is_grad_enabled():
             tensor.register_hook(self._gradient_hook(key))
             self._grad_hooked.add(key)
@@ -843,8 +852,12 @@ class Recorder:
         self._merge_pending()
         merged, self._merged = self._merged, {}
         transfer = FlushTransfer(keys=list(merged), profiles=self._sequences.launch(self._profile_buffers))
+        units = self._units.take()
+        transfer.units = [(key, axis, positions, peak.numel()) for key, axis, positions, peak in units]
         if self._reducer is not None and self.group is not None:
             transfer.reduction = self._reducer.launch(merged, extra, self._host_buffers)
+            # per rank (gradscope.liveness): a copy of their own, like the time profiles
+            transfer.units_copies = host_copy.copy_by_device([_wide(u[3]) for u in units], self._profile_buffers)
             return transfer
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         if extra is not None:
@@ -857,6 +870,9 @@ class Recorder:
             transfer.rows_by_device.setdefault(row.device, []).append(key)
         for device, keys in transfer.rows_by_device.items():
             by_device[device].append(_wide(torch.stack([merged[k] for k in keys])).reshape(-1))
+        for i, (_, _, _, peak) in enumerate(units):  # after the rows, in the same transfer
+            by_device.setdefault(peak.device, []).append(_wide(peak))
+            transfer.units_by_device.setdefault(peak.device, []).append(i)
         for device, parts in by_device.items():
             vector = parts[0] if len(parts) == 1 else torch.cat(parts)
             transfer.copies[device] = host_copy.copy_to_host(vector, self._host_buffers)
@@ -871,6 +887,9 @@ class Recorder:
                 self._sites[key].add_time(role, profile)
         host_extra = None
         host: dict[tuple[str, str], torch.Tensor] = {}
+        peaks: list[torch.Tensor] = [torch.empty(0)] * len(transfer.units)
+        for indices, copy in transfer.units_copies:
+            self._split_peaks(transfer, indices, copy.wait(), peaks)
         if transfer.reduction is not None and self._reducer is not None and self.group is not None:
             host, host_extra = self._reducer.finish(transfer.reduction)
             # This rank's own rows, before the reduction (a few numbers per layer, on the
@@ -887,8 +906,12 @@ class Recorder:
                 if device == transfer.extra_device:
                     host_extra, offset = values[: transfer.n_extra], transfer.n_extra
                 keys = transfer.rows_by_device.get(device, [])
+                unit_indices = transfer.units_by_device.get(device, [])
+                tail = sum(transfer.units[i][3] for i in unit_indices)
+                if unit_indices:
+                    self._split_peaks(transfer, unit_indices, values[values.numel() - tail :], peaks)
                 if keys:
-                    rows = values[offset:].reshape(len(keys), -1).unbind(0)  # one op for every row
+                    rows = values[offset : values.numel() - tail].reshape(len(keys), -1).unbind(0)  # one op each
                     host.update(zip(keys, rows, strict=True))
             host = {k: host[k] for k in transfer.keys}  # first-seen order
             if self.reduction():
@@ -901,9 +924,24 @@ class Recorder:
                 self._sites[key].add(role, Stats(row))
             else:
                 self.record.note(f"{key}: recorded on another rank only; not in this rank's report")
+        per_rank = "per rank" if self.reduction() else None
+        for (key, axis, positions, _), peak in zip(transfer.units, peaks, strict=True):
+            if key in self._sites and peak.numel():
+                self._sites[key].add_units(liveness_from_host(axis, positions, peak, per_rank))
         if host:
             self.record.steps += 1
         return host_extra
+
+    @staticmethod
+    def _split_peaks(
+        transfer: FlushTransfer, indices: list[int], values: torch.Tensor, out: list[torch.Tensor]
+    ) -> None:
+        """Cut a packed host vector of per-unit peaks back into one vector per site."""
+        offset = 0
+        for i in indices:
+            n = transfer.units[i][3]
+            out[i] = values[offset : offset + n]
+            offset += n
 
     def reduction(self) -> dict[str, str]:
         """Per statistic role, "global" (merged over the group) or "per rank"; empty
@@ -948,6 +986,7 @@ class Recorder:
         """Drop the statistics waiting for the flush (forwards that no step followed)."""
         self._pending, self._input_pending, self._merged, self._compiled = [], [], {}, []
         self._pending_elements = 0
+        self._units.discard()
 
 
 def _finalize_and_merge(keys: list[tuple[str, str]], raws: Sequence[RawStats]) -> dict[tuple[str, str], torch.Tensor]:

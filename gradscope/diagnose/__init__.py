@@ -80,6 +80,7 @@ def diagnose_record(
     from gradscope.diagnose.init import rule_poor_init
     from gradscope.diagnose.layers import Context
     from gradscope.diagnose.nonfinite import rule_nonfinite
+    from gradscope.diagnose.precedence import drop_explained
     from gradscope.diagnose.precision import rule_precision
     from gradscope.diagnose.recurrent import rule_through_time
     from gradscope.diagnose.regularisation import rule_dropout
@@ -128,6 +129,7 @@ def diagnose_record(
         found = rule(ctx)
         ctx.found.update(f.code for f in found)
         findings.extend(found)
+    findings = drop_explained(findings)  # the one precedence between rules (diagnose.precedence)
     return sort_findings(findings, ctx.position), ctx.analysis
 
 

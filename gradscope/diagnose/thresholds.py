@@ -100,6 +100,38 @@ GRADSCALER_DEFAULT_EXPONENT = 16
 # passes essentially no signal and no gradient: the layers below stop learning.
 DEAD_WARN_ZERO_FRAC = 0.95
 DEAD_ERROR_ZERO_FRAC = 0.999
+# Those two judge a layer only when its per-unit liveness was not recorded (a
+# record from an older version, a compiled region).  Per unit (gradscope.liveness):
+# a unit is dead when its output stayed <= 0 for every sample and position seen.
+# A healthy unit with a symmetric pre-activation is <= 0 on n independent samples
+# with probability 2^-n (He et al. 2015's zero-mean pre-activations); from 16
+# samples on that is 1.5e-5, under one unit in expectation for layers of up to
+# 65k units, so fewer samples are not judged per unit.
+DEAD_UNITS_MIN_POSITIONS = 16
+# After a BatchNorm in training mode each channel is centred over the batch
+# (Ioffe & Szegedy 2015), so a healthy channel fires on about half the outputs
+# and none is dead; a few dead units are common in trained ReLU networks and cost
+# little capacity (Lu et al. 2019, "Dying ReLU and Initialization", study the
+# layer that dies whole), a quarter of a layer lost cuts its width by that much.
+DEAD_UNITS_WARN_FRAC = 0.25
+# Without such centring the samples' pre-activations share a component: ReLU
+# outputs have a positive mean m, so unit c sees w_c . m + noise, and at depth
+# the samples grow correlated (the inputs' correlation tends to 1 through ReLU
+# layers: Poole et al. 2016, Hayou et al. 2019).  Units whose w_c . m < 0 then
+# stay off for the whole batch: measured 30-40% of the units of the deep layers
+# of a healthy 30-layer Kaiming MLP (He et al. 2015 train it), never beyond
+# half, since with symmetric weights w_c . m < 0 for half the units in
+# expectation.  More than half, by more than 3 binomial standard deviations
+# (0.5 + 1.5/sqrt(units)), needs a negative shift.
+DEAD_UNITS_WARN_FRAC_UNCENTRED = 0.5
+DEAD_UNITS_MARGIN_SIGMAS = 3.0
+# Every unit dead: the layer passes no signal and no gradient reaches anything below it.
+DEAD_UNITS_ERROR_FRAC = 1.0
+# The cause is named the shift (a Linear/Conv bias, a BatchNorm beta) when the
+# dead units' median shift sits this many pre-activation standard deviations
+# below 0: a Gaussian pre-activation 3 std below 0 fires on 0.13% of samples, so
+# the shift alone keeps the unit off; above that, the weights and inputs share the blame.
+DEAD_CAUSE_SHIFT_STDS = 3.0
 
 # -- saturated units ----------------------------------------------------------
 # A tanh unit with |y| >= 0.9 has derivative 1 - y^2 <= 0.19; a sigmoid unit

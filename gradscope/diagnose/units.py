@@ -8,10 +8,12 @@ the second moment relative to the asymptotes for tanh and sigmoid.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from gradscope import advice
 from gradscope.diagnose import thresholds as th
-from gradscope.diagnose.layers import DYING_TYPES, INIT_TYPES, SATURATING_TYPES, Context
+from gradscope.diagnose.dead_cause import BETA, BIAS, UNKNOWN, DeadCause, dead_cause, producer_of
+from gradscope.diagnose.layers import BATCHNORM_TYPES, DYING_TYPES, INIT_TYPES, SATURATING_TYPES, Context
 from gradscope.record import LayerRecord
 from gradscope.report import Finding, Fix, Severity
 
@@ -37,17 +39,147 @@ def _feeder_expressions(ctx: Context, hits: list[tuple[LayerRecord, float]]) -> 
 
 
 def rule_dead_units(ctx: Context) -> list[Finding]:
-    """ReLU outputs that are (almost) all exact zeros: the units never fire."""
-    hits: list[tuple[LayerRecord, float]] = []
+    """ReLU layers with many units that never fire.
+
+    Per unit when the record holds the layer's liveness (``gradscope.liveness``)
+    over at least DEAD_UNITS_MIN_POSITIONS outputs per unit; otherwise, for a
+    record without it, from the whole tensor's fraction of exact zeros.
+    """
+    per_unit: list[tuple[LayerRecord, float]] = []
+    by_zeros: list[tuple[LayerRecord, float]] = []
     for layer in ctx.layers:
         stats = layer.activation
-        if layer.type not in DYING_TYPES or stats is None or stats.count == 0:
+        if layer.type not in DYING_TYPES:
             continue
-        zero = stats.zero_frac
-        if zero >= th.DEAD_WARN_ZERO_FRAC:
-            hits.append((layer, zero))
-    if not hits:
-        return []
+        units = layer.units
+        if units is not None and units.units > 0 and units.positions >= th.DEAD_UNITS_MIN_POSITIONS:
+            if units.dead / units.units >= dead_units_limit(ctx, layer):
+                per_unit.append((layer, units.dead / units.units))
+        elif stats is not None and stats.count > 0 and stats.zero_frac >= th.DEAD_WARN_ZERO_FRAC:
+            by_zeros.append((layer, stats.zero_frac))
+    if per_unit:
+        return [_dead_units_finding(ctx, per_unit, by_zeros)]
+    if by_zeros:
+        return [_dead_by_zeros_finding(ctx, by_zeros)]
+    return []
+
+
+def dead_units_limit(ctx: Context, layer: LayerRecord) -> float:
+    """The dead fraction from which ``layer`` is flagged (thresholds.DEAD_UNITS_*):
+    a quarter after a BatchNorm that centres each channel over the batch, else
+    more than half by a binomial margin (the samples' shared component)."""
+    producer = producer_of(ctx, layer)
+    if producer is not None and producer.type in BATCHNORM_TYPES and ctx.mode != "eval":
+        return th.DEAD_UNITS_WARN_FRAC
+    units = layer.units.units if layer.units is not None else 1
+    margin = th.DEAD_UNITS_MARGIN_SIGMAS * 0.5 / math.sqrt(units)  # 3 sd of Binomial(n, 1/2) / n
+    return min(th.DEAD_UNITS_WARN_FRAC_UNCENTRED + margin, th.DEAD_UNITS_ERROR_FRAC)  # a layer all dead always counts
+
+
+def _dead_units_finding(
+    ctx: Context, hits: list[tuple[LayerRecord, float]], by_zeros: list[tuple[LayerRecord, float]]
+) -> Finding:
+    """The finding from per-unit liveness: the layer, the count, the measured cause and its fix."""
+    layer, frac = max(hits, key=lambda t: t[1])
+    units = layer.units
+    assert units is not None
+    severity = Severity.ERROR if frac >= th.DEAD_UNITS_ERROR_FRAC else Severity.WARNING
+    causes = {hit.name: dead_cause(ctx, hit) for hit, _ in hits}
+    cause = causes[layer.name]
+    more = f" ({len(hits)} layers with dead units, first '{hits[0][0].name}')" if len(hits) > 1 else ""
+    message = (
+        f"{units.dead} of {units.units} units of '{layer.name}' ({layer.type}) never fire{more}: their output is 0 "
+        f"on all {units.positions} outputs per unit seen, so no gradient reaches the weights feeding them."
+    )
+    if cause.kind in (BIAS, BETA):
+        what = "bias" if cause.kind == BIAS else "BatchNorm beta"
+        message += (
+            f" The cause measured: the {what} of '{cause.producer}' ({cause.producer_type}) holds those units' "
+            f"pre-activation {_stds(cause.shift_in_stds)} below 0 (median {cause.dead_shift_median:.3g} on the "
+            f"dead units{_live(cause.live_shift_median)})."
+        )
+    stats = layer.activation
+    evidence: dict[str, Any] = {
+        "worst_layer": layer.name,
+        "dead_units": units.dead,
+        "units": units.units,
+        "dead_frac": frac,
+        "positions": units.positions,
+        "unit_axis": units.axis,
+        "zero_frac": stats.zero_frac if stats is not None else None,
+        "per_layer": {
+            hit.name: {
+                "dead": hit.units.dead,
+                "units": hit.units.units,
+                "cause": causes[hit.name].kind,
+                "producer": causes[hit.name].producer,
+            }
+            for hit, _ in hits
+            if hit.units
+        },
+        "by_zero_fraction": [hit.name for hit, _ in by_zeros],
+        "cause": cause.to_dict(),
+        "layers": len(hits) + len(by_zeros),
+        "feeding_layer": cause.producer,
+        "threshold_warning": dead_units_limit(ctx, layer),
+        "threshold_error": th.DEAD_UNITS_ERROR_FRAC,
+        "min_positions": th.DEAD_UNITS_MIN_POSITIONS,
+    }
+    return Finding(
+        code="dead-units",
+        severity=severity,
+        layers=[hit.name for hit, _ in hits] + [hit.name for hit, _ in by_zeros],
+        message=message,
+        evidence=evidence,
+        fix=_dead_units_fix(ctx, hits, causes),
+    )
+
+
+def _stds(value: float | None) -> str:
+    return "far" if value is None else f"{-value:.3g} std"
+
+
+def _live(value: float | None) -> str:
+    return "" if value is None else f", {value:.3g} on the live ones"
+
+
+def _dead_units_fix(ctx: Context, hits: list[tuple[LayerRecord, float]], causes: dict[str, DeadCause]) -> Fix:
+    """Reset the measured shift to 0 (what BatchNorm and PyTorch's zero-bias convention
+    start from); where no shift explains the dead units, let negative inputs pass."""
+    lines = ["import torch.nn as nn", ""]
+    reset: list[str] = []
+    for hit, _ in hits:
+        cause = causes[hit.name]
+        if cause.kind in (BIAS, BETA) and cause.target is not None and not ctx.during_training:
+            line = f"nn.init.zeros_({cause.target}.bias)  # holds {hit.name}'s dead units below 0"
+            if line not in lines:
+                lines.append(line)
+                reset.append(cause.target)
+    swapped = []
+    for hit, _ in hits:
+        cause = causes[hit.name]
+        # in training the shift is being learnt: let negative inputs pass rather than reset it
+        swap = cause.kind == UNKNOWN or (ctx.during_training and cause.kind in (BIAS, BETA))
+        if swap and hit.module not in swapped:
+            swapped.append(hit.module)
+            lines.append(f"model.set_submodule({hit.module!r}, nn.LeakyReLU(0.01))  # negative inputs pass gradient")
+    if not reset and not swapped:
+        lines.append("# the units die upstream: fix the first layer named above")
+    if reset:
+        summary = (
+            f"Reset the shift that holds the units below 0 ({', '.join(f'{t}.bias' for t in reset)}) to 0; "
+            "if they died in training, lower the learning rate or use LeakyReLU."
+        )
+    else:
+        summary = (
+            "No bias or BatchNorm shift explains the dead units: use LeakyReLU(0.01) there so negative inputs pass "
+            "gradient, and lower the learning rate if they died in training."
+        )
+    return Fix(summary, "\n".join(lines))
+
+
+def _dead_by_zeros_finding(ctx: Context, hits: list[tuple[LayerRecord, float]]) -> Finding:
+    """ReLU outputs that are (almost) all exact zeros, without per-unit liveness."""
     worst = max(hits, key=lambda t: t[1])
     severity = Severity.ERROR if worst[1] >= th.DEAD_ERROR_ZERO_FRAC else Severity.WARNING
     feeder = _feeding_layer(ctx, worst[0])
@@ -61,30 +193,28 @@ def rule_dead_units(ctx: Context) -> list[Finding]:
         "# or let negative inputs pass a little gradient:",
         "# replace nn.ReLU() by nn.LeakyReLU(0.01) or nn.GELU()",
     ]
-    return [
-        Finding(
-            code="dead-units",
-            severity=severity,
-            layers=[t[0].name for t in hits],
-            message=(
-                f"{worst[1]:.1%} of the outputs of '{worst[0].name}' ({worst[0].type}) are exactly zero "
-                f"(a healthy ReLU sits near 50%): its units never activate, so no gradient flows through them."
-            ),
-            evidence={
-                "worst_layer": worst[0].name,
-                "zero_frac": worst[1],
-                "layers": len(hits),
-                "feeding_layer": feeder.name if feeder is not None else None,
-                "threshold_warning": th.DEAD_WARN_ZERO_FRAC,
-                "threshold_error": th.DEAD_ERROR_ZERO_FRAC,
-            },
-            fix=Fix(
-                "Reset the biases feeding the ReLU to 0 with Kaiming weights (lower the learning rate if "
-                "they died in training), or use LeakyReLU/GELU.",
-                "\n".join(lines),
-            ),
-        )
-    ]
+    return Finding(
+        code="dead-units",
+        severity=severity,
+        layers=[t[0].name for t in hits],
+        message=(
+            f"{worst[1]:.1%} of the outputs of '{worst[0].name}' ({worst[0].type}) are exactly zero "
+            f"(a healthy ReLU sits near 50%): its units never activate, so no gradient flows through them."
+        ),
+        evidence={
+            "worst_layer": worst[0].name,
+            "zero_frac": worst[1],
+            "layers": len(hits),
+            "feeding_layer": feeder.name if feeder is not None else None,
+            "threshold_warning": th.DEAD_WARN_ZERO_FRAC,
+            "threshold_error": th.DEAD_ERROR_ZERO_FRAC,
+        },
+        fix=Fix(
+            "Reset the biases feeding the ReLU to 0 with Kaiming weights (lower the learning rate if "
+            "they died in training), or use LeakyReLU/GELU.",
+            "\n".join(lines),
+        ),
+    )
 
 
 def saturated_lower_bound(second_moment: float, level: float = th.SATURATION_LEVEL) -> float:
