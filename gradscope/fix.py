@@ -19,7 +19,14 @@ Schemes:
   orthonormal pre-init, then in execution order rescale each layer's weight by
   ``1/sqrt(Var(out))`` until ``|Var(out) - 1| < 0.1``, at most 10 tries.
 
-Only Linear and Conv1d/2d/3d layers are changed.  No hook stays attached and
+* ``"recurrent"`` — every nn.RNN/nn.GRU/nn.LSTM (``gradscope.recurrent_init``):
+  orthogonal ``weight_hh`` per gate block (Saxe et al. 2014; the identity for
+  a ReLU nn.RNN, Le et al. 2015), Xavier ``weight_ih`` per gate block, zero
+  biases and an LSTM forget-gate bias of 1 (Gers et al. 2000; Jozefowicz et
+  al. 2015).  ``"auto"`` applies it to the recurrent layers its findings name
+  (growth or decay through time, saturated gates).
+
+Otherwise only Linear and Conv1d/2d/3d layers are changed.  No hook stays attached and
 the model's modes, buffers, gradients and the global RNG state are restored
 (only the weights and biases of the changed layers differ afterwards).
 """
@@ -37,8 +44,9 @@ from torch import nn
 from gradscope.errors import GradscopeError, InputError
 from gradscope.own_hooks import OwnHook
 from gradscope.proximal import soft_threshold_  # noqa: F401  (L1's proximal step, re-exported)
+from gradscope.recurrent_init import init_recurrent, is_recurrent, recurrent_fix_layers, recurrent_std
 
-SCHEMES = ("auto", "kaiming", "xavier", "lsuv")
+SCHEMES = ("auto", "kaiming", "xavier", "lsuv", "recurrent")
 # Mishkin & Matas 2016, Algorithm 1: tolerance on the output variance, and the
 # maximum number of rescaling iterations per layer.
 LSUV_TOLERANCE = 0.1
@@ -128,8 +136,11 @@ def apply_init(
         raise InputError(f"unknown init scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
     if scheme == "lsuv":
         return lsuv(model, inputs, layers=layers, **audit_kwargs)
+    if scheme == "recurrent":
+        return _apply_recurrent(model, [n or "model" for n, m in model.named_modules() if is_recurrent(m)], layers)
+    recurrent: list[str] = []
     if scheme == "auto":
-        targets = _auto_targets(model, inputs, layers, audit_kwargs)
+        targets, recurrent = _auto_targets(model, inputs, layers, audit_kwargs)
     else:
         targets = [
             (name, scheme, "relu", 0.01, None)
@@ -142,12 +153,25 @@ def apply_init(
         old = _std(module)
         _init_layer(module, chosen, nonlinearity, slope, std)
         changes.append({"layer": name or "model", "scheme": chosen, "old_std": old, "new_std": _std(module)})
+    return changes + _apply_recurrent(model, recurrent, layers)
+
+
+def _apply_recurrent(model: nn.Module, names: list[str], layers: Sequence[str] | None) -> list[dict[str, Any]]:
+    changes = []
+    for name in dict.fromkeys(names):
+        module = _get(model, name)
+        if not is_recurrent(module) or not _selected(name, layers):
+            continue
+        old = recurrent_std(module)
+        init_recurrent(module)
+        changes.append({"layer": name, "scheme": "recurrent", "old_std": old, "new_std": recurrent_std(module)})
     return changes
 
 
 def _auto_targets(
     model: nn.Module, inputs: Any, layers: Sequence[str] | None, audit_kwargs: dict[str, Any]
-) -> list[tuple[str, str, str, float, float | None]]:
+) -> tuple[list[tuple[str, str, str, float, float | None]], list[str]]:
+    """(Linear/Conv targets, recurrent modules) the audit's findings call for."""
     from gradscope.auditing import audit
 
     report = audit(model, inputs, **audit_kwargs)
@@ -168,7 +192,10 @@ def _auto_targets(
         module = report.record.layer(head["logits_layer"]).module
         if _selected(module, layers) and _eligible(_get(model, module)):
             targets.append((module, "normal", "linear", 0.01, float(head["recommended_std"])))
-    return targets
+    recurrent = [
+        report.record.layer(name).module for f in report.findings for name in recurrent_fix_layers(f.to_dict())
+    ]
+    return targets, recurrent
 
 
 # -- LSUV ---------------------------------------------------------------------------

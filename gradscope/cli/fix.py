@@ -11,7 +11,7 @@ from gradscope.cli.isolation import check_not_interrupted
 from gradscope.cli.options import InputChoice, input_options, model_options
 from gradscope.render.sanitize import clean_text
 
-SCHEMES = ("auto", "kaiming", "xavier", "lsuv")
+SCHEMES = ("auto", "kaiming", "xavier", "lsuv", "recurrent")
 
 
 @click.command()

@@ -76,11 +76,13 @@ def diagnose_record(
     """
     from gradscope.diagnose.attention import rule_attention_scores
     from gradscope.diagnose.depth import rule_activations, rule_gradient
+    from gradscope.diagnose.gates import rule_saturated_gates
     from gradscope.diagnose.init import rule_poor_init
     from gradscope.diagnose.layers import Context
     from gradscope.diagnose.nonfinite import rule_nonfinite
     from gradscope.diagnose.precision import rule_precision
     from gradscope.diagnose.recurrent import rule_through_time
+    from gradscope.diagnose.recurrent_culprit import attribute_to_recurrent
     from gradscope.diagnose.regularisation import rule_dropout
     from gradscope.diagnose.units import rule_dead_units, rule_saturated_units
     from gradscope.diagnose.zeroinit import rule_zero_init
@@ -116,6 +118,7 @@ def diagnose_record(
         rule_attention_scores,
         rule_dead_units,
         rule_saturated_units,
+        rule_saturated_gates,
         rule_through_time,
         rule_zero_init,
         rule_dropout,
@@ -124,6 +127,8 @@ def diagnose_record(
         found = rule(ctx)
         ctx.found.update(f.code for f in found)
         findings.extend(found)
+    # A depth change that happens inside a recurrent layer names that layer and its fix.
+    attribute_to_recurrent(ctx, findings)
     return sort_findings(findings, ctx.position), ctx.analysis
 
 
