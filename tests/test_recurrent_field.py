@@ -330,3 +330,32 @@ def test_recurrent_init_is_orthogonal_per_gate_with_the_forget_bias(module: nn.M
             assert p[hidden : 2 * hidden].eq(1.0).all() and p[:hidden].eq(0).all() and p[2 * hidden :].eq(0).all()
         elif name.startswith("bias"):
             assert p.eq(0).all()
+
+
+class DropoutLSTMClassifier(nn.Module):
+    """Another instance of the class: one LSTM behind a Dropout, every gate bias 50, a loss at
+    the last step only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, EMBED)
+        self.drop = nn.Dropout(0.1)
+        self.lstm = nn.LSTM(EMBED, HIDDEN, batch_first=True)
+        self.head = nn.Linear(HIDDEN, 5)
+        with torch.no_grad():
+            self.lstm.bias_hh_l0.fill_(50.0)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(self.drop(self.emb(ids)))[0][:, -1])
+
+
+def test_zero_gradient_behind_a_dropout_names_the_saturated_lstm() -> None:
+    torch.manual_seed(0)
+    model = DropoutLSTMClassifier()
+    report = audit(model, **tokens(12))
+    depth = [f for f in report.findings if f.code == "vanishing-gradient"]
+    assert depth and depth[0].layers == ["lstm"], loud(report)
+    assert depth[0].evidence["shows_at"] == ["emb"]
+    assert "bias_hh_l0" in depth[0].fix.code
+    exec(depth[0].fix.code, {"model": model})
+    assert loud(audit(model, **tokens(12))) == []

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from gradscope.diagnose.layers import Context
+from gradscope.diagnose.layers import TRANSPARENT_TYPES, Context
 from gradscope.record import LayerRecord
 from gradscope.recurrent_init import EVIDENCE_KEY
 from gradscope.report import Finding, Fix, Severity
@@ -52,11 +52,14 @@ def _entering_rms(layer: LayerRecord, reference: float) -> float:
 
 
 def _reader(ctx: Context, victim: LayerRecord) -> LayerRecord | None:
-    """The recurrent call site that reads ``victim``'s output, if the next one does."""
-    position = ctx.position[victim.name]
-    if position + 1 >= len(ctx.layers):
+    """The recurrent call site that reads ``victim``'s output, if the next one does
+    (past a Dropout/Identity in between, which changes no scale that matters here)."""
+    position = ctx.position[victim.name] + 1
+    while position < len(ctx.layers) and ctx.layers[position].type in TRANSPARENT_TYPES:
+        position += 1
+    if position >= len(ctx.layers):
         return None
-    reader = ctx.layers[position + 1]
+    reader = ctx.layers[position]
     if reader.type not in RECURRENT_TYPES:
         return None
     given, produced = reader.get("input"), victim.activation
