@@ -23,8 +23,15 @@ Schemes:
   orthonormal pre-init, then in execution order rescale each layer's weight by
   ``1/sqrt(Var(out))`` until ``|Var(out) - 1| < 0.1``, at most 10 tries.
 
-Only Linear and Conv1d/2d/3d layers (and, with "auto", the fused expert weights
-named above) are changed.  No hook stays attached and
+* ``"recurrent"`` — every nn.RNN/nn.GRU/nn.LSTM (``gradscope.recurrent_init``):
+  orthogonal ``weight_hh`` per gate block (Saxe et al. 2014; the identity for
+  a ReLU nn.RNN, Le et al. 2015), Xavier ``weight_ih`` per gate block, zero
+  biases and an LSTM forget-gate bias of 1 (Gers et al. 2000; Jozefowicz et
+  al. 2015).  ``"auto"`` applies it to the recurrent layers its findings name
+  (growth or decay through time, saturated gates).
+
+Otherwise only Linear and Conv1d/2d/3d layers (and, with "auto", the fused expert
+weights named above) are changed.  No hook stays attached and
 the model's modes, buffers, gradients and the global RNG state are restored
 (only the weights and biases of the changed layers differ afterwards).
 """
@@ -42,8 +49,9 @@ from torch import nn
 from gradscope.errors import GradscopeError, InputError
 from gradscope.own_hooks import OwnHook
 from gradscope.proximal import soft_threshold_  # noqa: F401  (L1's proximal step, re-exported)
+from gradscope.recurrent_init import init_recurrent, is_recurrent, recurrent_fix_layers, recurrent_std
 
-SCHEMES = ("auto", "kaiming", "xavier", "lsuv")
+SCHEMES = ("auto", "kaiming", "xavier", "lsuv", "recurrent")
 # Mishkin & Matas 2016, Algorithm 1: tolerance on the output variance, and the
 # maximum number of rescaling iterations per layer.
 LSUV_TOLERANCE = 0.1
@@ -133,9 +141,12 @@ def apply_init(
         raise InputError(f"unknown init scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
     if scheme == "lsuv":
         return lsuv(model, inputs, layers=layers, **audit_kwargs)
+    if scheme == "recurrent":
+        return _apply_recurrent(model, [n or "model" for n, m in model.named_modules() if is_recurrent(m)], layers)
     fused: list[tuple[str, str, float]] = []
+    recurrent: list[str] = []
     if scheme == "auto":
-        targets, fused = _auto_targets(model, inputs, layers, audit_kwargs)
+        targets, fused, recurrent = _auto_targets(model, inputs, layers, audit_kwargs)
     else:
         targets = [
             (name, scheme, "relu", 0.01, None)
@@ -161,14 +172,27 @@ def apply_init(
                 "new_std": float(param.detach().float().std()),
             }
         )
+    return changes + _apply_recurrent(model, recurrent, layers)
+
+
+def _apply_recurrent(model: nn.Module, names: list[str], layers: Sequence[str] | None) -> list[dict[str, Any]]:
+    changes = []
+    for name in dict.fromkeys(names):
+        module = _get(model, name)
+        if not is_recurrent(module) or not _selected(name, layers):
+            continue
+        old = recurrent_std(module)
+        init_recurrent(module)
+        changes.append({"layer": name, "scheme": "recurrent", "old_std": old, "new_std": recurrent_std(module)})
     return changes
 
 
 def _auto_targets(
     model: nn.Module, inputs: Any, layers: Sequence[str] | None, audit_kwargs: dict[str, Any]
-) -> tuple[list[tuple[str, str, str, float, float | None]], list[tuple[str, str, float]]]:
-    """The layers to re-initialise (module, scheme, nonlinearity, slope, std) and the
-    fused expert weights (module, parameter, std) that the audit's findings name."""
+) -> tuple[list[tuple[str, str, str, float, float | None]], list[tuple[str, str, float]], list[str]]:
+    """The layers to re-initialise (module, scheme, nonlinearity, slope, std), the
+    fused expert weights (module, parameter, std) and the recurrent modules that the
+    audit's findings name."""
     from gradscope.auditing import audit
 
     report = audit(model, inputs, **audit_kwargs)
@@ -196,7 +220,10 @@ def _auto_targets(
         for p in finding.evidence["parameters"]
         if _selected(p["module"], layers)
     ]
-    return targets, fused
+    recurrent = [
+        report.record.layer(name).module for f in report.findings for name in recurrent_fix_layers(f.to_dict())
+    ]
+    return targets, fused, recurrent
 
 
 # -- LSUV ---------------------------------------------------------------------------

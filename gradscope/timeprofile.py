@@ -66,6 +66,20 @@ def time_sums(tensor: torch.Tensor, time_dim: int) -> torch.Tensor:
         return out.index_add_(0, _bin_index(steps, tensor.device), per_step)
 
 
+# Student's t, two-sided 95% (the 0.975 quantile), by degrees of freedom 1..30
+# (standard tables, e.g. NIST/SEMATECH e-Handbook 1.3.6.7.2); beyond 30 the normal's 1.96.
+_T_975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+
+
+def student_t_975(dof: int) -> float:
+    """The 0.975 quantile of Student's t with ``dof`` degrees of freedom (>= 1)."""
+    return _T_975[dof - 1] if dof <= len(_T_975) else 1.96
+
+
 @dataclass
 class TimeProfile:
     """Host side: how the RMS of one role's gradient varies along time, merged over calls."""
@@ -141,6 +155,31 @@ class TimeProfile:
             return None
         slope = sum((t - mean_t) * (y - mean_y) for t, y in points) / var_t
         return math.exp(-slope)
+
+    def backward_factor_bounds(self) -> tuple[float, float] | None:
+        """The 95% confidence interval of ``backward_factor`` (low, high): the least-squares
+        slope's standard error from the residuals, times Student's t for n - 2 degrees of
+        freedom (any regression text, e.g. Draper & Smith 1998, Sec. 1.4).  A few noisy bins
+        give a wide interval, a clean geometric trend a narrow one.  None as for the factor."""
+        points = [
+            (t, math.log(r))
+            for t, r in zip(self.centers(), self.rms(), strict=True)
+            if math.isfinite(r) and r > 0 and math.isfinite(t)
+        ]
+        n = len(points)
+        if n < 3:
+            return None
+        mean_t = sum(t for t, _ in points) / n
+        mean_y = sum(y for _, y in points) / n
+        var_t = sum((t - mean_t) ** 2 for t, _ in points)
+        if var_t == 0:
+            return None
+        slope = sum((t - mean_t) * (y - mean_y) for t, y in points) / var_t
+        intercept = mean_y - slope * mean_t
+        residual = sum((y - intercept - slope * t) ** 2 for t, y in points)
+        error = math.sqrt(residual / (n - 2) / var_t)
+        half = student_t_975(n - 2) * error
+        return math.exp(-slope - half), math.exp(-slope + half)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -11,7 +11,7 @@ from gradscope.cli.isolation import check_not_interrupted
 from gradscope.cli.options import InputChoice, input_options, model_options
 from gradscope.render.sanitize import clean_text
 
-SCHEMES = ("auto", "kaiming", "xavier", "lsuv")
+SCHEMES = ("auto", "kaiming", "xavier", "lsuv", "recurrent")
 
 
 @click.command()
@@ -128,8 +128,9 @@ def _summary(scheme: str, changes: list[Any], before: Any, after: Any) -> list[s
     ]
     if rows:
         width = max(5, *(len(r[0]) for r in rows))
-        lines.append(f"  {'layer':<{width}}  {'scheme':<8}  weight std before -> after")
-        lines += [f"  {r[0]:<{width}}  {r[1]:<8}  {r[2]} -> {r[3]}" for r in rows]
+        named = max(8, *(len(r[1]) for r in rows))  # "recurrent" is longer than the rest
+        lines.append(f"  {'layer':<{width}}  {'scheme':<{named}}  weight std before -> after")
+        lines += [f"  {r[0]:<{width}}  {r[1]:<{named}}  {r[2]} -> {r[3]}" for r in rows]
     lines.append(f"before: {_verdict(before)}")
     lines.append(f"after:  {_verdict(after)}")
     return lines

@@ -77,12 +77,14 @@ def diagnose_record(
     from gradscope.diagnose.attention import rule_attention_scores
     from gradscope.diagnose.depth import rule_activations, rule_gradient
     from gradscope.diagnose.experts import rule_expert_init, rule_expert_routing
+    from gradscope.diagnose.gates import rule_saturated_gates
     from gradscope.diagnose.init import rule_poor_init
     from gradscope.diagnose.layers import Context
     from gradscope.diagnose.nonfinite import rule_nonfinite
     from gradscope.diagnose.precedence import drop_explained
     from gradscope.diagnose.precision import rule_precision
     from gradscope.diagnose.recurrent import rule_through_time
+    from gradscope.diagnose.recurrent_culprit import attribute_to_recurrent
     from gradscope.diagnose.regularisation import rule_dropout
     from gradscope.diagnose.units import rule_dead_units, rule_saturated_units
     from gradscope.diagnose.zeroinit import rule_zero_init
@@ -120,6 +122,7 @@ def diagnose_record(
         rule_dead_units,
         rule_expert_routing,
         rule_saturated_units,
+        rule_saturated_gates,
         rule_through_time,
         rule_zero_init,
         rule_dropout,
@@ -129,6 +132,8 @@ def diagnose_record(
         found = rule(ctx)
         ctx.found.update(f.code for f in found)
         findings.extend(found)
+    # A depth change that happens inside a recurrent layer names that layer and its fix.
+    attribute_to_recurrent(ctx, findings)
     findings = drop_explained(findings)  # the one precedence between rules (diagnose.precedence)
     return sort_findings(findings, ctx.position), ctx.analysis
 

@@ -24,8 +24,12 @@ forget/update gate, not by ``W_hh`` (Hochreiter & Schmidhuber 1997's constant
 error carousel), so their recurrent spectra are reported per gate block as
 evidence and the verdict comes from the measurement alone.
 
-Thresholds: the depth ones (``thresholds.DEPTH_*``): two decades of change
-over the steps seen warn, four are an error, as across layers.
+Thresholds: the per-step factor is what is judged, not the change over the
+audited length (a sequence twice as long squares the change): the factor,
+taken at the end of its 95% confidence interval nearest to 1, compounded over
+``thresholds.THROUGH_TIME_HORIZON`` steps (or the audited length when longer),
+against the depth decades (``thresholds.DEPTH_*``): two decades warn, four are
+an error, as across layers.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from gradscope import advice
 from gradscope.diagnose import thresholds as th
 from gradscope.diagnose.layers import Context
 from gradscope.record import LayerRecord
+from gradscope.recurrent_init import EVIDENCE_KEY
 from gradscope.report import Finding, Fix, Severity
 from gradscope.timeprofile import TimeProfile
 
@@ -277,6 +282,9 @@ def _analyse(ctx: Context, layer: LayerRecord) -> tuple[dict[str, Any], list[str
         else:
             row["measured_factor_per_step"] = factor
             row["measured_change"] = factor ** (profile.steps - 1)
+            bounds = profile.backward_factor_bounds()
+            if bounds is not None:
+                row["measured_factor_bounds"] = list(bounds)
             row["input_gradient_rms"] = profile.rms()
         if profile.other_lengths:
             row["calls_of_other_lengths_left_out"] = profile.other_lengths
@@ -301,7 +309,32 @@ def _analyse(ctx: Context, layer: LayerRecord) -> tuple[dict[str, Any], list[str
     if kind == "RNN" and radii and steps:
         row["predicted_factor_per_step"] = max(radii)
         row["predicted_change"] = max(radii) ** max(steps - 1, 0)
+    row["horizon_steps"] = horizon_steps(steps)
     return row, missing
+
+
+def horizon_steps(steps: int | None) -> int:
+    """The sequence length a through-time verdict is judged over: the audited length,
+    or THROUGH_TIME_HORIZON when that is longer (a model trains on longer sequences
+    than a quick audit feeds it)."""
+    return max(steps or 0, th.THROUGH_TIME_HORIZON)
+
+
+def judged_factor(row: dict[str, Any]) -> float | None:
+    """The measured per-step factor as judged: the end of its 95% interval nearest to 1
+    (1 itself when the interval holds 1: no trend the measurement can vouch for)."""
+    factor = row.get("measured_factor_per_step")
+    if factor is None:
+        return None
+    bounds = row.get("measured_factor_bounds")
+    if not bounds:
+        return factor
+    low, high = bounds
+    if low > 1.0:
+        return float(low)
+    if high < 1.0:
+        return float(high)
+    return 1.0
 
 
 def _init_in_place(spectra: list[dict[str, Any]]) -> bool:
@@ -347,9 +380,14 @@ def _severity(change: float, vanishing: bool) -> Severity | None:
 def _verdict(row: dict[str, Any]) -> tuple[str, Severity, str] | None:
     """(code, severity, basis) for one analysed layer, or None."""
     kind = row["kind"]
-    measured = row.get("measured_change")
-    predicted = row.get("predicted_change")
+    span = row.get("horizon_steps") or horizon_steps(row.get("steps"))
+    judged = judged_factor(row)
+    measured = judged ** (span - 1) if judged is not None else None
+    radius = row.get("predicted_factor_per_step")
+    predicted = radius ** (span - 1) if radius is not None else None
     if measured is not None:
+        row["judged_factor_per_step"] = judged
+        row["judged_change_over_horizon"] = measured
         severity = _severity(measured, vanishing=False)
         if severity is not None:
             return "exploding-through-time", severity, "measured"
@@ -416,17 +454,24 @@ def _finding(ctx: Context, layer: LayerRecord, row: dict[str, Any], verdict: tup
     vanishing = code == "vanishing-through-time"
     steps = row.get("steps")
     radius = row.get("spectral_radius_max")
+    span = row.get("horizon_steps") or horizon_steps(steps)
     if basis == "measured":
         factor, change = row["measured_factor_per_step"], row["measured_change"]
+        judged = row.get("judged_factor_per_step", factor)
         how = "measured on ∂ℓ/∂x_t"
+        bounds = row.get("measured_factor_bounds")
+        interval = f", 95% interval {bounds[0]:.3g}-{bounds[1]:.3g}" if bounds else ""
     else:
         factor, change = row["predicted_factor_per_step"], row["predicted_change"]
+        judged, interval = factor, ""
         how = "predicted from the recurrent weights"
+    over_horizon = judged ** (span - 1)
     verb = "shrinks" if vanishing else "grows"
     spectral = f"; recurrent spectral radius {radius:.3g}" if radius is not None else ""
     message = (
         f"{_quoted(layer.name)}: ∂ℓ/∂h {verb} by a factor {factor:.3g} per step back through time "
-        f"({change:.3g}x over the {steps} steps seen, {how}{spectral}): "
+        f"({how}{interval}{spectral}; {change:.3g}x over the {steps} steps seen, "
+        f"{over_horizon:.3g}x over {span} steps, a usual training length): "
         + (
             "early steps get almost no gradient, so long-range dependencies are not learned."
             if vanishing
@@ -444,9 +489,13 @@ def _finding(ctx: Context, layer: LayerRecord, row: dict[str, Any], verdict: tup
         "basis": basis,
         "factor_per_step": factor,
         "change_over_sequence": change,
+        "judged_factor_per_step": judged,
+        "change_over_horizon": over_horizon,
         "steps": steps,
         "thresholds": [th.DEPTH_WARN_LOW, th.DEPTH_WARN_HIGH, th.DEPTH_ERROR_LOW, th.DEPTH_ERROR_HIGH],
     } | {k: v for k, v in row.items() if k not in ("layer", "input_gradient_rms", "recurrent_weights")}
+    if row["kind"] in RECURRENT_TYPES and not row.get("init_in_place"):
+        evidence[EVIDENCE_KEY] = [layer.name]  # what apply_init(model, "auto") re-initialises
     return Finding(
         code=code,
         severity=severity,

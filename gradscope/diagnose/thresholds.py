@@ -28,6 +28,21 @@ DEPTH_ERROR_HIGH = 1e4
 # and He et al. 2016 (ResNet) show plain stacks degrading beyond ~20 layers.
 PLAIN_DEEP_LAYERS = 20
 
+# -- through time: the per-step factor, judged over the lengths a model trains on ----
+# Backprop through time compounds one factor per step (Pascanu et al. 2013, eq. 5-7):
+# a per-step gradient growth above 1 explodes and below 1 vanishes *for long enough
+# sequences*, whatever length the audit happened to feed.  The verdict compounds the
+# measured per-step factor over the longer of the audited length and this horizon,
+# then applies the depth decades (DEPTH_*): 100^(1/49) ≈ 1.10 per step warns,
+# 1e4^(1/49) ≈ 1.21 is an error (and 0.91 / 0.83 going down).  50 steps is the
+# shorter of two common training windows: char-rnn's default seq_length of 50 and
+# AWD-LSTM's BPTT length of 70 (Merity et al. 2018).
+THROUGH_TIME_HORIZON = 50
+# The factor judged is the end of its 95% confidence interval nearest to 1
+# (timeprofile.backward_factor_bounds), so a handful of noisy bins from a short
+# sequence (a per-step loss makes ∂ℓ/∂x_t nearly flat: measured 1.09-1.11 over
+# 5 steps on default-init nn.RNN language models) is not extrapolated into a verdict.
+
 # -- absolute range of gradient values ---------------------------------------
 # The course: a healthy range for gradient values is roughly [1e-6, 1e3].
 GRADIENT_RMS_MIN = 1e-6
