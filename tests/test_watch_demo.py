@@ -18,7 +18,10 @@ def unwatched_norms(steps: int) -> list[float]:
     norms: list[float] = []
 
     def record(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-        norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])))
+        # float64: a norm above float32's 1.8e19 limit for a sum of squares over finite
+        # gradients is a norm, not NaN/Inf (gradscope.watching.overflow); NaN/inf elements make it so
+        grads = [p.grad for p in model.parameters()]
+        norms.append(math.sqrt(sum(float(g.double().square().sum()) for g in grads)))
 
     warmup_sgd(model, x, y, steps, record)
     return norms
