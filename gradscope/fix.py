@@ -154,7 +154,7 @@ def apply_init(
             if _eligible(module) and _selected(name or "model", layers)
         ]
     changes = []
-    for name, chosen, nonlinearity, slope, std in targets:
+    for name, chosen, nonlinearity, slope, std in _once_per_weight(model, targets):
         module = _get(model, name)
         old = _std(module)
         _init_layer(module, chosen, nonlinearity, slope, std)
@@ -185,6 +185,17 @@ def _apply_recurrent(model: nn.Module, names: list[str], layers: Sequence[str] |
         init_recurrent(module)
         changes.append({"layer": name, "scheme": "recurrent", "old_std": old, "new_std": recurrent_std(module)})
     return changes
+
+
+def _once_per_weight(
+    model: nn.Module, targets: list[tuple[str, str, str, float, float | None]]
+) -> list[tuple[str, str, str, float, float | None]]:
+    """One target per weight tensor: modules that share a weight (a head tied to an
+    embedding, a layer reused under two names) get the advised init once, not a
+    second draw over the first.  The last target of a weight wins (the logit-scale
+    std ``_auto_targets`` appends after the layer's init row)."""
+    last: dict[int, int] = {id(_weight(_get(model, t[0]))): index for index, t in enumerate(targets)}
+    return [t for index, t in enumerate(targets) if last[id(_weight(_get(model, t[0])))] == index]
 
 
 def _auto_targets(
@@ -327,6 +338,9 @@ def lsuv(
     from gradscope.auditing import preserved_state
 
     names = [n or "model" for n, m in model.named_modules() if _eligible(m) and _selected(n or "model", layers)]
+    # A weight shared by two layers is initialised and rescaled once, at its first layer.
+    first = {id(_weight(_get(model, name))): name for name in reversed(names)}
+    names = [name for name in names if first[id(_weight(_get(model, name)))] == name]
     if not names:
         return []
     batch = _make_batch(model, inputs, **input_kwargs)

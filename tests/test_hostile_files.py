@@ -196,7 +196,7 @@ def test_refusals_say_what_the_code_is(base: dict[str, Path], tmp_path: Path) ->
         "pt2_weights": ["weights (data/weights/weight_evil)", "from_file"],
         "pt2_constants": ["constants (data/constants/tensor_evil)", "from_file"],
         "pt2_example_inputs": ["example inputs (data/sample_inputs/model.pt)", "from_file"],
-        "pt2_graph_op": ["graph calls aten.from_file"],
+        "pt2_graph_op": ["graph uses operator aten.from_file"],
         "pt2_native_code": ["compiled native code", "data/aotinductor/"],
         "torchscript": ["TorchScript program"],
     }
@@ -281,7 +281,7 @@ def test_graph_op_allow_list() -> None:
     check_graph_ops(program, Path("ok.pt2"))  # an ordinary graph passes
     node = next(n for n in program.graph.nodes if n.op == "call_function")
     node.target = os.getcwd  # what "torch.serialization.os.getcwd" in an archive resolves to
-    with pytest.raises(CodeRefused, match="graph calls getcwd"):
+    with pytest.raises(CodeRefused, match="graph uses operator getcwd"):
         check_graph_ops(program, Path("evil.pt2"))
 
 

@@ -143,7 +143,7 @@ def test_operators_that_trust_their_arguments_are_refused() -> None:
         assert disallowed_op(op) is not None, op
     # The ordinary operators of exported models stay allowed, "unsafe" in a name or not
     # (_unsafe_view and unsafe_split check sizes; they only skip autograd's alias tracking).
-    for op in (aten.linear.default, aten._unsafe_view.default, aten.unsafe_split.Tensor, aten.to_dense.default):
+    for op in (aten.linear.default, aten._unsafe_view.default, aten.unsafe_split.Tensor):
         assert disallowed_op(op) is None, op
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

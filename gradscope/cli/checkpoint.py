@@ -6,6 +6,14 @@ loader used), replaces only the tensors whose values the fix changed, in their
 original dtype and under their original names (a ``module.`` prefix stays), and
 saves the whole object again: every other key is kept as it was.  A factory or
 a pickled module has no such file: its ``state_dict()`` is written.
+
+The file's names need not map 1:1 onto the model's: a weight the architecture
+ties to another (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``) is
+stored once by ``safetensors.torch.save_model`` and ``save_pretrained``, under
+either name.  The loader fills the absent name from its twin
+(``gradscope.loaders.files.load_into``); the fix writes the new value under
+the name the file has, and the file keeps its names, so it loads back as the
+input did, with the tie intact.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from typing import Any
 import torch
 
 from gradscope.errors import InputError
-from gradscope.loaders.files import state_dict_keys, torch_load, torch_save
+from gradscope.loaders.files import state_dict_keys, tied_names, torch_load, torch_save
 
 # Wrapper prefixes the loader strips when matching a state_dict to --arch
 # (DDP's "module.", Lightning's "model.", torch.compile's "_orig_mod."), in the
@@ -26,41 +34,54 @@ _PREFIXES = ("", "module.", "model.", "_orig_mod.")
 
 
 def _locate(
-    original: Any, fixed: Mapping[str, torch.Tensor], source: str
+    original: Any, fixed: Mapping[str, torch.Tensor], source: str, tied: Mapping[str, set[str]]
 ) -> tuple[tuple[Any, ...], MutableMapping, dict[str, Any]]:
     """The mapping the loader read the weights from, its path, and fixed name -> original key.
 
     The path is the loader's own (``state_dict_keys``: a bare state_dict, else the
     first of CHECKPOINT_KEYS), never a search for the best match: a checkpoint that
     also holds an EMA or teacher copy of the same weights has two matching entries,
-    and only the one the audit loaded may change.
+    and only the one the audit loaded may change.  A model name the file lacks is
+    left out when it is tied to one the file has (``tied``: name -> its twins),
+    the rule the loader fills it by.
     """
     path = state_dict_keys(original, Path(source))
     mapping = original
     for key in path:
         mapping = mapping[key]
+    lacking: list[str] = []
     for prefix in _PREFIXES:
         names = {
             key[len(prefix) :]: key
             for key, value in mapping.items()
             if isinstance(key, str) and key.startswith(prefix) and isinstance(value, torch.Tensor)
         }
-        if all(name in names for name in fixed) and isinstance(mapping, MutableMapping):
-            return path, mapping, {name: names[name] for name in fixed}
-    raise InputError("cannot find every fixed weight in the input file to update it; nothing was written")
+        lacking = [name for name in fixed if name not in names and not (tied.get(name, set()) & names.keys())]
+        if not lacking and isinstance(mapping, MutableMapping):
+            return path, mapping, {name: names[name] for name in fixed if name in names}
+    shown = ", ".join(lacking[:3]) + (f" (+{len(lacking) - 3} more)" if len(lacking) > 3 else "")
+    raise InputError(
+        f"{source!r} has no entry for the model's {shown} (nor for a weight tied to it), so the fix cannot be "
+        "written back into it; nothing was written"
+        if lacking
+        else f"{source!r} holds its weights in a {type(mapping).__name__} gradscope cannot update; nothing was written"
+    )
 
 
-def merge_fixed(original: Any, fixed: Mapping[str, torch.Tensor], source: str) -> tuple[int, tuple[Any, ...]]:
+def merge_fixed(
+    original: Any, fixed: Mapping[str, torch.Tensor], source: str, tied: Mapping[str, set[str]] | None = None
+) -> tuple[int, tuple[Any, ...]]:
     """Put the changed tensors of ``fixed`` into ``original`` in place.
 
     Returns (number of tensors replaced, path of keys to the weights' mapping).
     Unchanged tensors stay the very objects that were loaded; changed ones take
-    the original's dtype; weights tied in the model stay tied in the file.
+    the original's dtype; weights tied in the model stay tied in the file, and a
+    tied weight the file stores once is written once, under the file's name.
     """
-    path, mapping, names = _locate(original, fixed, source)
+    path, mapping, names = _locate(original, fixed, source, tied or {})
     replaced = 0
-    for name, new in fixed.items():
-        key = names[name]
+    for name, key in names.items():
+        new = fixed[name]
         old = mapping[key]
         # The model's tensors themselves when dtype and device already match: saved as they
         # are, so weights tied in the model (two names, one storage) stay tied in the file.
@@ -83,10 +104,11 @@ def save_fixed(loaded: Any, source: str, staged: Path, target: Path, *, trusted:
     """
     module = loaded.module
     fixed = {name: tensor.detach() for name, tensor in module.state_dict().items()}
+    tied = tied_names(module)
     as_safetensors = target.suffix == ".safetensors"
     if loaded.format == "state_dict":
         original = torch_load(Path(source), weights_only=not trusted)
-        replaced, path = merge_fixed(original, fixed, source)
+        replaced, path = merge_fixed(original, fixed, source, tied)
         kept = [str(k) for k in original if k != path[0]] if path else []  # a bare state_dict keeps no other entry
         if as_safetensors:
             _save_safetensors(original, staged, source, target)
@@ -101,7 +123,7 @@ def save_fixed(loaded: Any, source: str, staged: Path, target: Path, *, trusted:
         original = load_file(source, device="cpu")
         with safe_open(source, "pt") as handle:
             metadata = handle.metadata()
-        replaced, _path = merge_fixed(original, fixed, source)
+        replaced, _path = merge_fixed(original, fixed, source, tied)
         if as_safetensors:
             _save_safetensors(original, staged, source, target, metadata)
         else:

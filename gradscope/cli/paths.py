@@ -66,7 +66,9 @@ def check_input_file(path: str | Path, what: str) -> InputFile:
     except OSError as exc:
         raise InputError(f"cannot read {what} {text!r}: {exc.strerror or exc}") from None
     if stat.S_ISDIR(info.st_mode):
-        raise InputError(f"{what} {text!r} is a directory, not a file")
+        from gradscope.model_dirs import directory_hint
+
+        raise InputError(f"{what} {text!r} is a directory, not a file{directory_hint(text)}")
     if not stat.S_ISREG(info.st_mode):
         raise InputError(f"{what} {text!r} is {_kind(info.st_mode)}, not a regular file")
     return InputFile(f"{what} {text!r}", info.st_dev, info.st_ino)

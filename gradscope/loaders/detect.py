@@ -35,7 +35,9 @@ def check_file(path: Path, what: str = "model file") -> None:
     if not path.exists():
         raise LoadError(f"{what} {str(path)!r} does not exist")
     if path.is_dir():
-        raise LoadError(f"{what} {str(path)!r} is a directory, not a file")
+        from gradscope.model_dirs import directory_hint
+
+        raise LoadError(f"{what} {str(path)!r} is a directory, not a file{directory_hint(path)}")
     if not path.is_file():  # a FIFO, socket or device: opening it could block forever
         raise LoadError(f"{what} {str(path)!r} is not a regular file (a FIFO, socket or device?)")
     try:
