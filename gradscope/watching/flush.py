@@ -34,7 +34,7 @@ from gradscope.host_copy import HostCopy
 from gradscope.record import Record
 from gradscope.recorder import FlushTransfer
 from gradscope.report import Finding
-from gradscope.training import clip_advice, skipped_steps_finding, spike_finding
+from gradscope.training import skipped_steps_finding, spike_finding
 from gradscope.watching.alerts import Alert
 from gradscope.watching.episodes import in_trouble, reduced_evidence
 from gradscope.watching.flush_result import FlushResult
@@ -123,6 +123,7 @@ def launch(
     ring_flags.loss_given = list(ring_flags.loss_given)
     ring_flags.scale_given = list(ring_flags.scale_given)
     ring_flags.norm_given = list(ring_flags.norm_given)
+    ring_flags.optimizer_at = list(ring_flags.optimizer_at)
     steps = list(range(scope._last_flushed + 1, step + 1))
     scope._last_flushed = step
     scope._training.flushes += 1
@@ -350,7 +351,8 @@ def findings_by_source(
         nonfinite.append(scope._episodes.finding(located, clip))
     training: list[Finding] = []
     if reading.spike is not None:
-        training.append(spike_finding(reading.spike, scope._training.spikes, clip))
+        spike_clip = scope._training.clip(reading.spike)  # the spiking optimizer's own (several optimizers)
+        training.append(spike_finding(reading.spike, scope._training.spikes, spike_clip))
     training.extend(scope._rates.observe(step, update_ratios, reading.global_norms, reading.losses))
     if scope._norms.scaler_seen:
         skipped = skipped_steps_finding(
@@ -477,7 +479,7 @@ def complete(scope: Scope, pending: PendingFlush) -> GradscopeError | None:
         scope._training.scale_history.append((step, reading.scale_now))
         record = unscale(record, reading.scale_now, pending.sample_scaled)
     drop_skipped_gradients(scope, record, sampled, reading)
-    clip = clip_advice(scope._training.history)
+    clip = scope._training.clip()
     param_grad_norms = (
         dict(zip(host.names, host.param_norms.tolist(), strict=True)) if host.param_norms is not None else {}
     )

@@ -96,7 +96,7 @@ from gradscope.optimizer_audit import base_optimizer
 from gradscope.record import Record
 from gradscope.recorder import Recorder
 from gradscope.report import Finding, Report
-from gradscope.training import SpikeSummary, clip_advice, with_run_clip
+from gradscope.training import SpikeSummary, with_run_clip
 from gradscope.watching.aggregate import RunningRecord
 from gradscope.watching.agreement import Agreement
 from gradscope.watching.alerts import AlertTracker
@@ -271,6 +271,15 @@ class Scope:
     @clip_max_norm.setter
     def clip_max_norm(self, value: float | None) -> None:
         self._training.clip_max_norm = value
+
+    @property
+    def clip_max_value(self) -> float | None:
+        """The trainer's clip-by-value threshold (set by integrations), for the summary."""
+        return self._training.clip_max_value
+
+    @clip_max_value.setter
+    def clip_max_value(self, value: float | None) -> None:
+        self._training.clip_max_value = value
 
     @property
     def first_nonfinite(self) -> dict[str, Any] | None:
@@ -574,7 +583,7 @@ class Scope:
         if unscaled is None:
             unscaled = grads_already_unscaled(scaler, optimizer) if scaler is not None else True
         scaled = scaler is not None and not unscaled
-        self._norms.observe(step, scaler, scaled, sampled)
+        self._norms.observe(step, scaler, scaled, sampled, optimizer)
         error, input_flags = self._check_step(step, sampled)
         if sampled:
             error = self._sampled_step(step, optimizer, scaled, input_flags) or error
@@ -716,7 +725,7 @@ class Scope:
         findings, _ = diagnose_record(
             record, formats=self.formats, model=model if model is not None else self.model, during_training=True
         )
-        return with_run_clip(list(findings), clip_advice(self._training.history), None)
+        return with_run_clip(list(findings), self._training.clip(), None)
 
 
 class _Restore:
