@@ -81,6 +81,7 @@ between two ``step()`` calls the statistics waiting for the flush are capped
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -88,7 +89,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradscope.distributed import mean_over_group
+from gradscope.distributed import is_writer, mean_over_group
 from gradscope.errors import GradscopeError
 from gradscope.host_copy import HostBuffers
 from gradscope.learning_rate import LearningRateMonitor
@@ -113,6 +114,8 @@ from gradscope.watching.scaling import active_scaler, grads_already_unscaled
 from gradscope.watching.step_norms import StepNorms
 from gradscope.watching.training_state import TrainingState
 from gradscope.watching.update_ratio import UpdateRatios
+
+logger = logging.getLogger("gradscope")
 
 __all__ = ["DIAGNOSE_EVERY_STEPS", "RAISE_CODES", "TIERS", "WATCH_SAMPLE", "FlushResult", "Scope"]
 
@@ -584,6 +587,12 @@ class Scope:
             unscaled = grads_already_unscaled(scaler, optimizer) if scaler is not None else True
         scaled = scaler is not None and not unscaled
         self._norms.observe(step, scaler, scaled, sampled, optimizer)
+        if self._norms.scopes.notes:  # said when an optimizer's parameters are matched
+            for note in self._norms.scopes.notes:
+                if is_writer():
+                    logger.warning("gradscope: %s", note)
+                self._aggregate.record.note(note)
+            self._norms.scopes.notes.clear()
         error, input_flags = self._check_step(step, sampled)
         if sampled:
             error = self._sampled_step(step, optimizer, scaled, input_flags) or error

@@ -136,6 +136,9 @@ class OptimizerScopes:
         self._cache: dict[int, tuple[Any, int, int, list[ParameterRef] | None]] = {}
         self.labels: list[str] = []
         self.sizes: list[int] = []  # parameters of the model each optimizer applies (0: the whole model)
+        # Said once per match (for the report's notes): frozen parameters the optimizer
+        # holds with a gradient still in .grad, which its step applies.
+        self.notes: list[str] = []
 
     def refs(self, optimizer: Any, table: list[ParameterRef], scan: int) -> tuple[int, list[ParameterRef] | None]:
         """(the optimizer's index, the refs of the model's parameters it applies) or
@@ -152,8 +155,28 @@ class OptimizerScopes:
             self.sizes.append(0)
         refs = _applied(base, table) if signature is not None else None
         self.sizes[index] = len(refs) if refs is not None else 0
+        if refs is not None:
+            self._note_stale_frozen(index, refs)
         self._cache[id(base)] = (signature, scan, index, refs)
         return index, refs
+
+    def _note_stale_frozen(self, index: int, refs: list[ParameterRef]) -> None:
+        """A parameter frozen with ``requires_grad_(False)`` but left in the optimizer
+        with its last ``.grad`` is still updated by every step (torch's SGD, Adam and
+        AdamW skip only ``grad is None``): likely not what freezing meant.  Checked
+        when the optimizer is matched, not per step."""
+        stale = []
+        for ref in refs:
+            param = ref.registered()
+            if param is not None and not param.requires_grad and param.grad is not None:
+                stale.append(ref.name)
+        if stale:
+            self.notes.append(
+                f"optimizer {self.labels[index]} holds {len(stale)} parameter(s) frozen with requires_grad=False "
+                f"that still have a .grad ({stale[0]}{', ...' if len(stale) > 1 else ''}): optimizer.step() applies "
+                "that gradient at every step and it is in the step's norm; set p.grad = None when freezing, "
+                "or leave them out of the optimizer"
+            )
 
 
 def _applied(optimizer: Any, table: list[ParameterRef]) -> list[ParameterRef] | None:
