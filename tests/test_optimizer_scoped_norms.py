@@ -101,6 +101,7 @@ def test_gan_generator_only_spike_is_found_at_its_own_norm_against_its_own_histo
     evidence = spikes[0].evidence
     assert evidence["global_norm"] == pytest.approx(rows[spike_step][1], rel=REL)  # 14.3, not 56.3 (G and D)
     assert evidence["optimizer"] == "#1 Adam"
+    assert evidence["largest_parameter_norms"] and all(n.startswith("G.") for n in evidence["largest_parameter_norms"])
     assert "(optimizer #1 Adam)" in spikes[0].message
     # the recent median is G's (about 0.45), not a mixture with D's (about 2.2)
     assert evidence["recent_median"] == pytest.approx(sorted(g_before[-16:])[8], rel=0.1)

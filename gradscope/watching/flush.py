@@ -295,6 +295,10 @@ def name_spike_parameters(
     """A spike at this very step: the parameters with the largest gradient norms, in its evidence."""
     if reading.spike is None or reading.spike.step != step or not param_grad_norms:
         return
+    scopes = scope._norms.scopes
+    if reading.spike.optimizer in scopes.labels:  # several optimizers: the spiking one's parameters
+        mine = scopes.names[scopes.labels.index(reading.spike.optimizer)]
+        param_grad_norms = {name: norm for name, norm in param_grad_norms.items() if name in mine}
     top = scope._training.spikes.add_parameter_norms(step, param_grad_norms)
     for finding in findings:
         if finding.code == "gradient-spike":

@@ -136,6 +136,7 @@ class OptimizerScopes:
         self._cache: dict[int, tuple[Any, int, int, list[ParameterRef] | None]] = {}
         self.labels: list[str] = []
         self.sizes: list[int] = []  # parameters of the model each optimizer applies (0: the whole model)
+        self.names: list[frozenset[str]] = []  # their names
         # Said once per match (for the report's notes): frozen parameters the optimizer
         # holds with a gradient still in .grad, which its step applies.
         self.notes: list[str] = []
@@ -153,8 +154,10 @@ class OptimizerScopes:
         if cached is None:
             self.labels.append(f"#{index} {type(base).__name__}")
             self.sizes.append(0)
+            self.names.append(frozenset())
         refs = _applied(base, table) if signature is not None else None
         self.sizes[index] = len(refs) if refs is not None else 0
+        self.names[index] = frozenset(ref.name for ref in refs) if refs is not None else frozenset()
         if refs is not None:
             self._note_stale_frozen(index, refs)
         self._cache[id(base)] = (signature, scan, index, refs)
@@ -307,11 +310,25 @@ class StepNorms:
         present: list[str] = []
         squares: torch.Tensor | None = None
         mask: tuple[bool, ...] | None = None
-        if measure:
+        applied: tuple[int, ...] | None = None  # of ``present``, those the optimizer applies
+        if measure and pre_clip is None and sampled and self._step_refs is not None:
+            # A sampled step: every parameter's norm for the layer rules (a layer of
+            # another optimizer is judged by its own last gradient, as before), the
+            # step's total and check over the stepping optimizer's parameters only.
+            mine = self.scopes.names[self.optimizer_at[slot]]
+            self._step_refs = None
+            names, present, squares, mask = self.gradient_squares()
+            applied = tuple(i for i, name in enumerate(present) if name in mine)
+        elif measure:
             # measured before the trainer clipped (observe_gradients), else now
             names, present, squares, mask = pre_clip if pre_clip is not None else self.gradient_squares()
         device = squares.device if squares is not None else self.default_device()
         total, stacked, presence = self._layout(names, squares, mask, sampled, device)
+        checked, checked_squares = present, squares
+        if applied is not None and squares is not None and len(applied) < len(present):
+            checked = [present[i] for i in applied]
+            checked_squares = squares.index_select(0, on_device(applied, device, torch.int64)) if applied else None
+            total = checked_squares.sum() if checked_squares is not None else torch.zeros((), device=device)
         buf = self.buffer(device)
         scale = scale_value(scaler) if scaler is not None else None
         if scale is not None:
@@ -333,7 +350,7 @@ class StepNorms:
             buf[LOSS, slot].fill_(self.pending_loss)  # the number travels as a kernel argument: no copy, no sync
         self.loss_given[slot] = self.pending_loss is not None
         self.step_loss = self.pending_loss
-        self.step_squares = (present, squares, total if squares is not None else None)
+        self.step_squares = (checked, checked_squares, total if checked_squares is not None else None)
         self._step_refs = None  # observe_gradients before the next step measures the whole model
         self.pending_loss = None
         if sampled:
