@@ -176,6 +176,10 @@ def spike_finding(spike: Spike, summary: SpikeSummary, clip: dict[str, Any] | No
         "spikes": summary.count,
         "spike_steps": list(summary.steps),
     }
+    whose = ""
+    if spike.optimizer is not None:
+        evidence["optimizer"] = spike.optimizer
+        whose = f" (optimizer {spike.optimizer})"
     if spike.step in summary.parameter_norms:
         evidence["largest_parameter_norms"] = summary.parameter_norms[spike.step]
     if summary.worst is not None:
@@ -199,7 +203,7 @@ def spike_finding(spike: Spike, summary: SpikeSummary, clip: dict[str, Any] | No
         severity=Severity.WARNING,
         layers=[],
         message=(
-            f"step {spike.step}: the global gradient norm jumped to {significant(spike.norm)}, "
+            f"step {spike.step}: the global gradient norm{whose} jumped to {significant(spike.norm)}, "
             f"{significant(spike.ratio)}x its recent median {significant(spike.median)}"
         ),
         evidence=evidence,

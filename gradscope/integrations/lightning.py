@@ -10,7 +10,14 @@ The callback is a thin adapter over ``gradscope.watch``:
 * ``on_before_optimizer_step`` calls ``scope.step(optimizer, scaler, loss)``.
   Lightning calls it after the optimizer closure ran every forward/backward of
   the step (so after gradient accumulation) and after AMP's ``unscale_``, and
-  before gradient clipping: gradscope sees the gradients the clipping sees.
+  before gradient clipping (``Precision._after_closure`` calls this hook, then
+  ``_clip_gradients``): gradscope sees the gradients the clipping sees, those
+  of the optimizer's parameters, as Lightning clips them.  With the Trainer's
+  ``gradient_clip_val`` the report's ``analysis.training.clipping`` says so:
+  by norm, the max norm, how many steps it clipped and the last post-clip norm
+  (``clip_grad_norm_``'s factor, as for the Hugging Face callback); by value,
+  the max value.  A LightningModule that overrides ``configure_gradient_clipping``
+  clips as it likes: gradscope reports the Trainer's setting.
 * the first NaN/inf stops training at the step that produced it, at any
   ``every``: ``scope.step`` raises ``gradscope.GradscopeError`` from
   ``on_before_optimizer_step``, before the optimizer applies the bad
@@ -70,6 +77,19 @@ def _trainer_log_dir(trainer: Any) -> str | None:
     return os.path.join(str(root), "gradscope") if root else None
 
 
+def _report_clipping(scope: Scope, trainer: Any) -> None:
+    """The Trainer's gradient clipping (``gradient_clip_val``, ``gradient_clip_algorithm``
+    "norm" by default, as Lightning's), for the training summary's ``clipping``."""
+    value = getattr(trainer, "gradient_clip_val", None)
+    if not value:
+        return
+    algorithm = getattr(trainer, "gradient_clip_algorithm", None) or "norm"
+    if str(getattr(algorithm, "value", algorithm)).lower() == "value":  # GradClipAlgorithmType.VALUE
+        scope.clip_max_value = float(value)
+    else:
+        scope.clip_max_norm = float(value)
+
+
 class GradscopeCallback(Callback):
     """Watch a Lightning run with gradscope.  Keyword arguments go to ``gradscope.watch``."""
 
@@ -92,6 +112,7 @@ class GradscopeCallback(Callback):
         if "log_dir" not in kwargs:
             kwargs["log_dir"] = _trainer_log_dir(trainer)
         self.scope = watch(pl_module, **kwargs)
+        _report_clipping(self.scope, trainer)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.scope is not None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from gradscope.record import Record
 from gradscope.recorder import Recorder
 from gradscope.report import Finding, Report, Severity
-from gradscope.training import clip_advice, nonfinite_finding, spike_finding, with_run_clip
+from gradscope.training import nonfinite_finding, spike_finding, with_run_clip
 
 if TYPE_CHECKING:
     from gradscope.watching.scope import Scope
@@ -115,7 +115,7 @@ def _training_findings(scope: Scope, diagnosed: list[Finding]) -> tuple[list[Fin
     """The watch's own findings, and the diagnosis' findings it does not replace."""
     training = scope._training
     findings: list[Finding] = []
-    clip = clip_advice(training.history)
+    clip = training.clip()
     if scope.first_nonfinite is not None:
         # The watch's own record of the first non-finite step wins over the
         # diagnosis of the whole-run statistics, which mixes every step
@@ -123,7 +123,8 @@ def _training_findings(scope: Scope, diagnosed: list[Finding]) -> tuple[list[Fin
         findings.append(nonfinite_finding(scope.first_nonfinite, clip))
         diagnosed = [f for f in diagnosed if f.code != "nonfinite"]
     if training.spikes.worst is not None:
-        findings.append(spike_finding(training.spikes.worst, training.spikes, clip))
+        worst = training.spikes.worst
+        findings.append(spike_finding(worst, training.spikes, training.clip(worst)))
     findings.extend(scope._rates.final_findings())  # the scaler's skipped steps included (ScalerSteps)
     findings.extend(scope._regularisation.final_findings())  # it never read a non-finite step (flush)
     return findings, diagnosed
@@ -134,7 +135,7 @@ def final_report(scope: Scope) -> Report:
     diagnosed, analysis = _diagnosed(scope, record)
     findings, diagnosed = _training_findings(scope, diagnosed)
     # One clip threshold in the whole report: the run's AutoClip (before the divergence, if any).
-    clip = clip_advice(scope._training.history)
+    clip = scope._training.clip()
     findings = with_run_clip(dedupe(findings + diagnosed), clip, scope._aggregate.diverged_at)
     findings = _one_nonfinite(scope._tracker.annotate(findings), scope.first_nonfinite, scope)
     order = {layer.name: layer.index for layer in record.layers}

@@ -34,7 +34,7 @@ from gradscope.host_copy import HostCopy
 from gradscope.record import Record
 from gradscope.recorder import FlushTransfer
 from gradscope.report import Finding
-from gradscope.training import clip_advice, skipped_steps_finding, spike_finding
+from gradscope.training import skipped_steps_finding, spike_finding
 from gradscope.watching.alerts import Alert
 from gradscope.watching.episodes import in_trouble, reduced_evidence
 from gradscope.watching.flush_result import FlushResult
@@ -123,6 +123,7 @@ def launch(
     ring_flags.loss_given = list(ring_flags.loss_given)
     ring_flags.scale_given = list(ring_flags.scale_given)
     ring_flags.norm_given = list(ring_flags.norm_given)
+    ring_flags.optimizer_at = list(ring_flags.optimizer_at)
     steps = list(range(scope._last_flushed + 1, step + 1))
     scope._last_flushed = step
     scope._training.flushes += 1
@@ -312,6 +313,10 @@ def name_spike_parameters(
     """A spike at this very step: the parameters with the largest gradient norms, in its evidence."""
     if reading.spike is None or reading.spike.step != step or not param_grad_norms:
         return
+    scopes = scope._norms.scopes
+    if reading.spike.optimizer in scopes.labels:  # several optimizers: the spiking one's parameters
+        mine = scopes.names[scopes.labels.index(reading.spike.optimizer)]
+        param_grad_norms = {name: norm for name, norm in param_grad_norms.items() if name in mine}
     top = scope._training.spikes.add_parameter_norms(step, param_grad_norms)
     for finding in findings:
         if finding.code == "gradient-spike":
@@ -368,7 +373,8 @@ def findings_by_source(
         nonfinite.append(scope._episodes.finding(located, clip))
     training: list[Finding] = []
     if reading.spike is not None:
-        training.append(spike_finding(reading.spike, scope._training.spikes, clip))
+        spike_clip = scope._training.clip(reading.spike)  # the spiking optimizer's own (several optimizers)
+        training.append(spike_finding(reading.spike, scope._training.spikes, spike_clip))
     training.extend(scope._rates.observe(step, update_ratios, reading.global_norms, reading.losses))
     if scope._norms.scaler_seen:
         skipped = skipped_steps_finding(
@@ -524,7 +530,7 @@ def complete(scope: Scope, pending: PendingFlush) -> GradscopeError | None:
     observe_scales(scope, steps, host.ring, pending.ring_flags)
     if reading.scale_now is not None:
         scope._training.scale_history.append((step, reading.scale_now))
-    clip = clip_advice(scope._training.history)
+    clip = scope._training.clip()
     if located is not None and pending.late and located.get("step") == step:
         located.setdefault(
             "read",

@@ -102,6 +102,8 @@ class Spike:
     median: float  # of the recent window
     ratio: float  # norm / median
     z: float
+    # With several optimizers: the one that stepped (its norm, compared with its own history).
+    optimizer: str | None = None
 
 
 class SpikeDetector:

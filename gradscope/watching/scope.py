@@ -81,6 +81,7 @@ between two ``step()`` calls the statistics waiting for the flush are capped
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -88,7 +89,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradscope.distributed import mean_over_group
+from gradscope.distributed import is_writer, mean_over_group
 from gradscope.errors import GradscopeError
 from gradscope.host_copy import HostBuffers
 from gradscope.learning_rate import LearningRateMonitor
@@ -96,7 +97,7 @@ from gradscope.optimizer_audit import base_optimizer
 from gradscope.record import Record
 from gradscope.recorder import Recorder
 from gradscope.report import Finding, Report
-from gradscope.training import SpikeSummary, clip_advice, with_run_clip
+from gradscope.training import SpikeSummary, with_run_clip
 from gradscope.watching.aggregate import RunningRecord
 from gradscope.watching.agreement import Agreement
 from gradscope.watching.alerts import AlertTracker
@@ -114,6 +115,8 @@ from gradscope.watching.scaling import active_scaler, grads_already_unscaled
 from gradscope.watching.step_norms import StepNorms
 from gradscope.watching.training_state import TrainingState
 from gradscope.watching.update_ratio import UpdateRatios
+
+logger = logging.getLogger("gradscope")
 
 __all__ = ["DIAGNOSE_EVERY_STEPS", "RAISE_CODES", "TIERS", "WATCH_SAMPLE", "FlushResult", "Scope"]
 
@@ -274,6 +277,15 @@ class Scope:
     @clip_max_norm.setter
     def clip_max_norm(self, value: float | None) -> None:
         self._training.clip_max_norm = value
+
+    @property
+    def clip_max_value(self) -> float | None:
+        """The trainer's clip-by-value threshold (set by integrations), for the summary."""
+        return self._training.clip_max_value
+
+    @clip_max_value.setter
+    def clip_max_value(self, value: float | None) -> None:
+        self._training.clip_max_value = value
 
     @property
     def first_nonfinite(self) -> dict[str, Any] | None:
@@ -571,7 +583,13 @@ class Scope:
         if unscaled is None:
             unscaled = grads_already_unscaled(scaler, optimizer) if scaler is not None else True
         scaled = scaler is not None and not unscaled
-        self._norms.observe(step, scaler, scaled, sampled)
+        self._norms.observe(step, scaler, scaled, sampled, optimizer)
+        if self._norms.scopes.notes:  # said when an optimizer's parameters are matched
+            for note in self._norms.scopes.notes:
+                if is_writer():
+                    logger.warning("gradscope: %s", note)
+                self._aggregate.record.note(note)
+            self._norms.scopes.notes.clear()
         error, input_flags = self._check_step(step, sampled)
         if sampled:
             error = self._sampled_step(step, optimizer, scaled, input_flags) or error
@@ -718,7 +736,7 @@ class Scope:
         findings, _ = diagnose_record(
             record, formats=self.formats, model=model if model is not None else self.model, during_training=True
         )
-        return with_run_clip(list(findings), clip_advice(self._training.history), None)
+        return with_run_clip(list(findings), self._training.clip(), None)
 
 
 class _Restore:

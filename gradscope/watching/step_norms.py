@@ -7,9 +7,19 @@ root: √(Σ over ranks of local Σg²), as ``clip_grad_norm_`` does for DTensor
 Parameters are looked up by name at each step, never kept: FSDP swaps and
 frees parameter storage (``gradscope.placement``).
 
-Which parameters: every parameter of the model that has a gradient at the step,
-as ``clip_grad_norm_(model.parameters())`` and ``optimizer.step()`` read them
-(both skip a parameter whose ``.grad`` is None), whether or not it required one
+Which parameters: those the step's optimizer will apply, when ``step(optimizer)``
+names one: the parameters of its ``param_groups`` that hold a gradient, which is
+exactly what ``optimizer.step()`` reads (SGD, Adam and AdamW skip only a ``.grad``
+of None, so a frozen parameter left in the optimizer with a stale gradient is
+applied, and counted).  A GAN's D keeps the gradient of the G loss that G's
+optimizer never applies, and a frozen backbone keeps its last gradient: neither is
+in the norm of a step that does not apply it.  The optimizer's parameters are
+matched to the model's names once per optimizer and again only when its
+``param_groups`` change (``OptimizerScopes``): no per-step loop beyond today's.
+Without an optimizer (or one none of whose parameters is the model's): every
+parameter of the model that has a gradient at the step,
+as ``clip_grad_norm_(model.parameters())`` reads them
+(it skips a parameter whose ``.grad`` is None), whether or not it required one
 when the watch started: a backbone unfrozen mid-run (progressive unfreezing) is
 in the norm and the non-finite check from its first gradient on.  The model's
 parameter list is scanned again at a sampled step (a flush's step) only when a
@@ -29,7 +39,8 @@ from typing import Any
 import torch
 
 from gradscope.device_constants import on_device
-from gradscope.placement import ParameterRef, ParameterTable, local_gradients, whole_tensor
+from gradscope.optimizer_audit import base_optimizer
+from gradscope.placement import ParameterRef, ParameterTable, local_gradients, registered_parameter, whole_tensor
 from gradscope.recorder import Recorder
 from gradscope.watching.scaling import scale_value
 
@@ -107,6 +118,91 @@ class StructureChanges:
             handle.remove()
 
 
+def _groups_signature(optimizer: Any) -> tuple[tuple[int, int], ...] | None:
+    """What changes when the optimizer's parameters do: each group's parameter list
+    (``add_param_group`` appends a group; replacing a list changes its id); None
+    when the optimizer shows no ``param_groups`` (then the whole model is measured)."""
+    groups = getattr(optimizer, "param_groups", None)
+    if not isinstance(groups, list):
+        return None
+    try:
+        return tuple((id(group["params"]), len(group["params"])) for group in groups)
+    except (KeyError, TypeError):
+        return None
+
+
+class OptimizerScopes:
+    """The model's parameters an optimizer applies, by name, per optimizer: matched
+    once, and again when its ``param_groups`` change or the model's parameters were
+    scanned again.  Optimizers are numbered in the order ``step()`` first names them
+    (the key of their norm history in ``TrainingState``); never keeps a parameter."""
+
+    def __init__(self) -> None:
+        # id(optimizer) -> (its groups' signature, the model scan it was matched against, its index, its refs or None)
+        self._cache: dict[int, tuple[Any, int, int, list[ParameterRef] | None]] = {}
+        self.labels: list[str] = []
+        self.sizes: list[int] = []  # parameters of the model each optimizer applies (0: the whole model)
+        self.names: list[frozenset[str]] = []  # their names
+        # Said once per match (for the report's notes): frozen parameters the optimizer
+        # holds with a gradient still in .grad, which its step applies.
+        self.notes: list[str] = []
+
+    def refs(self, optimizer: Any, table: list[ParameterRef], scan: int) -> tuple[int, list[ParameterRef] | None]:
+        """(the optimizer's index, the refs of the model's parameters it applies) or
+        refs None: measure the whole model (no readable groups, or none of its
+        parameters is the model's)."""
+        base = base_optimizer(optimizer)
+        signature = _groups_signature(base)
+        cached = self._cache.get(id(base))
+        if cached is not None and cached[0] == signature and cached[1] == scan:
+            return cached[2], cached[3]
+        index = cached[2] if cached is not None else len(self.labels)
+        if cached is None:
+            self.labels.append(f"#{index} {type(base).__name__}")
+            self.sizes.append(0)
+            self.names.append(frozenset())
+        refs = _applied(base, table) if signature is not None else None
+        self.sizes[index] = len(refs) if refs is not None else 0
+        self.names[index] = frozenset(ref.name for ref in refs) if refs is not None else frozenset()
+        if refs is not None:
+            self._note_stale_frozen(index, refs)
+        self._cache[id(base)] = (signature, scan, index, refs)
+        return index, refs
+
+    def _note_stale_frozen(self, index: int, refs: list[ParameterRef]) -> None:
+        """A parameter frozen with ``requires_grad_(False)`` but left in the optimizer
+        with its last ``.grad`` is still updated by every step (torch's SGD, Adam and
+        AdamW skip only ``grad is None``): likely not what freezing meant.  Checked
+        when the optimizer is matched, not per step."""
+        stale = []
+        for ref in refs:
+            param = ref.registered()
+            if param is not None and not param.requires_grad and param.grad is not None:
+                stale.append(ref.name)
+        if stale:
+            self.notes.append(
+                f"optimizer {self.labels[index]} holds {len(stale)} parameter(s) frozen with requires_grad=False "
+                f"that still have a .grad ({stale[0]}{', ...' if len(stale) > 1 else ''}): optimizer.step() applies "
+                "that gradient at every step and it is in the step's norm; set p.grad = None when freezing, "
+                "or leave them out of the optimizer"
+            )
+
+
+def _applied(optimizer: Any, table: list[ParameterRef]) -> list[ParameterRef] | None:
+    """The refs of ``table`` whose parameter is in the optimizer's groups: the object
+    registered on the module (plain, DTensor), or for an FSDP1 flat parameter either
+    the flat parameter or the original one (``use_orig_params``).  None if none is."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    out = []
+    for ref in table:
+        param = ref.registered()
+        if (param is not None and id(param) in held) or (
+            ref.handle is not None and id(registered_parameter(ref.module, ref.attr)) in held
+        ):
+            out.append(ref)
+    return out or None
+
+
 class StepNorms:
     """The ring of per-step norm, loss and scale, and the per-parameter gradient
     norms of the sampled step, for the flush to pack."""
@@ -119,6 +215,12 @@ class StepNorms:
         self.loss_given = [False] * every
         self.scale_given = [False] * every
         self.norm_given = [False] * every
+        # Which optimizer stepped at each slot (OptimizerScopes' index; 0 without one).
+        self.optimizer_at = [0] * every
+        self.scopes = OptimizerScopes()
+        # The parameters the current step's optimizer applies (None: the whole model).
+        self._step_refs: list[ParameterRef] | None = None
+        self._scans = 0
         # A tensor, or a float while every loss of the step came as a Python number
         # (kept on the host: no host-to-device copy per step).
         self.pending_loss: torch.Tensor | float | None = None
@@ -182,6 +284,7 @@ class StepNorms:
         since the last scan joins.  A walk over the modules (4 ms for a 24-layer
         transformer), so at each sampled step only, never per step."""
         self._param_refs = list(ParameterTable(self.recorder.model))
+        self._scans += 1  # OptimizerScopes match against the new table
         return self._param_refs
 
     def trainable(self) -> list[ParameterRef]:
@@ -200,11 +303,17 @@ class StepNorms:
         self.buf = None
         self._structure.close()
 
-    def observe(self, step: int, scaler: Any, scaled: bool, sampled: bool) -> None:
-        """Device-only work of every step: global norm, loss, scale into the ring."""
+    def observe(self, step: int, scaler: Any, scaled: bool, sampled: bool, optimizer: Any = None) -> None:
+        """Device-only work of every step: global norm, loss, scale into the ring.
+        ``optimizer``: the one about to step; its parameters are those measured."""
         slot = step % self.every
         if sampled:
             self.rescan_if_changed()  # a flush's step: parameters added to the model since join here
+        self._step_refs = None
+        self.optimizer_at[slot] = 0
+        if optimizer is not None:
+            table = self.parameters()
+            self.optimizer_at[slot], self._step_refs = self.scopes.refs(optimizer, table, self._scans)
         measure = sampled or self.tier == "full"
         self.norm_given[slot] = measure
         pre_clip, self.pre_clip = self.pre_clip, None
@@ -212,11 +321,25 @@ class StepNorms:
         present: list[str] = []
         squares: torch.Tensor | None = None
         mask: tuple[bool, ...] | None = None
-        if measure:
+        applied: tuple[int, ...] | None = None  # of ``present``, those the optimizer applies
+        if measure and pre_clip is None and sampled and self._step_refs is not None:
+            # A sampled step: every parameter's norm for the layer rules (a layer of
+            # another optimizer is judged by its own last gradient, as before), the
+            # step's total and check over the stepping optimizer's parameters only.
+            mine = self.scopes.names[self.optimizer_at[slot]]
+            self._step_refs = None
+            names, present, squares, mask = self.gradient_squares()
+            applied = tuple(i for i, name in enumerate(present) if name in mine)
+        elif measure:
             # measured before the trainer clipped (observe_gradients), else now
             names, present, squares, mask = pre_clip if pre_clip is not None else self.gradient_squares()
         device = squares.device if squares is not None else self.default_device()
         total, stacked, presence = self._layout(names, squares, mask, sampled, device)
+        checked, checked_squares = present, squares
+        if applied is not None and squares is not None and len(applied) < len(present):
+            checked = [present[i] for i in applied]
+            checked_squares = squares.index_select(0, on_device(applied, device, torch.int64)) if applied else None
+            total = checked_squares.sum() if checked_squares is not None else torch.zeros((), device=device)
         buf = self.buffer(device)
         scale = scale_value(scaler) if scaler is not None else None
         if scale is not None:
@@ -238,7 +361,8 @@ class StepNorms:
             buf[LOSS, slot].fill_(self.pending_loss)  # the number travels as a kernel argument: no copy, no sync
         self.loss_given[slot] = self.pending_loss is not None
         self.step_loss = self.pending_loss
-        self.step_squares = (present, squares, total if squares is not None else None)
+        self.step_squares = (checked, checked_squares, total if checked_squares is not None else None)
+        self._step_refs = None  # observe_gradients before the next step measures the whole model
         self.pending_loss = None
         if sampled:
             self.param_norms = (names, stacked if presence is None else torch.cat([stacked, presence]))
@@ -281,7 +405,8 @@ class StepNorms:
         flag may have changed since the scan, the ``.grad`` is what the optimizer
         and ``clip_grad_norm_`` read."""
         refs = self.parameters()
-        grads_by_name = local_gradients(refs, self.recorder.owner)
+        scoped = self._step_refs  # the stepping optimizer's (None: every parameter)
+        grads_by_name = local_gradients(scoped if scoped is not None else refs, self.recorder.owner)
         present = [name for name, grad in grads_by_name if grad is not None]
         grads = [grad for _, grad in grads_by_name if grad is not None]
         reduced = self.recorder.group is not None
@@ -291,7 +416,11 @@ class StepNorms:
         squares = squared_norms(grads)
         mask = None
         if reduced:
-            mask = tuple(grad is not None for _, grad in grads_by_name)
+            if scoped is None:
+                mask = tuple(grad is not None for _, grad in grads_by_name)
+            else:
+                held = set(present)
+                mask = tuple(name in held for name in names)
         return names, present, squares, mask
 
     def local_parameters(self) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
