@@ -250,3 +250,36 @@ def test_transformers_frozen_encoder_head_optimizer() -> None:
             opt.step()
     assert _norm(model.parameters()) > 1.1 * head  # the stale encoder gradient would be counted
     assert scope.report().analysis["training"]["global_grad_norm_last"] == pytest.approx(head, rel=REL)
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_parameters_an_unseen_optimizer_steps_stay_in_the_norm_and_the_check(every: int) -> None:
+    """Two optimizers stepped together after one ``scope.step(opt)`` (AdamW for the
+    matrices, SGD for the biases, as Muon + AdamW splits are run): the biases are held
+    by no optimizer the watch was shown, so they stay in the step's norm, and a NaN in
+    one of their gradients still stops the run at its step.  Scoping the norm to the
+    one optimizer given dropped them (the norm read the matrices alone; the NaN passed)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4))
+    matrices = [p for p in model.parameters() if p.dim() == 2]
+    biases = [p for p in model.parameters() if p.dim() == 1]
+    adamw = torch.optim.AdamW(matrices, lr=1e-3)
+    sgd = torch.optim.SGD(biases, lr=1e-2)
+    x, y = torch.randn(16, 8), torch.randn(16, 4)
+    wants = []
+    with pytest.raises(GradscopeError) as raised:
+        with gradscope.watch(model, every=every, raise_on=("nonfinite",), on_finding=lambda f: None) as scope:
+            for step in range(12):
+                adamw.zero_grad()
+                sgd.zero_grad()
+                nn.functional.mse_loss(model(x), y).backward()
+                if step == 9:
+                    model[2].bias.grad[1] = float("nan")
+                wants.append(_norm(model.parameters()))
+                scope.step(adamw)
+                adamw.step()
+                sgd.step()
+    assert "step 9" in str(raised.value) and "2" in str(raised.value)
+    training = scope.report().analysis["training"]
+    assert training["global_grad_norm_last"] == pytest.approx(wants[8], rel=REL)
+    assert wants[8] > _norm(matrices) * (1 + 1e-3)  # the biases' share is visible at this tolerance

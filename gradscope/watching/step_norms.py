@@ -13,7 +13,9 @@ exactly what ``optimizer.step()`` reads (SGD, Adam and AdamW skip only a ``.grad
 of None, so a frozen parameter left in the optimizer with a stale gradient is
 applied, and counted).  A GAN's D keeps the gradient of the G loss that G's
 optimizer never applies, and a frozen backbone keeps its last gradient: neither is
-in the norm of a step that does not apply it.  The optimizer's parameters are
+in the norm of a step that does not apply it.  Trainable parameters that no
+optimizer given to ``step()`` holds stay in: an optimizer the watch is not shown
+steps them (dense Adam beside SparseAdam, AdamW beside Muon).  The optimizer's parameters are
 matched to the model's names once per optimizer and again only when its
 ``param_groups`` change (``OptimizerScopes``): no per-step loop beyond today's.
 Without an optimizer (or one none of whose parameters is the model's): every
@@ -138,8 +140,13 @@ class OptimizerScopes:
     (the key of their norm history in ``TrainingState``); never keeps a parameter."""
 
     def __init__(self) -> None:
-        # id(optimizer) -> (its groups' signature, the model scan it was matched against, its index, its refs or None)
-        self._cache: dict[int, tuple[Any, int, int, list[ParameterRef] | None]] = {}
+        # id(optimizer) -> (its groups' signature, the model scan and the generation it was
+        # matched against, its index, its refs or None)
+        self._cache: dict[int, tuple[Any, int, int, int, list[ParameterRef] | None]] = {}
+        # id(optimizer) -> the names of the model's parameters it holds; a new optimizer,
+        # or one whose groups changed, starts a new generation (every match is redone).
+        self._held: dict[int, frozenset[str]] = {}
+        self._generation = 0
         self.labels: list[str] = []
         self.sizes: list[int] = []  # parameters of the model each optimizer applies (0: the whole model)
         self.names: list[frozenset[str]] = []  # their names
@@ -148,25 +155,39 @@ class OptimizerScopes:
         self.notes: list[str] = []
 
     def refs(self, optimizer: Any, table: list[ParameterRef], scan: int) -> tuple[int, list[ParameterRef] | None]:
-        """(the optimizer's index, the refs of the model's parameters it applies) or
-        refs None: measure the whole model (no readable groups, or none of its
-        parameters is the model's)."""
+        """(the optimizer's index, the refs of the model's parameters its step applies)
+        or refs None: measure the whole model (no readable groups).
+
+        Applied: the parameters in its groups, and the trainable parameters that no
+        optimizer given to ``step()`` holds.  Those are stepped by an optimizer the
+        watch is never shown (dense Adam beside a SparseAdam, AdamW beside Muon,
+        both stepped after one ``scope.step(opt)``): leaving them out would take
+        their gradients out of the norm and the non-finite check.  A parameter that
+        another optimizer given to ``step()`` holds (a GAN's D at G's step) is that
+        optimizer's, and a frozen one that none holds is stepped by nothing."""
         base = base_optimizer(optimizer)
         signature = _groups_signature(base)
         cached = self._cache.get(id(base))
-        if cached is not None and cached[0] == signature and cached[1] == scan:
-            return cached[2], cached[3]
-        index = cached[2] if cached is not None else len(self.labels)
+        if cached is not None and cached[:3] == (signature, scan, self._generation):
+            return cached[3], cached[4]
+        index = cached[3] if cached is not None else len(self.labels)
         if cached is None:
             self.labels.append(f"#{index} {type(base).__name__}")
             self.sizes.append(0)
             self.names.append(frozenset())
-        refs = _applied(base, table) if signature is not None else None
+        own = _applied(base, table) if signature is not None else None
+        held = frozenset(ref.name for ref in own or ())
+        if cached is None or self._held.get(id(base)) != held or cached[1] != scan:
+            self._generation += 1  # the other optimizers' unclaimed parameters change
+        self._held[id(base)] = held
+        refs = None
+        if own is not None:
+            claimed = frozenset().union(*self._held.values())
+            refs = own + [ref for ref in table if ref.name not in claimed and _trainable(ref)]
+            self._note_stale_frozen(index, own)
         self.sizes[index] = len(refs) if refs is not None else 0
         self.names[index] = frozenset(ref.name for ref in refs) if refs is not None else frozenset()
-        if refs is not None:
-            self._note_stale_frozen(index, refs)
-        self._cache[id(base)] = (signature, scan, index, refs)
+        self._cache[id(base)] = (signature, scan, self._generation, index, refs)
         return index, refs
 
     def _note_stale_frozen(self, index: int, refs: list[ParameterRef]) -> None:
@@ -186,6 +207,13 @@ class OptimizerScopes:
                 "that gradient at every step and it is in the step's norm; set p.grad = None when freezing, "
                 "or leave them out of the optimizer"
             )
+
+
+def _trainable(ref: ParameterRef) -> bool:
+    """Whether the parameter behind ``ref`` requires a gradient now (read when an
+    optimizer is matched, not per step)."""
+    param = ref.registered()
+    return param is not None and param.requires_grad
 
 
 def _applied(optimizer: Any, table: list[ParameterRef]) -> list[ParameterRef] | None:
