@@ -133,34 +133,11 @@ class TimeProfile:
             for s, c in zip(self.sumsq, self.counts, strict=True)
         ]
 
-    def backward_factor(self) -> float | None:
-        """The factor by which the gradient's RMS grows per step going back in time:
-        ``exp(-slope)`` of a least-squares line through ``log RMS`` against the step.
-
-        > 1: earlier steps get larger gradients than later ones (exploding through
-        time); < 1: smaller (vanishing).  None with fewer than 3 usable bins.
-        """
-        points = [
-            (t, math.log(r))
-            for t, r in zip(self.centers(), self.rms(), strict=True)
-            if math.isfinite(r) and r > 0 and math.isfinite(t)
-        ]
-        if len(points) < 3:
-            return None
-        n = len(points)
-        mean_t = sum(t for t, _ in points) / n
-        mean_y = sum(y for _, y in points) / n
-        var_t = sum((t - mean_t) ** 2 for t, _ in points)
-        if var_t == 0:
-            return None
-        slope = sum((t - mean_t) * (y - mean_y) for t, y in points) / var_t
-        return math.exp(-slope)
-
-    def backward_factor_bounds(self) -> tuple[float, float] | None:
-        """The 95% confidence interval of ``backward_factor`` (low, high): the least-squares
-        slope's standard error from the residuals, times Student's t for n - 2 degrees of
-        freedom (any regression text, e.g. Draper & Smith 1998, Sec. 1.4).  A few noisy bins
-        give a wide interval, a clean geometric trend a narrow one.  None as for the factor."""
+    def _log_fit(self) -> tuple[float, float, int] | None:
+        """(slope, standard error of the slope, bins used) of the least-squares line through
+        ``log RMS`` against the step, over the usable bins; None with fewer than 3
+        of them or a single step.  The error is from the residuals with n - 2 degrees
+        of freedom (any regression text, e.g. Draper & Smith 1998, Sec. 1.4)."""
         points = [
             (t, math.log(r))
             for t, r in zip(self.centers(), self.rms(), strict=True)
@@ -177,7 +154,27 @@ class TimeProfile:
         slope = sum((t - mean_t) * (y - mean_y) for t, y in points) / var_t
         intercept = mean_y - slope * mean_t
         residual = sum((y - intercept - slope * t) ** 2 for t, y in points)
-        error = math.sqrt(residual / (n - 2) / var_t)
+        return slope, math.sqrt(residual / (n - 2) / var_t), n
+
+    def backward_factor(self) -> float | None:
+        """The factor by which the gradient's RMS grows per step going back in time:
+        ``exp(-slope)`` of a least-squares line through ``log RMS`` against the step.
+
+        > 1: earlier steps get larger gradients than later ones (exploding through
+        time); < 1: smaller (vanishing).  None with fewer than 3 usable bins.
+        """
+        fit = self._log_fit()
+        return math.exp(-fit[0]) if fit is not None else None
+
+    def backward_factor_bounds(self) -> tuple[float, float] | None:
+        """The 95% confidence interval of ``backward_factor`` (low, high): the slope's
+        standard error times Student's t for n - 2 degrees of freedom.  A few noisy
+        bins give a wide interval, a clean geometric trend a narrow one.  None as for
+        the factor."""
+        fit = self._log_fit()
+        if fit is None:
+            return None
+        slope, error, n = fit
         half = student_t_975(n - 2) * error
         return math.exp(-slope - half), math.exp(-slope + half)
 
