@@ -477,6 +477,7 @@ def _weights_finding(
             "cause": "weights",
             "layers": len(bad),
             "compounding_layers": len(stack),
+            "stack_layers": [r["name"] for r in stack],
             "worst_layer": worst["name"],
             "worst_weight_std": worst["weight_std"],
             "worst_recommended_std": worst["recommended_std"],
@@ -602,6 +603,7 @@ def _bias_finding(ctx: Context, stack: list[dict[str, Any]], predicted: float, m
             evidence={
                 "cause": "biases",
                 "layers": len(culprits),
+                "stack_layers": [r["name"] for r in stack],
                 "compounded_predicted_gain": predicted,
                 "measured_gain_end_to_end": measured,
                 "worst_layer": worst["name"],
