@@ -138,3 +138,181 @@ def test_check_fixes_off_keeps_the_weight_rule() -> None:
     assert len(_poor_init(report)) == 1
     assert "init_fix_check" not in report.analysis
     assert math.isfinite(_poor_init(report)[0].evidence["measured_gain_end_to_end"])
+
+
+# -- 3. ratios measured from a near-zero (or huge) input name the input's scale ------------
+
+
+def _mlp(depth: int, width: int, d_in: int, zero_bias: bool = False) -> nn.Sequential:
+    """Kaiming ReLU MLP (He et al. 2015), PyTorch's default biases unless ``zero_bias``."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    d = d_in
+    for _ in range(depth):
+        linear = nn.Linear(d, width)
+        nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
+        if zero_bias:
+            nn.init.zeros_(linear.bias)
+        layers += [linear, nn.ReLU()]
+        d = width
+    layers.append(nn.Linear(d, 10))
+    return nn.Sequential(*layers)
+
+
+def _data(d_in: int, scale: float) -> torch.Tensor:
+    return scale * torch.randn(32, d_in, generator=torch.Generator().manual_seed(1))
+
+
+SHAPES = [(3, 128, 784), (8, 256, 64), (20, 64, 64)]
+
+
+@pytest.mark.parametrize(("depth", "width", "d_in"), SHAPES)
+def test_tiny_inputs_name_the_input_scale_not_the_biases(depth: int, width: int, d_in: int) -> None:
+    """Inputs of std 1e-3: the first layer's output is its biases (RMS ~1/sqrt(3 fan_in)), so its
+    measured gain (field: 2.75e3 where the weights predict 1) is a ratio to a near-zero reference.
+    The old verdict blamed the biases ("the weights are fine, zero the biases"), which would leave
+    a network that sees 1e-3 of its data; the verdict names the input scale, and standardising
+    the inputs leaves no finding."""
+    model = _mlp(depth, width, d_in)
+    x = _data(d_in, 1e-3)
+    findings = _poor_init(audit(model, inputs=x))
+    assert len(findings) == 1
+    finding = findings[0]
+    assert finding.evidence["cause"] == "input-scale"
+    assert finding.layers == ["0"]
+    assert finding.evidence["input_rms"] == pytest.approx(1e-3, rel=0.1)
+    assert finding.evidence["first_layer_measured_gain"] > 1e2
+    assert "input has RMS 0.001" in finding.message and "biases" in finding.message
+    assert "zeros_" not in finding.fix.code and "(x - mean) / std" in finding.fix.code
+    assert not [f for f in audit(model, inputs=(x - x.mean(0)) / x.std(0)).findings if f.severity != "info"]
+
+
+@pytest.mark.parametrize(("depth", "width", "d_in"), SHAPES)
+def test_huge_inputs_name_the_input_scale_through_the_logits(depth: int, width: int, d_in: int) -> None:
+    """The mirror, std 1e3: a Kaiming ReLU stack carries the scale through (positively
+    homogeneous), the logits come out ~1e3x too large and nothing was reported."""
+    model = _mlp(depth, width, d_in, zero_bias=True)
+    x = _data(d_in, 1e3)
+    findings = _poor_init(audit(model, inputs=x))
+    assert len(findings) == 1
+    finding = findings[0]
+    assert finding.evidence["cause"] == "input-scale"
+    assert finding.evidence["input_rms"] == pytest.approx(1e3, rel=0.1)
+    assert finding.evidence["logit_std"] > 10 * finding.evidence["logit_std_limit"]
+    assert finding.evidence["unit_input_logit_std"] < finding.evidence["logit_std_limit"]
+    assert not _poor_init(audit(model, inputs=x / x.std()))
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5, 3.0])
+def test_inputs_near_unit_scale_stay_clean(scale: float) -> None:
+    for depth, width, d_in in SHAPES:
+        for zero_bias in (False, True):
+            report = audit(_mlp(depth, width, d_in, zero_bias), inputs=_data(d_in, scale))
+            assert not [f for f in report.findings if f.severity != "info"], (depth, zero_bias, report.findings)
+
+
+# -- 2. what enters a pre-norm residual stream, against what the blocks write -------------
+
+SMALL = {"vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4}
+
+
+def _llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**SMALL, intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=False)
+    return LlamaForCausalLM(config)
+
+
+def _mistral() -> nn.Module:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return MistralForCausalLM(MistralConfig(**SMALL, intermediate_size=128, num_key_value_heads=2))
+
+
+def _gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=64, n_layer=4, n_head=4, n_positions=64))
+
+
+def _neox() -> nn.Module:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    return GPTNeoXForCausalLM(GPTNeoXConfig(**SMALL, intermediate_size=128))
+
+
+def _bert() -> nn.Module:
+    from transformers import BertConfig, BertForMaskedLM
+
+    return BertForMaskedLM(BertConfig(**SMALL, intermediate_size=128))
+
+
+def _t5() -> nn.Module:
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=4, num_heads=4))
+
+
+LANGUAGE_MODELS = {"llama": _llama, "mistral": _mistral, "gpt2": _gpt2, "neox": _neox, "bert": _bert, "t5": _t5}
+
+
+def _audit_tokens(model: nn.Module, name: str) -> Report:
+    return audit(model, input_shape=(2, 16), input_dtype=torch.int64, loss="mean" if name == "t5" else "ce")
+
+
+def _stream_findings(report: Report) -> list:
+    return [f for f in _poor_init(report) if f.evidence.get("cause") == "embedding-scale"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(LANGUAGE_MODELS))
+def test_language_models_at_their_default_init_have_no_stream_finding(name: str) -> None:
+    from gradscope.diagnose.layers import Context
+    from gradscope.diagnose.stream import stream_analysis
+
+    torch.manual_seed(0)
+    report = _audit_tokens(LANGUAGE_MODELS[name](), name)
+    assert _poor_init(report) == []
+    facts = stream_analysis(Context(report.record))
+    if name != "bert":  # pre-norm: the stream is measured, on the blocks' scale (measured 1.1-2.9)
+        assert facts is not None
+        assert 0.3 <= facts["ratio"] <= 10, facts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "table", "std"), [
+    ("llama", "model.embed_tokens", 100.0),
+    ("llama", "model.embed_tokens", 1.0),
+    ("mistral", "model.embed_tokens", 100.0),
+    ("gpt2", "transformer.wte", 100.0),
+    ("gpt2", "transformer.wpe", 100.0),
+    ("neox", "gpt_neox.embed_in", 10.0),
+])  # fmt: skip
+def test_a_loud_embedding_in_a_prenorm_stream_is_named_and_its_fix_cures_it(name: str, table: str, std: float) -> None:
+    """Field: Llama's untied embed_tokens at std 100 (HF's init: 0.02). The blocks read the stream
+    through RMSNorm and write ~0.008; they are 1e-4 of the stream: no finding before."""
+    torch.manual_seed(0)
+    model = LANGUAGE_MODELS[name]()
+    with torch.no_grad():
+        model.get_submodule(table).weight.normal_(0.0, std)
+    findings = _stream_findings(_audit_tokens(model, name))
+    assert len(findings) == 1
+    finding = findings[0]
+    assert finding.layers == [table]
+    # The stream enters at the table's RMS (≈ std); the blocks write on their own, unchanged scale.
+    assert finding.evidence["embedding_rms"][table] == pytest.approx(std, rel=0.1)
+    assert finding.evidence["block_write_rms"] < 0.1
+    assert finding.evidence["ratio"] > th.STREAM_RATIO_HIGH
+    assert "std=0.02" in finding.fix.code
+    exec(finding.fix.code, {"model": model, "nn": nn})
+    assert _poor_init(_audit_tokens(model, name)) == []
+
+
+@pytest.mark.slow
+def test_a_post_norm_stream_normalises_a_loud_embedding_away() -> None:
+    """BERT's embeddings go through a LayerNorm before the first block: std 100 does not survive."""
+    torch.manual_seed(0)
+    model = _bert()
+    with torch.no_grad():
+        model.bert.embeddings.word_embeddings.weight.normal_(0.0, 100.0)
+    assert _stream_findings(_audit_tokens(model, "bert")) == []

@@ -82,6 +82,7 @@ def diagnose_record(
     from gradscope.diagnose.precision import rule_precision
     from gradscope.diagnose.recurrent import rule_through_time
     from gradscope.diagnose.regularisation import rule_dropout
+    from gradscope.diagnose.stream import rule_stream_scale
     from gradscope.diagnose.units import rule_dead_units, rule_saturated_units
     from gradscope.diagnose.zeroinit import rule_zero_init
     from gradscope.formats import FORMAT_NAMES, format_for_dtype
@@ -120,6 +121,7 @@ def diagnose_record(
         rule_zero_init,
         rule_dropout,
         rule_poor_init,
+        rule_stream_scale,
     ):
         found = rule(ctx)
         ctx.found.update(f.code for f in found)
