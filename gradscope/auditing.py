@@ -164,6 +164,7 @@ def audit(
     sequence_modules: Mapping[str, int] | None = None,
     optimizer: Any = None,
     process_group: Any = "auto",
+    check_fixes: bool = True,
 ) -> Report:
     """Record one or more forward+backward passes of ``model`` and diagnose them.
 
@@ -202,6 +203,11 @@ def audit(
             every rank of it must call ``audit``; synthetic inputs then differ
             between data-parallel ranks (seeded by ``seed`` and the rank), as
             a training batch would.
+        check_fixes: try each ``poor-init`` fix on a deep copy of the model (the same
+            audit, the same inputs) and withdraw the findings whose fix does not move
+            the measured gain at least half-way back to the healthy band
+            (``gradscope.init_cure``); skipped when the copy does not fit in memory
+            and under a process group.
 
     Returns:
         A Report; ``report.to_dict()`` is JSON schema 1.
@@ -306,6 +312,29 @@ def audit(
         from gradscope.diagnose import diagnose as run_diagnosis
 
         run_diagnosis(report, model=model)
+        if check_fixes and group is None:
+            from gradscope.init_cure import check_init_fixes
+
+            def reaudit(patient: nn.Module) -> Report:
+                return audit(
+                    patient,
+                    inputs=inputs,
+                    input_shape=input_shape,
+                    input_dtype=input_dtype,
+                    vocab=vocab,
+                    loss=loss,
+                    batches=batches,
+                    seed=seed,
+                    include=include,
+                    exclude=exclude,
+                    formats=formats,
+                    mode=mode,
+                    sequence_modules=sequence_modules,
+                    process_group="none",
+                    check_fixes=False,
+                )
+
+            check_init_fixes(report, model, device, reaudit)
         if optimizer is not None:
             from gradscope.optimizer_audit import add_optimizer_audit
 

@@ -71,7 +71,10 @@ def test_deep_relu_with_unit_weights_explodes_and_overflows_fp16() -> None:
 def test_large_activations_with_healthy_gradients_give_fp16_overflow_only() -> None:
     model = mlp(3, init=kaiming, d_in=32)
     report = audit(model, inputs=torch.randn(64, 32) * 2e5)
-    assert _loud_codes(report) == {"fp16-overflow"}
+    # Besides the overflow, only the input's scale is named (its logits are 2e5x too large),
+    # never the weights (tests/test_verdicts_field2.py).
+    assert _loud_codes(report) == {"fp16-overflow", "poor-init"}
+    assert _finding(report, "poor-init").evidence["cause"] == "input-scale"
     finding = _finding(report, "fp16-overflow")
     assert finding.severity is Severity.ERROR
     assert finding.layers[0] == "0"

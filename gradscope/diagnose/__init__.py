@@ -86,6 +86,7 @@ def diagnose_record(
     from gradscope.diagnose.recurrent import rule_through_time
     from gradscope.diagnose.recurrent_culprit import attribute_to_recurrent
     from gradscope.diagnose.regularisation import rule_dropout
+    from gradscope.diagnose.stream import rule_stream_scale
     from gradscope.diagnose.units import rule_dead_units, rule_saturated_units
     from gradscope.diagnose.zeroinit import rule_zero_init
     from gradscope.formats import FORMAT_NAMES, format_for_dtype
@@ -128,6 +129,7 @@ def diagnose_record(
         rule_dropout,
         rule_expert_init,
         rule_poor_init,
+        rule_stream_scale,
     ):
         found = rule(ctx)
         ctx.found.update(f.code for f in found)

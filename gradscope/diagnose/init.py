@@ -477,6 +477,7 @@ def _weights_finding(
             "cause": "weights",
             "layers": len(bad),
             "compounding_layers": len(stack),
+            "stack_layers": [r["name"] for r in stack],
             "worst_layer": worst["name"],
             "worst_weight_std": worst["weight_std"],
             "worst_recommended_std": worst["recommended_std"],
@@ -576,6 +577,27 @@ def _bias_finding(ctx: Context, stack: list[dict[str, Any]], predicted: float, m
     ]
     if not culprits:
         return []
+    from gradscope.diagnose.input_scale import input_rms, input_scale_finding, off_scale, reads_model_input
+
+    first = culprits[0]
+    if off_scale(input_rms(ctx)) and reads_model_input(ctx, ctx.by_name[first["name"]]):
+        # A ratio to a near-zero reference: the input, not the biases, is off.
+        first["flag"] = "poor-init"
+        return [
+            input_scale_finding(
+                ctx,
+                [first["name"]],
+                f"'{first['name']}' multiplies its second moment by {first['measured_gain']:.3g} where its weights "
+                f"predict {first['predicted_gain']:.3g}, because its biases outweigh its weighted input; the network "
+                "starts from its biases, not from its data, and zeroing them would leave it seeing almost nothing.",
+                {
+                    "first_layer": first["name"],
+                    "first_layer_measured_gain": first["measured_gain"],
+                    "first_layer_predicted_gain": first["predicted_gain"],
+                    "measured_gain_end_to_end": measured if measured is not None else math.nan,
+                },
+            )
+        ]
     for row in culprits:
         row["flag"] = "poor-init"
     names = [r["name"] for r in culprits]
@@ -602,6 +624,7 @@ def _bias_finding(ctx: Context, stack: list[dict[str, Any]], predicted: float, m
             evidence={
                 "cause": "biases",
                 "layers": len(culprits),
+                "stack_layers": [r["name"] for r in stack],
                 "compounded_predicted_gain": predicted,
                 "measured_gain_end_to_end": measured,
                 "worst_layer": worst["name"],

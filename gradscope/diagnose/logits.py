@@ -108,7 +108,29 @@ def logit_scale_finding(ctx: Context) -> Finding | None:
         # From an input of unit RMS the weight alone would give logits within the
         # limit (std ≈ σ_w·√fan_in): the input's scale is the cause, which the
         # depth rules judge (an input scaled by 2e5 is no reason to shrink the head).
-        return None
+        # A bias-free ReLU stack passes the scale through untouched (it is positively
+        # homogeneous), so no depth rule sees it: the input's own scale is named.
+        from gradscope.diagnose.input_scale import input_rms, input_scale_finding, off_scale
+
+        rms = input_rms(ctx)
+        if not off_scale(rms) or rms is None or rms < 1:
+            return None
+        unit = weight_std * math.sqrt(layer.fan_in) if layer.fan_in is not None else math.nan
+        loss = f"; the loss at init is {ctx.loss_value:.3g} for ln {classes} = {math.log(classes):.2f}"
+        return input_scale_finding(
+            ctx,
+            [layer.name],
+            f"the logits of '{layer.name}' have std {logits.std:.3g}, above √(2 ln {classes}) = {limit:.2f}, "
+            f"though its weights keep a unit input's logits at std {unit:.3g}"
+            + (loss if ctx.loss_value is not None else "")
+            + ".",
+            {
+                "logits_layer": layer.name,
+                "logit_std": logits.std,
+                "logit_std_limit": limit,
+                "unit_input_logit_std": unit,
+            },
+        )
     # LeCun's std 1/√fan_in (LeCun et al. 1998, "Efficient BackProp") keeps a
     # unit-RMS input at unit RMS: logits of std ≈ TARGET_LOGIT_STD from a healthy
     # body.  Not the measured ratio (LSUV's step): when the body amplifies too,

@@ -188,3 +188,23 @@ EXPERT_STARVED_SHARE = 0.05
 # share, 9 tokens at 32, and P(Poisson(9) <= 1) ≈ 1e-3.  Below it, routing is
 # reported as not assessed.
 EXPERT_MIN_FAIR_TOKENS = 32
+
+# -- the model's input ----------------------------------------------------------
+# Init conventions assume standardised inputs (LeCun et al. 1998, "Efficient
+# BackProp", sec. 4.3: zero mean, unit variance).  One decade of RMS either side
+# keeps the usual encodings healthy (pixels in [0, 1]: RMS ~0.5; standardised
+# features: 1; token embeddings are not model inputs here) while an input of RMS
+# 1e-3 lets PyTorch's default biases (RMS 1/sqrt(3 fan_in), 0.07 at fan_in 64)
+# outweigh the weighted signal, and one of RMS 1e3 (raw [0, 255] pixels are
+# ~120) scales a ReLU network's logits by as much.
+INPUT_RMS_LOW = 0.1
+INPUT_RMS_HIGH = 10.0
+
+# -- pre-norm residual stream ---------------------------------------------------
+# The stream entering the first block against the median RMS a block writes
+# (gradscope.diagnose.stream).  At their default init, GPT-NeoX measures 1.1, T5
+# 1.5, BERT 2.0, Llama and Mistral 2.9 (4 layers, width 64), the test suite's
+# ViT (patch embeddings with the class token) 21; a Llama embedding at
+# std 1 measures 142, at std 100 1.4e4.  Above two decades the blocks are under
+# 1% of the stream and their gradients 100x smaller: the depth band's two decades.
+STREAM_RATIO_HIGH = 1e2
