@@ -20,6 +20,7 @@ weight-based rule unchecked (the analysis says which).
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import math
 from collections.abc import Callable
@@ -40,6 +41,11 @@ COPY_MEMORY_FACTOR = 4
 # (in decades) back to the healthy band: a re-init that closes less than half of
 # the distance leaves the signal where the finding said it was.
 CURE_FRACTION = 0.5
+
+# Set while a fix is being tried: a snippet that audits again (``apply_init(model,
+# "auto")`` audits to find its targets) must not try its own findings' fixes,
+# which would try theirs, without end.
+_TRYING_FIXES: contextvars.ContextVar[bool] = contextvars.ContextVar("gradscope_trying_fixes", default=False)
 
 
 def stack_gain(report: Report, names: list[str]) -> float | None:
@@ -96,7 +102,7 @@ def check_init_fixes(
 ) -> None:
     """Try each stack ``poor-init`` fix on a copy; withdraw the findings it does not cure."""
     findings = [f for f in report.findings if _checkable(f)]
-    if not findings:
+    if not findings or _TRYING_FIXES.get():
         return
     if not copy_fits(model, device):
         report.analysis["init_fix_check"] = {"checked": False, "reason": "a copy of the model does not fit in memory"}
@@ -106,7 +112,11 @@ def check_init_fixes(
     for finding in findings:
         names = list(finding.evidence["stack_layers"])
         before = finding.evidence["measured_gain_end_to_end"]
-        after = _measure_after_fix(finding, model, reaudit, names)
+        token = _TRYING_FIXES.set(True)
+        try:
+            after = _measure_after_fix(finding, model, reaudit, names)
+        finally:
+            _TRYING_FIXES.reset(token)
         cured = after is not None and cures(before, after)
         finding.evidence["measured_gain_after_fix"] = after
         checked.append({"layers": finding.layers, "measured_gain": before, "after_fix": after, "cures": cured})

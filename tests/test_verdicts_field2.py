@@ -116,6 +116,33 @@ def test_a_real_misscaled_layer_is_kept_after_its_fix_is_tried(scale: float) -> 
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_fix_that_audits_again_is_tried_once_not_without_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """More than eight mis-scaled layers get the fix ``apply_init(model, scheme="auto",
+    layers=[...])``, which audits to find its targets; tried on a copy, that audit
+    tried its own fix again, and so on until the recursion limit (a test run hung for
+    minutes).  The fix is tried once and still judged."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(10):
+        linear = nn.Linear(64, 64)
+        with torch.no_grad():
+            linear.weight.mul_(0.3)  # gain 0.03 per layer: 10 layers, 2.7e-3 end to end
+        layers += [linear, nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(64, 10))
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    import gradscope.init_cure as init_cure
+
+    tried = []
+    real = init_cure._measure_after_fix
+    monkeypatch.setattr(init_cure, "_measure_after_fix", lambda *a: tried.append(1) or real(*a))
+    report = audit(model, inputs=x)
+    assert len(tried) == 1  # the copy's own audits (inside apply_init) try nothing
+    findings = _poor_init(report)
+    assert len(findings) == 1 and "apply_init(model" in findings[0].fix.code
+    entry = report.analysis["init_fix_check"]["findings"][0]
+    assert entry["cures"] is True and th.INIT_STACK_LOW <= entry["after_fix"] <= th.INIT_STACK_HIGH
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_other_se_architectures_stay_free_of_poor_init(mode: str) -> None:
