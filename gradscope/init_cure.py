@@ -137,6 +137,7 @@ def _measure_after_fix(
     the fix's snippet does not run on the copy (then the finding stays, unchecked)."""
     assert finding.fix is not None
     patient = copy.deepcopy(model)
+    _drop_call_hooks(patient)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -147,3 +148,26 @@ def _measure_after_fix(
         return None
     finally:
         del patient
+
+
+# The call hooks a module instance holds (torch.nn.Module's own attributes).
+_CALL_HOOKS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def _drop_call_hooks(copied: nn.Module) -> None:
+    """Remove the hooks ``deepcopy`` carried over to the copy: the user's (a logger,
+    ``wandb.watch``, a debugging hook) would see the fix's trial as a real call of
+    their model.  Only the copy's own dictionaries are cleared; the model keeps its."""
+    for module in copied.modules():
+        for attribute in _CALL_HOOKS:
+            hooks = getattr(module, attribute, None)
+            if isinstance(hooks, dict):
+                hooks.clear()
