@@ -164,11 +164,25 @@ def test_real_exports_load_with_no_flag(tmp_path: Path, name: str) -> None:
         _assert_loads_as_data(exported, tmp_path / f"{name}_{variant}.pt2", example)
 
 
+# One of each family the survey covers (encoder, encoder-decoder, audio, dynamic
+# decoder, windowed vision, dense CNN, diffusion UNet, recurrent, transposed conv,
+# dynamic encoder): re-exporting all 29 cases in both modes took 10 minutes of
+# the suite; ``python benchmarks/pt2_operator_survey.py --check`` (or
+# GRADSCOPE_PT2_FULL_SURVEY=1 here) runs every case.
+SURVEY_SAMPLE = (
+    "hf_bert", "hf_t5", "hf_whisper", "hf_llama_dynamic", "hf_swin", "monai_densenet",
+    "diffusers_unet", "gru", "upsampler", "encoder_dynamic",
+)  # fmt: skip
+
+
 @pytest.mark.slow
 def test_every_surveyed_export_loads_with_no_flag(tmp_path: Path) -> None:
     survey = _survey()
     failed = []
+    full = os.environ.get("GRADSCOPE_PT2_FULL_SURVEY") == "1"
     for name, build, example, dynamic in survey.cases():
+        if not full and name not in SURVEY_SAMPLE:
+            continue
         for mode in ("eval", "train"):
             try:
                 program = _export(build().train(mode == "train"), *example, dynamic_shapes=dynamic)
@@ -179,7 +193,7 @@ def test_every_surveyed_export_loads_with_no_flag(tmp_path: Path) -> None:
                     check_graph_ops(exported, Path(f"{name}.pt2"))
                 except CodeRefused as exc:
                     failed.append(f"{name}[{mode}, {variant}]: {exc}"[:200])
-        if name in ("hf_gpt2_dynamic", "hf_t5", "diffusers_unet", "gru"):
+        if name in ("hf_llama_dynamic", "hf_t5", "diffusers_unet", "gru"):
             _assert_loads_as_data(
                 _export(build().eval(), *example, dynamic_shapes=dynamic), tmp_path / "m.pt2", example
             )
