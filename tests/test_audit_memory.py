@@ -182,3 +182,8 @@ def test_audit_peak_memory_beyond_a_plain_step_is_bounded_by_one_activation() ->
     # and after the flush's batched reduction alike) and 4.4 MB once in CI, against
     # 2 MB per activation kept; the class this guards against keeps 8 or more (16+ MB).
     assert m["audit"]["after_bytes"] <= 3 * one, m
+    # Trying a poor-init fix (gradscope.init_cure) holds one copy of the model while it
+    # re-audits the copy: one parameter copy more, nothing else, and nothing left after.
+    trial = m["audit_with_fix_trial"]
+    assert trial["step_bytes"] <= plain + 2 * one + m["parameter_bytes"] * 1.05, m
+    assert trial["after_bytes"] <= 3 * one, m
